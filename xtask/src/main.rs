@@ -1,0 +1,119 @@
+//! `cargo xtask`: project automation that is not part of any library.
+//!
+//! Run `cargo xtask` to list the tasks. Tasks that need PyTorch run Python from a virtual
+//! environment outside the repository (see [`python`]), so the tests never need it.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+/// What runs a task, given the arguments after its name.
+type Task = fn(&[String]) -> Result<()>;
+
+/// Every task: its name, a one-line description, and what runs it.
+const TASKS: &[(&str, &str, Task)] = &[
+    ("golden", "regenerate the PyTorch golden fixtures the tests compare against", golden),
+    ("venv", "create the PyTorch virtual environment the golden task uses (about 5 GB)", venv),
+];
+
+/// The scripts that write golden fixtures, relative to the workspace root. Each writes its
+/// `.safetensors` files into the directory given as its first argument: its own directory.
+const GOLDEN_SCRIPTS: &[&str] = &["crates/at-ops/tests/golden/make_golden.py"];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let Some(name) = args.first() else {
+        print_tasks();
+        return ExitCode::SUCCESS;
+    };
+    let Some((_, _, run)) = TASKS.iter().find(|(n, ..)| n == name) else {
+        eprintln!("error: unknown task `{name}`\n");
+        print_tasks();
+        return ExitCode::FAILURE;
+    };
+    match run(&args[1..]) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_tasks() {
+    println!("usage: cargo xtask <task>\n\ntasks:");
+    for (name, about, _) in TASKS {
+        println!("  {name:<10} {about}");
+    }
+    println!("\ncrates in this workspace:");
+    let crates = root().join("crates");
+    let mut names: Vec<String> = std::fs::read_dir(&crates)
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    names.sort();
+    for name in names {
+        println!("  {name}");
+    }
+}
+
+fn golden(_args: &[String]) -> Result<()> {
+    let python = python()?;
+    for script in GOLDEN_SCRIPTS {
+        let script = root().join(script);
+        let out_dir = script.parent().expect("a script lives in a directory");
+        println!("running {}", script.display());
+        run(Command::new(&python).arg(&script).arg(out_dir))?;
+    }
+    Ok(())
+}
+
+fn venv(_args: &[String]) -> Result<()> {
+    let dir = venv_dir();
+    if !dir.join("bin/python").exists() {
+        println!("creating {}", dir.display());
+        run(Command::new("python3").arg("-m").arg("venv").arg(&dir))?;
+    }
+    let pip = dir.join("bin/pip");
+    run(Command::new(pip).args(["install", "--upgrade", "torch", "numpy", "safetensors"]))?;
+    println!("PyTorch is ready in {}", dir.display());
+    Ok(())
+}
+
+/// The Python that has PyTorch: `$AT_PYTHON`, else the venv of [`venv_dir`].
+fn python() -> Result<PathBuf> {
+    if let Some(python) = env::var_os("AT_PYTHON") {
+        return Ok(PathBuf::from(python));
+    }
+    let python = venv_dir().join("bin/python");
+    if !python.exists() {
+        bail!(
+            "no PyTorch environment at {}: run `cargo xtask venv` (downloads about 5 GB from PyPI), \
+             or point AT_PYTHON at a python that has torch and safetensors",
+            venv_dir().display()
+        )
+    }
+    Ok(python)
+}
+
+/// `$AT_VENV`, else `~/.cache/attention-transfer/venv`: outside the repository on purpose.
+fn venv_dir() -> PathBuf {
+    if let Some(dir) = env::var_os("AT_VENV") {
+        return PathBuf::from(dir);
+    }
+    let home = env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache/attention-transfer/venv")
+}
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace root")
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command.status().with_context(|| format!("cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}")
+    }
+    Ok(())
+}
