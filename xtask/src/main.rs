@@ -20,7 +20,8 @@ const TASKS: &[(&str, &str, Task)] = &[
 
 /// The scripts that write golden fixtures, relative to the workspace root. Each writes its
 /// `.safetensors` files into the directory given as its first argument: its own directory.
-const GOLDEN_SCRIPTS: &[&str] = &["crates/at-ops/tests/golden/make_golden.py"];
+const GOLDEN_SCRIPTS: &[&str] =
+    &["crates/at-ops/tests/golden/make_golden.py", "crates/at-models/tests/golden/make_golden.py"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();

@@ -1,0 +1,258 @@
+//! The layers the models are made of: convolution, batch norm that trains its running statistics
+//! and can be frozen, linear, and a max pool that is right forward and backward.
+
+use candle_core::{DType, Module, Result, Tensor, Var, bail};
+use candle_nn::{Init, VarBuilder};
+
+/// How a model's parameters are initialised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InitScheme {
+    /// The authors' code: He-normal convolutions and linear weights (fan-in), batch-norm
+    /// `gamma ~ U[0, 1)`, `beta = 0`, zero biases.
+    #[default]
+    Authors,
+    /// The common one: He-normal convolutions, `gamma = 1`, `beta = 0`, zero biases.
+    Standard,
+}
+
+/// He-normal (fan-in, gain sqrt 2) for a weight whose first dimension is the output.
+fn he_normal(fan_in: usize) -> Init {
+    Init::Randn { mean: 0.0, stdev: (2.0 / fan_in as f64).sqrt() }
+}
+
+/// A 2-D convolution with square kernel, stride and padding, as `torch.nn.Conv2d`.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+/// Shape and options of a [`Conv2d`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConvSpec {
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Whether the convolution has a bias (none of ours does before a batch norm).
+    pub bias: bool,
+}
+
+impl ConvSpec {
+    /// A bias-free `k x k` convolution with "same" padding.
+    pub fn new(c_in: usize, c_out: usize, kernel: usize, stride: usize) -> Self {
+        Self { c_in, c_out, kernel, stride, padding: kernel / 2, bias: false }
+    }
+
+    /// The same convolution with a bias.
+    pub fn with_bias(self) -> Self {
+        Self { bias: true, ..self }
+    }
+
+    /// The same convolution with another padding.
+    pub fn with_padding(self, padding: usize) -> Self {
+        Self { padding, ..self }
+    }
+}
+
+impl Conv2d {
+    /// Creates `weight` (and `bias`) under `vb`, He-normal initialised.
+    pub fn new(spec: ConvSpec, vb: VarBuilder) -> Result<Self> {
+        let fan_in = spec.c_in * spec.kernel * spec.kernel;
+        let shape = (spec.c_out, spec.c_in, spec.kernel, spec.kernel);
+        let weight = vb.get_with_hints(shape, "weight", he_normal(fan_in))?;
+        let bias = if spec.bias {
+            Some(vb.get_with_hints(spec.c_out, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias, stride: spec.stride, padding: spec.padding })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Spatial batch normalisation as `torch.nn.BatchNorm2d` (eps 1e-5, momentum 0.1).
+///
+/// In training it normalises with the batch statistics and updates the running ones in place
+/// (unbiased variance, as PyTorch); in evaluation it uses the running ones. A *frozen* batch norm
+/// always uses the running statistics and passes no gradient to its weight and bias (fine-tuning).
+#[derive(Clone, Debug)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    frozen: bool,
+}
+
+/// The batch-norm epsilon of PyTorch and of the authors' code.
+pub const BN_EPS: f64 = 1e-5;
+/// The running-statistics momentum of PyTorch.
+pub const BN_MOMENTUM: f64 = 0.1;
+
+impl BatchNorm2d {
+    /// Creates `weight`, `bias`, `running_mean` and `running_var` under `vb`.
+    pub fn new(channels: usize, init: InitScheme, frozen: bool, vb: VarBuilder) -> Result<Self> {
+        let gamma = match init {
+            InitScheme::Authors => Init::Uniform { lo: 0.0, up: 1.0 },
+            InitScheme::Standard => Init::Const(1.0),
+        };
+        let weight = vb.get_with_hints(channels, "weight", gamma)?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
+        Ok(Self {
+            weight,
+            bias,
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+            frozen,
+        })
+    }
+
+    /// Normalises `x` (`[B, C, H, W]`); `train` selects batch statistics (unless frozen).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        if x.rank() != 4 || x.dim(1)? != c {
+            bail!("batch norm over {c} channels got an input of shape {:?}", x.dims())
+        }
+        let (weight, bias) = if self.frozen {
+            (self.weight.detach(), self.bias.detach())
+        } else {
+            (self.weight.clone(), self.bias.clone())
+        };
+        let (mean, var) = if train && !self.frozen {
+            let mean = x.mean_keepdim((0, 2, 3))?; // [1, c, 1, 1]
+            let centred = x.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim((0, 2, 3))?; // biased, as the normalisation uses
+            self.update_running(&mean, &var, x.elem_count() / c)?;
+            (mean, var)
+        } else {
+            // Detached: the running statistics are buffers and must never collect a gradient.
+            let shape = (1, c, 1, 1);
+            (
+                self.running_mean.as_tensor().detach().reshape(shape)?,
+                self.running_var.as_tensor().detach().reshape(shape)?,
+            )
+        };
+        // y = (x - mean) * gamma / sqrt(var + eps) + beta, with the per-channel factors folded.
+        let scale =
+            (var + BN_EPS)?.sqrt()?.recip()?.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?;
+        let shift = bias.reshape((1, c, 1, 1))?.sub(&mean.mul(&scale)?)?;
+        x.broadcast_mul(&scale)?.broadcast_add(&shift)
+    }
+
+    fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
+        let unbiased = if n > 1 { n as f64 / (n - 1) as f64 } else { 1.0 };
+        let m = BN_MOMENTUM;
+        let mean = mean.detach().flatten_all()?.to_dtype(DType::F32)?;
+        let var = var.detach().flatten_all()?.to_dtype(DType::F32)?;
+        let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
+        let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (var * (m * unbiased))?)?;
+        self.running_mean.set(&new_mean)?;
+        self.running_var.set(&new_var)
+    }
+}
+
+/// A fully connected layer, `y = x W^T + b`, as `torch.nn.Linear`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// Creates `weight` (He-normal, as the authors' code) and a zero `bias` under `vb`.
+    pub fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints((c_out, c_in), "weight", he_normal(c_in))?;
+        let bias = vb.get_with_hints(c_out, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Max pooling over `kernel x kernel` windows with a stride and padding, as
+/// `torch.nn.functional.max_pool2d` (padding counts as -inf).
+///
+/// candle 0.11's own `max_pool2d` scales its gradient by `1/k^2` and has no backward when kernel
+/// and stride differ. This one picks each window's maximum by index (a step without gradient)
+/// and then *gathers* it, so the whole gradient goes to the maximum, and the backward pass
+/// (a scatter-add, whose own backward is a gather) is differentiable again: double
+/// backpropagation works through it.
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if kernel == 0
+        || stride == 0
+        || padding * 2 > kernel
+        || h + 2 * padding < kernel
+        || w + 2 * padding < kernel
+    {
+        bail!(
+            "max_pool2d: kernel {kernel}, stride {stride}, padding {padding} do not fit an input of {h}x{w}"
+        )
+    }
+    let oh = (h + 2 * padding - kernel) / stride + 1;
+    let ow = (w + 2 * padding - kernel) / stride + 1;
+    let kk = kernel * kernel;
+    // For each output cell and window element, the flat input index; `h * w` marks padding.
+    let mut table = Vec::with_capacity(oh * ow * kk);
+    for i in 0..oh {
+        for j in 0..ow {
+            for di in 0..kernel {
+                for dj in 0..kernel {
+                    let (y, x) = (
+                        (i * stride + di) as isize - padding as isize,
+                        (j * stride + dj) as isize - padding as isize,
+                    );
+                    let inside = y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w;
+                    table.push(if inside {
+                        (y as usize * w + x as usize) as u32
+                    } else {
+                        (h * w) as u32
+                    });
+                }
+            }
+        }
+    }
+    let dev = x.device();
+    let table = Tensor::from_vec(table, oh * ow * kk, dev)?;
+    let flat = x.flatten_from(2)?; // [b, c, h*w]
+    let pad = Tensor::full(f32::NEG_INFINITY, (b, c, 1), dev)?.to_dtype(x.dtype())?;
+    let ext = Tensor::cat(&[&flat, &pad], 2)?; // [b, c, h*w + 1]
+
+    // Which window element is the maximum: no gradient flows through this choice.
+    let windows = ext.detach().index_select(&table, 2)?.reshape((b, c, oh * ow, kk))?;
+    let local = windows.argmax(3)?; // [b, c, oh*ow], u32
+    let offsets = Tensor::arange_step(0u32, (oh * ow * kk) as u32, kk as u32, dev)?;
+    let position = local.broadcast_add(&offsets)?.flatten_all()?; // into `table`
+    let index = table.index_select(&position, 0)?.reshape((b, c, oh * ow))?;
+
+    ext.gather(&index, 2)?.reshape((b, c, oh, ow))
+}
+
+/// The mean over all spatial positions: `[B, C, H, W] -> [B, C]`.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.mean((2, 3))
+}

@@ -1,0 +1,159 @@
+//! ResNet-18 and ResNet-34 (He et al., "Deep Residual Learning for Image Recognition", 2016) with
+//! basic blocks, in torchvision's layout and parameter names, so that the `model.safetensors` of
+//! `timm/resnet18.tv_in1k` and `timm/resnet34.tv_in1k` load unchanged.
+//!
+//! Stem `conv1` (7x7/2) - `bn1` - ReLU - max pool 3x3/2; `layer1` .. `layer4` of basic blocks
+//! (64, 128, 256, 512 channels); global average pool; `fc`. The attention points are the outputs
+//! of the four layers. For fine-tuning (Table 4) batch norm can be frozen (running statistics,
+//! no gradients) and the stem with `layer1` frozen (no gradients, evaluation-mode batch norm).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::nn::{BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool, max_pool2d};
+use crate::{AttentionModel, Output};
+
+/// The shape and fine-tuning options of a ResNet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResNetConfig {
+    /// Blocks in each of the four layers: `[2, 2, 2, 2]` (18) or `[3, 4, 6, 3]` (34).
+    pub layers: [usize; 4],
+    /// Input channels.
+    pub in_channels: usize,
+    /// Number of classes (1000 for ImageNet; another count gives a new head for fine-tuning).
+    pub num_classes: usize,
+    /// Parameter initialisation (batch norm gamma; torchvision uses [`InitScheme::Standard`]).
+    pub init: InitScheme,
+    /// Every batch norm uses its running statistics and gets no gradient.
+    pub freeze_bn: bool,
+    /// The stem and `layer1` get no gradient and run their batch norm in evaluation mode.
+    pub freeze_first_group: bool,
+}
+
+impl ResNetConfig {
+    /// ResNet-18 for ImageNet.
+    pub fn resnet18() -> Self {
+        Self::with_layers([2, 2, 2, 2])
+    }
+
+    /// ResNet-34 for ImageNet.
+    pub fn resnet34() -> Self {
+        Self::with_layers([3, 4, 6, 3])
+    }
+
+    fn with_layers(layers: [usize; 4]) -> Self {
+        Self {
+            layers,
+            in_channels: 3,
+            num_classes: 1000,
+            init: InitScheme::Standard,
+            freeze_bn: false,
+            freeze_first_group: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+    downsample: Option<(Conv2d, BatchNorm2d)>,
+}
+
+impl BasicBlock {
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        stride: usize,
+        config: &ResNetConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let bn = |c, vb| BatchNorm2d::new(c, config.init, config.freeze_bn, vb);
+        let downsample = if stride != 1 || c_in != c_out {
+            let conv = Conv2d::new(ConvSpec::new(c_in, c_out, 1, stride), vb.pp("downsample.0"))?;
+            Some((conv, bn(c_out, vb.pp("downsample.1"))?))
+        } else {
+            None
+        };
+        Ok(Self {
+            conv1: Conv2d::new(ConvSpec::new(c_in, c_out, 3, stride), vb.pp("conv1"))?,
+            bn1: bn(c_out, vb.pp("bn1"))?,
+            conv2: Conv2d::new(ConvSpec::new(c_out, c_out, 3, 1), vb.pp("conv2"))?,
+            bn2: bn(c_out, vb.pp("bn2"))?,
+            downsample,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        let shortcut = match &self.downsample {
+            Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        (y + shortcut)?.relu()
+    }
+}
+
+/// A ResNet with basic blocks; see the module documentation.
+#[derive(Clone, Debug)]
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    layers: Vec<Vec<BasicBlock>>,
+    fc: Linear,
+    freeze_first_group: bool,
+}
+
+impl ResNet {
+    /// Creates the network's parameters under `vb`, with torchvision's names.
+    pub fn new(config: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        let stem = ConvSpec::new(config.in_channels, 64, 7, 2).with_padding(3);
+        let conv1 = Conv2d::new(stem, vb.pp("conv1"))?;
+        let bn1 = BatchNorm2d::new(64, config.init, config.freeze_bn, vb.pp("bn1"))?;
+        let mut c_in = 64;
+        let mut layers = Vec::with_capacity(4);
+        for (l, (&n, c_out)) in config.layers.iter().zip([64, 128, 256, 512]).enumerate() {
+            let vb_layer = vb.pp(format!("layer{}", l + 1));
+            let mut blocks = Vec::with_capacity(n);
+            for i in 0..n {
+                let stride = if i == 0 && l > 0 { 2 } else { 1 };
+                blocks.push(BasicBlock::new(
+                    c_in,
+                    c_out,
+                    stride,
+                    config,
+                    vb_layer.pp(i.to_string()),
+                )?);
+                c_in = c_out;
+            }
+            layers.push(blocks);
+        }
+        let fc = Linear::new(512, config.num_classes, vb.pp("fc"))?;
+        Ok(Self { conv1, bn1, layers, fc, freeze_first_group: config.freeze_first_group })
+    }
+}
+
+impl AttentionModel for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
+        // The frozen first group runs as in evaluation and is cut from the graph after layer1.
+        let first_train = train && !self.freeze_first_group;
+        let o = self.bn1.forward_t(&self.conv1.forward(x)?, first_train)?.relu()?;
+        let mut o = max_pool2d(&o, 3, 2, 1)?;
+        let mut groups = Vec::with_capacity(4);
+        for (l, blocks) in self.layers.iter().enumerate() {
+            let layer_train = if l == 0 { first_train } else { train };
+            for block in blocks {
+                o = block.forward_t(&o, layer_train)?;
+            }
+            if l == 0 && self.freeze_first_group {
+                o = o.detach();
+            }
+            groups.push(o.clone());
+        }
+        let logits = self.fc.forward(&global_avg_pool(&o)?)?;
+        Ok(Output { logits, groups })
+    }
+}

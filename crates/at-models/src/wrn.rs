@@ -1,0 +1,138 @@
+//! Wide residual networks, WRN-d-k (Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016),
+//! pre-activation, as the attention-transfer authors train them on CIFAR.
+//!
+//! Stem `conv0` (3x3, 16 channels); three groups of `n = (d - 4) / 6` blocks with widths 16k,
+//! 32k, 64k (strides 1, 2, 2); final BN-ReLU, global average pool, `fc`. A block computes
+//! `o1 = relu(bn0(x))`, `y = conv1(relu(bn1(conv0(o1))))` and returns `y + convdim(o1)` when the
+//! width changes, `y + x` otherwise. No dropout. The attention points are the three group
+//! outputs, before the final BN-ReLU. Parameter names are the authors' (`group0.block0.bn0.weight`).
+
+use candle_core::{Module, Result, Tensor, bail};
+use candle_nn::VarBuilder;
+
+use crate::nn::{BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool};
+use crate::{AttentionModel, Output};
+
+/// The shape of a WRN-d-k.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WrnConfig {
+    /// Depth `d = 6n + 4`.
+    pub depth: usize,
+    /// Widening factor `k`.
+    pub width: usize,
+    /// Input channels (3 for CIFAR, 1 for Fashion-MNIST).
+    pub in_channels: usize,
+    /// Number of classes.
+    pub num_classes: usize,
+    /// Parameter initialisation.
+    pub init: InitScheme,
+}
+
+impl WrnConfig {
+    /// WRN-`depth`-`width` for 3-channel inputs and 10 classes, with the authors' initialisation.
+    pub fn new(depth: usize, width: usize) -> Self {
+        Self { depth, width, in_channels: 3, num_classes: 10, init: InitScheme::Authors }
+    }
+
+    /// Blocks per group, `(d - 4) / 6`.
+    pub fn blocks_per_group(&self) -> Result<usize> {
+        if self.depth < 10 || (self.depth - 4) % 6 != 0 {
+            bail!(
+                "a WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {}",
+                self.depth
+            )
+        }
+        Ok((self.depth - 4) / 6)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    bn0: BatchNorm2d,
+    conv0: Conv2d,
+    bn1: BatchNorm2d,
+    conv1: Conv2d,
+    convdim: Option<Conv2d>,
+}
+
+impl Block {
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        stride: usize,
+        init: InitScheme,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            bn0: BatchNorm2d::new(c_in, init, false, vb.pp("bn0"))?,
+            conv0: Conv2d::new(ConvSpec::new(c_in, c_out, 3, stride), vb.pp("conv0"))?,
+            bn1: BatchNorm2d::new(c_out, init, false, vb.pp("bn1"))?,
+            conv1: Conv2d::new(ConvSpec::new(c_out, c_out, 3, 1), vb.pp("conv1"))?,
+            convdim: if c_in != c_out {
+                Some(Conv2d::new(ConvSpec::new(c_in, c_out, 1, stride), vb.pp("convdim"))?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let o1 = self.bn0.forward_t(x, train)?.relu()?;
+        let y = self.conv0.forward(&o1)?;
+        let y = self.conv1.forward(&self.bn1.forward_t(&y, train)?.relu()?)?;
+        match &self.convdim {
+            Some(convdim) => y + convdim.forward(&o1)?,
+            None => y + x,
+        }
+    }
+}
+
+/// A WRN-d-k; see the module documentation.
+#[derive(Clone, Debug)]
+pub struct Wrn {
+    conv0: Conv2d,
+    groups: Vec<Vec<Block>>,
+    bn: BatchNorm2d,
+    fc: Linear,
+}
+
+impl Wrn {
+    /// Creates the network's parameters under `vb`.
+    pub fn new(config: &WrnConfig, vb: VarBuilder) -> Result<Self> {
+        let n = config.blocks_per_group()?;
+        let widths = [16 * config.width, 32 * config.width, 64 * config.width];
+        let conv0 = Conv2d::new(ConvSpec::new(config.in_channels, 16, 3, 1), vb.pp("conv0"))?;
+        let mut c_in = 16;
+        let mut groups = Vec::with_capacity(3);
+        for (g, &c_out) in widths.iter().enumerate() {
+            let vb_group = vb.pp(format!("group{g}"));
+            let mut blocks = Vec::with_capacity(n);
+            for i in 0..n {
+                let stride = if i == 0 && g > 0 { 2 } else { 1 };
+                let vb_block = vb_group.pp(format!("block{i}"));
+                blocks.push(Block::new(c_in, c_out, stride, config.init, vb_block)?);
+                c_in = c_out;
+            }
+            groups.push(blocks);
+        }
+        let bn = BatchNorm2d::new(c_in, config.init, false, vb.pp("bn"))?;
+        let fc = Linear::new(c_in, config.num_classes, vb.pp("fc"))?;
+        Ok(Self { conv0, groups, bn, fc })
+    }
+}
+
+impl AttentionModel for Wrn {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
+        let mut o = self.conv0.forward(x)?;
+        let mut groups = Vec::with_capacity(self.groups.len());
+        for blocks in &self.groups {
+            for block in blocks {
+                o = block.forward_t(&o, train)?;
+            }
+            groups.push(o.clone());
+        }
+        let o = self.bn.forward_t(&o, train)?.relu()?;
+        let logits = self.fc.forward(&global_avg_pool(&o)?)?;
+        Ok(Output { logits, groups })
+    }
+}
