@@ -249,7 +249,12 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     let position = local.broadcast_add(&offsets)?.flatten_all()?; // into `table`
     let index = table.index_select(&position, 0)?.reshape((b, c, oh * ow))?;
 
-    ext.gather(&index, 2)?.reshape((b, c, oh, ow))
+    // Pick the maxima from the flattened input with `index_select`, whose backward (`index_add`)
+    // has a correct backward again. (`gather` would work once, but its backward, `scatter_add`,
+    // has a broken backward in candle 0.11: it fails on shapes and masks the wrong gradient.)
+    let base = Tensor::arange_step(0u32, (b * c * (h * w + 1)) as u32, (h * w + 1) as u32, dev)?;
+    let index = index.broadcast_add(&base.reshape((b, c, 1))?)?.flatten_all()?;
+    ext.flatten_all()?.index_select(&index, 0)?.reshape((b, c, oh, ow))
 }
 
 /// The mean over all spatial positions: `[B, C, H, W] -> [B, C]`.

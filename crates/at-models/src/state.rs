@@ -83,12 +83,9 @@ pub fn load(varmap: &VarMap, path: &Path, skip: &[&str]) -> Result<LoadReport> {
     }
     let mut unexpected = BTreeSet::new();
     for name in file.keys() {
-        if data.contains_key(name) {
-            continue;
-        }
-        if name.ends_with("num_batches_tracked") || skipped(name) {
+        if skipped(name) || name.ends_with("num_batches_tracked") {
             report.ignored.push(name.clone());
-        } else {
+        } else if !data.contains_key(name) {
             unexpected.insert(name.clone());
         }
     }
