@@ -77,7 +77,14 @@ fn venv(_args: &[String]) -> Result<()> {
         run(Command::new("python3").arg("-m").arg("venv").arg(&dir))?;
     }
     let pip = dir.join("bin/pip");
-    run(Command::new(pip).args(["install", "--upgrade", "torch", "numpy", "safetensors"]))?;
+    run(Command::new(pip).args([
+        "install",
+        "--upgrade",
+        "torch",
+        "torchvision",
+        "numpy",
+        "safetensors",
+    ]))?;
     println!("PyTorch is ready in {}", dir.display());
     Ok(())
 }

@@ -36,7 +36,7 @@ impl WrnConfig {
 
     /// Blocks per group, `(d - 4) / 6`.
     pub fn blocks_per_group(&self) -> Result<usize> {
-        if self.depth < 10 || (self.depth - 4) % 6 != 0 {
+        if self.depth < 10 || !(self.depth - 4).is_multiple_of(6) {
             bail!(
                 "a WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {}",
                 self.depth
