@@ -16,6 +16,11 @@ type Task = fn(&[String]) -> Result<()>;
 const TASKS: &[(&str, &str, Task)] = &[
     ("golden", "regenerate the PyTorch golden fixtures the tests compare against", golden),
     ("venv", "create the PyTorch virtual environment the golden task uses (about 5 GB)", venv),
+    (
+        "download",
+        "download a dataset from the Hugging Face Hub: cifar10, cub, scenes, imagenet",
+        download,
+    ),
 ];
 
 /// The scripts that write golden fixtures, relative to the workspace root. Each writes its
@@ -68,6 +73,15 @@ fn golden(_args: &[String]) -> Result<()> {
         run(Command::new(&python).arg(&script).arg(out_dir))?;
     }
     Ok(())
+}
+
+/// Forwards to `at-train download`, so that xtask itself stays free of candle and hf-hub.
+fn download(args: &[String]) -> Result<()> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        .current_dir(root())
+        .args(["run", "--release", "--quiet", "-p", "at-train", "--", "download"])
+        .args(args))
 }
 
 fn venv(_args: &[String]) -> Result<()> {

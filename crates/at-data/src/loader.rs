@@ -141,7 +141,7 @@ impl Loader {
     /// Decodes and augments the items `indices` on the pool: the CPU side of a batch.
     fn prepare(&self, epoch: u64, indices: &[usize]) -> Result<CpuBatch> {
         let seed = mix(self.config.seed, epoch);
-        let items: Vec<Result<(Vec<f32>, (usize, usize, usize), u32)>> = self.pool.install(|| {
+        let items: Vec<Result<Prepared>> = self.pool.install(|| {
             indices
                 .par_iter()
                 .map(|&index| {
@@ -151,7 +151,7 @@ impl Loader {
                     let shape = (image.channels, image.height, image.width);
                     let mut values = vec![0f32; image.data.len()];
                     self.pipeline.normalize_into(&image, &mut values);
-                    Ok((values, shape, label as u32))
+                    Ok(Prepared { values, shape, label: label as u32 })
                 })
                 .collect()
         });
@@ -159,7 +159,7 @@ impl Loader {
         let mut pixels = Vec::new();
         let mut labels = Vec::with_capacity(indices.len());
         for (item, &index) in items.into_iter().zip(indices) {
-            let (values, item_shape, label) = item?;
+            let Prepared { values, shape: item_shape, label } = item?;
             match shape {
                 None => {
                     shape = Some(item_shape);
@@ -180,6 +180,13 @@ impl Loader {
         let (c, h, w) = shape.expect("a batch has at least one item");
         Ok(CpuBatch { pixels, shape: (indices.len(), c, h, w), labels, indices: indices.to_vec() })
     }
+}
+
+/// One item, augmented and normalised: `values` in channel-row-column order.
+struct Prepared {
+    values: Vec<f32>,
+    shape: (usize, usize, usize),
+    label: u32,
 }
 
 struct CpuBatch {

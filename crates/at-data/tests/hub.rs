@@ -1,0 +1,227 @@
+//! Downloads against a fake Hugging Face Hub on 127.0.0.1, started by the test: files land in the
+//! cache, are reused with the network gone, and a 404 or a truncated body is a clear error.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use at_data::Error;
+use at_data::hub::{HubOptions, Source, fetch};
+
+/// How the fake Hub serves one file.
+#[derive(Clone)]
+enum Serve {
+    Whole(Vec<u8>),
+    /// Announces the whole length but sends only the first half, then hangs up.
+    Truncated(Vec<u8>),
+}
+
+/// A tiny HTTP/1.1 server that answers hf-hub's `HEAD`/`GET /datasets/{repo}/resolve/{rev}/{path}`.
+struct FakeHub {
+    url: String,
+    requests: Arc<AtomicUsize>,
+    tokens: Arc<Mutex<Vec<Option<String>>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeHub {
+    fn start(repo: &str, files: HashMap<String, Serve>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(AtomicUsize::new(0));
+        let tokens = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let prefix = format!("/datasets/{repo}/resolve/main/");
+        let (r, t, s) = (requests.clone(), tokens.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return; // Dropping the listener: the network is gone.
+                }
+                let Ok(mut stream) = stream else { continue };
+                r.fetch_add(1, Ordering::SeqCst);
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let mut token = None;
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap() == 0 || header == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) =
+                        header.to_ascii_lowercase().strip_prefix("authorization: bearer ")
+                    {
+                        token = Some(v.trim().to_owned());
+                    }
+                }
+                t.lock().unwrap().push(token);
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let file = path.strip_prefix(&prefix).and_then(|f| files.get(f));
+                let Some(serve) = file else {
+                    let body = b"{\"error\":\"Entry not found\"}";
+                    let head = format!(
+                        "HTTP/1.1 404 Not Found\r\nX-Error-Code: EntryNotFound\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes());
+                    if method != "HEAD" {
+                        let _ = stream.write_all(body);
+                    }
+                    continue;
+                };
+                let (Serve::Whole(bytes) | Serve::Truncated(bytes)) = serve;
+                let etag = format!(
+                    "{:016x}{:016x}",
+                    bytes.len(),
+                    bytes.iter().map(|&b| b as u64).sum::<u64>()
+                );
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nETag: \"{etag}\"\r\nX-Repo-Commit: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    "a".repeat(40),
+                    bytes.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                if method == "GET" {
+                    let sent = match serve {
+                        Serve::Whole(b) => &b[..],
+                        Serve::Truncated(b) => &b[..b.len() / 2],
+                    };
+                    let _ = stream.write_all(sent);
+                }
+            }
+        });
+        Self { url, requests, tokens, stop }
+    }
+
+    /// Stops answering: later connections are refused.
+    fn shut_down(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.url.trim_start_matches("http://"));
+    }
+}
+
+fn options(hub: &FakeHub, cache: &std::path::Path) -> HubOptions {
+    HubOptions {
+        endpoint: Some(hub.url.clone()),
+        token: Some("hf_test_token".into()),
+        cache_dir: Some(cache.to_path_buf()),
+        offline: false,
+        attempts: 1,
+    }
+}
+
+#[test]
+fn a_download_lands_in_the_cache_and_is_reused_with_the_network_gone() {
+    let files: HashMap<String, Serve> = [
+        ("plain_text/train-00000-of-00001.parquet".to_owned(), Serve::Whole(vec![1; 5000])),
+        ("plain_text/test-00000-of-00001.parquet".to_owned(), Serve::Whole(vec![2; 3000])),
+    ]
+    .into();
+    let hub = FakeHub::start("uoft-cs/cifar10", files);
+    let cache = tempfile::tempdir().unwrap();
+    let mut announced = vec![];
+    let fetched =
+        fetch(&Source::cifar10(), &options(&hub, cache.path()), |f| announced.push(f.to_owned()))
+            .unwrap();
+    assert_eq!(announced.len(), 2);
+    assert!(
+        fetched.snapshot.starts_with(cache.path().join("datasets--uoft-cs--cifar10")),
+        "{:?}",
+        fetched.snapshot
+    );
+    let train = fetched.snapshot.join("plain_text/train-00000-of-00001.parquet");
+    assert_eq!(std::fs::read(&train).unwrap(), vec![1; 5000]);
+    assert!(
+        hub.tokens.lock().unwrap().iter().all(|t| t.as_deref() == Some("hf_test_token")),
+        "HF token sent"
+    );
+
+    hub.shut_down();
+    let before = hub.requests.load(Ordering::SeqCst);
+    let offline = HubOptions { offline: true, ..options(&hub, cache.path()) };
+    let again = fetch(&Source::cifar10(), &offline, |_| {}).unwrap();
+    assert_eq!(again.files, fetched.files);
+    assert_eq!(hub.requests.load(Ordering::SeqCst), before, "offline means no request");
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let offline_empty = HubOptions { offline: true, ..options(&hub, elsewhere.path()) };
+    let err = fetch(&Source::cifar10(), &offline_empty, |_| {}).unwrap_err();
+    assert!(matches!(err, Error::Missing { .. }), "{err}");
+    assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let hub = FakeHub::start("someone/cub-mirror", HashMap::new());
+    let cache = tempfile::tempdir().unwrap();
+    let err = fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CUB_200_2011.tgz of someone/cub-mirror"), "{err}");
+    assert!(err.contains("no such file") || err.contains("no dataset repository"), "{err}");
+}
+
+#[test]
+fn a_truncated_body_is_a_clear_error() {
+    let files: HashMap<String, Serve> = [(
+        "plain_text/train-00000-of-00001.parquet".to_owned(),
+        Serve::Truncated(vec![7; 100_000]),
+    )]
+    .into();
+    let hub = FakeHub::start("uoft-cs/cifar10", files);
+    let cache = tempfile::tempdir().unwrap();
+    let source = Source {
+        files: vec!["plain_text/train-00000-of-00001.parquet".into()],
+        ..Source::cifar10()
+    };
+    let err = fetch(&source, &options(&hub, cache.path()), |_| {}).unwrap_err().to_string();
+    assert!(err.contains("train-00000-of-00001.parquet"), "{err}");
+    assert!(
+        err.contains("expected 100000 bytes, found 50000") || err.contains("cut short"),
+        "{err}"
+    );
+}
+
+#[test]
+fn archives_are_unpacked_beside_the_cache() {
+    // A CUB mirror with a .tgz holding one file.
+    let mut tgz = Vec::new();
+    {
+        let enc = flate2::write::GzEncoder::new(&mut tgz, flate2::Compression::fast());
+        let mut builder = tar::Builder::new(enc);
+        let body = b"1 001.Black_footed_Albatross/a.jpg\n";
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, "CUB_200_2011/images.txt", &body[..]).unwrap();
+        builder.into_inner().unwrap().finish().unwrap();
+    }
+    let hub = FakeHub::start(
+        "someone/cub-mirror",
+        [("CUB_200_2011.tgz".to_owned(), Serve::Whole(tgz))].into(),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let fetched =
+        fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), |_| {}).unwrap();
+    let unpacked = fetched.unpacked.unwrap();
+    let text = std::fs::read_to_string(unpacked.join("CUB_200_2011/images.txt")).unwrap();
+    assert!(text.contains("Albatross"));
+}
+
+#[test]
+fn a_gated_dataset_without_a_token_says_how_to_get_access() {
+    let options = HubOptions {
+        endpoint: Some("http://127.0.0.1:9".into()),
+        attempts: 1,
+        ..HubOptions::default()
+    };
+    let err = fetch(&Source::imagenet(&["data/val_images.tar.gz"]), &options, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ILSVRC/imagenet-1k is gated") && err.contains("HF_TOKEN"), "{err}");
+}
