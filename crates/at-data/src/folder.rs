@@ -9,6 +9,7 @@ use crate::cifar::Split;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result, read};
 use crate::image::Image;
+use crate::parquet::ParquetImages;
 
 /// A bounding box in pixels: top-left corner, width and height.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -257,4 +258,34 @@ fn sorted_entries(dir: &Path, dirs: bool) -> Result<Vec<String>> {
     }
     names.sort();
     Ok(names)
+}
+
+/// ImageNet in the Hub's parquet layout (`ILSVRC/imagenet-1k`): `root/data/train-*.parquet` and
+/// `root/data/validation-*.parquet`, columns `image` (struct with JPEG `bytes`) and `label`.
+/// Items are decoded from their row groups on demand; see [`ParquetImages`].
+pub fn imagenet_parquet(root: &Path, split: Split) -> Result<ParquetImages> {
+    let prefix = if split == Split::Train { "train-" } else { "validation-" };
+    let dir = root.join("data");
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name =
+                    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                name.starts_with(prefix) && name.ends_with(".parquet")
+            })
+            .collect(),
+        Err(_) => vec![],
+    };
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Missing {
+            what: format!("ImageNet parquet shards ({prefix}*.parquet)"),
+            path: dir,
+            hint: "ImageNet is gated: accept its terms on https://huggingface.co/datasets/ILSVRC/imagenet-1k, \
+                   set HF_TOKEN, and run `cargo xtask download imagenet --files ...`"
+                .into(),
+        });
+    }
+    ParquetImages::open(&format!("imagenet/{}", split.as_str()), &files, "image", "label", 1000)
 }

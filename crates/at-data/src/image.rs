@@ -47,6 +47,9 @@ impl Image {
     pub fn decode(bytes: &[u8], origin: &Path, grey: bool) -> Result<Self> {
         let decoded = image::load_from_memory(bytes)
             .map_err(|source| Error::Image { path: origin.to_path_buf(), source })?;
+        if decoded.width() == 0 || decoded.height() == 0 {
+            return Err(Error::format(origin, "an empty image"));
+        }
         Ok(if grey {
             Self::from_luma(decoded.into_luma8())
         } else {

@@ -3,7 +3,8 @@
 //! - [`cifar`]: CIFAR-10 from its binary batches or from the Hub's parquet files.
 //! - [`mnist`]: Fashion-MNIST from IDX files, and a stratified subset embedded in this crate
 //!   ([`mnist::embedded`]): real data with no file and no network.
-//! - [`folder`]: CUB-200-2011 (cropped to the bird), MIT Indoor 67 and ImageNet folders.
+//! - [`folder`]: CUB-200-2011 (cropped to the bird), MIT Indoor 67 and ImageNet folders, and
+//!   ImageNet in the Hub's parquet shards ([`parquet::ParquetImages`], decoded on demand).
 //! - [`transform`]: the paper's augmentations and normalisations ([`Pipeline`]).
 //! - [`loader`]: batches on any device, shuffled by seed, decoded and augmented on worker threads
 //!   and prefetched; the same seed gives the same batches whatever the number of threads.
@@ -33,7 +34,7 @@ pub mod hub;
 mod image;
 pub mod loader;
 pub mod mnist;
-mod parquet;
+pub mod parquet;
 pub mod transform;
 
 pub use cifar::Split;

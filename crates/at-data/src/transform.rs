@@ -152,9 +152,11 @@ impl Pipeline {
             Augment::Flip => maybe_flip(image.clone(), rng),
             Augment::PadCropFlip { pad, crop } => {
                 let padded = reflect_pad(image, pad);
-                let top = rng.random_range(0..=padded.height - crop);
-                let left = rng.random_range(0..=padded.width - crop);
-                maybe_flip(padded.crop(top, left, crop, crop), rng)
+                // An image smaller than the crop keeps its size; the loader then reports it.
+                let (ch, cw) = (crop.min(padded.height), crop.min(padded.width));
+                let top = rng.random_range(0..=padded.height - ch);
+                let left = rng.random_range(0..=padded.width - cw);
+                maybe_flip(padded.crop(top, left, ch, cw), rng)
             }
             Augment::RandomResizedCrop { size, scale, ratio } => {
                 let (top, left, h, w) =
@@ -209,10 +211,11 @@ pub fn hflip(image: &Image) -> Image {
     Image::new(image.height, image.width, c, data)
 }
 
-/// Pads by reflection (the edge pixel is not repeated), as `numpy.pad(mode="reflect")`.
+/// Pads by reflection (the edge pixel is not repeated), as `numpy.pad(mode="reflect")`. The
+/// padding is capped at one less than the image's sides, the most a reflection can give.
 pub fn reflect_pad(image: &Image, pad: usize) -> Image {
     let (h, w, c) = (image.height, image.width, image.channels);
-    assert!(pad < h && pad < w, "reflection padding larger than the image");
+    let pad = pad.min(h.saturating_sub(1)).min(w.saturating_sub(1));
     let reflect = |i: isize, n: usize| -> usize {
         let n = n as isize;
         let i = if i < 0 { -i } else { i };

@@ -302,3 +302,80 @@ fn imagenet_folders_share_one_class_numbering() {
     let err = folder::imagenet(&dir.path().join("none"), Split::Train).unwrap_err().to_string();
     assert!(err.contains("gated") && err.contains("HF_TOKEN"), "{err}");
 }
+
+#[test]
+fn imagenet_parquet_shards_are_read_on_demand_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let item = |k: u8| -> Vec<u8> { (0..6 * 8).flat_map(|_| [k, 2 * k, 3 * k]).collect() };
+    let shards = [("train-00000-of-00002.parquet", 0u8..2), ("train-00001-of-00002.parquet", 2..5)];
+    for (name, range) in shards {
+        let rows: Vec<(Vec<u8>, i64)> =
+            range.map(|k| (png(6, 8, &item(k)), 10 * k as i64)).collect();
+        write_parquet_with_column(&dir.path().join("data").join(name), "image", &rows);
+    }
+    let validation = dir.path().join("data/validation-00000-of-00001.parquet");
+    write_parquet_with_column(&validation, "image", &[(png(6, 8, &item(9)), 1000)]);
+    let train = folder::imagenet_parquet(dir.path(), Split::Train).unwrap();
+    assert_eq!((train.len(), train.num_classes()), (5, 1000));
+    for k in [4u8, 0, 3, 1, 2] {
+        let (image, label) = train.get(k as usize).unwrap();
+        assert_eq!((label, image.data.clone()), (10 * k as usize, item(k)), "item {k}");
+    }
+    let val = folder::imagenet_parquet(dir.path(), Split::Test).unwrap();
+    let err = val.get(0).unwrap_err().to_string();
+    assert!(
+        err.contains("validation-00000-of-00001.parquet") && err.contains("label 1000"),
+        "{err}"
+    );
+    let err =
+        folder::imagenet_parquet(&dir.path().join("none"), Split::Train).err().unwrap().to_string();
+    assert!(err.contains("train-*.parquet") && err.contains("HF_TOKEN"), "{err}");
+}
+
+#[test]
+fn garbage_and_truncated_files_give_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    let good_png = png(32, 32, &pattern(3));
+    for len in [0, 1, 3, 4, 15, 16, 17, 100, 3073, 6146, 9000] {
+        let bytes = noise(len);
+        let path = dir.path().join("data_batch_1.bin");
+        write(&path, &bytes);
+        let _ = cifar::parse_binary(&path); // Ok for a lucky record, an error otherwise; no panic.
+
+        let mnist_dir = dir.path().join(format!("mnist{len}"));
+        write(&mnist_dir.join("train-images-idx3-ubyte"), &bytes);
+        write(&mnist_dir.join("train-labels-idx1-ubyte"), &bytes);
+        assert!(mnist::load(&mnist_dir, Split::Train).is_err());
+
+        let parquet = dir.path().join(format!("p{len}/plain_text/train-00000-of-00001.parquet"));
+        write(&parquet, &bytes);
+        assert!(cifar::load_parquet(&dir.path().join(format!("p{len}")), Split::Train).is_err());
+
+        assert!(at_data::Image::decode(&bytes, Path::new("noise"), false).is_err());
+        let cut = &good_png[..len.min(good_png.len() / 2)];
+        assert!(
+            at_data::Image::decode(cut, Path::new("cut.png"), false).is_err(),
+            "truncated PNG of {len}"
+        );
+    }
+    let jpeg = dir.path().join("Images/kitchen/cut.jpg");
+    write_image(&jpeg, 40, 40, |y, x| [x as u8, y as u8, 0]);
+    let full = std::fs::read(&jpeg).unwrap();
+    write(&jpeg, &full[..full.len() / 3]);
+    write(&dir.path().join("TrainImages.txt"), b"kitchen/cut.jpg\n");
+    write(&dir.path().join("TestImages.txt"), b"");
+    let err = folder::scenes(dir.path(), Split::Train).unwrap().get(0).unwrap_err().to_string();
+    assert!(err.contains("cut.jpg") && err.contains("cannot decode"), "{err}");
+}

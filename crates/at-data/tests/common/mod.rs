@@ -43,12 +43,17 @@ pub fn png(height: u32, width: u32, interleaved: &[u8]) -> Vec<u8> {
 /// Writes a parquet file with the Hub's image-dataset schema: `img` a struct of `bytes` and
 /// `path`, `label` an int64, all optional as `datasets` writes them, snappy-compressed.
 pub fn write_image_parquet(path: &Path, rows: &[(Vec<u8>, i64)]) {
-    let schema = parse_message_type(
-        "message schema {
-            optional group img { optional binary bytes; optional binary path (STRING); }
+    write_parquet_with_column(path, "img", rows)
+}
+
+/// As [`write_image_parquet`] with another name for the image column (ImageNet's is `image`).
+pub fn write_parquet_with_column(path: &Path, image_col: &str, rows: &[(Vec<u8>, i64)]) {
+    let schema = parse_message_type(&format!(
+        "message schema {{
+            optional group {image_col} {{ optional binary bytes; optional binary path (STRING); }}
             optional int64 label;
-        }",
-    )
+        }}"
+    ))
     .unwrap();
     let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
     let file = std::fs::File::create(path).unwrap();
