@@ -1,5 +1,8 @@
-//! The attention-transfer trainer. So far: the model table behind `at-train models`.
+//! The attention-transfer trainer. So far: the SGD optimiser and schedules ([`optim`]), and the
+//! model table behind `at-train models`.
 #![deny(missing_docs)]
+
+pub mod optim;
 
 use at_models::{ModelOptions, parameter_count, registry};
 use candle_core::{DType, Device, Result};
