@@ -1,8 +1,13 @@
-//! The attention-transfer trainer. So far: the SGD optimiser and schedules ([`optim`]), and the
-//! model table behind `at-train models`.
+//! The attention-transfer trainer: a run described by a TOML config ([`config`]), trained with
+//! the losses of at-losses and SGD ([`optim`]), observed through `metrics.jsonl`, checkpointed
+//! atomically and resumable exactly ([`train`]).
 #![deny(missing_docs)]
 
+pub mod config;
+pub mod data;
+pub mod init;
 pub mod optim;
+pub mod train;
 
 use at_models::{ModelOptions, parameter_count, registry};
 use candle_core::{DType, Device, Result};

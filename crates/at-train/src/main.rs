@@ -1,11 +1,17 @@
 //! `at-train`: train, evaluate and inspect attention-transfer models.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, bail};
 use at_data::hub::{self, HubOptions, Source};
 use at_models::ModelOptions;
+use at_train::config;
+use at_train::train::{self, RunOptions};
 use clap::{Parser, Subcommand};
+
+static INTERRUPTED_TWICE: AtomicBool = AtomicBool::new(false);
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +26,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a student (and its attention transfer from a teacher) as a config describes.
+    Train {
+        /// The run's TOML config (`at-train config` prints one with every key).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key, e.g. `--set epochs=2 --set loss.beta=1000` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// The new run directory.
+        #[arg(long, conflicts_with = "resume")]
+        run_dir: Option<PathBuf>,
+        /// Continue the run in this directory from its last checkpoint.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
+    /// Evaluate a finished run's model (or its last checkpoint) on its test set.
+    Eval {
+        /// The run directory.
+        run_dir: PathBuf,
+    },
+    /// Print a run config with every key and its value.
+    Config {
+        /// Apply these overrides first.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// List the registered models with their exact parameter counts.
     Models {
         /// Number of classes of the classifier head.
@@ -48,6 +80,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -59,6 +97,36 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train { config, sets, run_dir, resume } => {
+            ctrlc::set_handler(|| {
+                eprintln!(
+                    "interrupted: writing a checkpoint after this batch (press again to abort)"
+                );
+                if INTERRUPTED_TWICE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                train::interrupt();
+            })?;
+            let options = RunOptions::default();
+            let result = match (resume, run_dir) {
+                (Some(dir), _) => train::resume(&dir, &options)?,
+                (None, Some(dir)) => {
+                    train::train(&config::resolve(config.as_deref(), &sets)?, &dir, &options)?
+                }
+                (None, None) => bail!(
+                    "name a new run directory with --run-dir DIR, or continue one with --resume DIR"
+                ),
+            };
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Command::Eval { run_dir } => {
+            let (loss, top1, top5) = train::evaluate_run(&run_dir)?;
+            println!(
+                "{}: test loss {loss:.4}, top-1 {top1:.2}%, top-5 {top5:.2}%",
+                run_dir.display()
+            );
+        }
+        Command::Config { sets } => print!("{}", config::resolve(None, &sets)?.to_toml()),
         Command::Models { classes, in_channels } => {
             let options =
                 ModelOptions { num_classes: classes, in_channels, ..ModelOptions::default() };

@@ -1,0 +1,308 @@
+//! A run, described by one TOML file in which every key is visible with its default. A key that
+//! does not exist is an error, not ignored.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use at_ops::{AtConfig, ChannelReduce, Distance, MapSpec, Normalization, Resize};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{Schedule, SgdConfig};
+
+/// Everything a training run needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// The network trained.
+    pub student: String,
+    /// The teacher, if any: required when `loss.alpha > 0` or `loss.beta > 0`.
+    pub teacher: Option<TeacherConfig>,
+    /// The data.
+    pub data: DataConfig,
+    /// The loss.
+    pub loss: LossSection,
+    /// The optimiser and its schedule.
+    pub optim: OptimConfig,
+    /// Epochs.
+    pub epochs: usize,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// The seed of the initialisation, the data order and the augmentations.
+    pub seed: u64,
+    /// `cpu`, `cuda:N` or `metal`.
+    pub device: String,
+    /// Loader threads (0: as many as the machine has).
+    pub threads: usize,
+}
+
+/// The teacher network and its trained weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    /// A registered model name.
+    pub model: String,
+    /// Its weights: a `model.safetensors` (e.g. `RUN_DIR/model.safetensors` of a finished run).
+    pub checkpoint: PathBuf,
+}
+
+/// Which dataset, where, and how it is augmented.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `fashion-mnist-subset` (embedded), `fashion-mnist`, `cifar10` (binary) or
+    /// `cifar10-parquet` (the Hub's layout).
+    pub dataset: String,
+    /// The dataset directory; empty for the embedded subset or the default location.
+    pub root: PathBuf,
+    /// `standard` (the dataset's usual training augmentation), `flip` (horizontal flips only,
+    /// Table 3) or `none`.
+    pub augment: String,
+    /// Use only the first `n` training images (0: all).
+    pub train_limit: usize,
+    /// Use only the first `n` test images (0: all).
+    pub test_limit: usize,
+}
+
+/// The loss terms; see at-losses.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossSection {
+    /// Knowledge-distillation weight (0: none).
+    pub alpha: f64,
+    /// Knowledge-distillation temperature.
+    pub temperature: f64,
+    /// Attention-transfer weight (0: none); 1e3 with the `code` distance.
+    pub beta: f64,
+    /// `sum`, `mean` or `max` over channels.
+    pub map_reduce: String,
+    /// The power p of `|A|^p`.
+    pub map_p: f64,
+    /// `l2`, `l1` or `none`.
+    pub norm: String,
+    /// `code` (mean of squared differences) or `paper` (eq. (2), the p-norm).
+    pub distance: String,
+    /// The norm order of the `paper` distance.
+    pub distance_p: f64,
+    /// `area` or `bilinear`, for maps of different sizes.
+    pub resize: String,
+    /// (student group, teacher group) pairs; empty: every group with its namesake.
+    pub pairs: Vec<[usize; 2]>,
+}
+
+/// SGD and the learning-rate schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// The base learning rate.
+    pub lr: f64,
+    /// Momentum.
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// `multistep`, `cosine` or `constant`.
+    pub schedule: String,
+    /// Epochs at which a multi-step schedule multiplies the rate by `gamma`.
+    pub milestones: Vec<usize>,
+    /// The multi-step factor.
+    pub gamma: f64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            student: "wrn-16-1".into(),
+            teacher: None,
+            data: DataConfig::default(),
+            loss: LossSection::default(),
+            optim: OptimConfig::default(),
+            epochs: 200,
+            batch_size: 128,
+            seed: 0,
+            device: "cpu".into(),
+            threads: 0,
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: "fashion-mnist-subset".into(),
+            root: PathBuf::new(),
+            augment: "standard".into(),
+            train_limit: 0,
+            test_limit: 0,
+        }
+    }
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        Self {
+            alpha: 0.0,
+            temperature: 4.0,
+            beta: 0.0,
+            map_reduce: "mean".into(),
+            map_p: 2.0,
+            norm: "l2".into(),
+            distance: "code".into(),
+            distance_p: 2.0,
+            resize: "area".into(),
+            pairs: vec![],
+        }
+    }
+}
+
+impl Default for OptimConfig {
+    /// The CIFAR recipe of the authors' cifar.py.
+    fn default() -> Self {
+        Self {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 5e-4,
+            schedule: "multistep".into(),
+            milestones: vec![60, 120, 160],
+            gamma: 0.2,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads a TOML file; unknown keys and bad values are errors naming the file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let config: Self = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid run config", path.display()))?;
+        config.validate().with_context(|| format!("in {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The config as TOML, every key written out (an absent teacher as a commented section).
+    pub fn to_toml(&self) -> String {
+        let mut text = toml::to_string_pretty(self).expect("a run config serialises");
+        if self.teacher.is_none() {
+            text.push_str("\n# No teacher. To distil or transfer attention (loss.alpha, loss.beta):\n");
+            text.push_str("# [teacher]\n# model = \"wrn-16-2\"\n# checkpoint = \"runs/teacher/model.safetensors\"\n");
+        }
+        text
+    }
+
+    /// Checks the values that serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        at_models::find(&self.student)?;
+        if let Some(teacher) = &self.teacher {
+            at_models::find(&teacher.model)?;
+        }
+        if (self.loss.alpha > 0.0 || self.loss.beta > 0.0) && self.teacher.is_none() {
+            bail!("loss.alpha or loss.beta is set but there is no [teacher] (model and checkpoint)")
+        }
+        if self.batch_size == 0 || self.epochs == 0 {
+            bail!("batch_size and epochs must be at least 1")
+        }
+        self.at_config()?;
+        self.schedule()?;
+        crate::data::check_dataset(&self.data)?;
+        Ok(())
+    }
+
+    /// The attention-transfer settings.
+    pub fn at_config(&self) -> Result<AtConfig> {
+        let l = &self.loss;
+        let reduce = match l.map_reduce.as_str() {
+            "sum" => ChannelReduce::Sum,
+            "mean" => ChannelReduce::Mean,
+            "max" => ChannelReduce::Max,
+            other => bail!("loss.map_reduce must be sum, mean or max, not `{other}`"),
+        };
+        let norm = match l.norm.as_str() {
+            "l2" => Normalization::L2,
+            "l1" => Normalization::L1,
+            "none" => Normalization::None,
+            other => bail!("loss.norm must be l2, l1 or none, not `{other}`"),
+        };
+        let distance = match l.distance.as_str() {
+            "code" => Distance::Code,
+            "paper" => Distance::Paper { p: l.distance_p },
+            other => bail!("loss.distance must be code or paper, not `{other}`"),
+        };
+        let resize = match l.resize.as_str() {
+            "area" => Resize::Area,
+            "bilinear" => Resize::Bilinear,
+            other => bail!("loss.resize must be area or bilinear, not `{other}`"),
+        };
+        Ok(AtConfig { map: MapSpec { reduce, p: l.map_p, norm }, distance, resize, size: None })
+    }
+
+    /// The optimiser's settings.
+    pub fn sgd(&self) -> SgdConfig {
+        let o = &self.optim;
+        SgdConfig {
+            lr: o.lr,
+            momentum: o.momentum,
+            nesterov: o.nesterov,
+            weight_decay: o.weight_decay,
+        }
+    }
+
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> Result<Schedule> {
+        Ok(match self.optim.schedule.as_str() {
+            "multistep" => Schedule::MultiStep {
+                milestones: self.optim.milestones.clone(),
+                gamma: self.optim.gamma,
+            },
+            "cosine" => Schedule::Cosine { epochs: self.epochs },
+            "constant" => Schedule::Constant,
+            other => bail!("optim.schedule must be multistep, cosine or constant, not `{other}`"),
+        })
+    }
+}
+
+/// The config of a file (or the defaults) with `KEY=VALUE` overrides applied. A key that the
+/// config does not have is an error; values are TOML (`2`, `1e3`, `true`, `"text"`, `[60, 120]`),
+/// and a bare word is taken as a string.
+pub fn resolve(file: Option<&Path>, sets: &[String]) -> Result<RunConfig> {
+    let base = match file {
+        Some(path) => RunConfig::load(path)?,
+        None => RunConfig::default(),
+    };
+    if sets.is_empty() {
+        return Ok(base);
+    }
+    let mut table: toml::Table = toml::from_str(&base.to_toml()).expect("a config round-trips");
+    for set in sets {
+        let (key, value) =
+            set.split_once('=').with_context(|| format!("`{set}` is not KEY=VALUE"))?;
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        let mut node = &mut table;
+        for (i, part) in parts.iter().enumerate() {
+            let known = node.contains_key(*part) || (i == 0 && *part == "teacher");
+            if !known {
+                bail!("unknown config key `{key}` (`at-train config` lists every key)")
+            }
+            if i + 1 == parts.len() {
+                node.insert((*part).to_owned(), value.clone());
+            } else {
+                node = node
+                    .entry((*part).to_owned())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .with_context(|| {
+                        format!("config key `{}` is not a section", parts[..=i].join("."))
+                    })?;
+            }
+        }
+    }
+    let config: RunConfig = toml::from_str(&toml::to_string(&table)?)
+        .context("the overrides do not make a valid config")?;
+    config.validate()?;
+    Ok(config)
+}
