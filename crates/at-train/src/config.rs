@@ -185,7 +185,9 @@ impl RunConfig {
     pub fn to_toml(&self) -> String {
         let mut text = toml::to_string_pretty(self).expect("a run config serialises");
         if self.teacher.is_none() {
-            text.push_str("\n# No teacher. To distil or transfer attention (loss.alpha, loss.beta):\n");
+            text.push_str(
+                "\n# No teacher. To distil or transfer attention (loss.alpha, loss.beta):\n",
+            );
             text.push_str("# [teacher]\n# model = \"wrn-16-2\"\n# checkpoint = \"runs/teacher/model.safetensors\"\n");
         }
         text
