@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use at_train::config::{DataConfig, OptimConfig, RunConfig};
+use at_train::config::{DataConfig, LossSection, OptimConfig, RunConfig, TeacherConfig};
 use at_train::train::{RunOptions, read_metrics, resume, train};
 
 /// 28x28 images of four classes: one bright quadrant each, on noise.
@@ -147,4 +147,39 @@ fn training_learns_and_resuming_gives_identical_results() {
 
     let err = train(&config, &straight, &quiet()).unwrap_err().to_string();
     assert!(err.contains("already exists") && err.contains("--resume"), "{err}");
+
+    // The trained model as the teacher of a student with attention transfer and distillation.
+    let teacher =
+        TeacherConfig { model: "wrn-16-1".into(), checkpoint: straight.join("model.safetensors") };
+    let at_kd = RunConfig {
+        teacher: Some(teacher.clone()),
+        loss: LossSection { alpha: 0.9, beta: 1e3, ..LossSection::default() },
+        epochs: 1,
+        ..config.clone()
+    };
+    train(&at_kd, &runs.path().join("at-kd"), &quiet()).unwrap();
+    let m = read_metrics(&runs.path().join("at-kd")).unwrap();
+    assert_eq!(m[0].train_at.len(), 3, "one AT term per WRN group");
+    assert!(m[0].train_kd.is_some() && m[0].train_at.iter().all(|a| a.is_finite() && *a > 0.0));
+
+    // Attention-map figures: the image and one panel per group.
+    let maps = at_train::maps::write_maps(
+        &straight,
+        at_train::maps::Source::TestItems(vec![0, 5]),
+        &runs.path().join("maps"),
+    )
+    .unwrap();
+    assert_eq!(maps.len(), 2);
+    let figure = image::open(&maps[1]).unwrap();
+    assert_eq!((figure.width(), figure.height()), (4 * 128, 128));
+
+    // A checkpoint that does not fit the teacher's architecture names the tensor.
+    let wrong =
+        RunConfig { teacher: Some(TeacherConfig { model: "wrn-16-2".into(), ..teacher }), ..at_kd };
+    let err = format!("{:#}", train(&wrong, &runs.path().join("wrong"), &quiet()).unwrap_err());
+    assert!(
+        err.contains("does not fit a wrn-16-2")
+            && err.contains("`bn.bias` has shape [64] in the file but [128]"),
+        "{err}"
+    );
 }

@@ -33,6 +33,15 @@ pub struct RunConfig {
     pub device: String,
     /// Loader threads (0: as many as the machine has).
     pub threads: usize,
+    /// Fine-tuning: start the student from these weights (e.g. timm's ResNet-18
+    /// `model.safetensors`); empty for a fresh initialisation.
+    pub pretrained: PathBuf,
+    /// Fine-tuning: tensor-name prefixes not taken from `pretrained` (a new classifier head).
+    pub pretrained_skip: Vec<String>,
+    /// Fine-tuning: batch norm uses its running statistics and is not trained (ResNets).
+    pub freeze_bn: bool,
+    /// Fine-tuning: the stem and first group are not trained (ResNets).
+    pub freeze_first_group: bool,
 }
 
 /// The teacher network and its trained weights.
@@ -122,7 +131,108 @@ impl Default for RunConfig {
             seed: 0,
             device: "cpu".into(),
             threads: 0,
+            pretrained: PathBuf::new(),
+            pretrained_skip: vec!["fc.".into()],
+            freeze_bn: false,
+            freeze_first_group: false,
         }
+    }
+}
+
+/// The named starting points `--preset` accepts, with what each is.
+pub const PRESETS: &[(&str, &str)] = &[
+    (
+        "cifar",
+        "CIFAR-10 recipe of the authors' cifar.py: WRN-16-1, 200 epochs, SGD 0.1, x0.2 at 60/120/160",
+    ),
+    ("cifar-at", "cifar + attention transfer from a WRN-16-2 teacher (beta 1e3, all three groups)"),
+    ("cifar-kd", "cifar + knowledge distillation from a WRN-16-2 teacher (alpha 0.9, T 4)"),
+    ("cifar-at-kd", "cifar + both (Table 1's AT+KD column)"),
+    ("finetune-cub", "Table 4: ResNet-18 from ImageNet weights on CUB, frozen BN and first group"),
+    ("finetune-scenes", "Table 4: the same on MIT Indoor 67"),
+    ("imagenet", "Table 5: ResNet-18, batch 256, lr 0.1, wd 1e-4, 100 epochs, x0.1 at 30/60/90"),
+    (
+        "quick",
+        "the README's quick look: Fashion-MNIST subset, 2000 images, 2 epochs, cosine lr 0.05",
+    ),
+];
+
+impl RunConfig {
+    /// The config of a preset from [`PRESETS`]. Teacher checkpoints and pretrained weights point
+    /// to conventional places (`runs/...`, `weights/...`); override them with `--set`.
+    pub fn preset(name: &str) -> Result<Self> {
+        let cifar = Self {
+            data: DataConfig { dataset: "cifar10".into(), ..DataConfig::default() },
+            ..Self::default()
+        };
+        let teacher = Some(TeacherConfig {
+            model: "wrn-16-2".into(),
+            checkpoint: "runs/cifar-wrn-16-2/model.safetensors".into(),
+        });
+        let finetune = |dataset: &str| Self {
+            student: "resnet18".into(),
+            data: DataConfig { dataset: dataset.into(), ..DataConfig::default() },
+            optim: OptimConfig {
+                lr: 0.01,
+                weight_decay: 1e-4,
+                milestones: vec![20, 40],
+                gamma: 0.1,
+                ..OptimConfig::default()
+            },
+            epochs: 60,
+            batch_size: 64,
+            pretrained: "weights/resnet18.tv_in1k/model.safetensors".into(),
+            freeze_bn: true,
+            freeze_first_group: true,
+            ..Self::default()
+        };
+        Ok(match name {
+            "cifar" => cifar,
+            "cifar-at" => {
+                Self { teacher, loss: LossSection { beta: 1e3, ..LossSection::default() }, ..cifar }
+            }
+            "cifar-kd" => Self {
+                teacher,
+                loss: LossSection { alpha: 0.9, ..LossSection::default() },
+                ..cifar
+            },
+            "cifar-at-kd" => Self {
+                teacher,
+                loss: LossSection { alpha: 0.9, beta: 1e3, ..LossSection::default() },
+                ..cifar
+            },
+            "finetune-cub" => finetune("cub"),
+            "finetune-scenes" => finetune("scenes"),
+            "imagenet" => Self {
+                student: "resnet18".into(),
+                data: DataConfig { dataset: "imagenet".into(), ..DataConfig::default() },
+                optim: OptimConfig {
+                    weight_decay: 1e-4,
+                    milestones: vec![30, 60, 90],
+                    gamma: 0.1,
+                    ..OptimConfig::default()
+                },
+                epochs: 100,
+                batch_size: 256,
+                ..Self::default()
+            },
+            "quick" => Self {
+                data: DataConfig { train_limit: 2000, test_limit: 1000, ..DataConfig::default() },
+                optim: OptimConfig {
+                    schedule: "cosine".into(),
+                    lr: 0.05,
+                    ..OptimConfig::default()
+                },
+                epochs: 2,
+                batch_size: 64,
+                seed: 1,
+                ..Self::default()
+            },
+            other => {
+                let known: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+                bail!("unknown preset `{other}`; known presets: {}", known.join(", "))
+            }
+        })
     }
 }
 
@@ -267,10 +377,11 @@ impl RunConfig {
 /// The config of a file (or the defaults) with `KEY=VALUE` overrides applied. A key that the
 /// config does not have is an error; values are TOML (`2`, `1e3`, `true`, `"text"`, `[60, 120]`),
 /// and a bare word is taken as a string.
-pub fn resolve(file: Option<&Path>, sets: &[String]) -> Result<RunConfig> {
-    let base = match file {
-        Some(path) => RunConfig::load(path)?,
-        None => RunConfig::default(),
+pub fn resolve(file: Option<&Path>, preset: Option<&str>, sets: &[String]) -> Result<RunConfig> {
+    let base = match (file, preset) {
+        (Some(path), _) => RunConfig::load(path)?,
+        (None, Some(name)) => RunConfig::preset(name)?,
+        (None, None) => RunConfig::default(),
     };
     if sets.is_empty() {
         return Ok(base);

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use at_data::{Augment, Dataset, Image, Pipeline, Split, cifar, mnist};
+use at_data::{Augment, Dataset, Image, Pipeline, Split, cifar, folder, mnist};
 
 use crate::config::DataConfig;
 
@@ -47,52 +47,49 @@ pub fn load(config: &DataConfig) -> Result<Data> {
             config.root.clone()
         }
     };
-    let (train, test, train_pipeline, test_pipeline, in_channels): (
-        at_data::InMemory,
-        at_data::InMemory,
-        _,
-        _,
-        _,
-    ) = match config.dataset.as_str() {
-        "fashion-mnist-subset" => (
-            mnist::embedded(Split::Train)?,
-            mnist::embedded(Split::Test)?,
-            Pipeline::fashion_mnist_train(),
-            Pipeline::fashion_mnist_test(),
-            1,
-        ),
-        "fashion-mnist" => {
-            let dir = root(mnist::DEBIAN_DIR);
-            (
-                mnist::load(&dir, Split::Train)?,
-                mnist::load(&dir, Split::Test)?,
-                Pipeline::fashion_mnist_train(),
-                Pipeline::fashion_mnist_test(),
-                1,
-            )
-        }
-        "cifar10" => {
-            let dir = root("data/cifar10");
-            (
-                cifar::load_binary(&dir, Split::Train)?,
-                cifar::load_binary(&dir, Split::Test)?,
-                Pipeline::cifar_train(),
-                Pipeline::cifar_test(),
-                3,
-            )
-        }
-        "cifar10-parquet" => {
-            let dir = root("data/cifar10");
-            (
-                cifar::load_parquet(&dir, Split::Train)?,
-                cifar::load_parquet(&dir, Split::Test)?,
-                Pipeline::cifar_train(),
-                Pipeline::cifar_test(),
-                3,
-            )
-        }
-        _ => unreachable!("checked above"),
+    let both = |f: &dyn Fn(Split) -> at_data::Result<Arc<dyn Dataset>>| -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
+        Ok((f(Split::Train)?, f(Split::Test)?))
     };
+    fn boxed<D: Dataset + 'static>(d: at_data::Result<D>) -> at_data::Result<Arc<dyn Dataset>> {
+        d.map(|d| Arc::new(d) as Arc<dyn Dataset>)
+    }
+    let fmnist = (Pipeline::fashion_mnist_train(), Pipeline::fashion_mnist_test(), 1);
+    let cifar = (Pipeline::cifar_train(), Pipeline::cifar_test(), 3);
+    let finetune = (Pipeline::finetune_train(), Pipeline::finetune_eval(), 3);
+    let imagenet = (Pipeline::imagenet_train(), Pipeline::imagenet_eval(), 3);
+    let ((train, test), (train_pipeline, test_pipeline, in_channels)) =
+        match config.dataset.as_str() {
+            "fashion-mnist-subset" => (both(&|s| boxed(mnist::embedded(s)))?, fmnist),
+            "fashion-mnist" => {
+                let dir = root(mnist::DEBIAN_DIR);
+                (both(&|s| boxed(mnist::load(&dir, s)))?, fmnist)
+            }
+            "cifar10" => {
+                let dir = root("data/cifar10");
+                (both(&|s| boxed(cifar::load_binary(&dir, s)))?, cifar)
+            }
+            "cifar10-parquet" => {
+                let dir = root("data/cifar10");
+                (both(&|s| boxed(cifar::load_parquet(&dir, s)))?, cifar)
+            }
+            "cub" => {
+                let dir = root("data/cub");
+                (both(&|s| boxed(folder::cub(&dir, s)))?, finetune)
+            }
+            "scenes" => {
+                let dir = root("data/scenes");
+                (both(&|s| boxed(folder::scenes(&dir, s)))?, finetune)
+            }
+            "imagenet" => {
+                let dir = root("data/imagenet");
+                (both(&|s| boxed(folder::imagenet(&dir, s)))?, imagenet)
+            }
+            "imagenet-parquet" => {
+                let dir = root("data/imagenet");
+                (both(&|s| boxed(folder::imagenet_parquet(&dir, s)))?, imagenet)
+            }
+            _ => unreachable!("checked above"),
+        };
     let train_pipeline = match config.augment.as_str() {
         "standard" => train_pipeline,
         "flip" => Pipeline { augment: Augment::Flip, ..test_pipeline.clone() },
@@ -107,12 +104,33 @@ pub fn load(config: &DataConfig) -> Result<Data> {
     })
 }
 
-fn limit(data: at_data::InMemory, n: usize) -> Arc<dyn Dataset> {
-    if n == 0 || n >= data.len() {
-        return Arc::new(data);
+/// The first `n` items of a dataset (all when `n` is 0).
+struct Limited {
+    inner: Arc<dyn Dataset>,
+    name: String,
+    n: usize,
+}
+
+impl Dataset for Limited {
+    fn name(&self) -> &str {
+        &self.name
     }
-    let indices: Vec<usize> = (0..n).collect();
-    Arc::new(data.select(format!("{} (first {n})", data.name()), &indices))
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn num_classes(&self) -> usize {
+        self.inner.num_classes()
+    }
+    fn get(&self, index: usize) -> at_data::Result<(Image, usize)> {
+        self.inner.get(index)
+    }
+}
+
+fn limit(data: Arc<dyn Dataset>, n: usize) -> Arc<dyn Dataset> {
+    if n == 0 || n >= data.len() {
+        return data;
+    }
+    Arc::new(Limited { name: format!("{} (first {n})", data.name()), inner: data, n })
 }
 
 /// Decodes one image file for `at-train maps`.

@@ -6,7 +6,9 @@
 pub mod config;
 pub mod data;
 pub mod init;
+pub mod maps;
 pub mod optim;
+pub mod quick;
 pub mod train;
 
 use at_models::{ModelOptions, parameter_count, registry};

@@ -31,6 +31,9 @@ enum Command {
         /// The run's TOML config (`at-train config` prints one with every key).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Start from a named preset instead of the defaults (`at-train config --list-presets`).
+        #[arg(long, conflicts_with = "config")]
+        preset: Option<String>,
         /// Override a config key, e.g. `--set epochs=2 --set loss.beta=1000` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
@@ -46,8 +49,44 @@ enum Command {
         /// The run directory.
         run_dir: PathBuf,
     },
+    /// The short real experiment of the README: a WRN-16-2 teacher, then WRN-16-1 students with
+    /// and without attention transfer, on the embedded Fashion-MNIST subset.
+    Quick {
+        /// Where the three runs go; finished runs are reused, interrupted ones resumed.
+        #[arg(long, default_value = "runs/quick")]
+        out: PathBuf,
+        /// Training images per run (of 10,000).
+        #[arg(long, default_value_t = 2000)]
+        train_images: usize,
+        /// Test images (of 2,000).
+        #[arg(long, default_value_t = 1000)]
+        test_images: usize,
+        /// Epochs per run.
+        #[arg(long, default_value_t = 2)]
+        epochs: usize,
+    },
+    /// Write the attention maps of a run's model, each group's beside its image, as PNGs.
+    Maps {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// Image files (JPEG, PNG), resized to the training images' size.
+        #[arg(long, num_args = 1..)]
+        images: Vec<PathBuf>,
+        /// Test-set items, by index (when no --images are given; default: the first 4).
+        #[arg(long, num_args = 1..)]
+        test_items: Vec<usize>,
+        /// Where the PNGs go (default: RUN_DIR/maps).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a run config with every key and its value.
     Config {
+        /// Start from a named preset.
+        #[arg(long)]
+        preset: Option<String>,
+        /// List the presets instead.
+        #[arg(long)]
+        list_presets: bool,
         /// Apply these overrides first.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
@@ -85,6 +124,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,7 +137,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train { config, sets, run_dir, resume } => {
+        Command::Train { config, preset, sets, run_dir, resume } => {
             ctrlc::set_handler(|| {
                 eprintln!(
                     "interrupted: writing a checkpoint after this batch (press again to abort)"
@@ -110,14 +150,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let options = RunOptions::default();
             let result = match (resume, run_dir) {
                 (Some(dir), _) => train::resume(&dir, &options)?,
-                (None, Some(dir)) => {
-                    train::train(&config::resolve(config.as_deref(), &sets)?, &dir, &options)?
-                }
+                (None, Some(dir)) => train::train(
+                    &config::resolve(config.as_deref(), preset.as_deref(), &sets)?,
+                    &dir,
+                    &options,
+                )?,
                 (None, None) => bail!(
                     "name a new run directory with --run-dir DIR, or continue one with --resume DIR"
                 ),
             };
             println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Command::Quick { out, train_images, test_images, epochs } => {
+            set_interrupt_handler()?;
+            let scale = at_train::quick::QuickScale { train_images, test_images, epochs };
+            println!("{}", at_train::quick::quick_experiment(&out, scale)?);
+        }
+        Command::Maps { run_dir, images, test_items, out } => {
+            let source = if !images.is_empty() {
+                at_train::maps::Source::Files(images)
+            } else if !test_items.is_empty() {
+                at_train::maps::Source::TestItems(test_items)
+            } else {
+                at_train::maps::Source::TestItems(vec![0, 1, 2, 3])
+            };
+            let out = out.unwrap_or_else(|| run_dir.join("maps"));
+            for path in at_train::maps::write_maps(&run_dir, source, &out)? {
+                println!("{}", path.display());
+            }
         }
         Command::Eval { run_dir } => {
             let (loss, top1, top5) = train::evaluate_run(&run_dir)?;
@@ -126,7 +186,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 run_dir.display()
             );
         }
-        Command::Config { sets } => print!("{}", config::resolve(None, &sets)?.to_toml()),
+        Command::Config { list_presets: true, .. } => {
+            for (name, about) in config::PRESETS {
+                println!("{name:<16} {about}");
+            }
+        }
+        Command::Config { preset, sets, .. } => {
+            print!("{}", config::resolve(None, preset.as_deref(), &sets)?.to_toml())
+        }
         Command::Models { classes, in_channels } => {
             let options =
                 ModelOptions { num_classes: classes, in_channels, ..ModelOptions::default() };
@@ -169,5 +236,17 @@ fn download(
     let fetched =
         hub::fetch(&source, &options, |file| eprintln!("fetching {file} from {}", source.repo))?;
     println!("{}", fetched.unpacked.as_ref().unwrap_or(&fetched.snapshot).display());
+    Ok(())
+}
+
+/// Ctrl-C asks the training loop to checkpoint and stop; a second Ctrl-C aborts at once.
+fn set_interrupt_handler() -> anyhow::Result<()> {
+    ctrlc::set_handler(|| {
+        eprintln!("interrupted: writing a checkpoint after this batch (press again to abort)");
+        if INTERRUPTED_TWICE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        train::interrupt();
+    })?;
     Ok(())
 }

@@ -180,12 +180,23 @@ impl Run {
             num_classes: data.train.num_classes(),
             ..ModelOptions::default()
         };
+        let student_options = ModelOptions {
+            freeze_bn: config.freeze_bn,
+            freeze_first_group: config.freeze_first_group,
+            ..options
+        };
         let varmap = VarMap::new();
         let student = at_models::build(
             &config.student,
-            &options,
+            &student_options,
             seeded_var_builder(&varmap, config.seed, &device),
         )?;
+        if !config.pretrained.as_os_str().is_empty() {
+            let skip: Vec<&str> = config.pretrained_skip.iter().map(String::as_str).collect();
+            at_models::load(&varmap, &config.pretrained, &skip).with_context(|| {
+                format!("cannot start {} from {}", config.student, config.pretrained.display())
+            })?;
+        }
         let teacher = match &config.teacher {
             Some(t) => Some(load_teacher(&t.model, &t.checkpoint, &options, &device)?),
             None => None,
@@ -590,7 +601,7 @@ impl Progress {
                 bar.set_position(done as u64);
                 bar.set_message(format!("loss {loss:.4}, {rate:.2} batches/s"));
             }
-            None if self.total >= 10 && done % (self.total / 10).max(1) == 0 => {
+            None if self.total >= 10 && done.is_multiple_of((self.total / 10).max(1)) => {
                 tracing::info!(
                     "{}: batch {done}/{}, loss {loss:.4}, {rate:.2} batches/s",
                     self.label,
@@ -608,21 +619,59 @@ impl Progress {
     }
 }
 
-/// Evaluates the model of the run in `dir` (its final `model.safetensors`, else its last
-/// checkpoint) on the run's test set: (loss, top-1 %, top-5 %).
+/// A run's trained student, ready for evaluation or inspection: its final `model.safetensors`,
+/// else its last checkpoint.
+pub struct RunModel {
+    run: Run,
+}
+
+impl RunModel {
+    /// Opens the run in `dir`, whose config is `config`.
+    pub fn open(config: RunConfig, dir: &Path) -> Result<Self> {
+        let run = Run::new(config, dir)?;
+        let weights = dir.join("model.safetensors");
+        let weights = if weights.exists() {
+            weights
+        } else {
+            let tag =
+                std::fs::read_to_string(dir.join("checkpoints/latest")).with_context(|| {
+                    format!("{} has neither model.safetensors nor a checkpoint", dir.display())
+                })?;
+            dir.join("checkpoints").join(tag.trim()).join("model.safetensors")
+        };
+        at_models::load(&run.varmap, &weights, &[])?;
+        Ok(Self { run })
+    }
+
+    /// The student network.
+    pub fn model(&self) -> &dyn AttentionModel {
+        self.run.student.as_ref()
+    }
+
+    /// The run's datasets and pipelines.
+    pub fn data(&self) -> &Data {
+        &self.run.data
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &Device {
+        &self.run.device
+    }
+
+    /// (side, channels) of the dataset's images before their pipeline.
+    pub fn input_shape(&self) -> Result<(usize, usize)> {
+        let (image, _) = self.run.data.test.get(0)?;
+        Ok((image.height, image.channels))
+    }
+
+    /// Test cross-entropy, top-1 % and top-5 %.
+    pub fn evaluate(&self) -> Result<(f64, f64, f64)> {
+        let (_, test) = self.run.loaders()?;
+        evaluate(self.model(), &test, &self.run.device)
+    }
+}
+
+/// Evaluates the model of the run in `dir` on the run's test set: (loss, top-1 %, top-5 %).
 pub fn evaluate_run(dir: &Path) -> Result<(f64, f64, f64)> {
-    let config = RunConfig::load(&dir.join("config.toml"))?;
-    let run = Run::new(config, dir)?;
-    let weights = dir.join("model.safetensors");
-    let weights = if weights.exists() {
-        weights
-    } else {
-        let tag = std::fs::read_to_string(dir.join("checkpoints/latest")).with_context(|| {
-            format!("{} has neither model.safetensors nor a checkpoint", dir.display())
-        })?;
-        dir.join("checkpoints").join(tag.trim()).join("model.safetensors")
-    };
-    at_models::load(&run.varmap, &weights, &[])?;
-    let (_, test) = run.loaders()?;
-    evaluate(run.student.as_ref(), &test, &run.device)
+    RunModel::open(RunConfig::load(&dir.join("config.toml"))?, dir)?.evaluate()
 }
