@@ -58,10 +58,12 @@ pub struct TeacherConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// `fashion-mnist-subset` (embedded), `fashion-mnist`, `cifar10` (binary) or
-    /// `cifar10-parquet` (the Hub's layout).
+    /// `fashion-mnist-subset` (embedded), `fashion-mnist`, `cifar10` (binary),
+    /// `cifar10-parquet` (the Hub's layout), `cub`, `scenes`, `imagenet` (folders) or
+    /// `imagenet-parquet` (the Hub's shards).
     pub dataset: String,
-    /// The dataset directory; empty for the embedded subset or the default location.
+    /// The dataset directory; empty for the embedded subset or the default location
+    /// (`data/<dataset>`, or Debian's directory for Fashion-MNIST).
     pub root: PathBuf,
     /// `standard` (the dataset's usual training augmentation), `flip` (horizontal flips only,
     /// Table 3) or `none`.
@@ -150,7 +152,16 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("cifar-at-kd", "cifar + both (Table 1's AT+KD column)"),
     ("finetune-cub", "Table 4: ResNet-18 from ImageNet weights on CUB, frozen BN and first group"),
     ("finetune-scenes", "Table 4: the same on MIT Indoor 67"),
+    (
+        "finetune-cub-at",
+        "Table 4: finetune-cub + AT from a fine-tuned ResNet-34 on the last two groups",
+    ),
+    (
+        "finetune-scenes-at",
+        "Table 4: finetune-scenes + AT from a fine-tuned ResNet-34 on the last two groups",
+    ),
     ("imagenet", "Table 5: ResNet-18, batch 256, lr 0.1, wd 1e-4, 100 epochs, x0.1 at 30/60/90"),
+    ("imagenet-at", "Table 5: imagenet + AT from a ResNet-34 on the last two groups (beta 1e3)"),
     (
         "quick",
         "the README's quick look: Fashion-MNIST subset, 2000 images, 2 epochs, cosine lr 0.05",
@@ -186,6 +197,28 @@ impl RunConfig {
             freeze_first_group: true,
             ..Self::default()
         };
+        // Attention transfer on the last two of ResNet's four groups, from a ResNet-34.
+        let resnet_at = |base: Self, teacher_checkpoint: &str| Self {
+            teacher: Some(TeacherConfig {
+                model: "resnet34".into(),
+                checkpoint: teacher_checkpoint.into(),
+            }),
+            loss: LossSection { beta: 1e3, pairs: vec![[2, 2], [3, 3]], ..LossSection::default() },
+            ..base
+        };
+        let imagenet = Self {
+            student: "resnet18".into(),
+            data: DataConfig { dataset: "imagenet".into(), ..DataConfig::default() },
+            optim: OptimConfig {
+                weight_decay: 1e-4,
+                milestones: vec![30, 60, 90],
+                gamma: 0.1,
+                ..OptimConfig::default()
+            },
+            epochs: 100,
+            batch_size: 256,
+            ..Self::default()
+        };
         Ok(match name {
             "cifar" => cifar,
             "cifar-at" => {
@@ -203,19 +236,12 @@ impl RunConfig {
             },
             "finetune-cub" => finetune("cub"),
             "finetune-scenes" => finetune("scenes"),
-            "imagenet" => Self {
-                student: "resnet18".into(),
-                data: DataConfig { dataset: "imagenet".into(), ..DataConfig::default() },
-                optim: OptimConfig {
-                    weight_decay: 1e-4,
-                    milestones: vec![30, 60, 90],
-                    gamma: 0.1,
-                    ..OptimConfig::default()
-                },
-                epochs: 100,
-                batch_size: 256,
-                ..Self::default()
-            },
+            "finetune-cub-at" => resnet_at(finetune("cub"), "runs/cub-resnet34/model.safetensors"),
+            "finetune-scenes-at" => {
+                resnet_at(finetune("scenes"), "runs/scenes-resnet34/model.safetensors")
+            }
+            "imagenet" => imagenet,
+            "imagenet-at" => resnet_at(imagenet, "weights/resnet34.tv_in1k/model.safetensors"),
             "quick" => Self {
                 data: DataConfig { train_limit: 2000, test_limit: 1000, ..DataConfig::default() },
                 optim: OptimConfig {

@@ -9,8 +9,16 @@ use at_data::{Augment, Dataset, Image, Pipeline, Split, cifar, folder, mnist};
 use crate::config::DataConfig;
 
 /// The datasets `data.dataset` accepts.
-pub const DATASETS: &[&str] =
-    &["fashion-mnist-subset", "fashion-mnist", "cifar10", "cifar10-parquet"];
+pub const DATASETS: &[&str] = &[
+    "fashion-mnist-subset",
+    "fashion-mnist",
+    "cifar10",
+    "cifar10-parquet",
+    "cub",
+    "scenes",
+    "imagenet",
+    "imagenet-parquet",
+];
 
 /// Both splits with their pipelines.
 pub struct Data {

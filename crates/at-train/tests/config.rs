@@ -1,0 +1,72 @@
+//! Run configs: every preset is valid, the TOML round-trips with every key, and unknown keys or
+//! values are errors that say what is known.
+
+use at_train::config::{PRESETS, RunConfig, resolve};
+
+#[test]
+fn every_preset_is_a_valid_config_and_round_trips_through_toml() {
+    for (name, _) in PRESETS {
+        let config = RunConfig::preset(name).unwrap();
+        config.validate().unwrap_or_else(|e| panic!("preset {name}: {e:#}"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, config.to_toml()).unwrap();
+        assert_eq!(RunConfig::load(&path).unwrap(), config, "preset {name}");
+    }
+    let imagenet_at = RunConfig::preset("imagenet-at").unwrap();
+    assert_eq!(imagenet_at.loss.pairs, vec![[2, 2], [3, 3]]);
+    assert_eq!((imagenet_at.optim.weight_decay, imagenet_at.batch_size), (1e-4, 256));
+}
+
+#[test]
+fn the_default_is_the_authors_cifar_recipe_with_every_key_written() {
+    let text = RunConfig::default().to_toml();
+    for key in [
+        "student",
+        "epochs = 200",
+        "batch_size = 128",
+        "lr = 0.1",
+        "momentum = 0.9",
+        "weight_decay = 0.0005",
+        "milestones = [",
+        "gamma = 0.2",
+        "temperature = 4.0",
+        "# [teacher]",
+    ] {
+        assert!(text.contains(key), "{key} missing from\n{text}");
+    }
+}
+
+#[test]
+fn unknown_keys_and_values_are_errors_that_name_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.toml");
+    std::fs::write(&path, "student = \"wrn-16-1\"\nepochz = 3\n").unwrap();
+    let err = format!("{:#}", RunConfig::load(&path).unwrap_err());
+    assert!(err.contains("typo.toml") && err.contains("epochz"), "{err}");
+
+    let err = format!("{:#}", resolve(None, None, &["optim.lr_decay=0.1".into()]).unwrap_err());
+    assert!(err.contains("unknown config key `optim.lr_decay`"), "{err}");
+    let err = format!("{:#}", resolve(None, None, &["data.dataset=mnist".into()]).unwrap_err());
+    assert!(err.contains("unknown dataset `mnist`") && err.contains("cifar10"), "{err}");
+    let err = format!(
+        "{:#}",
+        resolve(None, Some("cifar-at-kd"), &["teacher.model=wrn-28-10".into()]).unwrap_err()
+    );
+    assert!(err.contains("unknown model `wrn-28-10`") && err.contains("wrn-40-2"), "{err}");
+    let err = format!("{:#}", resolve(None, Some("nope"), &[]).unwrap_err());
+    assert!(err.contains("unknown preset `nope`") && err.contains("cifar-at"), "{err}");
+    let err = format!("{:#}", resolve(None, None, &["loss.beta=1000".into()]).unwrap_err());
+    assert!(err.contains("no [teacher]"), "{err}");
+
+    let config = resolve(
+        None,
+        Some("quick"),
+        &["epochs=3".into(), "loss.distance=\"paper\"".into(), "optim.milestones=[1, 2]".into()],
+    )
+    .unwrap();
+    assert_eq!(
+        (config.epochs, config.loss.distance.as_str(), config.optim.milestones.clone()),
+        (3, "paper", vec![1, 2])
+    );
+}
