@@ -159,7 +159,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "name a new run directory with --run-dir DIR, or continue one with --resume DIR"
                 ),
             };
-            println!("{}", serde_json::to_string_pretty(&result)?);
+            if !result.interrupted {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            }
         }
         Command::Quick { out, train_images, test_images, epochs } => {
             set_interrupt_handler()?;

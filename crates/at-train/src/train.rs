@@ -461,7 +461,7 @@ impl Run {
 
 /// The seconds recorded in `metrics.jsonl` so far.
 fn previous_seconds(dir: &Path) -> Result<f64> {
-    Ok(read_metrics(dir)?.iter().map(|m| m.seconds).sum())
+    Ok(read_metrics(dir)?.iter().fold(0.0, |total, m| total + m.seconds))
 }
 
 /// Every line of `dir/metrics.jsonl` (none when it does not exist).
