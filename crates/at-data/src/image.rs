@@ -91,27 +91,26 @@ impl Image {
         if (h, w) == (self.height, self.width) {
             return self.clone();
         }
-        let filter = image::imageops::FilterType::Triangle;
-        let (hw, ww) = (h as u32, w as u32);
-        match self.channels {
-            1 => {
-                let img = image::GrayImage::from_raw(
-                    self.width as u32,
-                    self.height as u32,
-                    self.data.clone(),
-                )
-                .expect("buffer size matches");
-                Self::from_luma(image::imageops::resize(&img, ww, hw, filter))
-            }
-            _ => {
-                let img = image::RgbImage::from_raw(
-                    self.width as u32,
-                    self.height as u32,
-                    self.data.clone(),
-                )
-                .expect("buffer size matches");
-                Self::from_rgb(image::imageops::resize(&img, ww, hw, filter))
-            }
-        }
+        let data = match self.channels {
+            1 => self.resized_buffer::<image::Luma<u8>>(h, w),
+            _ => self.resized_buffer::<image::Rgb<u8>>(h, w),
+        };
+        Self::new(h, w, self.channels, data)
+    }
+
+    /// The pixels resized with a bilinear (triangle) filter, read as pixels of type `P`.
+    fn resized_buffer<P: image::Pixel<Subpixel = u8> + 'static>(
+        &self,
+        h: usize,
+        w: usize,
+    ) -> Vec<u8> {
+        let img = image::ImageBuffer::<P, Vec<u8>>::from_raw(
+            self.width as u32,
+            self.height as u32,
+            self.data.clone(),
+        )
+        .expect("the buffer holds height * width pixels");
+        image::imageops::resize(&img, w as u32, h as u32, image::imageops::FilterType::Triangle)
+            .into_raw()
     }
 }

@@ -140,8 +140,3 @@ fn limit(data: Arc<dyn Dataset>, n: usize) -> Arc<dyn Dataset> {
     }
     Arc::new(Limited { name: format!("{} (first {n})", data.name()), inner: data, n })
 }
-
-/// Decodes one image file for `at-train maps`.
-pub fn open_image(path: &Path) -> Result<Image> {
-    Ok(Image::open(path)?)
-}
