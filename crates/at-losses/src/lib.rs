@@ -9,6 +9,8 @@
 //! teacher's logits and activations are constants: no gradient reaches them.
 #![deny(missing_docs)]
 
+pub mod second_order;
+
 use at_ops::{AtConfig, at_losses};
 use candle_core::{DType, Result, Tensor, bail};
 use candle_nn::ops::log_softmax;
