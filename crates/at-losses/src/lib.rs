@@ -9,6 +9,7 @@
 //! teacher's logits and activations are constants: no gradient reaches them.
 #![deny(missing_docs)]
 
+pub mod gradient;
 pub mod second_order;
 
 use at_ops::{AtConfig, at_losses};
