@@ -148,13 +148,13 @@ pub fn train(config: &RunConfig, dir: &Path, options: &RunOptions) -> Result<Run
     std::fs::create_dir_all(dir.join("checkpoints"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     write_atomically(&dir.join("config.toml"), config.to_toml().as_bytes())?;
-    Run::new(config.clone(), dir)?.go(Position::default(), options)
+    Run::new(config.clone(), dir, true)?.go(Position::default(), options)
 }
 
 /// Continues the run in `dir` from its last checkpoint, with the config it was started with.
 pub fn resume(dir: &Path, options: &RunOptions) -> Result<RunResult> {
     let config = RunConfig::load(&dir.join("config.toml"))?;
-    let mut run = Run::new(config, dir)?;
+    let mut run = Run::new(config, dir, true)?;
     let position = run.restore()?;
     run.go(position, options)
 }
@@ -172,7 +172,9 @@ struct Run {
 }
 
 impl Run {
-    fn new(config: RunConfig, dir: &Path) -> Result<Self> {
+    /// Builds the run. With `training` false (evaluation, maps) the trained weights are loaded
+    /// next, so neither the pretrained start nor the teacher is read.
+    fn new(config: RunConfig, dir: &Path, training: bool) -> Result<Self> {
         let device = device(&config.device)?;
         let data = data::load(&config.data)?;
         let options = ModelOptions {
@@ -191,25 +193,28 @@ impl Run {
             &student_options,
             seeded_var_builder(&varmap, config.seed, &device),
         )?;
-        if !config.pretrained.as_os_str().is_empty() {
+        if training && !config.pretrained.as_os_str().is_empty() {
             let skip: Vec<&str> = config.pretrained_skip.iter().map(String::as_str).collect();
             at_models::load(&varmap, &config.pretrained, &skip).with_context(|| {
                 format!("cannot start {} from {}", config.student, config.pretrained.display())
             })?;
         }
         let teacher = match &config.teacher {
-            Some(t) => Some(load_teacher(&t.model, &t.checkpoint, &options, &device)?),
-            None => None,
+            Some(t) if training => Some(load_teacher(&t.model, &t.checkpoint, &options, &device)?),
+            _ => None,
         };
-        let student_groups = count_groups(student.as_ref(), &data, &device)?;
-        let pairs = if config.loss.pairs.is_empty() {
-            let teacher_groups = match &teacher {
-                Some(t) => count_groups(t.as_ref(), &data, &device)?,
-                None => 0,
-            };
-            (0..student_groups.min(teacher_groups)).map(|i| (i, i)).collect()
-        } else {
-            config.loss.pairs.iter().map(|p| (p[0], p[1])).collect()
+        // Without explicit pairs, every group is paired with its namesake; counting the groups
+        // takes a forward pass of each network, so it is done only when it is needed.
+        let pairs = match &teacher {
+            Some(t) if config.loss.pairs.is_empty() => {
+                let n = count_groups(student.as_ref(), &data, &device)?.min(count_groups(
+                    t.as_ref(),
+                    &data,
+                    &device,
+                )?);
+                (0..n).map(|i| (i, i)).collect()
+            }
+            _ => config.loss.pairs.iter().map(|p| (p[0], p[1])).collect(),
         };
         let loss = LossConfig {
             alpha: config.loss.alpha,
@@ -628,7 +633,7 @@ pub struct RunModel {
 impl RunModel {
     /// Opens the run in `dir`, whose config is `config`.
     pub fn open(config: RunConfig, dir: &Path) -> Result<Self> {
-        let run = Run::new(config, dir)?;
+        let run = Run::new(config, dir, false)?;
         let weights = dir.join("model.safetensors");
         let weights = if weights.exists() {
             weights
