@@ -15,8 +15,8 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use crate::cross_entropy;
 use crate::second_order::ensure_second_order;
+use crate::{LossParts, cross_entropy, distillation};
 
 /// A network as a function from images to logits.
 pub type Forward<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
@@ -84,7 +84,94 @@ pub fn gradient_transfer(
 
 /// The teacher's `dL/dx` on `x`, as a constant (first-order: no switch needed).
 pub fn teacher_jacobian(teacher: Forward, x: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    Ok(loss_and_input_gradient(teacher, x, labels)?.2.detach())
+    Ok(teacher_outputs(teacher, x, labels)?.1)
+}
+
+/// The teacher's logits and `dL/dx` on `x`, both constants, from one forward pass.
+pub fn teacher_outputs(teacher: Forward, x: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (_, logits, jacobian) = loss_and_input_gradient(teacher, x, labels)?;
+    Ok((logits.detach(), jacobian.detach()))
+}
+
+/// Which gradient-based penalty a run adds (Table 3 of the paper).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradientPenalty {
+    /// `1/2 ||J_S||^2` ([`jacobian_norm`], "min" in Table 3).
+    Jacobian,
+    /// [`symmetry_norm`].
+    Symmetry,
+    /// `1/2 ||J_S - J_T||^2` ([`gradient_transfer`], "AT-NIN-wide").
+    Transfer,
+}
+
+/// The weights of a gradient-based run: `(1 - alpha) CE + alpha KD + beta * penalty`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradientConfig {
+    /// The penalty.
+    pub penalty: GradientPenalty,
+    /// Its weight.
+    pub beta: f64,
+    /// Weight of knowledge distillation (`0`: none).
+    pub alpha: f64,
+    /// Distillation temperature.
+    pub temperature: f64,
+}
+
+/// The teacher's constants for one batch: its logits (for distillation) and its input gradient
+/// (for [`GradientPenalty::Transfer`]), from [`teacher_outputs`].
+#[derive(Clone, Copy, Debug)]
+pub struct TeacherBatch<'a> {
+    /// The teacher's logits.
+    pub logits: &'a Tensor,
+    /// The teacher's `dL/dx`.
+    pub jacobian: &'a Tensor,
+}
+
+/// The student's loss with a gradient-based penalty, combined with distillation as
+/// [`student_loss`](crate::student_loss) combines activation AT. Must run inside
+/// [`with_second_order`](crate::second_order::with_second_order); the `backward` of the returned
+/// total is best called outside it (see ARCHITECTURE.md): it needs no graph of its own.
+pub fn gradient_student_loss(
+    student: Forward,
+    x: &Tensor,
+    labels: &Tensor,
+    teacher: Option<TeacherBatch>,
+    config: &GradientConfig,
+) -> Result<LossParts> {
+    let needs_teacher = config.alpha > 0.0 || config.penalty == GradientPenalty::Transfer;
+    let teacher = match teacher {
+        Some(t) => Some(t),
+        None if needs_teacher => {
+            candle_core::bail!("distillation or gradient attention transfer needs a teacher")
+        }
+        None => None,
+    };
+    let parts = match config.penalty {
+        GradientPenalty::Jacobian => jacobian_norm(student, x, labels)?,
+        GradientPenalty::Symmetry => symmetry_norm(student, x, labels)?,
+        GradientPenalty::Transfer => {
+            let t = teacher.expect("checked above");
+            gradient_transfer(student, x, labels, t.jacobian)?
+        }
+    };
+    let mut total = (&parts.ce * (1.0 - config.alpha))?;
+    let kd = match teacher {
+        Some(t) if config.alpha > 0.0 => {
+            let kd = distillation(&parts.logits, t.logits, config.temperature)?;
+            total = (total + (&kd * config.alpha)?)?;
+            Some(kd)
+        }
+        _ => None,
+    };
+    total = (total + (&parts.penalty * config.beta)?)?;
+    Ok(LossParts {
+        total,
+        ce: parts.ce,
+        kd,
+        at: vec![],
+        gradient: Some(parts.penalty),
+        logits: parts.logits,
+    })
 }
 
 /// Mirrors `[B, C, H, W]` left to right, with `index_select` (twice differentiable in candle,

@@ -83,6 +83,11 @@ pub struct LossParts {
     pub kd: Option<Tensor>,
     /// Each pair's attention distance (before `beta`), in the order of `pairs`.
     pub at: Vec<Tensor>,
+    /// The gradient-based penalty (before its beta), for
+    /// [`gradient_student_loss`](gradient::gradient_student_loss).
+    pub gradient: Option<Tensor>,
+    /// The student's logits the loss was computed from.
+    pub logits: Tensor,
 }
 
 /// The student's loss: cross-entropy, plus distillation from `teacher_logits` when
@@ -100,7 +105,14 @@ pub fn student_loss(
         if needs_teacher {
             bail!("alpha > 0 or beta > 0 with attention pairs needs a teacher")
         }
-        return Ok(LossParts { total: ce.clone(), ce, kd: None, at: vec![] });
+        return Ok(LossParts {
+            total: ce.clone(),
+            ce,
+            kd: None,
+            at: vec![],
+            gradient: None,
+            logits: logits.clone(),
+        });
     };
     let mut total = (&ce * (1.0 - config.alpha))?;
     let kd = if config.alpha > 0.0 {
@@ -130,5 +142,5 @@ pub fn student_loss(
     } else {
         vec![]
     };
-    Ok(LossParts { total, ce, kd, at })
+    Ok(LossParts { total, ce, kd, at, gradient: None, logits: logits.clone() })
 }

@@ -6,8 +6,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use at_losses::distillation;
 use at_losses::gradient::{
-    GradientLoss, gradient_transfer, jacobian_norm, symmetry_norm, teacher_jacobian,
+    GradientConfig, GradientLoss, GradientPenalty, TeacherBatch, gradient_student_loss,
+    gradient_transfer, jacobian_norm, symmetry_norm, teacher_jacobian, teacher_outputs,
 };
 use at_losses::second_order::with_second_order;
 use at_models::max_pool2d;
@@ -28,8 +30,30 @@ fn net(p: &HashMap<&str, Tensor>, x: &Tensor) -> Result<Tensor> {
     conv(&h, "w2", "b2")?.mean((2, 3))?.matmul(&p["fc"].t()?)
 }
 
+/// Where the final `backward` (through the graph of the first one) runs.
+#[derive(Clone, Copy, PartialEq)]
+enum SecondBackward {
+    /// On the second-order thread, where it also builds a graph of its own.
+    Inside,
+    /// On the caller's first-order thread, as the trainer does: nothing is lost.
+    Outside,
+}
+
+fn rel(ours: &Tensor, reference: &Tensor) -> f64 {
+    let diff = (ours.reshape(reference.shape()).unwrap() - reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    diff / reference.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
 fn check(
     name: &str,
+    second: SecondBackward,
     loss: impl Fn(&dyn Fn(&Tensor) -> Result<Tensor>, &Tensor, &Tensor) -> Result<GradientLoss>
     + Send
     + Sync,
@@ -37,44 +61,47 @@ fn check(
     let f = fixtures();
     let f = &f;
     let loss = &loss;
-    with_second_order(move || {
-        let vars: Vec<Var> =
-            NAMES.iter().map(|n| Var::from_tensor(&f[&format!("w.{n}")]).unwrap()).collect();
+    let vars: Vec<Var> =
+        NAMES.iter().map(|n| Var::from_tensor(&f[&format!("w.{n}")]).unwrap()).collect();
+    let vars = &vars;
+    let differentiate = |penalty: &Tensor| {
+        let grads = penalty.backward().unwrap();
+        NAMES
+            .iter()
+            .zip(vars)
+            .map(|(n, v)| {
+                grads
+                    .get(v)
+                    .unwrap_or_else(|| panic!("{name}: no second-order gradient for {n}"))
+                    .clone()
+            })
+            .collect::<Vec<_>>()
+    };
+    let (penalty, inside) = with_second_order(move || {
         let params: HashMap<&str, Tensor> =
-            NAMES.iter().zip(&vars).map(|(n, v)| (*n, v.as_tensor().clone())).collect();
+            NAMES.iter().zip(vars).map(|(n, v)| (*n, v.as_tensor().clone())).collect();
         let forward = |x: &Tensor| net(&params, x);
         let parts = loss(&forward, &f["x"], &f["y"]).unwrap();
-        let rel = |ours: &Tensor, reference: &Tensor| -> f64 {
-            let diff = (ours.reshape(reference.shape()).unwrap() - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            diff / reference.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
-        };
-        let err = rel(&parts.penalty, &f[&format!("{name}.penalty")]);
-        assert!(err < 1e-4, "{name}: penalty relative error {err:e}");
-        let grads = parts.penalty.backward().unwrap();
-        for (n, v) in NAMES.iter().zip(&vars) {
-            let g =
-                grads.get(v).unwrap_or_else(|| panic!("{name}: no second-order gradient for {n}"));
-            let err = rel(g, &f[&format!("{name}.d{n}")]);
-            assert!(err < 1e-4, "{name}: d penalty / d {n} relative error {err:e}");
-        }
+        let grads = (second == SecondBackward::Inside).then(|| differentiate(&parts.penalty));
+        (parts.penalty, grads)
     });
+    let err = rel(&penalty, &f[&format!("{name}.penalty")]);
+    assert!(err < 1e-4, "{name}: penalty relative error {err:e}");
+    let grads = inside.unwrap_or_else(|| differentiate(&penalty));
+    for (n, g) in NAMES.iter().zip(&grads) {
+        let err = rel(g, &f[&format!("{name}.d{n}")]);
+        assert!(err < 1e-4, "{name}: d penalty / d {n} relative error {err:e}");
+    }
 }
 
 #[test]
 fn input_gradient_norm_matches_torch_double_backprop() {
-    check("jacobian", |s, x, y| jacobian_norm(s, x, y));
+    check("jacobian", SecondBackward::Inside, |s, x, y| jacobian_norm(s, x, y));
 }
 
 #[test]
 fn symmetry_norm_matches_torch_double_backprop() {
-    check("symmetry", |s, x, y| symmetry_norm(s, x, y));
+    check("symmetry", SecondBackward::Inside, |s, x, y| symmetry_norm(s, x, y));
 }
 
 #[test]
@@ -83,7 +110,15 @@ fn gradient_attention_transfer_matches_torch_double_backprop() {
     let teacher: HashMap<&str, Tensor> =
         NAMES.iter().map(|n| (*n, f[&format!("teacher.{n}")].clone())).collect();
     let j_t = teacher_jacobian(&|x| net(&teacher, x), &f["x"], &f["y"]).unwrap();
-    check("transfer", move |s, x, y| gradient_transfer(s, x, y, &j_t));
+    check("transfer", SecondBackward::Inside, move |s, x, y| gradient_transfer(s, x, y, &j_t));
+}
+
+/// The trainer builds the loss on a second-order thread and calls `backward` on its own:
+/// the gradients through the first backward's graph are the same.
+#[test]
+fn second_backward_on_a_first_order_thread_matches_torch() {
+    check("jacobian", SecondBackward::Outside, |s, x, y| jacobian_norm(s, x, y));
+    check("symmetry", SecondBackward::Outside, |s, x, y| symmetry_norm(s, x, y));
 }
 
 #[test]
@@ -96,4 +131,43 @@ fn outside_the_scope_the_losses_refuse_to_run() {
         err.contains("needs second-order gradients") && err.contains("with_second_order"),
         "{err}"
     );
+}
+
+/// `(1 - alpha) CE + alpha KD + beta * penalty`, with the teacher's logits and input gradient;
+/// without a teacher, transfer and distillation are refused.
+#[test]
+fn gradient_student_loss_combines_penalty_and_distillation() {
+    let f = fixtures();
+    let teacher: HashMap<&str, Tensor> =
+        NAMES.iter().map(|n| (*n, f[&format!("teacher.{n}")].clone())).collect();
+    let (t_logits, t_jacobian) = teacher_outputs(&|x| net(&teacher, x), &f["x"], &f["y"]).unwrap();
+    let config = GradientConfig {
+        penalty: GradientPenalty::Transfer,
+        beta: 7.0,
+        alpha: 0.25,
+        temperature: 3.0,
+    };
+    let f = &f;
+    let (parts, err) = with_second_order(|| {
+        let params: HashMap<&str, Tensor> = NAMES
+            .iter()
+            .map(|n| (*n, Var::from_tensor(&f[&format!("w.{n}")]).unwrap().as_tensor().clone()))
+            .collect();
+        let forward = |x: &Tensor| net(&params, x);
+        let teacher = TeacherBatch { logits: &t_logits, jacobian: &t_jacobian };
+        let parts =
+            gradient_student_loss(&forward, &f["x"], &f["y"], Some(teacher), &config).unwrap();
+        let err = gradient_student_loss(&forward, &f["x"], &f["y"], None, &config).unwrap_err();
+        (parts, err.to_string())
+    });
+    assert!(err.contains("needs a teacher"), "{err}");
+    let value = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
+    let kd = distillation(&parts.logits, &t_logits, 3.0).unwrap();
+    assert!((value(parts.kd.as_ref().unwrap()) - value(&kd)).abs() < 1e-12);
+    let expected =
+        0.75 * value(&parts.ce) + 0.25 * value(&kd) + 7.0 * value(parts.gradient.as_ref().unwrap());
+    assert!((value(&parts.total) - expected).abs() < 1e-9, "{} vs {expected}", value(&parts.total));
+    let penalty = value(parts.gradient.as_ref().unwrap());
+    let reference = value(&f["transfer.penalty"]);
+    assert!((penalty - reference).abs() <= 1e-4 * reference.abs(), "{penalty} vs {reference}");
 }

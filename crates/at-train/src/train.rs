@@ -15,7 +15,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use at_data::{Loader, LoaderConfig};
-use at_losses::{LossConfig, student_loss};
+use at_losses::gradient::{
+    GradientConfig, GradientPenalty, TeacherBatch, gradient_student_loss, teacher_outputs,
+};
+use at_losses::second_order::with_second_order;
+use at_losses::{LossConfig, LossParts, student_loss};
 use at_models::{AttentionModel, ModelOptions};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -78,6 +82,9 @@ pub struct EpochMetrics {
     pub train_kd: Option<f64>,
     /// Mean attention distance of each pair (before beta).
     pub train_at: Vec<f64>,
+    /// Mean gradient-based penalty (before its beta), with `loss.gradient`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_gradient: Option<f64>,
     /// Training top-1 accuracy, %.
     pub train_top1: f64,
     /// Test cross-entropy.
@@ -99,6 +106,8 @@ struct Sums {
     ce: f64,
     kd: f64,
     at: Vec<f64>,
+    #[serde(default)]
+    gradient: f64,
     correct: usize,
     seen: usize,
     seconds: f64,
@@ -169,6 +178,7 @@ struct Run {
     teacher: Option<Box<dyn AttentionModel>>,
     sgd: Sgd,
     loss: LossConfig,
+    gradient: Option<GradientConfig>,
 }
 
 impl Run {
@@ -206,7 +216,7 @@ impl Run {
         // Without explicit pairs, every group is paired with its namesake; counting the groups
         // takes a forward pass of each network, so it is done only when it is needed.
         let pairs = match &teacher {
-            Some(t) if config.loss.pairs.is_empty() => {
+            Some(t) if config.loss.pairs.is_empty() && config.loss.beta > 0.0 => {
                 let n = count_groups(student.as_ref(), &data, &device)?.min(count_groups(
                     t.as_ref(),
                     &data,
@@ -223,6 +233,7 @@ impl Run {
             at: config.at_config()?,
             pairs,
         };
+        let gradient = config.gradient_config()?;
         let sgd = Sgd::new(&varmap, config.sgd());
         Ok(Self {
             config,
@@ -234,6 +245,7 @@ impl Run {
             teacher,
             sgd,
             loss,
+            gradient,
         })
     }
 
@@ -308,6 +320,7 @@ impl Run {
                 train_ce: sums.ce / seen,
                 train_kd: (self.loss.alpha > 0.0).then(|| sums.kd / seen),
                 train_at: sums.at.iter().map(|a| a / seen).collect(),
+                train_gradient: self.gradient.is_some().then(|| sums.gradient / seen),
                 train_top1: 100.0 * sums.correct as f64 / seen,
                 test_loss,
                 test_top1,
@@ -351,15 +364,22 @@ impl Run {
     }
 
     fn step(&mut self, images: &Tensor, labels: &Tensor, sums: &mut Sums) -> Result<()> {
-        let out = self.student.forward_t(images, true)?;
-        let teacher_out = match &self.teacher {
-            Some(t) if self.loss.alpha > 0.0 || self.loss.beta > 0.0 => {
-                Some(t.forward_t(images, false)?)
+        let parts = match &self.gradient {
+            Some(config) => self.gradient_loss(images, labels, config)?,
+            None => {
+                let out = self.student.forward_t(images, true)?;
+                let teacher_out = match &self.teacher {
+                    Some(t) if self.loss.alpha > 0.0 || self.loss.beta > 0.0 => {
+                        Some(t.forward_t(images, false)?)
+                    }
+                    _ => None,
+                };
+                let teacher = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
+                student_loss(&out.logits, labels, &out.groups, teacher, &self.loss)?
             }
-            _ => None,
         };
-        let teacher = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
-        let parts = student_loss(&out.logits, labels, &out.groups, teacher, &self.loss)?;
+        // On this thread gradients are detached as they are built: with a gradient penalty this
+        // differentiates through the first backward's graph without recording a third one.
         let grads = parts.total.backward()?;
         self.sgd.step(&grads)?;
 
@@ -375,7 +395,10 @@ impl Run {
         for (sum, at) in sums.at.iter_mut().zip(&parts.at) {
             *sum += scalar(at)? * n as f64;
         }
-        let (top1, _) = top_k_correct(&out.logits, labels)?;
+        if let Some(penalty) = &parts.gradient {
+            sums.gradient += scalar(penalty)? * n as f64;
+        }
+        let (top1, _) = top_k_correct(&parts.logits, labels)?;
         sums.correct += top1;
         sums.seen += n;
         if !sums.loss.is_finite() {
@@ -384,6 +407,31 @@ impl Run {
             )
         }
         Ok(())
+    }
+
+    /// The loss with a gradient-based penalty: the teacher's logits and input gradient on this
+    /// thread (first-order), the student's double-backpropagation graph on a second-order one.
+    fn gradient_loss(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        config: &GradientConfig,
+    ) -> Result<LossParts> {
+        let teacher_out = match &self.teacher {
+            Some(t) if config.alpha > 0.0 || config.penalty == GradientPenalty::Transfer => {
+                let forward = |x: &Tensor| Ok(t.forward_t(x, false)?.logits);
+                Some(teacher_outputs(&forward, images, labels)?)
+            }
+            _ => None,
+        };
+        let teacher =
+            teacher_out.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
+        let student = self.student.as_ref();
+        let parts = with_second_order(|| {
+            let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
+            gradient_student_loss(&forward, images, labels, teacher, config)
+        })?;
+        Ok(parts)
     }
 
     fn checkpoint(&self, position: &Position) -> Result<()> {

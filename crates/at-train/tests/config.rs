@@ -1,7 +1,7 @@
 //! Run configs: every preset is valid, the TOML round-trips with every key, and unknown keys or
 //! values are errors that say what is known.
 
-use at_train::config::{PRESETS, RunConfig, resolve};
+use at_train::config::{LossSection, PRESETS, RunConfig, resolve};
 
 #[test]
 fn every_preset_is_a_valid_config_and_round_trips_through_toml() {
@@ -69,4 +69,40 @@ fn unknown_keys_and_values_are_errors_that_name_them() {
         (config.epochs, config.loss.distance.as_str(), config.optim.milestones.clone()),
         (3, "paper", vec![1, 2])
     );
+}
+
+#[test]
+fn gradient_penalty_keys_are_checked() {
+    let jacobian = RunConfig::preset("nin-jacobian").unwrap();
+    assert_eq!(jacobian.student, "nin-thin-nobn");
+    assert_eq!((jacobian.optim.weight_decay, jacobian.data.augment.as_str()), (0.0, "flip"));
+    let at = RunConfig::preset("nin-gradient-at").unwrap();
+    assert_eq!(at.teacher.as_ref().unwrap().model, "nin-wide-nobn");
+
+    let with = |loss: LossSection, teacher: bool| {
+        let config = RunConfig {
+            loss,
+            teacher: teacher.then(|| at.teacher.clone().unwrap()),
+            ..RunConfig::default()
+        };
+        config.validate().map_err(|e| format!("{e:#}"))
+    };
+    let err = with(LossSection { gradient: "hessian".into(), ..LossSection::default() }, false)
+        .unwrap_err();
+    assert!(
+        err.contains("none, jacobian, symmetry or transfer") && err.contains("hessian"),
+        "{err}"
+    );
+    let err = with(LossSection { gradient: "transfer".into(), ..LossSection::default() }, false)
+        .unwrap_err();
+    assert!(err.contains("no [teacher]"), "{err}");
+    let both = LossSection { gradient: "jacobian".into(), beta: 1e3, ..LossSection::default() };
+    let err = with(both, true).unwrap_err();
+    assert!(err.contains("set loss.beta = 0"), "{err}");
+    let err = with(
+        LossSection { gradient: "jacobian".into(), gradient_beta: -1.0, ..LossSection::default() },
+        false,
+    )
+    .unwrap_err();
+    assert!(err.contains("gradient_beta"), "{err}");
 }
