@@ -8,8 +8,16 @@ use std::process::Command;
 use serde_json::Value;
 
 /// Crates through which a device feature must be forwarded.
-const DEVICE_CRATES: &[&str] =
-    &["candle-core", "candle-nn", "at-ops", "at-models", "at-data", "at-losses", "at-train"];
+const DEVICE_CRATES: &[&str] = &[
+    "candle-core",
+    "candle-nn",
+    "at-ops",
+    "at-kernels",
+    "at-models",
+    "at-data",
+    "at-losses",
+    "at-train",
+];
 const DEVICE_FEATURES: &[&str] = &["cuda", "cudnn", "metal", "mkl"];
 /// Crates that talk to the network.
 const NETWORK_CRATES: &[&str] = &["hf-hub", "reqwest", "ureq", "hyper", "tokio"];

@@ -119,6 +119,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    at_kernels::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -1,0 +1,488 @@
+//! 2-D convolution (square stride and padding, no dilation, one group) on the CPU as im2col and
+//! a GEMM per image, the batch split across rayon's threads.
+//!
+//! Three candle custom ops form a family closed under differentiation, so a convolution can be
+//! differentiated any number of times (double backpropagation included):
+//!
+//! - `Fwd(x, w) = y`, the convolution;
+//! - `Dx(dy, w)`, the adjoint of `x -> Fwd(x, w)`: the gradient with respect to the input;
+//! - `Dw(x, dy)`, the adjoint of `w -> Fwd(x, w)`: the gradient with respect to the weight.
+//!
+//! From `<Fwd(x, w), dy> = <x, Dx(dy, w)> = <w, Dw(x, dy)>` every partial derivative of each op
+//! is one of the three: for `Dx(dy, w)` with incoming gradient `g`, `d/d dy = Fwd(g, w)` and
+//! `d/dw = Dw(g, dy)`; for `Dw(x, dy)`, `d/dx = Dx(dy, g)` and `d/d dy = Fwd(x, g)`.
+//!
+//! The weight gradient sums over the batch in a fixed order (one accumulator per contiguous
+//! chunk of images, the chunks added in order), so results do not depend on thread scheduling.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// A float type the kernels run in.
+trait Element: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {
+    const ONE: Self;
+}
+impl Element for f32 {
+    const ONE: Self = 1.0;
+}
+impl Element for f64 {
+    const ONE: Self = 1.0;
+}
+
+/// Every size of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Dims {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl Dims {
+    fn new(
+        x: (usize, usize, usize, usize),
+        weight: (usize, usize, usize, usize),
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
+        let (n, c, h, w) = x;
+        let (o, wc, kh, kw) = weight;
+        if wc != c {
+            bail!("conv2d: the input has {c} channels but the weight expects {wc}")
+        }
+        if stride == 0 || h + 2 * pad < kh || w + 2 * pad < kw {
+            bail!(
+                "conv2d: a {kh}x{kw} kernel (stride {stride}, padding {pad}) does not fit {h}x{w}"
+            )
+        }
+        let (ho, wo) = ((h + 2 * pad - kh) / stride + 1, (w + 2 * pad - kw) / stride + 1);
+        Ok(Self { n, c, h, w, o, kh, kw, ho, wo, stride, pad })
+    }
+
+    /// Rows of the im2col matrix.
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Output positions per image.
+    fn p(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// A 1x1 convolution with stride 1 and no padding: the image itself is the im2col matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// The range of output columns `ox` whose input column `ox * stride + kj - pad` is inside.
+    fn valid(&self, k: usize, out: usize, input: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = self.pad.saturating_sub(k).div_ceil(s).min(out);
+        let hi = (input + self.pad).saturating_sub(k).div_ceil(s).min(out);
+        (lo, hi.max(lo))
+    }
+}
+
+/// `dst (m x n, row-major) (+)= a (m x k) * b (k x n)`, `a` and `b` given by row and column
+/// strides, on this thread.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Element>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+) {
+    assert!(dst.len() >= m * n);
+    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// The im2col matrix (`k x p`) of one image (`c x h x w`).
+fn im2col<T: Element>(d: &Dims, x: &[T], col: &mut [T]) {
+    let p = d.p();
+    for c in 0..d.c {
+        let plane = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
+        for ki in 0..d.kh {
+            let (oy0, oy1) = d.valid(ki, d.ho, d.h);
+            for kj in 0..d.kw {
+                let row = (c * d.kh + ki) * d.kw + kj;
+                let dst = &mut col[row * p..(row + 1) * p];
+                let (ox0, ox1) = d.valid(kj, d.wo, d.w);
+                dst[..oy0 * d.wo].fill(T::default());
+                dst[oy1 * d.wo..].fill(T::default());
+                for oy in oy0..oy1 {
+                    let iy = oy * d.stride + ki - d.pad;
+                    let src = &plane[iy * d.w..(iy + 1) * d.w];
+                    let out = &mut dst[oy * d.wo..(oy + 1) * d.wo];
+                    out[..ox0].fill(T::default());
+                    out[ox1..].fill(T::default());
+                    if ox0 < ox1 {
+                        let ix0 = ox0 * d.stride + kj - d.pad;
+                        if d.stride == 1 {
+                            out[ox0..ox1].copy_from_slice(&src[ix0..ix0 + (ox1 - ox0)]);
+                        } else {
+                            for (i, v) in out[ox0..ox1].iter_mut().enumerate() {
+                                *v = src[ix0 + i * d.stride];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds each column entry back to the pixel it came from.
+fn col2im<T: Element>(d: &Dims, col: &[T], x: &mut [T]) {
+    x.fill(T::default());
+    let p = d.p();
+    for c in 0..d.c {
+        let plane = &mut x[c * d.h * d.w..(c + 1) * d.h * d.w];
+        for ki in 0..d.kh {
+            let (oy0, oy1) = d.valid(ki, d.ho, d.h);
+            for kj in 0..d.kw {
+                let row = (c * d.kh + ki) * d.kw + kj;
+                let src = &col[row * p..(row + 1) * p];
+                let (ox0, ox1) = d.valid(kj, d.wo, d.w);
+                if ox0 >= ox1 {
+                    continue;
+                }
+                for oy in oy0..oy1 {
+                    let iy = oy * d.stride + ki - d.pad;
+                    let dst = &mut plane[iy * d.w..(iy + 1) * d.w];
+                    let ix0 = ox0 * d.stride + kj - d.pad;
+                    for (i, v) in src[oy * d.wo + ox0..oy * d.wo + ox1].iter().enumerate() {
+                        dst[ix0 + i * d.stride] += *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
+    let (k, p) = (d.k(), d.p());
+    let mut y = vec![T::default(); d.n * d.o * p];
+    let image = d.c * d.h * d.w;
+    y.par_chunks_mut(d.o * p).enumerate().for_each_init(
+        || if d.pointwise() { vec![] } else { vec![T::default(); k * p] },
+        |col, (n, y)| {
+            let x = &x[n * image..(n + 1) * image];
+            let col: &[T] = if d.pointwise() {
+                x
+            } else {
+                im2col(d, x, col);
+                col
+            };
+            matmul((d.o, p, k), y, false, w, (k, 1), col, (p, 1));
+        },
+    );
+    y
+}
+
+fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
+    let (k, p) = (d.k(), d.p());
+    let image = d.c * d.h * d.w;
+    let mut dx = vec![T::default(); d.n * image];
+    dx.par_chunks_mut(image).enumerate().for_each_init(
+        || if d.pointwise() { vec![] } else { vec![T::default(); k * p] },
+        |col, (n, dx)| {
+            let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
+            // w^T (k x o) * dy (o x p)
+            if d.pointwise() {
+                matmul((k, p, d.o), dx, false, w, (1, k), dy, (p, 1));
+            } else {
+                matmul((k, p, d.o), col, false, w, (1, k), dy, (p, 1));
+                col2im(d, col, dx);
+            }
+        },
+    );
+    dx
+}
+
+fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
+    let (k, p) = (d.k(), d.p());
+    let image = d.c * d.h * d.w;
+    let chunks = rayon::current_num_threads().clamp(1, d.n.max(1));
+    let per_chunk = d.n.div_ceil(chunks);
+    let partial: Vec<Vec<T>> = (0..chunks)
+        .into_par_iter()
+        .map(|chunk| {
+            let mut acc = vec![T::default(); d.o * k];
+            let mut col = if d.pointwise() { vec![] } else { vec![T::default(); k * p] };
+            for n in chunk * per_chunk..((chunk + 1) * per_chunk).min(d.n) {
+                let x = &x[n * image..(n + 1) * image];
+                let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
+                // dy (o x p) * col^T (p x k)
+                let col: &[T] = if d.pointwise() {
+                    x
+                } else {
+                    im2col(d, x, &mut col);
+                    &col
+                };
+                matmul((d.o, k, p), &mut acc, true, dy, (p, 1), col, (1, p));
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![T::default(); d.o * k];
+    for acc in &partial {
+        for (t, a) in total.iter_mut().zip(acc) {
+            *t += *a;
+        }
+    }
+    total
+}
+
+fn dims4(layout: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
+    match *layout.dims() {
+        [a, b, c, d] => Ok((a, b, c, d)),
+        ref dims => bail!("conv2d: {what} must be 4-dimensional, got {dims:?}"),
+    }
+}
+
+fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("conv2d: {what} must be contiguous"),
+    }
+}
+
+/// Runs `f` on the two operands as slices of one float type.
+fn dispatch(
+    (s1, l1, what1): (&CpuStorage, &Layout, &str),
+    (s2, l2, what2): (&CpuStorage, &Layout, &str),
+    f32: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
+    f64: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
+) -> Result<CpuStorage> {
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            CpuStorage::F32(f32(slice(a, l1, what1)?, slice(b, l2, what2)?))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            CpuStorage::F64(f64(slice(a, l1, what1)?, slice(b, l2, what2)?))
+        }
+        (a, b) => bail!("conv2d kernels take f32 or f64, got {:?} and {:?}", a.dtype(), b.dtype()),
+    })
+}
+
+struct Fwd {
+    stride: usize,
+    pad: usize,
+}
+
+impl CustomOp2 for Fwd {
+    fn name(&self) -> &'static str {
+        "at-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d =
+            Dims::new(dims4(l1, "the input")?, dims4(l2, "the weight")?, self.stride, self.pad)?;
+        let y = dispatch(
+            (s1, l1, "the input"),
+            (s2, l2, "the weight"),
+            |x, w| forward(&d, x, w),
+            |x, w| forward(&d, x, w),
+        )?;
+        Ok((y, Shape::from((d.n, d.o, d.ho, d.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, width) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let dx = conv2d_input_grad(dy, w, self.stride, self.pad, (h, width))?;
+        let dw = conv2d_weight_grad(x, dy, self.stride, self.pad, (kh, kw))?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+struct Dx {
+    stride: usize,
+    pad: usize,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for Dx {
+    fn name(&self) -> &'static str {
+        "at-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, o, ho, wo) = dims4(l1, "the output gradient")?;
+        let weight = dims4(l2, "the weight")?;
+        let d = Dims::new((n, weight.1, self.h, self.w), weight, self.stride, self.pad)?;
+        if (d.o, d.ho, d.wo) != (o, ho, wo) {
+            bail!("conv2d input gradient: the output gradient has shape {:?}", l1.dims())
+        }
+        let dx = dispatch(
+            (s1, l1, "the output gradient"),
+            (s2, l2, "the weight"),
+            |dy, w| input_grad(&d, dy, w),
+            |dy, w| input_grad(&d, dy, w),
+        )?;
+        Ok((dx, Shape::from((d.n, d.c, d.h, d.w))))
+    }
+
+    fn bwd(
+        &self,
+        dy: &Tensor,
+        w: &Tensor,
+        _dx: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, kh, kw) = w.dims4()?;
+        let d_dy = conv2d(g, w, self.stride, self.pad)?;
+        let d_w = conv2d_weight_grad(g, dy, self.stride, self.pad, (kh, kw))?;
+        Ok((Some(d_dy), Some(d_w)))
+    }
+}
+
+struct Dw {
+    stride: usize,
+    pad: usize,
+    kh: usize,
+    kw: usize,
+}
+
+impl CustomOp2 for Dw {
+    fn name(&self) -> &'static str {
+        "at-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = dims4(l1, "the input")?;
+        let (n, o, ho, wo) = dims4(l2, "the output gradient")?;
+        let d = Dims::new(x, (o, x.1, self.kh, self.kw), self.stride, self.pad)?;
+        if (d.n, d.ho, d.wo) != (n, ho, wo) {
+            bail!("conv2d weight gradient: the output gradient has shape {:?}", l2.dims())
+        }
+        let dw = dispatch(
+            (s1, l1, "the input"),
+            (s2, l2, "the output gradient"),
+            |x, dy| weight_grad(&d, x, dy),
+            |x, dy| weight_grad(&d, x, dy),
+        )?;
+        Ok((dw, Shape::from((d.o, d.c, d.kh, d.kw))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        _dw: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, w) = x.dims4()?;
+        let d_x = conv2d_input_grad(dy, g, self.stride, self.pad, (h, w))?;
+        let d_dy = conv2d(x, g, self.stride, self.pad)?;
+        Ok((Some(d_x), Some(d_dy)))
+    }
+}
+
+/// Whether the kernels can take these operands: f32 or f64 on the CPU.
+fn supported(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == w.dtype()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+/// `conv2d(x, w)` with square `stride` and `padding` (`x`: `[N, C, H, W]`, `w`: `[O, C, kh, kw]`):
+/// the fast kernels on the CPU in f32 and f64 (unless [`set_reference`](crate::set_reference)),
+/// candle's `conv2d` elsewhere. Differentiable to any order.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if supported(x, w) && !crate::reference() {
+        x.contiguous()?.apply_op2(&w.contiguous()?, Fwd { stride, pad: padding })
+    } else {
+        x.conv2d(w, padding, stride, 1, 1)
+    }
+}
+
+/// The gradient of `sum(conv2d(x, w) * dy)` with respect to `x`, for an input of `size` (H, W).
+pub fn conv2d_input_grad(
+    dy: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    (h, width): (usize, usize),
+) -> Result<Tensor> {
+    if !supported(dy, w) {
+        bail!("conv2d_input_grad runs on the CPU in f32 or f64")
+    }
+    dy.contiguous()?.apply_op2(&w.contiguous()?, Dx { stride, pad: padding, h, w: width })
+}
+
+/// The gradient of `sum(conv2d(x, w) * dy)` with respect to `w`, for a `kernel` (kh, kw).
+pub fn conv2d_weight_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    stride: usize,
+    padding: usize,
+    (kh, kw): (usize, usize),
+) -> Result<Tensor> {
+    if !supported(x, dy) {
+        bail!("conv2d_weight_grad runs on the CPU in f32 or f64")
+    }
+    x.contiguous()?.apply_op2(&dy.contiguous()?, Dw { stride, pad: padding, kh, kw })
+}

@@ -1,0 +1,55 @@
+//! Fast CPU kernels for the training loop of attention-transfer, as candle custom ops.
+//!
+//! candle 0.11's CPU convolution computes the input gradient with a direct loop and builds its
+//! im2col matrices element by element; [`conv2d`] replaces it with im2col and one GEMM per image,
+//! images spread over rayon's threads, for the forward pass and both gradients, and stays
+//! differentiable to any order (see [`conv`]). Other devices and dtypes go to candle's own ops.
+//!
+//! The plain candle ops remain the reference: [`set_reference(true)`](set_reference) routes every
+//! call back to them (tests compare the two; benchmarks time both).
+#![deny(missing_docs)]
+
+pub mod conv;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
+
+static REFERENCE: AtomicBool = AtomicBool::new(false);
+
+/// Routes [`conv2d`] to candle's own convolution (`true`) or to the fast kernels (`false`, the
+/// default), for the whole process.
+pub fn set_reference(on: bool) {
+    REFERENCE.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_reference`] chose candle's own ops.
+pub fn reference() -> bool {
+    REFERENCE.load(Ordering::Relaxed)
+}
+
+/// glibc's largest accepted mmap threshold on 64-bit targets (`4 * 1024 * 1024 * sizeof(long)`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: i32 = 32 << 20;
+
+/// Keeps freed tensor buffers in the process instead of handing them back to the kernel.
+///
+/// glibc serves large allocations (a training step's activations and gradients) with `mmap` and
+/// returns them with `munmap` when freed, so every step pays for the kernel zeroing fresh pages
+/// again; raising the mmap and trim thresholds lets `malloc` reuse that memory. Call it once at
+/// start-up, before the first tensor. Returns whether it applied (glibc on Linux only).
+pub fn tune_allocator() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes glibc's allocation thresholds; it is safe to call at any
+        // time, and these values are in its documented range.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
