@@ -3,17 +3,21 @@
 //! candle 0.11's CPU convolution computes the input gradient with a direct loop and builds its
 //! im2col matrices element by element; [`conv2d`] replaces it with im2col and one GEMM per image,
 //! images spread over rayon's threads, for the forward pass and both gradients, and stays
-//! differentiable to any order (see [`conv`]). Other devices and dtypes go to candle's own ops.
+//! differentiable to any order (see [`conv`]). [`batch_norm_train`] fuses training-mode batch
+//! norm (and the ReLU after it) into one op with a two-pass backward (see [`norm`]). Other
+//! devices and dtypes go to candle's own ops.
 //!
 //! The plain candle ops remain the reference: [`set_reference(true)`](set_reference) routes every
 //! call back to them (tests compare the two; benchmarks time both).
 #![deny(missing_docs)]
 
 pub mod conv;
+pub mod norm;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
+pub use norm::{BatchStats, batch_norm_train};
 
 static REFERENCE: AtomicBool = AtomicBool::new(false);
 

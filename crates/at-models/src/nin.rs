@@ -83,7 +83,7 @@ impl ConvUnit {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.conv.forward(x)?;
         match &self.bn {
-            Some(bn) => bn.forward_t(&y, train)?.relu(),
+            Some(bn) => bn.forward_relu_t(&y, train),
             None => y.relu(),
         }
     }

@@ -129,6 +129,33 @@ impl BatchNorm2d {
 
     /// Normalises `x` (`[B, C, H, W]`); `train` selects batch statistics (unless frozen).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_maybe_relu(x, train, false)
+    }
+
+    /// `relu(forward_t(x, train))`, fused into one kernel where at-kernels applies.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_maybe_relu(x, train, true)
+    }
+
+    fn forward_maybe_relu(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        if train && !self.frozen && x.rank() == 4 && x.dim(1)? == c {
+            if let Some((y, stats)) =
+                at_kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu)?
+            {
+                let device = x.device();
+                let mean = Tensor::new(stats.mean.as_slice(), device)?;
+                let var = Tensor::new(stats.var.as_slice(), device)?;
+                self.update_running(&mean, &var, stats.count)?;
+                return Ok(y);
+            }
+        }
+        let y = self.reference_forward(x, train)?;
+        if relu { y.relu() } else { Ok(y) }
+    }
+
+    /// Batch norm from candle's own ops (every device and dtype; the reference for the kernel).
+    fn reference_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         if x.rank() != 4 || x.dim(1)? != c {
             bail!("batch norm over {c} channels got an input of shape {:?}", x.dims())

@@ -87,7 +87,7 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
         let shortcut = match &self.downsample {
             Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
@@ -140,7 +140,7 @@ impl AttentionModel for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
         // The frozen first group runs as in evaluation and is cut from the graph after layer1.
         let first_train = train && !self.freeze_first_group;
-        let o = self.bn1.forward_t(&self.conv1.forward(x)?, first_train)?.relu()?;
+        let o = self.bn1.forward_relu_t(&self.conv1.forward(x)?, first_train)?;
         let mut o = max_pool2d(&o, 3, 2, 1)?;
         let mut groups = Vec::with_capacity(4);
         for (l, blocks) in self.layers.iter().enumerate() {

@@ -77,9 +77,9 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let o1 = self.bn0.forward_t(x, train)?.relu()?;
+        let o1 = self.bn0.forward_relu_t(x, train)?;
         let y = self.conv0.forward(&o1)?;
-        let y = self.conv1.forward(&self.bn1.forward_t(&y, train)?.relu()?)?;
+        let y = self.conv1.forward(&self.bn1.forward_relu_t(&y, train)?)?;
         match &self.convdim {
             Some(convdim) => y + convdim.forward(&o1)?,
             None => y + x,
@@ -131,7 +131,7 @@ impl AttentionModel for Wrn {
             }
             groups.push(o.clone());
         }
-        let o = self.bn.forward_t(&o, train)?.relu()?;
+        let o = self.bn.forward_relu_t(&o, train)?;
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
         Ok(Output { logits, groups })
     }

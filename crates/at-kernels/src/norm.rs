@@ -1,0 +1,256 @@
+//! Training-mode batch normalisation over `[N, C, H, W]`, optionally followed by a ReLU, as one
+//! candle custom op: per-channel statistics in one pass, the output in another, and a backward
+//! pass that computes all three gradients in two passes, instead of candle's broadcast ops whose
+//! gradients reduce over non-trailing dimensions element by element.
+//!
+//! The fast backward builds no graph, so it is used only where candle detaches gradients anyway.
+//! On a thread with second-order gradients switched on (double backpropagation) the backward is
+//! written with candle's own differentiable ops instead, from the same formulas.
+
+use std::cell::Cell;
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, bail};
+use rayon::prelude::*;
+
+/// The statistics of the batch a [`batch_norm_train`] call normalised with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchStats {
+    /// Per-channel mean.
+    pub mean: Vec<f64>,
+    /// Per-channel biased variance (what the normalisation divides by).
+    pub var: Vec<f64>,
+    /// Values per channel (`N * H * W`).
+    pub count: usize,
+}
+
+struct Op {
+    eps: f64,
+    relu: bool,
+    stats: Arc<Mutex<Option<BatchStats>>>,
+}
+
+fn shape4(layout: &Layout) -> Result<(usize, usize, usize)> {
+    match *layout.dims() {
+        [n, c, h, w] => Ok((n, c, h * w)),
+        ref dims => bail!("batch norm needs [N, C, H, W], got {dims:?}"),
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("batch norm: operands must be contiguous"),
+    }
+}
+
+/// Per-channel mean and biased variance (two passes, in f64), channels in parallel.
+fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
+    let count = (n * hw) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let planes = || (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw]);
+            let sum: f64 = planes().map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum();
+            let mean = sum / count;
+            let sq: f64 = planes()
+                .map(|p| p.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>())
+                .sum();
+            (mean, sq / count)
+        })
+        .unzip()
+}
+
+impl CustomOp3 for Op {
+    fn name(&self) -> &'static str {
+        if self.relu { "at-batch-norm-relu" } else { "at-batch-norm" }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = shape4(l1)?;
+        let (CpuStorage::F32(x), CpuStorage::F32(gamma), CpuStorage::F32(beta)) = (s1, s2, s3)
+        else {
+            bail!("the batch-norm kernel takes f32, got {:?}", s1.dtype())
+        };
+        let (x, gamma, beta) = (contiguous(x, l1)?, contiguous(gamma, l2)?, contiguous(beta, l3)?);
+        if gamma.len() != c || beta.len() != c {
+            bail!(
+                "batch norm over {c} channels got {} weights and {} biases",
+                gamma.len(),
+                beta.len()
+            )
+        }
+        let (mean, var) = stats(x, n, c, hw);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (y, x))| {
+            let ch = plane % c;
+            let scale = gamma[ch] as f64 / (var[ch] + self.eps).sqrt();
+            let shift = beta[ch] as f64 - mean[ch] * scale;
+            let (scale, shift) = (scale as f32, shift as f32);
+            for (y, &x) in y.iter_mut().zip(x) {
+                let v = x * scale + shift;
+                *y = if self.relu { v.max(0.0) } else { v };
+            }
+        });
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(BatchStats { mean, var, count: n * hw });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if second_order_thread() {
+            let (dx, dgamma, dbeta) = self.composite_bwd(x, gamma, beta, y, g)?;
+            return Ok((Some(dx), Some(dgamma), Some(dbeta)));
+        }
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let stats = stats.expect("the forward pass stored its statistics");
+        let (n, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let y = y.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = g.contiguous()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let gamma_v = gamma.to_vec1::<f32>()?;
+        let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let relu = self.relu;
+        // Per channel: sum of the (masked) incoming gradient, and of it times x-hat.
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut sg, mut sgx) = (0f64, 0f64);
+                for i in 0..n {
+                    let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                    let (mut a, mut b) = (0f32, 0f32);
+                    for ((&g, &x), &y) in g[r.clone()].iter().zip(&x[r.clone()]).zip(&y[r]) {
+                        let g = if relu && y <= 0.0 { 0.0 } else { g };
+                        a += g;
+                        b += g * x;
+                    }
+                    sg += a as f64;
+                    sgx += b as f64;
+                }
+                // sum g * (x - mean) * invstd
+                (sg, (sgx - stats.mean[ch] * sg) * invstd[ch])
+            })
+            .collect();
+        let m = stats.count as f64;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dx)| {
+            let ch = plane % c;
+            let (sg, sgxhat) = sums[ch];
+            let k = gamma_v[ch] as f64 * invstd[ch];
+            // dx = k * (g - sg/m - xhat * sgxhat/m)
+            let a = k as f32;
+            let b = (k * sg / m) as f32;
+            let cx = (k * sgxhat / m * invstd[ch]) as f32;
+            let mean = stats.mean[ch] as f32;
+            let r = plane * hw..(plane + 1) * hw;
+            for (((dx, &g), &x), &y) in
+                dx.iter_mut().zip(&g[r.clone()]).zip(&x[r.clone()]).zip(&y[r])
+            {
+                let g = if relu && y <= 0.0 { 0.0 } else { g };
+                *dx = a * g - b - cx * (x - mean);
+            }
+        });
+        let device = gamma.device();
+        let dx = Tensor::from_vec(dx, (n, c, h, w), device)?;
+        let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+        let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+        let _ = beta;
+        Ok((
+            Some(dx),
+            Some(Tensor::from_vec(dgamma, c, device)?),
+            Some(Tensor::from_vec(dbeta, c, device)?),
+        ))
+    }
+}
+
+impl Op {
+    /// The same gradients with candle's differentiable ops, for double backpropagation.
+    fn composite_bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = x.dim(1)?;
+        let g =
+            if self.relu { g.mul(&y.detach().gt(0.0)?.to_dtype(g.dtype())?)? } else { g.clone() };
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+        let invstd = (var + self.eps)?.sqrt()?.recip()?;
+        let xhat = centred.broadcast_mul(&invstd)?;
+        let dbeta = g.sum_keepdim((0, 2, 3))?;
+        let dgamma = (&g * &xhat)?.sum_keepdim((0, 2, 3))?;
+        let m = (x.elem_count() / c) as f64;
+        let k = invstd.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?;
+        let inner = ((g * m)?.broadcast_sub(&dbeta)? - xhat.broadcast_mul(&dgamma)?)?;
+        let dx = (inner.broadcast_mul(&k)? / m)?;
+        Ok((dx, dgamma.flatten_all()?, dbeta.flatten_all()?))
+    }
+}
+
+thread_local! {
+    static SECOND_ORDER: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Whether candle keeps gradients differentiable on this thread (it decides once per thread, at
+/// the thread's first `backward`; this is only asked from inside a backward pass). Probed with
+/// `(2x)^3`, whose second derivative survives only when gradients are not detached.
+fn second_order_thread() -> bool {
+    SECOND_ORDER.with(|cell| {
+        *cell.get().get_or_insert_with(|| {
+            let probe = || -> Result<bool> {
+                let x = Var::new(1f32, &candle_core::Device::Cpu)?;
+                let grads = (x.as_tensor() * 2.0)?.powf(3.0)?.backward()?;
+                let dx = grads.get(&x).expect("x gets a gradient");
+                Ok(dx.backward()?.get(&x).is_some())
+            };
+            probe().unwrap_or(true)
+        })
+    })
+}
+
+/// Training-mode batch normalisation of `x` (`[N, C, H, W]`, f32 on the CPU) with the batch's
+/// statistics, `gamma * (x - mean) / sqrt(var + eps) + beta`, followed by a ReLU when `relu`.
+/// Returns the output and the statistics (for the running averages). Differentiable to any
+/// order; `None` where the kernel does not apply (other devices and dtypes, or
+/// [`set_reference`](crate::set_reference)), so that the caller uses its own ops.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Option<(Tensor, BatchStats)>> {
+    let applies = x.device().is_cpu()
+        && [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3]
+        && x.rank() == 4
+        && !crate::reference();
+    if !applies {
+        return Ok(None);
+    }
+    let stats = Arc::new(Mutex::new(None));
+    let op = Op { eps, relu, stats: stats.clone() };
+    let y = x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(Some((y, stats.expect("the forward pass stored its statistics"))))
+}
