@@ -17,7 +17,7 @@ pub mod norm;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
-pub use norm::{BatchStats, batch_norm_train};
+pub use norm::{BatchStats, batch_norm_eval, batch_norm_train};
 
 static REFERENCE: AtomicBool = AtomicBool::new(false);
 

@@ -11,7 +11,9 @@ use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, bail};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var, bail,
+};
 use rayon::prelude::*;
 
 /// The statistics of the batch a [`batch_norm_train`] call normalised with.
@@ -122,9 +124,21 @@ impl CustomOp3 for Op {
         let stats = stats.expect("the forward pass stored its statistics");
         let (n, c, h, w) = x.dims4()?;
         let hw = h * w;
-        let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let y = y.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let g = g.contiguous()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        let (xs, x_layout) = x.storage_and_layout();
+        let (ys, y_layout) = y.storage_and_layout();
+        let (gs, g_layout) = g.storage_and_layout();
+        let (
+            Storage::Cpu(CpuStorage::F32(xs)),
+            Storage::Cpu(CpuStorage::F32(ys)),
+            Storage::Cpu(CpuStorage::F32(gs)),
+        ) = (&*xs, &*ys, &*gs)
+        else {
+            bail!("the batch-norm kernel's backward takes f32 on the CPU")
+        };
+        let x = contiguous(xs, x_layout)?;
+        let y = contiguous(ys, y_layout)?;
+        let g = contiguous(gs, g_layout)?;
         let gamma_v = gamma.to_vec1::<f32>()?;
         let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         let relu = self.relu;
@@ -253,4 +267,69 @@ pub fn batch_norm_train(
     let y = x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
     let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(Some((y, stats.expect("the forward pass stored its statistics"))))
+}
+
+/// `relu?(x * scale + shift)` per channel, for batch norm with fixed statistics and weights.
+struct Affine {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    relu: bool,
+}
+
+impl candle_core::CustomOp1 for Affine {
+    fn name(&self) -> &'static str {
+        "at-batch-norm-eval"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = shape4(l)?;
+        let CpuStorage::F32(x) = s else { bail!("the batch-norm kernel takes f32") };
+        let x = contiguous(x, l)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (y, x))| {
+            let (a, b) = (self.scale[plane % c], self.shift[plane % c]);
+            for (y, &x) in y.iter_mut().zip(x) {
+                let v = x * a + b;
+                *y = if self.relu { v.max(0.0) } else { v };
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let c = self.scale.len();
+        let scale = Tensor::from_vec(self.scale.clone(), (1, c, 1, 1), x.device())?;
+        let dx = g.broadcast_mul(&scale.to_dtype(g.dtype())?)?;
+        Ok(Some(if self.relu { dx.mul(&y.detach().gt(0.0)?.to_dtype(dx.dtype())?)? } else { dx }))
+    }
+}
+
+/// Batch norm with running statistics (evaluation, a teacher, frozen fine-tuning), then a ReLU
+/// when `relu`, for weights that take no gradient: `gamma` and `beta` must not be variables nor
+/// depend on one. The input gradient is differentiable. `None` where the kernel does not apply.
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Option<Tensor>> {
+    let applies = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && x.rank() == 4
+        && !gamma.track_op()
+        && !beta.track_op()
+        && !crate::reference();
+    if !applies {
+        return Ok(None);
+    }
+    let v = |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.flatten_all()?.to_vec1() };
+    let (gamma, beta, mean, var) = (v(gamma)?, v(beta)?, v(running_mean)?, v(running_var)?);
+    let scale: Vec<f64> = gamma.iter().zip(&var).map(|(g, v)| g / (v + eps).sqrt()).collect();
+    let shift: Vec<f32> =
+        beta.iter().zip(&mean).zip(&scale).map(|((b, m), s)| (b - m * s) as f32).collect();
+    let scale = scale.into_iter().map(|s| s as f32).collect();
+    Ok(Some(x.contiguous()?.apply_op1(Affine { scale, shift, relu })?))
 }

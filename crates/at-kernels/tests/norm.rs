@@ -61,3 +61,48 @@ fn other_dtypes_are_left_to_the_caller() {
     let g = values(&[3], 2.0).to_dtype(DType::F64).unwrap();
     assert!(batch_norm_train(&x, &g, &g, 1e-5, true).unwrap().is_none());
 }
+
+#[test]
+fn evaluation_batch_norm_matches_candle_ops_and_its_input_gradient() {
+    for relu in [false, true] {
+        let x = Var::from_tensor(&values(&[2, 3, 4, 5], 5.0)).unwrap();
+        let gamma = values(&[3], 6.0);
+        let beta = values(&[3], 7.0);
+        let mean = values(&[3], 8.0);
+        let var = (values(&[3], 9.0).abs().unwrap() + 0.5).unwrap();
+        let ours =
+            at_kernels::batch_norm_eval(x.as_tensor(), &gamma, &beta, &mean, &var, 1e-5, relu)
+                .unwrap()
+                .expect("constant weights take the kernel");
+        let shape = (1, 3, 1, 1);
+        let theirs = x
+            .as_tensor()
+            .broadcast_sub(&mean.reshape(shape).unwrap())
+            .unwrap()
+            .broadcast_div(&(var.reshape(shape).unwrap() + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&gamma.reshape(shape).unwrap())
+            .unwrap()
+            .broadcast_add(&beta.reshape(shape).unwrap())
+            .unwrap();
+        let theirs = if relu { theirs.relu().unwrap() } else { theirs };
+        assert!(max_rel(&ours, &theirs) < 1e-5, "relu {relu}: output");
+        let r = values(&[2, 3, 4, 5], 10.0);
+        let a = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let b = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_rel(a.get(&x).unwrap(), b.get(&x).unwrap()) < 1e-5, "relu {relu}: d/dx");
+    }
+    // Weights that take gradients are left to the caller.
+    let w = Var::new(&[1f32, 1.0, 1.0], &Device::Cpu).unwrap();
+    let x = values(&[1, 3, 2, 2], 1.0);
+    let none = at_kernels::batch_norm_eval(
+        &x,
+        w.as_tensor(),
+        w.as_tensor(),
+        w.as_tensor(),
+        w.as_tensor(),
+        1e-5,
+        false,
+    );
+    assert!(none.unwrap().is_none());
+}

@@ -68,50 +68,49 @@ fn second_order_gradients_match_candle_stride_two() {
 #[test]
 fn second_order_through_fused_batch_norm_matches_candle() {
     second_order_on();
-    let run =
-        |fused: bool| -> Vec<Tensor> {
-            let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-            let x = Var::from_tensor(&f32(values(&[3, 2, 6, 6], 5))).unwrap();
-            let w1 = Var::from_tensor(&f32(values(&[4, 2, 3, 3], 6))).unwrap();
-            let gamma = Var::from_tensor(&f32((values(&[4], 7) + 1.5).unwrap())).unwrap();
-            let beta = Var::from_tensor(&f32(values(&[4], 8))).unwrap();
-            let w2 = Var::from_tensor(&f32(values(&[2, 4, 3, 3], 9))).unwrap();
-            let h = conv2d(x.as_tensor(), w1.as_tensor(), 1, 1).unwrap();
-            let h = if fused {
-                at_kernels::batch_norm_train(&h, gamma.as_tensor(), beta.as_tensor(), 1e-5, true)
-                    .unwrap()
-                    .unwrap()
-                    .0
-            } else {
-                let mean = h.mean_keepdim((0, 2, 3)).unwrap();
-                let centred = h.broadcast_sub(&mean).unwrap();
-                let var = centred.sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
-                centred
-                    .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
-                    .unwrap()
-                    .broadcast_mul(&gamma.as_tensor().reshape((1, 4, 1, 1)).unwrap())
-                    .unwrap()
-                    .broadcast_add(&beta.as_tensor().reshape((1, 4, 1, 1)).unwrap())
-                    .unwrap()
-                    .relu()
-                    .unwrap()
-            };
-            let y = conv2d(&h, w2.as_tensor(), 1, 1).unwrap();
-            let r = f32(values(y.dims(), 10));
-            let grads = (y * r).unwrap().sum_all().unwrap().backward().unwrap();
-            let j = grads.get(&x).unwrap();
-            let penalty = (j.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
-            let second = penalty.backward().unwrap();
-            // The input gradient does not depend on beta (only through ReLU's mask, whose
-            // derivative is zero).
-            assert!(second.get(&beta).is_none_or(|g| {
-                g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0
-            }));
-            [&w1, &gamma, &w2]
-                .iter()
-                .map(|v| second.get(v).expect("a second-order gradient").clone())
-                .collect()
+    let run = |fused: bool| -> Vec<Tensor> {
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let x = Var::from_tensor(&f32(values(&[3, 2, 6, 6], 5))).unwrap();
+        let w1 = Var::from_tensor(&f32(values(&[4, 2, 3, 3], 6))).unwrap();
+        let gamma = Var::from_tensor(&f32((values(&[4], 7) + 1.5).unwrap())).unwrap();
+        let beta = Var::from_tensor(&f32(values(&[4], 8))).unwrap();
+        let w2 = Var::from_tensor(&f32(values(&[2, 4, 3, 3], 9))).unwrap();
+        let h = conv2d(x.as_tensor(), w1.as_tensor(), 1, 1).unwrap();
+        let h = if fused {
+            at_kernels::batch_norm_train(&h, gamma.as_tensor(), beta.as_tensor(), 1e-5, true)
+                .unwrap()
+                .unwrap()
+                .0
+        } else {
+            let mean = h.mean_keepdim((0, 2, 3)).unwrap();
+            let centred = h.broadcast_sub(&mean).unwrap();
+            let var = centred.sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
+            centred
+                .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(&gamma.as_tensor().reshape((1, 4, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&beta.as_tensor().reshape((1, 4, 1, 1)).unwrap())
+                .unwrap()
+                .relu()
+                .unwrap()
         };
+        let y = conv2d(&h, w2.as_tensor(), 1, 1).unwrap();
+        let r = f32(values(y.dims(), 10));
+        let grads = (y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let j = grads.get(&x).unwrap();
+        let penalty = (j.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+        let second = penalty.backward().unwrap();
+        // The input gradient does not depend on beta (only through ReLU's mask, whose
+        // derivative is zero).
+        assert!(second.get(&beta).is_none_or(|g| {
+            g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0
+        }));
+        [&w1, &gamma, &w2]
+            .iter()
+            .map(|v| second.get(v).expect("a second-order gradient").clone())
+            .collect()
+    };
     let (ours, theirs) = (run(true), run(false));
     for (name, (a, b)) in ["w1", "gamma", "w2"].iter().zip(ours.iter().zip(&theirs)) {
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

@@ -150,6 +150,24 @@ impl BatchNorm2d {
                 return Ok(y);
             }
         }
+        if !(train && !self.frozen) {
+            let (weight, bias) = if self.frozen {
+                (self.weight.detach(), self.bias.detach())
+            } else {
+                (self.weight.clone(), self.bias.clone())
+            };
+            if let Some(y) = at_kernels::batch_norm_eval(
+                x,
+                &weight,
+                &bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                BN_EPS,
+                relu,
+            )? {
+                return Ok(y);
+            }
+        }
         let y = self.reference_forward(x, train)?;
         if relu { y.relu() } else { Ok(y) }
     }
