@@ -9,6 +9,8 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
+
 /// What runs a task, given the arguments after its name.
 type Task = fn(&[String]) -> Result<()>;
 
@@ -16,6 +18,11 @@ type Task = fn(&[String]) -> Result<()>;
 const TASKS: &[(&str, &str, Task)] = &[
     ("golden", "regenerate the PyTorch golden fixtures the tests compare against", golden),
     ("venv", "create the PyTorch virtual environment the golden task uses (about 5 GB)", venv),
+    (
+        "bench",
+        "time training steps against PyTorch on this CPU; writes docs/benchmarks.{md,json}",
+        bench::bench,
+    ),
     (
         "download",
         "download a dataset from the Hugging Face Hub: cifar10, cub, scenes, imagenet",
@@ -25,8 +32,12 @@ const TASKS: &[(&str, &str, Task)] = &[
 
 /// The scripts that write golden fixtures, relative to the workspace root. Each writes its
 /// `.safetensors` files into the directory given as its first argument: its own directory.
-const GOLDEN_SCRIPTS: &[&str] =
-    &["crates/at-ops/tests/golden/make_golden.py", "crates/at-models/tests/golden/make_golden.py"];
+const GOLDEN_SCRIPTS: &[&str] = &[
+    "crates/at-ops/tests/golden/make_golden.py",
+    "crates/at-models/tests/golden/make_golden.py",
+    "crates/at-losses/tests/golden/make_golden.py",
+    "crates/at-train/tests/golden/make_golden.py",
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -104,7 +115,7 @@ fn venv(_args: &[String]) -> Result<()> {
 }
 
 /// The Python that has PyTorch: `$AT_PYTHON`, else the venv of [`venv_dir`].
-fn python() -> Result<PathBuf> {
+pub(crate) fn python() -> Result<PathBuf> {
     if let Some(python) = env::var_os("AT_PYTHON") {
         return Ok(PathBuf::from(python));
     }
@@ -128,11 +139,11 @@ fn venv_dir() -> PathBuf {
     home.join(".cache/attention-transfer/venv")
 }
 
-fn root() -> &'static Path {
+pub(crate) fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace root")
 }
 
-fn run(command: &mut Command) -> Result<()> {
+pub(crate) fn run(command: &mut Command) -> Result<()> {
     let status = command.status().with_context(|| format!("cannot start {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed with {status}")

@@ -7,7 +7,7 @@
 //!
 //! `STEP` is `student` (cross-entropy), `at` (plus attention transfer from `TEACHER` on every
 //! group, beta 1e3, the teacher's forward included) or `at-kd` (plus distillation, alpha 0.9,
-//! T 4). Set `AT_REFERENCE=1` for candle's own convolutions. Prints one JSON line with every
+//! T 4); `teacher` times the teacher's forward alone (no gradient). Set `AT_REFERENCE=1` for candle's own convolutions. Prints one JSON line with every
 //! timed step in milliseconds.
 
 use std::time::Instant;
@@ -41,7 +41,7 @@ fn main() -> Result<()> {
         at_models::build(&student_name, &options, seeded_var_builder(&varmap, 1, &device))?;
     let (teacher, loss): (Option<Box<dyn AttentionModel>>, LossConfig) = match step.as_str() {
         "student" => (None, LossConfig::default()),
-        "at" | "at-kd" => {
+        "at" | "at-kd" | "teacher" => {
             // A teacher as the trainer holds one: weights as plain tensors, no gradient.
             let teacher_map = VarMap::new();
             at_models::build(
@@ -68,7 +68,7 @@ fn main() -> Result<()> {
             };
             (Some(teacher), loss)
         }
-        other => anyhow::bail!("unknown step `{other}`: student, at or at-kd"),
+        other => anyhow::bail!("unknown step `{other}`: student, teacher, at or at-kd"),
     };
     let mut sgd = Sgd::new(&varmap, SgdConfig::default());
     let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &device)?;
@@ -77,6 +77,14 @@ fn main() -> Result<()> {
     let mut times = vec![];
     for i in 0..warmup + steps {
         let started = Instant::now();
+        if step == "teacher" {
+            let t = teacher.as_ref().expect("a teacher").forward_t(&x, false)?;
+            t.logits.to_vec2::<f32>()?;
+            if i >= warmup {
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            continue;
+        }
         let out = student.forward_t(&x, true)?;
         let teacher_out = teacher.as_ref().map(|t| t.forward_t(&x, false)).transpose()?;
         let t = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));

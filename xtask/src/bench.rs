@@ -1,0 +1,270 @@
+//! `cargo xtask bench`: the trainer's step (`crates/at-train/examples/step_bench.rs`) against the
+//! same step in eager PyTorch (`xtask/bench/torch_step.py`), on this CPU, alternating the two.
+//!
+//! Each round runs every configuration once on each side (`WARMUP` untimed steps, then `STEPS`
+//! timed ones, in a fresh process); the reported time is the median of every timed step of every
+//! round. Writes `docs/benchmarks.json` (one entry per measurement) and the table between the
+//! markers in `docs/benchmarks.md`.
+//!
+//! Options: `--rounds N` (default 2), `--steps N` (5), `--warmup N` (2), `--quick` (WRN-16-1
+//! only), `--threads N` (PyTorch's threads; default: every core, as rayon uses).
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{python, root, run};
+
+/// (student, step, teacher)
+const CONFIGS: &[(&str, &str, &str)] = &[
+    ("wrn-16-1", "student", ""),
+    ("wrn-16-1", "teacher", "wrn-16-2"),
+    ("wrn-16-1", "at", "wrn-16-2"),
+    ("wrn-16-1", "at-kd", "wrn-16-2"),
+    ("wrn-16-2", "student", ""),
+    ("wrn-16-2", "teacher", "wrn-40-2"),
+    ("wrn-16-2", "at", "wrn-40-2"),
+    ("wrn-16-2", "at-kd", "wrn-40-2"),
+    ("wrn-40-2", "student", ""),
+];
+
+const BATCH: usize = 128;
+const START: &str = "<!-- xtask bench: start -->";
+const END: &str = "<!-- xtask bench: end -->";
+
+struct Options {
+    rounds: usize,
+    steps: usize,
+    warmup: usize,
+    quick: bool,
+    threads: usize,
+}
+
+fn options(args: &[String]) -> Result<Options> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut o = Options { rounds: 2, steps: 5, warmup: 2, quick: false, threads: cores };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| -> Result<usize> {
+            it.next()
+                .with_context(|| format!("{name} needs a number"))?
+                .parse()
+                .with_context(|| format!("{name} needs a number"))
+        };
+        match arg.as_str() {
+            "--rounds" => o.rounds = value("--rounds")?,
+            "--steps" => o.steps = value("--steps")?,
+            "--warmup" => o.warmup = value("--warmup")?,
+            "--threads" => o.threads = value("--threads")?,
+            "--quick" => o.quick = true,
+            other => bail!(
+                "unknown option `{other}`: --rounds N, --steps N, --warmup N, --threads N, --quick"
+            ),
+        }
+    }
+    if o.rounds == 0 || o.steps == 0 {
+        bail!("--rounds and --steps must be at least 1")
+    }
+    Ok(o)
+}
+
+/// The `"ms":[...]` list of one JSON line printed by either side.
+fn times(line: &str) -> Result<Vec<f64>> {
+    let start = line.find("\"ms\":").context("no \"ms\" field")? + 5;
+    let rest = line[start..].trim_start();
+    let end = rest.find(']').context("unterminated \"ms\" list")?;
+    rest[1..end]
+        .split(',')
+        .map(|v| v.trim().parse::<f64>().with_context(|| format!("bad time `{v}`")))
+        .collect()
+}
+
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!("\"{name}\": \"");
+    let compact = format!("\"{name}\":\"");
+    let start = line
+        .find(&key)
+        .map(|i| i + key.len())
+        .or_else(|| line.find(&compact).map(|i| i + compact.len()))?;
+    line[start..].split('"').next()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn output(command: &mut Command) -> Result<String> {
+    let out = command.output().with_context(|| format!("cannot start {command:?}"))?;
+    if !out.status.success() {
+        bail!("{command:?} failed: {}", String::from_utf8_lossy(&out.stderr))
+    }
+    let text = String::from_utf8(out.stdout)?;
+    Ok(text.lines().last().unwrap_or_default().to_owned())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let kb: f64 = s.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
+            Some(format!(", {:.0} GiB", kb / 1024.0 / 1024.0))
+        })
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores{mem}")
+}
+
+fn today() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "unknown date".into())
+}
+
+struct Row {
+    model: &'static str,
+    step: &'static str,
+    teacher: &'static str,
+    ours: f64,
+    torch: f64,
+}
+
+pub(crate) fn bench(args: &[String]) -> Result<()> {
+    let o = options(args)?;
+    let python = python()?;
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    println!("building the Rust side (release)");
+    run(Command::new(&cargo).current_dir(root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "at-train",
+        "--example",
+        "step_bench",
+    ]))?;
+    let target =
+        env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let ours_bin = target.join("release/examples/step_bench");
+    let script = root().join("xtask/bench/torch_step.py");
+    let configs: Vec<_> =
+        CONFIGS.iter().filter(|c| !o.quick || c.0 == "wrn-16-1").copied().collect();
+    let mut ours: Vec<Vec<f64>> = vec![vec![]; configs.len()];
+    let mut torch: Vec<Vec<f64>> = vec![vec![]; configs.len()];
+    let mut torch_version = String::new();
+    let (batch, warmup, steps) = (BATCH.to_string(), o.warmup.to_string(), o.steps.to_string());
+    for round in 1..=o.rounds {
+        for (i, &(model, step, teacher)) in configs.iter().enumerate() {
+            let teacher_arg = if teacher.is_empty() { "none" } else { teacher };
+            let common = [model, step, teacher_arg, &batch, &warmup, &steps];
+            let line = output(Command::new(&ours_bin).args(common))?;
+            ours[i].extend(times(&line).with_context(|| format!("ours printed `{line}`"))?);
+            let line =
+                output(Command::new(&python).arg(&script).args(common).arg(o.threads.to_string()))?;
+            torch[i].extend(times(&line).with_context(|| format!("torch printed `{line}`"))?);
+            if let Some(v) = field(&line, "torch") {
+                torch_version = v.to_owned();
+            }
+            let (a, b) = (median(&mut ours[i].clone()), median(&mut torch[i].clone()));
+            println!(
+                "round {round}/{}: {model} {step} {teacher}: ours {a:.0} ms, torch {b:.0} ms",
+                o.rounds
+            );
+        }
+    }
+    let rows: Vec<Row> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, &(model, step, teacher))| Row {
+            model,
+            step,
+            teacher,
+            ours: median(&mut ours[i]),
+            torch: median(&mut torch[i]),
+        })
+        .collect();
+    write(&rows, &o, &torch_version)
+}
+
+fn write(rows: &[Row], o: &Options, torch_version: &str) -> Result<()> {
+    let machine = machine();
+    let date = today();
+    let json: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "  {{\"model\": \"{}\", \"step\": \"{}\", \"teacher\": \"{}\", \"device\": \"cpu\", \"batch\": {BATCH}, \"ours_ms\": {:.1}, \"torch_ms\": {:.1}, \"speedup\": {:.3}, \"machine\": \"{}\", \"date\": \"{date}\", \"torch\": \"{torch_version}\", \"torch_threads\": {}, \"rounds\": {}, \"steps_per_round\": {}}}",
+                r.model, r.step, r.teacher, r.ours, r.torch, r.torch / r.ours, machine, o.threads, o.rounds, o.steps
+            )
+        })
+        .collect();
+    let docs = root().join("docs");
+    std::fs::write(docs.join("benchmarks.json"), format!("[\n{}\n]\n", json.join(",\n")))?;
+
+    let mut table = format!(
+        "{START}\n## Training step: ours against PyTorch (`cargo xtask bench`)\n\n\
+         Machine: {machine}. Date: {date}. PyTorch {torch_version} (eager, {} threads) against \
+         our release build; batch {BATCH}, CIFAR-shaped random input, SGD with momentum and weight \
+         decay. Median over {} rounds of {} timed steps each (after {} untimed), the two sides \
+         alternating. `speedup` = torch / ours: above 1 we are faster.\n\n\
+         | student | step | teacher | ours (ms) | PyTorch (ms) | speedup |\n|---|---|---|---:|---:|---:|\n",
+        o.threads, o.rounds, o.steps, o.warmup
+    );
+    for r in rows {
+        table.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.2} |\n",
+            r.model,
+            r.step,
+            if r.teacher.is_empty() { "-" } else { r.teacher },
+            r.ours,
+            r.torch,
+            r.torch / r.ours
+        ));
+    }
+    let find = |model: &str, step: &str| rows.iter().find(|r| r.model == model && r.step == step);
+    let mut notes = String::new();
+    for model in ["wrn-16-1", "wrn-16-2"] {
+        if let (Some(s), Some(t), Some(a)) =
+            (find(model, "student"), find(model, "teacher"), find(model, "at"))
+        {
+            let over = |a: f64, s: f64, t: f64| 100.0 * (a - s - t) / (s + t);
+            notes.push_str(&format!(
+                "- {model} + AT from {}: the AT step costs {:+.1}% over the student step plus the \
+                 teacher's forward in ours, {:+.1}% in PyTorch.\n",
+                a.teacher,
+                over(a.ours, s.ours, t.ours),
+                over(a.torch, s.torch, t.torch)
+            ));
+        }
+    }
+    if !notes.is_empty() {
+        table.push('\n');
+        table.push_str(&notes);
+    }
+    table.push_str(END);
+    let path = docs.join("benchmarks.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let text = match (text.find(START), text.find(END)) {
+        (Some(a), Some(b)) if a < b => format!("{}{table}{}", &text[..a], &text[b + END.len()..]),
+        _ => format!("{}\n{table}\n", text.trim_end()),
+    };
+    std::fs::write(&path, text)?;
+    println!("wrote {} and docs/benchmarks.json", path.display());
+    Ok(())
+}
