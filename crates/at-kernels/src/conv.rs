@@ -187,8 +187,15 @@ fn col2im<T: Element>(d: &Dims, col: &[T], x: &mut [T]) {
                     let iy = oy * d.stride + ki - d.pad;
                     let dst = &mut plane[iy * d.w..(iy + 1) * d.w];
                     let ix0 = ox0 * d.stride + kj - d.pad;
-                    for (i, v) in src[oy * d.wo + ox0..oy * d.wo + ox1].iter().enumerate() {
-                        dst[ix0 + i * d.stride] += *v;
+                    let src = &src[oy * d.wo + ox0..oy * d.wo + ox1];
+                    if d.stride == 1 {
+                        for (x, v) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                            *x += *v;
+                        }
+                    } else {
+                        for (x, v) in dst[ix0..].iter_mut().step_by(d.stride).zip(src) {
+                            *x += *v;
+                        }
                     }
                 }
             }

@@ -47,18 +47,35 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     }
 }
 
-/// Per-channel mean and biased variance (two passes, in f64), channels in parallel.
+/// Lanes of the vectorisable reductions below (f32 sums in independent lanes, so that the
+/// compiler can keep them in SIMD registers; lanes and planes are then added in f64).
+const LANES: usize = 16;
+
+/// `sum(f(i))` over a plane in `LANES` independent f32 accumulators.
+#[inline(always)]
+fn lane_sum(len: usize, f: impl Fn(usize) -> f32) -> f64 {
+    let mut acc = [0f32; LANES];
+    let full = len / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(base + l);
+        }
+    }
+    let tail: f32 = (full..len).map(&f).sum();
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
+}
+
+/// Per-channel mean and biased variance (two passes), channels in parallel.
 fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     let count = (n * hw) as f64;
     (0..c)
         .into_par_iter()
         .map(|ch| {
             let planes = || (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw]);
-            let sum: f64 = planes().map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum();
+            let sum: f64 = planes().map(|p| lane_sum(p.len(), |i| p[i])).sum();
             let mean = sum / count;
-            let sq: f64 = planes()
-                .map(|p| p.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>())
-                .sum();
+            let m = mean as f32;
+            let sq: f64 = planes().map(|p| lane_sum(p.len(), |i| (p[i] - m) * (p[i] - m))).sum();
             (mean, sq / count)
         })
         .unzip()
@@ -147,19 +164,16 @@ impl CustomOp3 for Op {
             .into_par_iter()
             .map(|ch| {
                 let (mut sg, mut sgx) = (0f64, 0f64);
+                let mean = stats.mean[ch] as f32;
                 for i in 0..n {
                     let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    let (mut a, mut b) = (0f32, 0f32);
-                    for ((&g, &x), &y) in g[r.clone()].iter().zip(&x[r.clone()]).zip(&y[r]) {
-                        let g = if relu && y <= 0.0 { 0.0 } else { g };
-                        a += g;
-                        b += g * x;
-                    }
-                    sg += a as f64;
-                    sgx += b as f64;
+                    let (g, x, y) = (&g[r.clone()], &x[r.clone()], &y[r]);
+                    let masked = |j: usize| if relu && y[j] <= 0.0 { 0.0 } else { g[j] };
+                    sg += lane_sum(hw, masked);
+                    sgx += lane_sum(hw, |j| masked(j) * (x[j] - mean));
                 }
                 // sum g * (x - mean) * invstd
-                (sg, (sgx - stats.mean[ch] * sg) * invstd[ch])
+                (sg, sgx * invstd[ch])
             })
             .collect();
         let m = stats.count as f64;
