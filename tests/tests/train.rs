@@ -218,6 +218,22 @@ fn gradient_penalties_train_and_resume_identically() {
     assert_eq!(metrics(&mid), metrics(&straight));
     assert_eq!(std::fs::read(mid.join("model.safetensors")).unwrap(), weights);
 
+    // Chunks of a batch add up to the same step (NIN without batch norm: samples do not
+    // interact), up to float rounding.
+    let chunked = RunConfig {
+        loss: LossSection { gradient_chunks: 4, ..config.loss.clone() },
+        ..config.clone()
+    };
+    let dir = runs.path().join("jacobian-chunked");
+    train(&chunked, &dir, &quiet()).unwrap();
+    let (a, b) = (&read_metrics(&dir).unwrap()[0], &read_metrics(&straight).unwrap()[0]);
+    for (x, y) in [(a.train_loss, b.train_loss), (a.train_gradient.unwrap(), penalty)] {
+        assert!((x - y).abs() <= 1e-4 * y.abs(), "chunked {x} vs whole {y}");
+    }
+    let with_bn = RunConfig { student: "wrn-16-1".into(), ..chunked.clone() };
+    let err = format!("{:#}", train(&with_bn, &runs.path().join("bn"), &quiet()).unwrap_err());
+    assert!(err.contains("has batch norm") && err.contains("gradient_chunks = 1"), "{err}");
+
     let symmetry = RunConfig {
         loss: LossSection {
             gradient: "symmetry".into(),

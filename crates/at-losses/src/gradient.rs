@@ -32,16 +32,19 @@ pub struct GradientLoss {
     pub penalty: Tensor,
 }
 
-/// `(L, logits, dL/dx)` for `x`; `dL/dx` keeps its graph when second-order gradients are on.
+/// `(L, logits, dL/dx)` for `x`, where `L` is the batch-mean cross-entropy times `scale` (the
+/// share of the whole batch that `x` is, when a batch is split); `dL/dx` keeps its graph when
+/// second-order gradients are on. The returned `L` is not scaled.
 fn loss_and_input_gradient(
     forward: Forward,
     x: &Tensor,
     labels: &Tensor,
+    scale: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let input = Var::from_tensor(&x.detach())?;
     let logits = forward(input.as_tensor())?;
     let ce = cross_entropy(&logits, labels)?;
-    let grads = ce.backward()?;
+    let grads = if scale == 1.0 { ce.backward()? } else { (&ce * scale)?.backward()? };
     let jacobian = grads.get(&input).cloned().ok_or_else(|| {
         candle_core::Error::Msg("the loss does not depend on the input: no input gradient".into())
     })?;
@@ -54,17 +57,36 @@ fn half_sum_sq(t: &Tensor) -> Result<Tensor> {
 
 /// `1/2 ||dL/dx||^2`: Drucker & LeCun's double backpropagation.
 pub fn jacobian_norm(student: Forward, x: &Tensor, labels: &Tensor) -> Result<GradientLoss> {
+    jacobian_norm_scaled(student, x, labels, 1.0)
+}
+
+fn jacobian_norm_scaled(
+    student: Forward,
+    x: &Tensor,
+    labels: &Tensor,
+    scale: f64,
+) -> Result<GradientLoss> {
     ensure_second_order("the input-gradient norm")?;
-    let (ce, logits, j) = loss_and_input_gradient(student, x, labels)?;
+    let (ce, logits, j) = loss_and_input_gradient(student, x, labels, scale)?;
     Ok(GradientLoss { ce, logits, penalty: half_sum_sq(&j)? })
 }
 
 /// `1/2 (||J - flip(J')||^2 + ||z - z'||^2)`: the gradient maps and outputs of a batch and of its
 /// horizontal mirror should agree.
 pub fn symmetry_norm(student: Forward, x: &Tensor, labels: &Tensor) -> Result<GradientLoss> {
+    symmetry_norm_scaled(student, x, labels, 1.0)
+}
+
+fn symmetry_norm_scaled(
+    student: Forward,
+    x: &Tensor,
+    labels: &Tensor,
+    scale: f64,
+) -> Result<GradientLoss> {
     ensure_second_order("the symmetry norm")?;
-    let (ce, logits, j) = loss_and_input_gradient(student, x, labels)?;
-    let (_, logits_flipped, j_flipped) = loss_and_input_gradient(student, &hflip(x)?, labels)?;
+    let (ce, logits, j) = loss_and_input_gradient(student, x, labels, scale)?;
+    let (_, logits_flipped, j_flipped) =
+        loss_and_input_gradient(student, &hflip(x)?, labels, scale)?;
     let penalty =
         (half_sum_sq(&(j - hflip(&j_flipped)?)?)? + half_sum_sq(&(&logits - logits_flipped)?)?)?;
     Ok(GradientLoss { ce, logits, penalty })
@@ -77,8 +99,18 @@ pub fn gradient_transfer(
     labels: &Tensor,
     teacher_jacobian: &Tensor,
 ) -> Result<GradientLoss> {
+    gradient_transfer_scaled(student, x, labels, teacher_jacobian, 1.0)
+}
+
+fn gradient_transfer_scaled(
+    student: Forward,
+    x: &Tensor,
+    labels: &Tensor,
+    teacher_jacobian: &Tensor,
+    scale: f64,
+) -> Result<GradientLoss> {
     ensure_second_order("gradient attention transfer")?;
-    let (ce, logits, j) = loss_and_input_gradient(student, x, labels)?;
+    let (ce, logits, j) = loss_and_input_gradient(student, x, labels, scale)?;
     Ok(GradientLoss { ce, logits, penalty: half_sum_sq(&(j - teacher_jacobian.detach())?)? })
 }
 
@@ -89,7 +121,7 @@ pub fn teacher_jacobian(teacher: Forward, x: &Tensor, labels: &Tensor) -> Result
 
 /// The teacher's logits and `dL/dx` on `x`, both constants, from one forward pass.
 pub fn teacher_outputs(teacher: Forward, x: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (_, logits, jacobian) = loss_and_input_gradient(teacher, x, labels)?;
+    let (_, logits, jacobian) = loss_and_input_gradient(teacher, x, labels, 1.0)?;
     Ok((logits.detach(), jacobian.detach()))
 }
 
@@ -131,13 +163,24 @@ pub struct TeacherBatch<'a> {
 /// [`student_loss`](crate::student_loss) combines activation AT. Must run inside
 /// [`with_second_order`](crate::second_order::with_second_order); the `backward` of the returned
 /// total is best called outside it (see ARCHITECTURE.md): it needs no graph of its own.
+///
+/// `batch` is the size of the whole batch the loss averages over: `x` may be one chunk of it
+/// (for a network without batch norm, where samples do not interact, the chunks' totals and
+/// penalties then add up to the whole batch's, and so do their gradients). `ce`, `kd` and
+/// `logits` in the result are the chunk's own; `total` and `gradient` are its share.
 pub fn gradient_student_loss(
     student: Forward,
     x: &Tensor,
     labels: &Tensor,
     teacher: Option<TeacherBatch>,
     config: &GradientConfig,
+    batch: usize,
 ) -> Result<LossParts> {
+    let n = x.dim(0)?;
+    if n == 0 || batch < n {
+        candle_core::bail!("a chunk of {n} images cannot be part of a batch of {batch}")
+    }
+    let scale = n as f64 / batch as f64;
     let needs_teacher = config.alpha > 0.0 || config.penalty == GradientPenalty::Transfer;
     let teacher = match teacher {
         Some(t) => Some(t),
@@ -147,18 +190,18 @@ pub fn gradient_student_loss(
         None => None,
     };
     let parts = match config.penalty {
-        GradientPenalty::Jacobian => jacobian_norm(student, x, labels)?,
-        GradientPenalty::Symmetry => symmetry_norm(student, x, labels)?,
+        GradientPenalty::Jacobian => jacobian_norm_scaled(student, x, labels, scale)?,
+        GradientPenalty::Symmetry => symmetry_norm_scaled(student, x, labels, scale)?,
         GradientPenalty::Transfer => {
             let t = teacher.expect("checked above");
-            gradient_transfer(student, x, labels, t.jacobian)?
+            gradient_transfer_scaled(student, x, labels, t.jacobian, scale)?
         }
     };
-    let mut total = (&parts.ce * (1.0 - config.alpha))?;
+    let mut total = (&parts.ce * ((1.0 - config.alpha) * scale))?;
     let kd = match teacher {
         Some(t) if config.alpha > 0.0 => {
             let kd = distillation(&parts.logits, t.logits, config.temperature)?;
-            total = (total + (&kd * config.alpha)?)?;
+            total = (total + (&kd * (config.alpha * scale))?)?;
             Some(kd)
         }
         _ => None,

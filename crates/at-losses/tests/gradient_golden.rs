@@ -155,9 +155,24 @@ fn gradient_student_loss_combines_penalty_and_distillation() {
             .collect();
         let forward = |x: &Tensor| net(&params, x);
         let teacher = TeacherBatch { logits: &t_logits, jacobian: &t_jacobian };
-        let parts =
-            gradient_student_loss(&forward, &f["x"], &f["y"], Some(teacher), &config).unwrap();
-        let err = gradient_student_loss(&forward, &f["x"], &f["y"], None, &config).unwrap_err();
+        let parts = gradient_student_loss(
+            &forward,
+            &f["x"],
+            &f["y"],
+            Some(teacher),
+            &config,
+            f["x"].dim(0).unwrap(),
+        )
+        .unwrap();
+        let err = gradient_student_loss(
+            &forward,
+            &f["x"],
+            &f["y"],
+            None,
+            &config,
+            f["x"].dim(0).unwrap(),
+        )
+        .unwrap_err();
         (parts, err.to_string())
     });
     assert!(err.contains("needs a teacher"), "{err}");
@@ -170,4 +185,57 @@ fn gradient_student_loss_combines_penalty_and_distillation() {
     let penalty = value(parts.gradient.as_ref().unwrap());
     let reference = value(&f["transfer.penalty"]);
     assert!((penalty - reference).abs() <= 1e-4 * reference.abs(), "{penalty} vs {reference}");
+}
+
+/// Without batch norm the samples do not interact: the loss of a batch split in chunks, each
+/// scaled by its share, adds up to the whole batch's, and so do the second-order gradients.
+#[test]
+fn chunked_batches_add_up_to_the_whole_batch() {
+    let f = fixtures();
+    let teacher: HashMap<&str, Tensor> =
+        NAMES.iter().map(|n| (*n, f[&format!("teacher.{n}")].clone())).collect();
+    let (t_logits, t_jacobian) = teacher_outputs(&|x| net(&teacher, x), &f["x"], &f["y"]).unwrap();
+    let batch = f["x"].dim(0).unwrap();
+    assert!(batch >= 2, "the fixture has {batch} images");
+    let f = &f;
+    for penalty in [GradientPenalty::Jacobian, GradientPenalty::Symmetry, GradientPenalty::Transfer]
+    {
+        let config = GradientConfig { penalty, beta: 3.0, alpha: 0.5, temperature: 2.0 };
+        let vars: Vec<Var> =
+            NAMES.iter().map(|n| Var::from_tensor(&f[&format!("w.{n}")]).unwrap()).collect();
+        let vars = &vars;
+        let (t_logits, t_jacobian) = (&t_logits, &t_jacobian);
+        let totals = with_second_order(move || {
+            let params: HashMap<&str, Tensor> =
+                NAMES.iter().zip(vars).map(|(n, v)| (*n, v.as_tensor().clone())).collect();
+            let forward = |x: &Tensor| net(&params, x);
+            let part = |start: usize, len: usize| {
+                let logits = t_logits.narrow(0, start, len).unwrap();
+                let jacobian = t_jacobian.narrow(0, start, len).unwrap();
+                let teacher = TeacherBatch { logits: &logits, jacobian: &jacobian };
+                gradient_student_loss(
+                    &forward,
+                    &f["x"].narrow(0, start, len).unwrap(),
+                    &f["y"].narrow(0, start, len).unwrap(),
+                    Some(teacher),
+                    &config,
+                    batch,
+                )
+                .unwrap()
+                .total
+            };
+            let half = batch / 2;
+            (part(0, batch), part(0, half), part(half, batch - half))
+        });
+        let whole = totals.0.backward().unwrap();
+        let mut chunks = totals.1.backward().unwrap();
+        chunks.extend(totals.2.backward().unwrap()).unwrap();
+        let value = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
+        let sum = value(&totals.1) + value(&totals.2);
+        assert!((value(&totals.0) - sum).abs() < 1e-10 * sum.abs(), "{penalty:?}: totals");
+        for (n, v) in NAMES.iter().zip(vars) {
+            let err = rel(chunks.get(v).unwrap(), whole.get(v).unwrap());
+            assert!(err < 1e-10, "{penalty:?}: d/d{n} relative error {err:e}");
+        }
+    }
 }

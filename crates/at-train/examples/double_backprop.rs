@@ -2,12 +2,13 @@
 //! NIN (or any registered model) training step at batch 128 on random 32x32 images.
 //!
 //! ```text
-//! cargo run --release -p at-train --example double_backprop -- MODE [MODEL] [BATCH] [STEPS]
+//! cargo run --release -p at-train --example double_backprop -- MODE [MODEL] [BATCH] [STEPS] [CHUNKS]
 //! ```
 //!
 //! `MODE` is `plain` (cross-entropy), `jacobian`, `symmetry`, `transfer` (teacher: the same
 //! architecture, freshly initialised), or `jacobian-inside` (the second backward on the
-//! second-order thread too, which the trainer avoids). Each mode runs in its own process so that
+//! second-order thread too, which the trainer avoids). `CHUNKS` splits the batch as
+//! `loss.gradient_chunks` does. Each mode runs in its own process so that
 //! the peak resident memory (`VmHWM`) is its own. Prints one JSON line.
 
 use std::time::Instant;
@@ -39,6 +40,7 @@ fn main() -> Result<()> {
     let model = args.get(1).map(String::as_str).unwrap_or("nin-thin-nobn").to_owned();
     let batch: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(128);
     let steps: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(5);
+    let chunks: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(1).max(1);
     let device = Device::Cpu;
     let options = ModelOptions::default();
     let build = |seed: u64| -> Result<(VarMap, Box<dyn AttentionModel>)> {
@@ -82,16 +84,37 @@ fn main() -> Result<()> {
                     t.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
                 let student = student.as_ref();
                 let inside = mode == "jacobian-inside";
-                let (total, grads) = with_second_order(|| -> candle_core::Result<_> {
-                    let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
-                    let parts = gradient_student_loss(&forward, &x, &labels, teacher, &config)?;
-                    let grads = if inside { Some(parts.total.backward()?) } else { None };
-                    Ok((parts.total, grads))
-                })?;
-                match grads {
-                    Some(grads) => grads,
-                    None => total.backward()?,
+                let size = batch.div_ceil(chunks);
+                let mut sum: Option<candle_core::backprop::GradStore> = None;
+                for start in (0..batch).step_by(size) {
+                    let len = size.min(batch - start);
+                    let (xc, yc) = (x.narrow(0, start, len)?, labels.narrow(0, start, len)?);
+                    let tc = match &teacher {
+                        Some(t) => Some((
+                            t.logits.narrow(0, start, len)?,
+                            t.jacobian.narrow(0, start, len)?,
+                        )),
+                        None => None,
+                    };
+                    let tb =
+                        tc.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
+                    let (total, grads) = with_second_order(|| -> candle_core::Result<_> {
+                        let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
+                        let parts = gradient_student_loss(&forward, &xc, &yc, tb, &config, batch)?;
+                        let grads = if inside { Some(parts.total.backward()?) } else { None };
+                        Ok((parts.total, grads))
+                    })?;
+                    let grads = at_train::train::detach_all(match grads {
+                        Some(grads) => grads,
+                        None => total.backward()?,
+                    })?;
+                    drop(total);
+                    match &mut sum {
+                        Some(s) => s.extend(grads)?,
+                        None => sum = Some(grads),
+                    }
                 }
+                sum.expect("one chunk at least")
             }
         };
         sgd.step(&grads)?;
@@ -102,7 +125,7 @@ fn main() -> Result<()> {
     rest.sort_by(f64::total_cmp);
     let median = rest[rest.len() / 2];
     println!(
-        "{{\"mode\":\"{mode}\",\"model\":\"{model}\",\"batch\":{batch},\"steps\":{steps},\"first_ms\":{first:.0},\"median_ms\":{median:.0},\"peak_rss_mib\":{:.0}}}",
+        "{{\"mode\":\"{mode}\",\"model\":\"{model}\",\"batch\":{batch},\"chunks\":{chunks},\"steps\":{steps},\"first_ms\":{first:.0},\"median_ms\":{median:.0},\"peak_rss_mib\":{:.0}}}",
         peak_rss_mib().context("no /proc/self/status")?
     );
     Ok(())

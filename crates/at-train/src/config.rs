@@ -107,6 +107,10 @@ pub struct LossSection {
     pub gradient: String,
     /// The weight of the gradient penalty.
     pub gradient_beta: f64,
+    /// Split each batch into this many chunks for the double-backpropagation step, which needs
+    /// several times a plain step's memory; the gradients are summed, so the step is the same.
+    /// Only for students without batch norm (whose batch statistics chunks would change).
+    pub gradient_chunks: usize,
 }
 
 /// SGD and the learning-rate schedule.
@@ -258,17 +262,21 @@ impl RunConfig {
             model: "nin-wide-nobn".into(),
             checkpoint: "runs/cifar-nin-wide/model.safetensors".into(),
         });
-        let nin_gradient = |gradient: &str, gradient_beta: f64| LossSection {
-            gradient: gradient.into(),
-            gradient_beta,
-            ..LossSection::default()
-        };
+        // Chunks of 64 (32 for the symmetry norm, which runs the network twice) keep the
+        // double-backpropagation step at batch 128 under 4 GB (docs/benchmarks.md).
+        let nin_gradient =
+            |gradient: &str, gradient_beta: f64, gradient_chunks: usize| LossSection {
+                gradient: gradient.into(),
+                gradient_beta,
+                gradient_chunks,
+                ..LossSection::default()
+            };
         Ok(match name {
             "nin" => nin,
-            "nin-jacobian" => Self { loss: nin_gradient("jacobian", 1e3), ..nin },
-            "nin-symmetry" => Self { loss: nin_gradient("symmetry", 0.1), ..nin },
+            "nin-jacobian" => Self { loss: nin_gradient("jacobian", 1e3, 2), ..nin },
+            "nin-symmetry" => Self { loss: nin_gradient("symmetry", 0.1, 4), ..nin },
             "nin-gradient-at" => {
-                Self { teacher: nin_teacher, loss: nin_gradient("transfer", 1e3), ..nin }
+                Self { teacher: nin_teacher, loss: nin_gradient("transfer", 1e3, 2), ..nin }
             }
             "nin-kd" => Self {
                 teacher: nin_teacher,
@@ -344,6 +352,7 @@ impl Default for LossSection {
             pairs: vec![],
             gradient: "none".into(),
             gradient_beta: 0.0,
+            gradient_chunks: 1,
         }
     }
 }
@@ -456,6 +465,9 @@ impl RunConfig {
                 bail!("loss.gradient must be none, jacobian, symmetry or transfer, not `{other}`")
             }
         };
+        if l.gradient_chunks == 0 {
+            bail!("loss.gradient_chunks must be at least 1")
+        }
         if !(l.gradient_beta.is_finite() && l.gradient_beta >= 0.0) {
             bail!("loss.gradient_beta must be a finite number >= 0, not {}", l.gradient_beta)
         }

@@ -21,6 +21,7 @@ use at_losses::gradient::{
 use at_losses::second_order::with_second_order;
 use at_losses::{LossConfig, LossParts, student_loss};
 use at_models::{AttentionModel, ModelOptions};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -234,6 +235,23 @@ impl Run {
             pairs,
         };
         let gradient = config.gradient_config()?;
+        if gradient.is_some() && config.loss.gradient_chunks > 1 {
+            let bn = varmap
+                .data()
+                .lock()
+                .expect("the student's weights")
+                .keys()
+                .find(|n| n.ends_with("running_var"))
+                .cloned();
+            if let Some(bn) = bn {
+                bail!(
+                    "loss.gradient_chunks = {} splits each batch, which would change batch-norm \
+                     statistics, and {} has batch norm (`{bn}`): set loss.gradient_chunks = 1",
+                    config.loss.gradient_chunks,
+                    config.student
+                )
+            }
+        }
         let sgd = Sgd::new(&varmap, config.sgd());
         Ok(Self {
             config,
@@ -364,8 +382,8 @@ impl Run {
     }
 
     fn step(&mut self, images: &Tensor, labels: &Tensor, sums: &mut Sums) -> Result<()> {
-        let parts = match &self.gradient {
-            Some(config) => self.gradient_loss(images, labels, config)?,
+        let (parts, grads) = match &self.gradient {
+            Some(config) => self.gradient_step(images, labels, config)?,
             None => {
                 let out = self.student.forward_t(images, true)?;
                 let teacher_out = match &self.teacher {
@@ -375,12 +393,11 @@ impl Run {
                     _ => None,
                 };
                 let teacher = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
-                student_loss(&out.logits, labels, &out.groups, teacher, &self.loss)?
+                let parts = student_loss(&out.logits, labels, &out.groups, teacher, &self.loss)?;
+                let grads = parts.total.backward()?;
+                (parts, grads)
             }
         };
-        // On this thread gradients are detached as they are built: with a gradient penalty this
-        // differentiates through the first backward's graph without recording a third one.
-        let grads = parts.total.backward()?;
         self.sgd.step(&grads)?;
 
         let n = labels.dim(0)?;
@@ -409,14 +426,17 @@ impl Run {
         Ok(())
     }
 
-    /// The loss with a gradient-based penalty: the teacher's logits and input gradient on this
-    /// thread (first-order), the student's double-backpropagation graph on a second-order one.
-    fn gradient_loss(
+    /// A step with a gradient-based penalty: the teacher's logits and input gradient on this
+    /// thread (first-order), the student's double-backpropagation graph on a second-order one,
+    /// and its `backward` back on this thread, where gradients are detached as they are built
+    /// (no third graph). With `loss.gradient_chunks > 1` the batch is processed in chunks whose
+    /// gradients are summed.
+    fn gradient_step(
         &self,
         images: &Tensor,
         labels: &Tensor,
         config: &GradientConfig,
-    ) -> Result<LossParts> {
+    ) -> Result<(LossParts, GradStore)> {
         let teacher_out = match &self.teacher {
             Some(t) if config.alpha > 0.0 || config.penalty == GradientPenalty::Transfer => {
                 let forward = |x: &Tensor| Ok(t.forward_t(x, false)?.logits);
@@ -424,14 +444,57 @@ impl Run {
             }
             _ => None,
         };
-        let teacher =
-            teacher_out.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
+        let batch = images.dim(0)?;
+        let size = batch.div_ceil(self.config.loss.gradient_chunks.clamp(1, batch));
         let student = self.student.as_ref();
-        let parts = with_second_order(|| {
-            let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
-            gradient_student_loss(&forward, images, labels, teacher, config)
-        })?;
-        Ok(parts)
+        let value = |t: &Tensor| -> Result<f64> {
+            Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
+        };
+        let (mut total, mut ce, mut kd, mut penalty) = (0f64, 0f64, 0f64, 0f64);
+        let mut logits = vec![];
+        let mut grads: Option<GradStore> = None;
+        for start in (0..batch).step_by(size) {
+            let len = size.min(batch - start);
+            let x = images.narrow(0, start, len)?;
+            let y = labels.narrow(0, start, len)?;
+            let chunk = match &teacher_out {
+                Some((l, j)) => Some((l.narrow(0, start, len)?, j.narrow(0, start, len)?)),
+                None => None,
+            };
+            let teacher =
+                chunk.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
+            let parts = with_second_order(|| {
+                let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
+                gradient_student_loss(&forward, &x, &y, teacher, config, batch)
+            })?;
+            // Detached: a weight's gradient (the weight-gradient op of a convolution, say) refers
+            // to the chunk's activations, and would keep the whole chunk's graph alive.
+            let chunk_grads = detach_all(parts.total.backward()?)?;
+            match &mut grads {
+                Some(sum) => sum.extend(chunk_grads)?,
+                None => grads = Some(chunk_grads),
+            }
+            let share = len as f64 / batch as f64;
+            total += value(&parts.total)?;
+            ce += value(&parts.ce)? * share;
+            if let Some(k) = &parts.kd {
+                kd += value(k)? * share;
+            }
+            if let Some(p) = &parts.gradient {
+                penalty += value(p)?;
+            }
+            logits.push(parts.logits.detach());
+        }
+        let device = images.device();
+        let parts = LossParts {
+            total: Tensor::new(total, device)?,
+            ce: Tensor::new(ce, device)?,
+            kd: (config.alpha > 0.0).then(|| Tensor::new(kd, device)).transpose()?,
+            at: vec![],
+            gradient: Some(Tensor::new(penalty, device)?),
+            logits: Tensor::cat(&logits, 0)?,
+        };
+        Ok((parts, grads.expect("a batch has at least one chunk")))
     }
 
     fn checkpoint(&self, position: &Position) -> Result<()> {
@@ -727,4 +790,14 @@ impl RunModel {
 /// Evaluates the model of the run in `dir` on the run's test set: (loss, top-1 %, top-5 %).
 pub fn evaluate_run(dir: &Path) -> Result<(f64, f64, f64)> {
     RunModel::open(RunConfig::load(&dir.join("config.toml"))?, dir)?.evaluate()
+}
+
+/// The same gradients without the graphs they were computed through.
+pub fn detach_all(mut grads: GradStore) -> candle_core::Result<GradStore> {
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        let detached = grads.get_id(id).expect("listed").detach();
+        grads.insert_id(id, detached);
+    }
+    Ok(grads)
 }

@@ -76,6 +76,7 @@ fn gradient_penalty_keys_are_checked() {
     let jacobian = RunConfig::preset("nin-jacobian").unwrap();
     assert_eq!(jacobian.student, "nin-thin-nobn");
     assert_eq!((jacobian.optim.weight_decay, jacobian.data.augment.as_str()), (0.0, "flip"));
+    assert_eq!(jacobian.loss.gradient_chunks, 2);
     let at = RunConfig::preset("nin-gradient-at").unwrap();
     assert_eq!(at.teacher.as_ref().unwrap().model, "nin-wide-nobn");
 
@@ -105,4 +106,10 @@ fn gradient_penalty_keys_are_checked() {
     )
     .unwrap_err();
     assert!(err.contains("gradient_beta"), "{err}");
+    let err = with(
+        LossSection { gradient: "jacobian".into(), gradient_chunks: 0, ..LossSection::default() },
+        false,
+    )
+    .unwrap_err();
+    assert!(err.contains("gradient_chunks must be at least 1"), "{err}");
 }
