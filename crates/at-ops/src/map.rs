@@ -127,10 +127,21 @@ pub(crate) fn raw_map(activation: &Tensor, spec: &MapSpec) -> Result<Tensor> {
     let a = activation.to_dtype(working_dtype(activation.dtype()))?;
     let powered = abs_pow(&a, spec.p)?; // [b, c, h, w]
     match spec.reduce {
-        ChannelReduce::Sum => powered.sum(1),
-        ChannelReduce::Mean => powered.mean(1),
+        ChannelReduce::Sum => channel_sum(&powered, 1.0),
+        ChannelReduce::Mean => channel_sum(&powered, 1.0 / c as f64),
         ChannelReduce::Max => powered.max(1),
     } // [b, h, w]
+}
+
+/// `weight * sum over channels` of `[B, C, H, W]`, as a batched product with a row of weights:
+/// candle reduces over a middle dimension element by element, while a matrix product runs on its
+/// GEMM, forward and backward (and stays differentiable to any order).
+fn channel_sum(x: &Tensor, weight: f64) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let row = Tensor::full(weight, (1, 1, c), x.device())?.to_dtype(x.dtype())?;
+    row.broadcast_as((b, 1, c))?
+        .matmul(&x.reshape((b, c, h * w))?)?
+        .reshape((b, h, w))
 }
 
 /// `|a|^p`, with the common powers written so that their gradient is exact and finite at zero.
