@@ -51,18 +51,33 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
 /// compiler can keep them in SIMD registers; lanes and planes are then added in f64).
 const LANES: usize = 16;
 
-/// `sum(f(i))` over a plane in `LANES` independent f32 accumulators.
+/// `(sum f(a, b, c), sum g(a, b, c))` over three planes of equal length, in `LANES`
+/// independent f32 accumulators (fixed-size chunks, so the loop vectorises), added up in f64.
 #[inline(always)]
-fn lane_sum(len: usize, f: impl Fn(usize) -> f32) -> f64 {
-    let mut acc = [0f32; LANES];
-    let full = len / LANES * LANES;
-    for base in (0..full).step_by(LANES) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(base + l);
+fn lane_sums(
+    (a, b, c): (&[f32], &[f32], &[f32]),
+    f: impl Fn(f32, f32, f32) -> f32,
+    g: impl Fn(f32, f32, f32) -> f32,
+) -> (f64, f64) {
+    let (mut s, mut t) = ([0f32; LANES], [0f32; LANES]);
+    let chunks = a.chunks_exact(LANES).zip(b.chunks_exact(LANES)).zip(c.chunks_exact(LANES));
+    for ((a, b), c) in chunks {
+        let a: &[f32; LANES] = a.try_into().expect("exact chunks");
+        let b: &[f32; LANES] = b.try_into().expect("exact chunks");
+        let c: &[f32; LANES] = c.try_into().expect("exact chunks");
+        for l in 0..LANES {
+            s[l] += f(a[l], b[l], c[l]);
+            t[l] += g(a[l], b[l], c[l]);
         }
     }
-    let tail: f32 = (full..len).map(&f).sum();
-    acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
+    let full = a.len() / LANES * LANES;
+    let (mut s_tail, mut t_tail) = (0f64, 0f64);
+    for i in full..a.len() {
+        s_tail += f(a[i], b[i], c[i]) as f64;
+        t_tail += g(a[i], b[i], c[i]) as f64;
+    }
+    let sum = |v: [f32; LANES]| v.iter().map(|&x| x as f64).sum::<f64>();
+    (sum(s) + s_tail, sum(t) + t_tail)
 }
 
 /// Per-channel mean and biased variance (two passes), channels in parallel.
@@ -72,10 +87,13 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
         .into_par_iter()
         .map(|ch| {
             let planes = || (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw]);
-            let sum: f64 = planes().map(|p| lane_sum(p.len(), |i| p[i])).sum();
+            let sum: f64 =
+                planes().map(|p| lane_sums((p, p, p), |x, _, _| x, |_, _, _| 0.0).0).sum();
             let mean = sum / count;
             let m = mean as f32;
-            let sq: f64 = planes().map(|p| lane_sum(p.len(), |i| (p[i] - m) * (p[i] - m))).sum();
+            let sq: f64 = planes()
+                .map(|p| lane_sums((p, p, p), |x, _, _| (x - m) * (x - m), |_, _, _| 0.0).0)
+                .sum();
             (mean, sq / count)
         })
         .unzip()
@@ -167,10 +185,14 @@ impl CustomOp3 for Op {
                 let mean = stats.mean[ch] as f32;
                 for i in 0..n {
                     let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    let (g, x, y) = (&g[r.clone()], &x[r.clone()], &y[r]);
-                    let masked = |j: usize| if relu && y[j] <= 0.0 { 0.0 } else { g[j] };
-                    sg += lane_sum(hw, masked);
-                    sgx += lane_sum(hw, |j| masked(j) * (x[j] - mean));
+                    let masked = |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
+                    let (a, b) = lane_sums(
+                        (&g[r.clone()], &x[r.clone()], &y[r]),
+                        |g, _, y| masked(g, y),
+                        |g, x, y| masked(g, y) * (x - mean),
+                    );
+                    sg += a;
+                    sgx += b;
                 }
                 // sum g * (x - mean) * invstd
                 (sg, sgx * invstd[ch])

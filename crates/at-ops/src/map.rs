@@ -139,9 +139,7 @@ pub(crate) fn raw_map(activation: &Tensor, spec: &MapSpec) -> Result<Tensor> {
 fn channel_sum(x: &Tensor, weight: f64) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let row = Tensor::full(weight, (1, 1, c), x.device())?.to_dtype(x.dtype())?;
-    row.broadcast_as((b, 1, c))?
-        .matmul(&x.reshape((b, c, h * w))?)?
-        .reshape((b, h, w))
+    row.broadcast_as((b, 1, c))?.matmul(&x.reshape((b, c, h * w))?)?.reshape((b, h, w))
 }
 
 /// `|a|^p`, with the common powers written so that their gradient is exact and finite at zero.
