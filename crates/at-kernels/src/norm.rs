@@ -305,44 +305,85 @@ pub fn batch_norm_train(
     Ok(Some((y, stats.expect("the forward pass stored its statistics"))))
 }
 
-/// `relu?(x * scale + shift)` per channel, for batch norm with fixed statistics and weights.
+/// `relu?(x * scale + shift)` per channel: batch norm with running statistics. The operands are
+/// `(x, gamma, beta)`; `mean` and `invstd` are the running statistics, constants.
 struct Affine {
-    scale: Vec<f32>,
-    shift: Vec<f32>,
+    mean: Vec<f64>,
+    invstd: Vec<f64>,
     relu: bool,
 }
 
-impl candle_core::CustomOp1 for Affine {
+impl CustomOp3 for Affine {
     fn name(&self) -> &'static str {
         "at-batch-norm-eval"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = shape4(l)?;
-        let CpuStorage::F32(x) = s else { bail!("the batch-norm kernel takes f32") };
-        let x = contiguous(x, l)?;
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = shape4(l1)?;
+        let (CpuStorage::F32(x), CpuStorage::F32(gamma), CpuStorage::F32(beta)) = (s1, s2, s3)
+        else {
+            bail!("the batch-norm kernel takes f32, got {:?}", s1.dtype())
+        };
+        let (x, gamma, beta) = (contiguous(x, l1)?, contiguous(gamma, l2)?, contiguous(beta, l3)?);
+        let scale: Vec<f32> =
+            (0..c).map(|ch| (gamma[ch] as f64 * self.invstd[ch]) as f32).collect();
+        let shift: Vec<f32> = (0..c)
+            .map(|ch| (beta[ch] as f64 - self.mean[ch] * gamma[ch] as f64 * self.invstd[ch]) as f32)
+            .collect();
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (y, x))| {
-            let (a, b) = (self.scale[plane % c], self.shift[plane % c]);
+            let (a, b) = (scale[plane % c], shift[plane % c]);
             for (y, &x) in y.iter_mut().zip(x) {
                 let v = x * a + b;
                 *y = if self.relu { v.max(0.0) } else { v };
             }
         });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let c = self.scale.len();
-        let scale = Tensor::from_vec(self.scale.clone(), (1, c, 1, 1), x.device())?;
-        let dx = g.broadcast_mul(&scale.to_dtype(g.dtype())?)?;
-        Ok(Some(if self.relu { dx.mul(&y.detach().gt(0.0)?.to_dtype(dx.dtype())?)? } else { dx }))
+    /// With candle's ops (differentiable): backpropagating through an evaluation-mode batch norm
+    /// is rare (a teacher's input gradient, frozen fine-tuning), its forward is the hot path.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = self.mean.len();
+        let device = x.device();
+        let shape = (1, c, 1, 1);
+        let column = |v: &[f64]| -> Result<Tensor> {
+            Tensor::from_vec(v.iter().map(|&v| v as f32).collect::<Vec<_>>(), shape, device)?
+                .to_dtype(g.dtype())
+        };
+        let (mean, invstd) = (column(&self.mean)?, column(&self.invstd)?);
+        let g =
+            if self.relu { g.mul(&y.detach().gt(0.0)?.to_dtype(g.dtype())?)? } else { g.clone() };
+        let dx = g.broadcast_mul(&invstd.broadcast_mul(&gamma.reshape(shape)?)?)?;
+        // The weight and bias gradients only where someone asks for them.
+        let (dgamma, dbeta) = if gamma.track_op() {
+            let xhat = x.broadcast_sub(&mean)?.broadcast_mul(&invstd)?;
+            (Some((&g * xhat)?.sum((0, 2, 3))?), Some(g.sum((0, 2, 3))?))
+        } else {
+            (None, None)
+        };
+        Ok((Some(dx), dgamma, dbeta))
     }
 }
 
 /// Batch norm with running statistics (evaluation, a teacher, frozen fine-tuning), then a ReLU
-/// when `relu`, for weights that take no gradient: `gamma` and `beta` must not be variables nor
-/// depend on one. The input gradient is differentiable. `None` where the kernel does not apply.
+/// when `relu`: `gamma * (x - mean) / sqrt(var + eps) + beta`. Differentiable (the backward uses
+/// candle's ops). `None` where the kernel does not apply.
 pub fn batch_norm_eval(
     x: &Tensor,
     gamma: &Tensor,
@@ -353,19 +394,15 @@ pub fn batch_norm_eval(
     relu: bool,
 ) -> Result<Option<Tensor>> {
     let applies = x.device().is_cpu()
-        && x.dtype() == DType::F32
+        && [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3]
         && x.rank() == 4
-        && !gamma.track_op()
-        && !beta.track_op()
         && !crate::reference();
     if !applies {
         return Ok(None);
     }
     let v = |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.flatten_all()?.to_vec1() };
-    let (gamma, beta, mean, var) = (v(gamma)?, v(beta)?, v(running_mean)?, v(running_var)?);
-    let scale: Vec<f64> = gamma.iter().zip(&var).map(|(g, v)| g / (v + eps).sqrt()).collect();
-    let shift: Vec<f32> =
-        beta.iter().zip(&mean).zip(&scale).map(|((b, m), s)| (b - m * s) as f32).collect();
-    let scale = scale.into_iter().map(|s| s as f32).collect();
-    Ok(Some(x.contiguous()?.apply_op1(Affine { scale, shift, relu })?))
+    let mean = v(running_mean)?;
+    let invstd = v(running_var)?.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let op = Affine { mean, invstd, relu };
+    Ok(Some(x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?))
 }

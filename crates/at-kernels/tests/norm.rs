@@ -92,17 +92,30 @@ fn evaluation_batch_norm_matches_candle_ops_and_its_input_gradient() {
         let b = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_rel(a.get(&x).unwrap(), b.get(&x).unwrap()) < 1e-5, "relu {relu}: d/dx");
     }
-    // Weights that take gradients are left to the caller.
-    let w = Var::new(&[1f32, 1.0, 1.0], &Device::Cpu).unwrap();
-    let x = values(&[1, 3, 2, 2], 1.0);
-    let none = at_kernels::batch_norm_eval(
-        &x,
-        w.as_tensor(),
-        w.as_tensor(),
-        w.as_tensor(),
-        w.as_tensor(),
-        1e-5,
-        false,
-    );
-    assert!(none.unwrap().is_none());
+    // Trainable weights get their gradients too.
+    let x = values(&[2, 3, 4, 5], 11.0);
+    let gamma = Var::from_tensor(&values(&[3], 12.0)).unwrap();
+    let beta = Var::from_tensor(&values(&[3], 13.0)).unwrap();
+    let mean = values(&[3], 14.0);
+    let var = (values(&[3], 15.0).abs().unwrap() + 0.5).unwrap();
+    let ours =
+        at_kernels::batch_norm_eval(&x, &gamma, &beta, &mean, &var, 1e-5, true).unwrap().unwrap();
+    let shape = (1, 3, 1, 1);
+    let theirs = x
+        .broadcast_sub(&mean.reshape(shape).unwrap())
+        .unwrap()
+        .broadcast_div(&(var.reshape(shape).unwrap() + 1e-5).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&gamma.as_tensor().reshape(shape).unwrap())
+        .unwrap()
+        .broadcast_add(&beta.as_tensor().reshape(shape).unwrap())
+        .unwrap()
+        .relu()
+        .unwrap();
+    let r = values(&[2, 3, 4, 5], 16.0);
+    let a = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let b = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&gamma, &beta] {
+        assert!(max_rel(a.get(v).unwrap(), b.get(v).unwrap()) < 1e-5);
+    }
 }

@@ -156,15 +156,22 @@ impl BatchNorm2d {
             } else {
                 (self.weight.clone(), self.bias.clone())
             };
-            if let Some(y) = at_kernels::batch_norm_eval(
-                x,
-                &weight,
-                &bias,
-                self.running_mean.as_tensor(),
-                self.running_var.as_tensor(),
-                BN_EPS,
-                relu,
-            )? {
+            let shape_ok = x.rank() == 4 && x.dim(1)? == c;
+            if let Some(y) = shape_ok
+                .then(|| {
+                    at_kernels::batch_norm_eval(
+                        x,
+                        &weight,
+                        &bias,
+                        self.running_mean.as_tensor(),
+                        self.running_var.as_tensor(),
+                        BN_EPS,
+                        relu,
+                    )
+                })
+                .transpose()?
+                .flatten()
+            {
                 return Ok(y);
             }
         }

@@ -7,7 +7,7 @@
 //!
 //! `STEP` is `student` (cross-entropy), `at` (plus attention transfer from `TEACHER` on every
 //! group, beta 1e3, the teacher's forward included) or `at-kd` (plus distillation, alpha 0.9,
-//! T 4); `teacher` times the teacher's forward alone (no gradient). Set `AT_REFERENCE=1` for candle's own convolutions. Prints one JSON line with every
+//! T 4) (`AT_PHASES=1` prints the time of each phase of a step on stderr); `teacher` times the teacher's forward alone (no gradient). Set `AT_REFERENCE=1` for candle's own convolutions. Prints one JSON line with every
 //! timed step in milliseconds.
 
 use std::time::Instant;
@@ -74,6 +74,7 @@ fn main() -> Result<()> {
     let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &device)?;
     let labels =
         Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect::<Vec<_>>(), batch, &device)?;
+    let phases = std::env::var_os("AT_PHASES").is_some();
     let mut times = vec![];
     for i in 0..warmup + steps {
         let started = Instant::now();
@@ -86,12 +87,25 @@ fn main() -> Result<()> {
             continue;
         }
         let out = student.forward_t(&x, true)?;
+        let t_forward = started.elapsed();
         let teacher_out = teacher.as_ref().map(|t| t.forward_t(&x, false)).transpose()?;
         let t = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
         let parts = student_loss(&out.logits, &labels, &out.groups, t, &loss)?;
+        let t_loss = started.elapsed();
         let grads = parts.total.backward()?;
+        let t_backward = started.elapsed();
         sgd.step(&grads)?;
         parts.total.to_vec0::<f32>()?;
+        if phases {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            eprintln!(
+                "forward {:.0} ms, teacher + loss {:.0} ms, backward {:.0} ms, sgd {:.0} ms",
+                ms(t_forward),
+                ms(t_loss - t_forward),
+                ms(t_backward - t_loss),
+                ms(started.elapsed() - t_backward)
+            );
+        }
         if i >= warmup {
             times.push(started.elapsed().as_secs_f64() * 1e3);
         }
