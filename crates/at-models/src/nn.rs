@@ -139,40 +139,31 @@ impl BatchNorm2d {
 
     fn forward_maybe_relu(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
-        if train && !self.frozen && x.rank() == 4 && x.dim(1)? == c {
-            if let Some((y, stats)) =
-                at_kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu)?
-            {
-                let device = x.device();
-                let mean = Tensor::new(stats.mean.as_slice(), device)?;
-                let var = Tensor::new(stats.var.as_slice(), device)?;
-                self.update_running(&mean, &var, stats.count)?;
-                return Ok(y);
-            }
-        }
-        if !(train && !self.frozen) {
-            let (weight, bias) = if self.frozen {
-                (self.weight.detach(), self.bias.detach())
+        let batch_stats = train && !self.frozen;
+        // The kernels of at-kernels where they apply (f32 on the CPU), else candle's ops.
+        if x.rank() == 4 && x.dim(1)? == c {
+            if batch_stats {
+                let fused =
+                    at_kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu)?;
+                if let Some((y, stats)) = fused {
+                    let device = x.device();
+                    let mean = Tensor::new(stats.mean.as_slice(), device)?;
+                    let var = Tensor::new(stats.var.as_slice(), device)?;
+                    self.update_running(&mean, &var, stats.count)?;
+                    return Ok(y);
+                }
             } else {
-                (self.weight.clone(), self.bias.clone())
-            };
-            let shape_ok = x.rank() == 4 && x.dim(1)? == c;
-            if let Some(y) = shape_ok
-                .then(|| {
-                    at_kernels::batch_norm_eval(
-                        x,
-                        &weight,
-                        &bias,
-                        self.running_mean.as_tensor(),
-                        self.running_var.as_tensor(),
-                        BN_EPS,
-                        relu,
-                    )
-                })
-                .transpose()?
-                .flatten()
-            {
-                return Ok(y);
+                let (weight, bias) = if self.frozen {
+                    (self.weight.detach(), self.bias.detach())
+                } else {
+                    (self.weight.clone(), self.bias.clone())
+                };
+                let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+                let fused =
+                    at_kernels::batch_norm_eval(x, &weight, &bias, mean, var, BN_EPS, relu)?;
+                if let Some(y) = fused {
+                    return Ok(y);
+                }
             }
         }
         let y = self.reference_forward(x, train)?;
