@@ -146,6 +146,19 @@ fn im2col<T: Element>(d: &Dims, x: &[T], col: &mut [T]) {
                 let (ox0, ox1) = d.valid(kj, d.wo, d.w);
                 dst[..oy0 * d.wo].fill(T::default());
                 dst[oy1 * d.wo..].fill(T::default());
+                if d.stride == 1 && d.wo == d.w && oy0 < oy1 && ox0 < ox1 {
+                    // A "same" convolution: the rows of this kernel offset are one shifted copy
+                    // of the plane; the columns that wrapped around to a neighbouring row are
+                    // zeroed afterwards.
+                    let (first, last) = (oy0 * d.wo + ox0, (oy1 - 1) * d.wo + ox1);
+                    let src0 = (oy0 + ki - d.pad) * d.w + ox0 + kj - d.pad;
+                    dst[first..last].copy_from_slice(&plane[src0..src0 + (last - first)]);
+                    for oy in oy0..oy1 {
+                        dst[oy * d.wo..oy * d.wo + ox0].fill(T::default());
+                        dst[oy * d.wo + ox1..(oy + 1) * d.wo].fill(T::default());
+                    }
+                    continue;
+                }
                 for oy in oy0..oy1 {
                     let iy = oy * d.stride + ki - d.pad;
                     let src = &plane[iy * d.w..(iy + 1) * d.w];
@@ -168,8 +181,9 @@ fn im2col<T: Element>(d: &Dims, x: &[T], col: &mut [T]) {
     }
 }
 
-/// The adjoint of [`im2col`]: adds each column entry back to the pixel it came from.
-fn col2im<T: Element>(d: &Dims, col: &[T], x: &mut [T]) {
+/// The adjoint of [`im2col`]: adds each column entry back to the pixel it came from. Entries
+/// that came from padding are discarded (for a "same" convolution, by zeroing them in `col`).
+fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
     x.fill(T::default());
     let p = d.p();
     for c in 0..d.c {
@@ -178,11 +192,26 @@ fn col2im<T: Element>(d: &Dims, col: &[T], x: &mut [T]) {
             let (oy0, oy1) = d.valid(ki, d.ho, d.h);
             for kj in 0..d.kw {
                 let row = (c * d.kh + ki) * d.kw + kj;
-                let src = &col[row * p..(row + 1) * p];
                 let (ox0, ox1) = d.valid(kj, d.wo, d.w);
                 if ox0 >= ox1 {
                     continue;
                 }
+                if d.stride == 1 && d.wo == d.w && oy0 < oy1 {
+                    // The adjoint of the shifted copy in `im2col`.
+                    let src = &mut col[row * p..(row + 1) * p];
+                    for oy in oy0..oy1 {
+                        src[oy * d.wo..oy * d.wo + ox0].fill(T::default());
+                        src[oy * d.wo + ox1..(oy + 1) * d.wo].fill(T::default());
+                    }
+                    let (first, last) = (oy0 * d.wo + ox0, (oy1 - 1) * d.wo + ox1);
+                    let dst0 = (oy0 + ki - d.pad) * d.w + ox0 + kj - d.pad;
+                    let dst = &mut plane[dst0..dst0 + (last - first)];
+                    for (x, v) in dst.iter_mut().zip(&src[first..last]) {
+                        *x += *v;
+                    }
+                    continue;
+                }
+                let src = &col[row * p..(row + 1) * p];
                 for oy in oy0..oy1 {
                     let iy = oy * d.stride + ki - d.pad;
                     let dst = &mut plane[iy * d.w..(iy + 1) * d.w];
