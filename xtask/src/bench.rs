@@ -188,6 +188,7 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
             );
         }
     }
+    let convs = conv_rounds(&python, &target, &o)?;
     let rows: Vec<Row> = configs
         .iter()
         .enumerate()
@@ -199,13 +200,70 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
             torch: median(&mut torch[i]),
         })
         .collect();
-    write(&rows, &o, &torch_version)
+    write(&rows, &convs, &o, &torch_version)
 }
 
-fn write(rows: &[Row], o: &Options, torch_version: &str) -> Result<()> {
+/// (layer, op, ours ms, torch ms): the convolution kernels alone, medians over the rounds.
+type ConvRow = (String, String, f64, f64);
+
+fn conv_rounds(python: &PathBuf, target: &std::path::Path, o: &Options) -> Result<Vec<ConvRow>> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(&cargo).current_dir(root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "at-kernels",
+        "--example",
+        "conv_bench",
+    ]))?;
+    let ours_bin = target.join("release/examples/conv_bench");
+    let script = root().join("xtask/bench/torch_conv.py");
+    let mut rows: Vec<(String, String, Vec<f64>, Vec<f64>)> = vec![];
+    for round in 1..=o.rounds {
+        let ours = all_lines(&mut Command::new(&ours_bin))?;
+        let torch = all_lines(Command::new(python).arg(&script).arg(o.threads.to_string()))?;
+        for (i, (a, b)) in ours.iter().zip(&torch).enumerate() {
+            let key = |l: &str| -> Result<(String, String)> {
+                Ok((
+                    field(l, "layer").context("no layer")?.to_owned(),
+                    field(l, "op").context("no op")?.to_owned(),
+                ))
+            };
+            let (layer, op) = key(a)?;
+            if key(b)? != (layer.clone(), op.clone()) {
+                bail!("the two convolution benchmarks disagree on line {i}: `{a}` and `{b}`")
+            }
+            if rows.len() <= i {
+                rows.push((layer, op, vec![], vec![]));
+            }
+            rows[i].2.extend(times(a)?);
+            rows[i].3.extend(times(b)?);
+        }
+        println!("round {round}/{}: convolution kernels", o.rounds);
+    }
+    Ok(rows
+        .into_iter()
+        .map(|(l, op, mut a, mut b)| (l, op, median(&mut a), median(&mut b)))
+        .collect())
+}
+
+fn all_lines(command: &mut Command) -> Result<Vec<String>> {
+    let out = command.output().with_context(|| format!("cannot start {command:?}"))?;
+    if !out.status.success() {
+        bail!("{command:?} failed: {}", String::from_utf8_lossy(&out.stderr))
+    }
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(String::from)
+        .collect())
+}
+
+fn write(rows: &[Row], convs: &[ConvRow], o: &Options, torch_version: &str) -> Result<()> {
     let machine = machine();
     let date = today();
-    let json: Vec<String> = rows
+    let mut json: Vec<String> = rows
         .iter()
         .map(|r| {
             format!(
@@ -214,6 +272,12 @@ fn write(rows: &[Row], o: &Options, torch_version: &str) -> Result<()> {
             )
         })
         .collect();
+    json.extend(convs.iter().map(|(layer, op, ours, torch)| {
+        format!(
+            "  {{\"model\": \"conv3x3 {layer}\", \"step\": \"{op}\", \"teacher\": \"\", \"device\": \"cpu\", \"batch\": {BATCH}, \"ours_ms\": {ours:.2}, \"torch_ms\": {torch:.2}, \"speedup\": {:.3}, \"machine\": \"{machine}\", \"date\": \"{date}\", \"torch\": \"{torch_version}\", \"torch_threads\": {}, \"rounds\": {}, \"steps_per_round\": 5}}",
+            torch / ours, o.threads, o.rounds
+        )
+    }));
     let docs = root().join("docs");
     std::fs::write(docs.join("benchmarks.json"), format!("[\n{}\n]\n", json.join(",\n")))?;
 
@@ -256,6 +320,20 @@ fn write(rows: &[Row], o: &Options, torch_version: &str) -> Result<()> {
     if !notes.is_empty() {
         table.push('\n');
         table.push_str(&notes);
+    }
+    if !convs.is_empty() {
+        table.push_str(
+            "\nThe convolution kernels alone (`crates/at-kernels/examples/conv_bench.rs` against \
+             `xtask/bench/torch_conv.py`): the 3x3 layers of WRN-16-2, batch 128, stride 1, \
+             median of 5 per round.\n\n| layer (C x H x W) | op | ours (ms) | PyTorch (ms) | speedup |\n\
+             |---|---|---:|---:|---:|\n",
+        );
+        for (layer, op, ours, torch) in convs {
+            table.push_str(&format!(
+                "| {layer} | {op} | {ours:.1} | {torch:.1} | {:.2} |\n",
+                torch / ours
+            ));
+        }
     }
     table.push_str(END);
     let path = docs.join("benchmarks.md");
