@@ -11,11 +11,16 @@
 //! call back to them (tests compare the two; benchmarks time both).
 #![deny(missing_docs)]
 
+pub mod attention;
 pub mod conv;
 pub mod norm;
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use candle_core::{Result, Var};
+
+pub use attention::channel_power;
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
 pub use norm::{BatchStats, batch_norm_eval, batch_norm_train};
 
@@ -56,4 +61,27 @@ pub fn tune_allocator() -> bool {
     {
         false
     }
+}
+
+thread_local! {
+    static SECOND_ORDER: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Whether candle keeps gradients differentiable on this thread (it decides once per thread, at
+/// the thread's first `backward`; the kernels ask only from inside a backward pass, when the
+/// thread has decided). Probed with `(2x)^3`, whose second derivative survives only when
+/// gradients are not detached. A kernel's fast backward builds no graph, so on such a thread it
+/// uses candle's differentiable ops instead.
+pub(crate) fn second_order_thread() -> bool {
+    SECOND_ORDER.with(|cell| {
+        *cell.get().get_or_insert_with(|| {
+            let probe = || -> Result<bool> {
+                let x = Var::new(1f32, &candle_core::Device::Cpu)?;
+                let grads = (x.as_tensor() * 2.0)?.powf(3.0)?.backward()?;
+                let dx = grads.get(&x).expect("x gets a gradient");
+                Ok(dx.backward()?.get(&x).is_some())
+            };
+            probe().unwrap_or(true)
+        })
+    })
 }

@@ -7,13 +7,10 @@
 //! On a thread with second-order gradients switched on (double backpropagation) the backward is
 //! written with candle's own differentiable ops instead, from the same formulas.
 
-use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var, bail,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
 /// The statistics of the batch a [`batch_norm_train`] call normalised with.
@@ -151,7 +148,7 @@ impl CustomOp3 for Op {
         y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if second_order_thread() {
+        if crate::second_order_thread() {
             let (dx, dgamma, dbeta) = self.composite_bwd(x, gamma, beta, y, g)?;
             return Ok((Some(dx), Some(dgamma), Some(dbeta)));
         }
@@ -256,27 +253,6 @@ impl Op {
         let dx = (inner.broadcast_mul(&k)? / m)?;
         Ok((dx, dgamma.flatten_all()?, dbeta.flatten_all()?))
     }
-}
-
-thread_local! {
-    static SECOND_ORDER: Cell<Option<bool>> = const { Cell::new(None) };
-}
-
-/// Whether candle keeps gradients differentiable on this thread (it decides once per thread, at
-/// the thread's first `backward`; this is only asked from inside a backward pass). Probed with
-/// `(2x)^3`, whose second derivative survives only when gradients are not detached.
-fn second_order_thread() -> bool {
-    SECOND_ORDER.with(|cell| {
-        *cell.get().get_or_insert_with(|| {
-            let probe = || -> Result<bool> {
-                let x = Var::new(1f32, &candle_core::Device::Cpu)?;
-                let grads = (x.as_tensor() * 2.0)?.powf(3.0)?.backward()?;
-                let dx = grads.get(&x).expect("x gets a gradient");
-                Ok(dx.backward()?.get(&x).is_some())
-            };
-            probe().unwrap_or(true)
-        })
-    })
 }
 
 /// Training-mode batch normalisation of `x` (`[N, C, H, W]`, f32 on the CPU) with the batch's

@@ -118,3 +118,30 @@ fn second_order_through_fused_batch_norm_matches_candle() {
         assert!(diff <= 1e-3 * scale, "d/d{name}: {diff:e} of {scale:e}");
     }
 }
+
+/// The gradient of an attention map's sum of squares, differentiated again (the penalty on a
+/// map's input gradient), equals candle's ops'.
+#[test]
+fn second_order_through_channel_power_matches_candle() {
+    second_order_on();
+    let run = |fused: bool| -> Tensor {
+        let x = Var::from_tensor(&values(&[2, 3, 4, 4], 11)).unwrap();
+        let w = Var::from_tensor(&values(&[3, 3, 3, 3], 12)).unwrap();
+        let h = conv2d(x.as_tensor(), w.as_tensor(), 1, 1).unwrap();
+        let h32 = h.to_dtype(DType::F32).unwrap();
+        let map = if fused {
+            at_kernels::channel_power(&h32, 2.0, 0.5).unwrap().unwrap()
+        } else {
+            (h32.sqr().unwrap().sum(1).unwrap() * 0.5).unwrap()
+        };
+        let r = values(map.dims(), 13).to_dtype(DType::F32).unwrap();
+        let grads = (map * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let j = grads.get(&x).unwrap();
+        let penalty = (j.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+        penalty.backward().unwrap().get(&w).expect("a second-order gradient").clone()
+    };
+    let (a, b) = (run(true), run(false));
+    let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert!(diff <= 1e-4 * scale, "{diff:e} of {scale:e}");
+}

@@ -57,7 +57,8 @@ mod resize;
 
 pub use distance::{AtConfig, Distance, at_loss, at_loss_sum, at_losses};
 pub use map::{
-    ChannelReduce, MapSpec, NORM_EPS, Normalization, attention_map, attention_map_flat, normalize,
+    ChannelPowerKernel, ChannelReduce, MapSpec, NORM_EPS, Normalization, attention_map,
+    attention_map_flat, normalize, set_channel_power_kernel,
 };
 pub use resize::{Resize, resize_map};
 

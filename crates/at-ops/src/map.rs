@@ -125,6 +125,16 @@ pub(crate) fn raw_map(activation: &Tensor, spec: &MapSpec) -> Result<Tensor> {
         bail!("an attention map needs at least one channel, got shape {:?}", activation.dims())
     }
     let a = activation.to_dtype(working_dtype(activation.dtype()))?;
+    let scale = match spec.reduce {
+        ChannelReduce::Sum => Some(1.0),
+        ChannelReduce::Mean => Some(1.0 / c as f64),
+        ChannelReduce::Max => None,
+    };
+    if let (Some(scale), Some(kernel)) = (scale, CHANNEL_POWER_KERNEL.get()) {
+        if let Some(map) = kernel(&a, spec.p, scale)? {
+            return Ok(map);
+        }
+    }
     let powered = abs_pow(&a, spec.p)?; // [b, c, h, w]
     match spec.reduce {
         ChannelReduce::Sum => channel_sum(&powered, 1.0),
@@ -140,6 +150,21 @@ fn channel_sum(x: &Tensor, weight: f64) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let row = Tensor::full(weight, (1, 1, c), x.device())?.to_dtype(x.dtype())?;
     row.broadcast_as((b, 1, c))?.matmul(&x.reshape((b, c, h * w))?)?.reshape((b, h, w))
+}
+
+/// A faster `scale * sum_c |x_c|^p` (`[B, C, H, W]` to `[B, H, W]`), returning `None` where it
+/// does not apply; see [`set_channel_power_kernel`].
+pub type ChannelPowerKernel = fn(&Tensor, f64, f64) -> Result<Option<Tensor>>;
+
+static CHANNEL_POWER_KERNEL: std::sync::OnceLock<ChannelPowerKernel> = std::sync::OnceLock::new();
+
+/// Lets the sum and mean attention maps use a faster channel reduction (at-kernels'
+/// `channel_power`, for instance), for the whole process: at-ops itself depends on candle-core
+/// alone. The kernel must compute the same values, with the same gradients to any order, and
+/// return `None` for what it does not take (other powers, dtypes or devices), which then go to
+/// candle's ops. The first registration wins; returns whether this one did.
+pub fn set_channel_power_kernel(kernel: ChannelPowerKernel) -> bool {
+    CHANNEL_POWER_KERNEL.set(kernel).is_ok()
 }
 
 /// `|a|^p`, with the common powers written so that their gradient is exact and finite at zero.

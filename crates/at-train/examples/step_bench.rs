@@ -23,6 +23,7 @@ use candle_nn::VarMap;
 
 fn main() -> Result<()> {
     at_kernels::tune_allocator();
+    at_train::train::use_kernels();
     if std::env::var_os("AT_REFERENCE").is_some_and(|v| v != "0") {
         at_kernels::set_reference(true);
     }

@@ -186,6 +186,7 @@ impl Run {
     /// Builds the run. With `training` false (evaluation, maps) the trained weights are loaded
     /// next, so neither the pretrained start nor the teacher is read.
     fn new(config: RunConfig, dir: &Path, training: bool) -> Result<Self> {
+        use_kernels();
         let device = device(&config.device)?;
         let data = data::load(&config.data)?;
         let options = ModelOptions {
@@ -790,6 +791,12 @@ impl RunModel {
 /// Evaluates the model of the run in `dir` on the run's test set: (loss, top-1 %, top-5 %).
 pub fn evaluate_run(dir: &Path) -> Result<(f64, f64, f64)> {
     RunModel::open(RunConfig::load(&dir.join("config.toml"))?, dir)?.evaluate()
+}
+
+/// Lets at-ops use at-kernels' channel reduction for attention maps (at-ops depends on
+/// candle-core alone, so it is handed the kernel). Idempotent.
+pub fn use_kernels() {
+    at_ops::set_channel_power_kernel(at_kernels::channel_power);
 }
 
 /// The same gradients without the graphs they were computed through.
