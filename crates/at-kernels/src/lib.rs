@@ -81,6 +81,7 @@ pub(crate) fn second_order_thread() -> bool {
                 let dx = grads.get(&x).expect("x gets a gradient");
                 Ok(dx.backward()?.get(&x).is_some())
             };
+            // If the probe itself fails, take the differentiable (slower, always correct) path.
             probe().unwrap_or(true)
         })
     })

@@ -144,7 +144,7 @@ impl CustomOp3 for Op {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        beta: &Tensor,
+        _beta: &Tensor,
         y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -218,7 +218,6 @@ impl CustomOp3 for Op {
         let dx = Tensor::from_vec(dx, (n, c, h, w), device)?;
         let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
         let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
-        let _ = beta;
         Ok((
             Some(dx),
             Some(Tensor::from_vec(dgamma, c, device)?),
