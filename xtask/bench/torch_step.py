@@ -1,7 +1,10 @@
 """The PyTorch side of `cargo xtask bench`: the same training steps as
 `crates/at-train/examples/step_bench.rs`, on the same CPU, in eager PyTorch.
 
-Usage: python torch_step.py STUDENT STEP [TEACHER] [BATCH] [WARMUP] [STEPS] [THREADS]
+Usage: python torch_step.py STUDENT STEP [TEACHER] [BATCH] [WARMUP] [STEPS] [THREADS] [DEVICE]
+
+DEVICE: cpu (default) or cuda; on cuda each step ends with a synchronisation, as the Rust side
+reads its loss back.
 
 STEP: student (cross-entropy), at (attention transfer from TEACHER on every group, beta 1e3),
 at-kd (plus distillation, alpha 0.9, T 4), teacher (the teacher's forward alone, no gradient).
@@ -82,19 +85,20 @@ def main():
     student_name, step, teacher_name = arg(0, "wrn-16-1"), arg(1, "student"), arg(2, "wrn-16-2")
     batch, warmup, steps = int(arg(3, "128")), int(arg(4, "2")), int(arg(5, "5"))
     torch.set_num_threads(int(arg(6, "0")) or torch.get_num_threads())
+    device = torch.device(arg(7, "cpu"))
     torch.manual_seed(0)
-    student = build(student_name).train()
-    teacher = build(teacher_name).eval() if step != "student" else None
+    student = build(student_name).train().to(device)
+    teacher = build(teacher_name).eval().to(device) if step != "student" else None
     opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.arange(batch) % 10
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.arange(batch, device=device) % 10
     alpha = 0.9 if step == "at-kd" else 0.0
     times = []
     for i in range(warmup + steps):
         started = time.perf_counter()
         if step == "teacher":
             with torch.no_grad():
-                teacher(x)
+                teacher(x)[0].sum().item()
         else:
             logits, acts = student(x)
             loss = F.cross_entropy(logits, y) * (1 - alpha)
@@ -117,7 +121,8 @@ def main():
             times.append((time.perf_counter() - started) * 1e3)
     print(json.dumps({
         "model": student_name, "step": step, "teacher": teacher_name if teacher else "",
-        "batch": batch, "ms": [round(t, 1) for t in times], "torch": torch.__version__,
+        "batch": batch, "device": str(device), "ms": [round(t, 1) for t in times],
+        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }))
 

@@ -3,6 +3,7 @@
 //! atomically and resumable exactly ([`train`]).
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod init;

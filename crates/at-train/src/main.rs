@@ -100,6 +100,29 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         in_channels: usize,
     },
+    /// Time training steps on random CIFAR-shaped batches, on any device (what `cargo xtask
+    /// bench` measures on the CPU; `xtask/bench/gpu.sh` on a GPU). Prints one JSON line.
+    BenchStep {
+        /// The student model.
+        student: String,
+        /// student, teacher (its forward alone), at or at-kd.
+        step: String,
+        /// The teacher model (for teacher, at and at-kd).
+        #[arg(long, default_value = "wrn-16-2")]
+        teacher: String,
+        /// Images per batch.
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// cpu, cuda:N or metal.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Download a dataset from the Hugging Face Hub into its cache (HF_TOKEN, HF_ENDPOINT and
     /// HF_HUB_OFFLINE are honoured).
     Download {
@@ -202,6 +225,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ModelOptions { num_classes: classes, in_channels, ..ModelOptions::default() };
             let rows = at_train::model_rows(&options)?;
             print!("{}", at_train::model_table(&rows, classes));
+        }
+        Command::BenchStep { student, step, teacher, batch, warmup, steps, device } => {
+            let kind = at_train::bench::Step::parse(&step)?;
+            let dev = train::device(&device)?;
+            let times = at_train::bench::time_steps(
+                &student,
+                kind,
+                &teacher,
+                batch,
+                (warmup, steps),
+                &dev,
+            )?;
+            let teacher = if kind == at_train::bench::Step::Student { "" } else { &teacher };
+            println!(
+                "{}",
+                at_train::bench::json_line(&student, &step, teacher, batch, &device, &times)
+            );
         }
         Command::Download { dataset, repo, files, offline } => {
             download(&dataset, repo, &files, offline)?

@@ -1,0 +1,141 @@
+//! Timing of the trainer's step on random CIFAR-shaped batches: what `at-train bench-step`, the
+//! `step_bench` example and `cargo xtask bench` measure against PyTorch
+//! (`xtask/bench/torch_step.py` runs the same steps).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use at_losses::{LossConfig, student_loss};
+use at_models::{AttentionModel, ModelOptions};
+use at_ops::AtConfig;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::init::seeded_var_builder;
+use crate::optim::{Sgd, SgdConfig};
+
+/// What one benchmark step does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Cross-entropy, backward, SGD.
+    Student,
+    /// The teacher's forward alone (evaluation mode, no gradient).
+    Teacher,
+    /// Student step plus the teacher's forward and attention transfer on every group (beta 1e3).
+    At,
+    /// `At` plus distillation (alpha 0.9, T 4).
+    AtKd,
+}
+
+impl Step {
+    /// `student`, `teacher`, `at` or `at-kd`.
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "student" => Self::Student,
+            "teacher" => Self::Teacher,
+            "at" => Self::At,
+            "at-kd" => Self::AtKd,
+            other => bail!("unknown step `{other}`: student, teacher, at or at-kd"),
+        })
+    }
+}
+
+/// The time of each phase of one step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Phases {
+    /// The student's forward.
+    pub forward: Duration,
+    /// The teacher's forward and the loss.
+    pub loss: Duration,
+    /// The backward pass.
+    pub backward: Duration,
+    /// The optimiser.
+    pub sgd: Duration,
+}
+
+/// Runs `warmup + steps` steps of `step` for `student` (and `teacher`) at `batch` on `device` and
+/// returns the wall-clock time of each timed step, with its phases. The result is read back to
+/// the host at the end of each step, so that asynchronous devices are timed in full.
+pub fn time_steps(
+    student_name: &str,
+    step: Step,
+    teacher_name: &str,
+    batch: usize,
+    (warmup, steps): (usize, usize),
+    device: &Device,
+) -> Result<Vec<(Duration, Phases)>> {
+    crate::train::use_kernels();
+    let options = ModelOptions::default();
+    let varmap = VarMap::new();
+    let student = at_models::build(student_name, &options, seeded_var_builder(&varmap, 1, device))?;
+    let teacher: Option<Box<dyn AttentionModel>> = match step {
+        Step::Student => None,
+        _ => {
+            // As the trainer holds one: weights as plain tensors, no gradient.
+            let teacher_map = VarMap::new();
+            at_models::build(teacher_name, &options, seeded_var_builder(&teacher_map, 2, device))?;
+            let tensors = teacher_map
+                .data()
+                .lock()
+                .expect("the teacher's weights")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect();
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+            Some(at_models::build(teacher_name, &options, vb)?)
+        }
+    };
+    let loss = LossConfig {
+        alpha: if step == Step::AtKd { 0.9 } else { 0.0 },
+        beta: if teacher.is_some() { 1e3 } else { 0.0 },
+        at: AtConfig::default(),
+        pairs: if teacher.is_some() { vec![(0, 0), (1, 1), (2, 2)] } else { vec![] },
+        ..LossConfig::default()
+    };
+    let mut sgd = Sgd::new(&varmap, SgdConfig::default());
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
+    let labels =
+        Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect::<Vec<_>>(), batch, device)?;
+    let mut times = vec![];
+    for i in 0..warmup + steps {
+        let started = Instant::now();
+        let mut phases = Phases::default();
+        if step == Step::Teacher {
+            let t = teacher.as_ref().expect("a teacher").forward_t(&x, false)?;
+            t.logits.to_vec2::<f32>()?;
+        } else {
+            let out = student.forward_t(&x, true)?;
+            phases.forward = started.elapsed();
+            let teacher_out = teacher.as_ref().map(|t| t.forward_t(&x, false)).transpose()?;
+            let t = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
+            let parts = student_loss(&out.logits, &labels, &out.groups, t, &loss)?;
+            phases.loss = started.elapsed() - phases.forward;
+            let grads = parts.total.backward()?;
+            phases.backward = started.elapsed() - phases.forward - phases.loss;
+            sgd.step(&grads)?;
+            parts.total.to_dtype(DType::F32)?.to_vec0::<f32>()?;
+            phases.sgd = started.elapsed() - phases.forward - phases.loss - phases.backward;
+        }
+        if i >= warmup {
+            times.push((started.elapsed(), phases));
+        }
+    }
+    Ok(times)
+}
+
+/// One JSON line, as `xtask/bench/torch_step.py` prints it.
+pub fn json_line(
+    student: &str,
+    step: &str,
+    teacher: &str,
+    batch: usize,
+    device: &str,
+    times: &[(Duration, Phases)],
+) -> String {
+    let list: Vec<String> =
+        times.iter().map(|(t, _)| format!("{:.1}", t.as_secs_f64() * 1e3)).collect();
+    format!(
+        "{{\"model\":\"{student}\",\"step\":\"{step}\",\"teacher\":\"{teacher}\",\"batch\":{batch},\"device\":\"{device}\",\"ms\":[{}]}}",
+        list.join(",")
+    )
+}
