@@ -130,10 +130,10 @@ pub(crate) fn raw_map(activation: &Tensor, spec: &MapSpec) -> Result<Tensor> {
         ChannelReduce::Mean => Some(1.0 / c as f64),
         ChannelReduce::Max => None,
     };
-    if let (Some(scale), Some(kernel)) = (scale, CHANNEL_POWER_KERNEL.get()) {
-        if let Some(map) = kernel(&a, spec.p, scale)? {
-            return Ok(map);
-        }
+    if let (Some(scale), Some(kernel)) = (scale, CHANNEL_POWER_KERNEL.get())
+        && let Some(map) = kernel(&a, spec.p, scale)?
+    {
+        return Ok(map);
     }
     let powered = abs_pow(&a, spec.p)?; // [b, c, h, w]
     match spec.reduce {
