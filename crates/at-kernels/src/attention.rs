@@ -11,12 +11,7 @@ struct SumSquares {
     scale: f32,
 }
 
-fn contiguous<'a>(data: &'a [f32], layout: &Layout) -> Result<&'a [f32]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("channel_power: the activation must be contiguous"),
-    }
-}
+const OPERAND: &str = "channel_power: the activation";
 
 impl CustomOp1 for SumSquares {
     fn name(&self) -> &'static str {
@@ -26,7 +21,7 @@ impl CustomOp1 for SumSquares {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let [b, c, h, w] = *l.dims() else { bail!("channel_power needs [B, C, H, W]") };
         let CpuStorage::F32(x) = s else { bail!("channel_power takes f32, got {:?}", s.dtype()) };
-        let x = contiguous(x, l)?;
+        let x = crate::contiguous(x, l, OPERAND)?;
         let hw = h * w;
         let mut y = vec![0f32; b * hw];
         y.par_chunks_mut(hw).enumerate().for_each(|(i, y)| {
@@ -56,7 +51,7 @@ impl CustomOp1 for SumSquares {
         else {
             bail!("channel_power's backward takes f32 on the CPU")
         };
-        let (xs, gs) = (contiguous(xs, xl)?, contiguous(gs, gl)?);
+        let (xs, gs) = (crate::contiguous(xs, xl, OPERAND)?, crate::contiguous(gs, gl, OPERAND)?);
         let k = 2.0 * self.scale;
         let mut dx = vec![0f32; b * c * hw];
         dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dx)| {

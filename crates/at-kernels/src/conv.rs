@@ -313,11 +313,8 @@ fn dims4(layout: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
-fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("conv2d: {what} must be contiguous"),
-    }
+fn operand<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    crate::contiguous(data, layout, &format!("conv2d: {what}"))
 }
 
 /// Runs `f` on the two operands as slices of one float type.
@@ -329,10 +326,10 @@ fn dispatch(
 ) -> Result<CpuStorage> {
     Ok(match (s1, s2) {
         (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-            CpuStorage::F32(f32(slice(a, l1, what1)?, slice(b, l2, what2)?))
+            CpuStorage::F32(f32(operand(a, l1, what1)?, operand(b, l2, what2)?))
         }
         (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-            CpuStorage::F64(f64(slice(a, l1, what1)?, slice(b, l2, what2)?))
+            CpuStorage::F64(f64(operand(a, l1, what1)?, operand(b, l2, what2)?))
         }
         (a, b) => bail!("conv2d kernels take f32 or f64, got {:?} and {:?}", a.dtype(), b.dtype()),
     })

@@ -18,11 +18,19 @@ pub mod norm;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Result, Var};
+use candle_core::{Layout, Result, Var, bail};
 
 pub use attention::channel_power;
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
 pub use norm::{BatchStats, batch_norm_eval, batch_norm_train};
+
+/// The elements of a contiguous operand; `what` names it in the error otherwise.
+pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{what} must be contiguous"),
+    }
+}
 
 static REFERENCE: AtomicBool = AtomicBool::new(false);
 

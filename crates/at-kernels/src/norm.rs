@@ -38,10 +38,54 @@ fn shape4(layout: &Layout) -> Result<(usize, usize, usize)> {
 }
 
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("batch norm: operands must be contiguous"),
+    crate::contiguous(data, layout, "batch norm: operands")
+}
+
+/// The operands of a batch-norm op as f32 slices, with their sizes.
+struct Operands<'a> {
+    /// `(n, c, h * w)`
+    dims: (usize, usize, usize),
+    x: &'a [f32],
+    gamma: &'a [f32],
+    beta: &'a [f32],
+}
+
+fn operands<'a>(
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+) -> Result<Operands<'a>> {
+    let (n, c, hw) = shape4(l1)?;
+    let (CpuStorage::F32(x), CpuStorage::F32(gamma), CpuStorage::F32(beta)) = (s1, s2, s3) else {
+        bail!("the batch-norm kernel takes f32, got {:?}", s1.dtype())
+    };
+    let (x, gamma, beta) = (contiguous(x, l1)?, contiguous(gamma, l2)?, contiguous(beta, l3)?);
+    if gamma.len() != c || beta.len() != c {
+        bail!("batch norm over {c} channels got {} weights and {} biases", gamma.len(), beta.len())
     }
+    Ok(Operands { dims: (n, c, hw), x, gamma, beta })
+}
+
+/// `relu?(gamma * (x - mean) * invstd + beta)`, channel by channel, planes in parallel: the
+/// forward pass of both ops, with the batch's statistics or the running ones.
+fn normalize(
+    x: &[f32],
+    (c, hw): (usize, usize),
+    (gamma, beta): (&[f32], &[f32]),
+    (mean, invstd): (&[f64], &[f64]),
+    relu: bool,
+) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (y, x))| {
+        let ch = plane % c;
+        let scale = gamma[ch] as f64 * invstd[ch];
+        let (a, b) = (scale as f32, (beta[ch] as f64 - mean[ch] * scale) as f32);
+        for (y, &x) in y.iter_mut().zip(x) {
+            let v = x * a + b;
+            *y = if relu { v.max(0.0) } else { v };
+        }
+    });
+    y
 }
 
 /// Lanes of the vectorisable reductions below (f32 sums in independent lanes, so that the
@@ -110,31 +154,10 @@ impl CustomOp3 for Op {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, hw) = shape4(l1)?;
-        let (CpuStorage::F32(x), CpuStorage::F32(gamma), CpuStorage::F32(beta)) = (s1, s2, s3)
-        else {
-            bail!("the batch-norm kernel takes f32, got {:?}", s1.dtype())
-        };
-        let (x, gamma, beta) = (contiguous(x, l1)?, contiguous(gamma, l2)?, contiguous(beta, l3)?);
-        if gamma.len() != c || beta.len() != c {
-            bail!(
-                "batch norm over {c} channels got {} weights and {} biases",
-                gamma.len(),
-                beta.len()
-            )
-        }
+        let Operands { dims: (n, c, hw), x, gamma, beta } = operands((s1, l1), (s2, l2), (s3, l3))?;
         let (mean, var) = stats(x, n, c, hw);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (y, x))| {
-            let ch = plane % c;
-            let scale = gamma[ch] as f64 / (var[ch] + self.eps).sqrt();
-            let shift = beta[ch] as f64 - mean[ch] * scale;
-            let (scale, shift) = (scale as f32, shift as f32);
-            for (y, &x) in y.iter_mut().zip(x) {
-                let v = x * scale + shift;
-                *y = if self.relu { v.max(0.0) } else { v };
-            }
-        });
+        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let y = normalize(x, (c, hw), (gamma, beta), (&mean, &invstd), self.relu);
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(BatchStats { mean, var, count: n * hw });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -302,25 +325,8 @@ impl CustomOp3 for Affine {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = shape4(l1)?;
-        let (CpuStorage::F32(x), CpuStorage::F32(gamma), CpuStorage::F32(beta)) = (s1, s2, s3)
-        else {
-            bail!("the batch-norm kernel takes f32, got {:?}", s1.dtype())
-        };
-        let (x, gamma, beta) = (contiguous(x, l1)?, contiguous(gamma, l2)?, contiguous(beta, l3)?);
-        let scale: Vec<f32> =
-            (0..c).map(|ch| (gamma[ch] as f64 * self.invstd[ch]) as f32).collect();
-        let shift: Vec<f32> = (0..c)
-            .map(|ch| (beta[ch] as f64 - self.mean[ch] * gamma[ch] as f64 * self.invstd[ch]) as f32)
-            .collect();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (y, x))| {
-            let (a, b) = (scale[plane % c], shift[plane % c]);
-            for (y, &x) in y.iter_mut().zip(x) {
-                let v = x * a + b;
-                *y = if self.relu { v.max(0.0) } else { v };
-            }
-        });
+        let Operands { dims: (_, c, hw), x, gamma, beta } = operands((s1, l1), (s2, l2), (s3, l3))?;
+        let y = normalize(x, (c, hw), (gamma, beta), (&self.mean, &self.invstd), self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
