@@ -14,13 +14,12 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use at_losses::gradient::{
-    GradientConfig, GradientPenalty, TeacherBatch, gradient_student_loss, teacher_outputs,
-};
+use at_losses::gradient::{GradientConfig, GradientPenalty, gradient_student_loss};
 use at_losses::second_order::with_second_order;
 use at_models::{AttentionModel, ModelOptions};
 use at_train::init::seeded_var_builder;
 use at_train::optim::{Sgd, SgdConfig};
+use at_train::train::gradient_step;
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
@@ -69,52 +68,22 @@ fn main() -> Result<()> {
                 let logits = student.forward_t(&x, true)?.logits;
                 at_losses::cross_entropy(&logits, &labels)?.backward()?
             }
-            Some(penalty) => {
+            Some(penalty) if mode == "jacobian-inside" => {
+                // For comparison only: the second backward on the second-order thread as well.
                 let config = GradientConfig { penalty, beta: 1.0, alpha: 0.0, temperature: 4.0 };
-                let t = if penalty == GradientPenalty::Transfer {
-                    Some(teacher_outputs(
-                        &|x| Ok(teacher.forward_t(x, false)?.logits),
-                        &x,
-                        &labels,
-                    )?)
-                } else {
-                    None
-                };
-                let teacher =
-                    t.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
                 let student = student.as_ref();
-                let inside = mode == "jacobian-inside";
-                let size = batch.div_ceil(chunks);
-                let mut sum: Option<candle_core::backprop::GradStore> = None;
-                for start in (0..batch).step_by(size) {
-                    let len = size.min(batch - start);
-                    let (xc, yc) = (x.narrow(0, start, len)?, labels.narrow(0, start, len)?);
-                    let tc = match &teacher {
-                        Some(t) => Some((
-                            t.logits.narrow(0, start, len)?,
-                            t.jacobian.narrow(0, start, len)?,
-                        )),
-                        None => None,
-                    };
-                    let tb =
-                        tc.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
-                    let (total, grads) = with_second_order(|| -> candle_core::Result<_> {
-                        let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
-                        let parts = gradient_student_loss(&forward, &xc, &yc, tb, &config, batch)?;
-                        let grads = if inside { Some(parts.total.backward()?) } else { None };
-                        Ok((parts.total, grads))
-                    })?;
-                    let grads = at_train::train::detach_all(match grads {
-                        Some(grads) => grads,
-                        None => total.backward()?,
-                    })?;
-                    drop(total);
-                    match &mut sum {
-                        Some(s) => s.extend(grads)?,
-                        None => sum = Some(grads),
-                    }
-                }
-                sum.expect("one chunk at least")
+                with_second_order(|| -> candle_core::Result<_> {
+                    let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
+                    gradient_student_loss(&forward, &x, &labels, None, &config, batch)?
+                        .total
+                        .backward()
+                })?
+            }
+            Some(penalty) => {
+                // The trainer's step.
+                let config = GradientConfig { penalty, beta: 1.0, alpha: 0.0, temperature: 4.0 };
+                let teacher = Some(teacher.as_ref());
+                gradient_step(student.as_ref(), teacher, (&x, &labels), &config, chunks)?.1
             }
         };
         sgd.step(&grads)?;

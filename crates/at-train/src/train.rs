@@ -384,7 +384,13 @@ impl Run {
 
     fn step(&mut self, images: &Tensor, labels: &Tensor, sums: &mut Sums) -> Result<()> {
         let (parts, grads) = match &self.gradient {
-            Some(config) => self.gradient_step(images, labels, config)?,
+            Some(config) => gradient_step(
+                self.student.as_ref(),
+                self.teacher.as_deref(),
+                (images, labels),
+                config,
+                self.config.loss.gradient_chunks,
+            )?,
             None => {
                 let out = self.student.forward_t(images, true)?;
                 let teacher_out = match &self.teacher {
@@ -425,77 +431,6 @@ impl Run {
             )
         }
         Ok(())
-    }
-
-    /// A step with a gradient-based penalty: the teacher's logits and input gradient on this
-    /// thread (first-order), the student's double-backpropagation graph on a second-order one,
-    /// and its `backward` back on this thread, where gradients are detached as they are built
-    /// (no third graph). With `loss.gradient_chunks > 1` the batch is processed in chunks whose
-    /// gradients are summed.
-    fn gradient_step(
-        &self,
-        images: &Tensor,
-        labels: &Tensor,
-        config: &GradientConfig,
-    ) -> Result<(LossParts, GradStore)> {
-        let teacher_out = match &self.teacher {
-            Some(t) if config.alpha > 0.0 || config.penalty == GradientPenalty::Transfer => {
-                let forward = |x: &Tensor| Ok(t.forward_t(x, false)?.logits);
-                Some(teacher_outputs(&forward, images, labels)?)
-            }
-            _ => None,
-        };
-        let batch = images.dim(0)?;
-        let size = batch.div_ceil(self.config.loss.gradient_chunks.clamp(1, batch));
-        let student = self.student.as_ref();
-        let value = |t: &Tensor| -> Result<f64> {
-            Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
-        };
-        let (mut total, mut ce, mut kd, mut penalty) = (0f64, 0f64, 0f64, 0f64);
-        let mut logits = vec![];
-        let mut grads: Option<GradStore> = None;
-        for start in (0..batch).step_by(size) {
-            let len = size.min(batch - start);
-            let x = images.narrow(0, start, len)?;
-            let y = labels.narrow(0, start, len)?;
-            let chunk = match &teacher_out {
-                Some((l, j)) => Some((l.narrow(0, start, len)?, j.narrow(0, start, len)?)),
-                None => None,
-            };
-            let teacher =
-                chunk.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
-            let parts = with_second_order(|| {
-                let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
-                gradient_student_loss(&forward, &x, &y, teacher, config, batch)
-            })?;
-            // Detached: a weight's gradient (the weight-gradient op of a convolution, say) refers
-            // to the chunk's activations, and would keep the whole chunk's graph alive.
-            let chunk_grads = detach_all(parts.total.backward()?)?;
-            match &mut grads {
-                Some(sum) => sum.extend(chunk_grads)?,
-                None => grads = Some(chunk_grads),
-            }
-            let share = len as f64 / batch as f64;
-            total += value(&parts.total)?;
-            ce += value(&parts.ce)? * share;
-            if let Some(k) = &parts.kd {
-                kd += value(k)? * share;
-            }
-            if let Some(p) = &parts.gradient {
-                penalty += value(p)?;
-            }
-            logits.push(parts.logits.detach());
-        }
-        let device = images.device();
-        let parts = LossParts {
-            total: Tensor::new(total, device)?,
-            ce: Tensor::new(ce, device)?,
-            kd: (config.alpha > 0.0).then(|| Tensor::new(kd, device)).transpose()?,
-            at: vec![],
-            gradient: Some(Tensor::new(penalty, device)?),
-            logits: Tensor::cat(&logits, 0)?,
-        };
-        Ok((parts, grads.expect("a batch has at least one chunk")))
     }
 
     fn checkpoint(&self, position: &Position) -> Result<()> {
@@ -797,6 +732,77 @@ pub fn evaluate_run(dir: &Path) -> Result<(f64, f64, f64)> {
 /// candle-core alone, so it is handed the kernel). Idempotent.
 pub fn use_kernels() {
     at_ops::set_channel_power_kernel(at_kernels::channel_power);
+}
+
+/// The loss and gradients of one step with a gradient-based penalty (`loss.gradient`): the
+/// teacher's logits and input gradient on this thread (first-order, and only when distillation
+/// or gradient transfer needs them), the student's double-backpropagation graph on a
+/// second-order one, and its `backward` back on this thread, where gradients are detached as
+/// they are built (no third graph). With `chunks > 1` the batch is processed in chunks whose
+/// gradients are summed (exact for a student without batch norm).
+pub fn gradient_step(
+    student: &dyn AttentionModel,
+    teacher: Option<&dyn AttentionModel>,
+    (images, labels): (&Tensor, &Tensor),
+    config: &GradientConfig,
+    chunks: usize,
+) -> Result<(LossParts, GradStore)> {
+    let teacher_out = match teacher {
+        Some(t) if config.alpha > 0.0 || config.penalty == GradientPenalty::Transfer => {
+            let forward = |x: &Tensor| Ok(t.forward_t(x, false)?.logits);
+            Some(teacher_outputs(&forward, images, labels)?)
+        }
+        _ => None,
+    };
+    let batch = images.dim(0)?;
+    let size = batch.div_ceil(chunks.clamp(1, batch));
+    let value = |t: &Tensor| -> Result<f64> {
+        Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
+    };
+    let (mut total, mut ce, mut kd, mut penalty) = (0f64, 0f64, 0f64, 0f64);
+    let mut logits = vec![];
+    let mut grads: Option<GradStore> = None;
+    for start in (0..batch).step_by(size) {
+        let len = size.min(batch - start);
+        let x = images.narrow(0, start, len)?;
+        let y = labels.narrow(0, start, len)?;
+        let chunk = match &teacher_out {
+            Some((l, j)) => Some((l.narrow(0, start, len)?, j.narrow(0, start, len)?)),
+            None => None,
+        };
+        let teacher = chunk.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
+        let parts = with_second_order(|| {
+            let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
+            gradient_student_loss(&forward, &x, &y, teacher, config, batch)
+        })?;
+        // Detached: a weight's gradient (the weight-gradient op of a convolution, say) refers
+        // to the chunk's activations, and would keep the whole chunk's graph alive.
+        let chunk_grads = detach_all(parts.total.backward()?)?;
+        match &mut grads {
+            Some(sum) => sum.extend(chunk_grads)?,
+            None => grads = Some(chunk_grads),
+        }
+        let share = len as f64 / batch as f64;
+        total += value(&parts.total)?;
+        ce += value(&parts.ce)? * share;
+        if let Some(k) = &parts.kd {
+            kd += value(k)? * share;
+        }
+        if let Some(p) = &parts.gradient {
+            penalty += value(p)?;
+        }
+        logits.push(parts.logits.detach());
+    }
+    let device = images.device();
+    let parts = LossParts {
+        total: Tensor::new(total, device)?,
+        ce: Tensor::new(ce, device)?,
+        kd: (config.alpha > 0.0).then(|| Tensor::new(kd, device)).transpose()?,
+        at: vec![],
+        gradient: Some(Tensor::new(penalty, device)?),
+        logits: Tensor::cat(&logits, 0)?,
+    };
+    Ok((parts, grads.expect("a batch has at least one chunk")))
 }
 
 /// The same gradients without the graphs they were computed through.
