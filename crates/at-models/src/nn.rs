@@ -153,11 +153,7 @@ impl BatchNorm2d {
                     return Ok(y);
                 }
             } else {
-                let (weight, bias) = if self.frozen {
-                    (self.weight.detach(), self.bias.detach())
-                } else {
-                    (self.weight.clone(), self.bias.clone())
-                };
+                let (weight, bias) = self.affine();
                 let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
                 let fused =
                     at_kernels::batch_norm_eval(x, &weight, &bias, mean, var, BN_EPS, relu)?;
@@ -176,11 +172,7 @@ impl BatchNorm2d {
         if x.rank() != 4 || x.dim(1)? != c {
             bail!("batch norm over {c} channels got an input of shape {:?}", x.dims())
         }
-        let (weight, bias) = if self.frozen {
-            (self.weight.detach(), self.bias.detach())
-        } else {
-            (self.weight.clone(), self.bias.clone())
-        };
+        let (weight, bias) = self.affine();
         let (mean, var) = if train && !self.frozen {
             let mean = x.mean_keepdim((0, 2, 3))?; // [1, c, 1, 1]
             let centred = x.broadcast_sub(&mean)?;
@@ -200,6 +192,15 @@ impl BatchNorm2d {
             (var + BN_EPS)?.sqrt()?.recip()?.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?;
         let shift = bias.reshape((1, c, 1, 1))?.sub(&mean.mul(&scale)?)?;
         x.broadcast_mul(&scale)?.broadcast_add(&shift)
+    }
+
+    /// Gamma and beta; detached when frozen, so that they take no gradient.
+    fn affine(&self) -> (Tensor, Tensor) {
+        if self.frozen {
+            (self.weight.detach(), self.bias.detach())
+        } else {
+            (self.weight.clone(), self.bias.clone())
+        }
     }
 
     fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
