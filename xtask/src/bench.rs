@@ -97,13 +97,27 @@ fn median(v: &mut [f64]) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
+/// The last JSON line a benchmark printed.
 fn output(command: &mut Command) -> Result<String> {
-    let out = command.output().with_context(|| format!("cannot start {command:?}"))?;
-    if !out.status.success() {
-        bail!("{command:?} failed: {}", String::from_utf8_lossy(&out.stderr))
-    }
-    let text = String::from_utf8(out.stdout)?;
-    Ok(text.lines().last().unwrap_or_default().to_owned())
+    let lines = json_lines(command)?;
+    lines.last().cloned().with_context(|| format!("{command:?} printed no JSON line"))
+}
+
+/// Builds a benchmark example in release mode and returns its binary.
+fn build_example(package: &str, example: &str) -> Result<PathBuf> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(&cargo).current_dir(root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        package,
+        "--example",
+        example,
+    ]))?;
+    let target =
+        env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    Ok(target.join("release/examples").join(example))
 }
 
 fn machine() -> String {
@@ -148,20 +162,8 @@ struct Row {
 pub(crate) fn bench(args: &[String]) -> Result<()> {
     let o = options(args)?;
     let python = python()?;
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     println!("building the Rust side (release)");
-    run(Command::new(&cargo).current_dir(root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "at-train",
-        "--example",
-        "step_bench",
-    ]))?;
-    let target =
-        env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
-    let ours_bin = target.join("release/examples/step_bench");
+    let ours_bin = build_example("at-train", "step_bench")?;
     let script = root().join("xtask/bench/torch_step.py");
     let configs: Vec<_> =
         CONFIGS.iter().filter(|c| !o.quick || c.0 == "wrn-16-1").copied().collect();
@@ -188,7 +190,7 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
             );
         }
     }
-    let convs = conv_rounds(&python, &target, &o)?;
+    let convs = conv_rounds(&python, &o)?;
     let rows: Vec<Row> = configs
         .iter()
         .enumerate()
@@ -206,23 +208,13 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
 /// (layer, op, ours ms, torch ms): the convolution kernels alone, medians over the rounds.
 type ConvRow = (String, String, f64, f64);
 
-fn conv_rounds(python: &PathBuf, target: &std::path::Path, o: &Options) -> Result<Vec<ConvRow>> {
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(&cargo).current_dir(root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "at-kernels",
-        "--example",
-        "conv_bench",
-    ]))?;
-    let ours_bin = target.join("release/examples/conv_bench");
+fn conv_rounds(python: &PathBuf, o: &Options) -> Result<Vec<ConvRow>> {
+    let ours_bin = build_example("at-kernels", "conv_bench")?;
     let script = root().join("xtask/bench/torch_conv.py");
     let mut rows: Vec<(String, String, Vec<f64>, Vec<f64>)> = vec![];
     for round in 1..=o.rounds {
-        let ours = all_lines(&mut Command::new(&ours_bin))?;
-        let torch = all_lines(Command::new(python).arg(&script).arg(o.threads.to_string()))?;
+        let ours = json_lines(&mut Command::new(&ours_bin))?;
+        let torch = json_lines(Command::new(python).arg(&script).arg(o.threads.to_string()))?;
         for (i, (a, b)) in ours.iter().zip(&torch).enumerate() {
             let key = |l: &str| -> Result<(String, String)> {
                 Ok((
@@ -248,7 +240,7 @@ fn conv_rounds(python: &PathBuf, target: &std::path::Path, o: &Options) -> Resul
         .collect())
 }
 
-fn all_lines(command: &mut Command) -> Result<Vec<String>> {
+fn json_lines(command: &mut Command) -> Result<Vec<String>> {
     let out = command.output().with_context(|| format!("cannot start {command:?}"))?;
     if !out.status.success() {
         bail!("{command:?} failed: {}", String::from_utf8_lossy(&out.stderr))
