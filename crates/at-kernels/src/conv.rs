@@ -280,27 +280,32 @@ fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
     let partial: Vec<Vec<T>> = (0..chunks)
         .into_par_iter()
         .map(|chunk| {
-            let mut acc = vec![T::default(); d.o * k];
+            // Accumulated transposed (`k x o`): gemm then streams the long im2col rows straight
+            // from memory and packs only `dy`, which is 2.4x faster at 32x32 than `o x k`,
+            // where gemm repacks the whole im2col matrix of every image.
+            let mut acc = vec![T::default(); k * d.o];
             let mut col = if d.pointwise() { vec![] } else { vec![T::default(); k * p] };
             for n in chunk * per_chunk..((chunk + 1) * per_chunk).min(d.n) {
                 let x = &x[n * image..(n + 1) * image];
                 let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
-                // dy (o x p) * col^T (p x k)
+                // col (k x p) * dy^T (p x o)
                 let col: &[T] = if d.pointwise() {
                     x
                 } else {
                     im2col(d, x, &mut col);
                     &col
                 };
-                matmul((d.o, k, p), &mut acc, true, dy, (p, 1), col, (1, p));
+                matmul((k, d.o, p), &mut acc, true, col, (p, 1), dy, (1, p));
             }
             acc
         })
         .collect();
     let mut total = vec![T::default(); d.o * k];
     for acc in &partial {
-        for (t, a) in total.iter_mut().zip(acc) {
-            *t += *a;
+        for (row, t) in total.chunks_exact_mut(k).enumerate() {
+            for (j, t) in t.iter_mut().enumerate() {
+                *t += acc[j * d.o + row];
+            }
         }
     }
     total
