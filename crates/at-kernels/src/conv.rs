@@ -21,7 +21,9 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// A float type the kernels run in.
-trait Element: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {
+pub(crate) trait Element:
+    Copy + Default + Send + Sync + std::ops::AddAssign + 'static
+{
     const ONE: Self;
 }
 impl Element for f32 {
@@ -33,7 +35,7 @@ impl Element for f64 {
 
 /// Every size of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Dims {
+pub(crate) struct Dims {
     n: usize,
     c: usize,
     h: usize,
@@ -41,14 +43,14 @@ struct Dims {
     o: usize,
     kh: usize,
     kw: usize,
-    ho: usize,
-    wo: usize,
+    pub(crate) ho: usize,
+    pub(crate) wo: usize,
     stride: usize,
     pad: usize,
 }
 
 impl Dims {
-    fn new(
+    pub(crate) fn new(
         x: (usize, usize, usize, usize),
         weight: (usize, usize, usize, usize),
         stride: usize,
@@ -74,7 +76,7 @@ impl Dims {
     }
 
     /// Output positions per image.
-    fn p(&self) -> usize {
+    pub(crate) fn p(&self) -> usize {
         self.ho * self.wo
     }
 
@@ -232,7 +234,7 @@ fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
     }
 }
 
-fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
+pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
     let (k, p) = (d.k(), d.p());
     let mut y = vec![T::default(); d.n * d.o * p];
     let image = d.c * d.h * d.w;
@@ -252,7 +254,7 @@ fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
     y
 }
 
-fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
+pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
     let mut dx = vec![T::default(); d.n * image];
@@ -272,7 +274,7 @@ fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
     dx
 }
 
-fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
+pub(crate) fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
     let chunks = rayon::current_num_threads().clamp(1, d.n.max(1));

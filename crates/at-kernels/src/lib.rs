@@ -4,7 +4,9 @@
 //! im2col matrices element by element; [`conv2d`] replaces it with im2col and one GEMM per image,
 //! images spread over rayon's threads, for the forward pass and both gradients, and stays
 //! differentiable to any order (see [`conv`]). [`batch_norm_train`] fuses training-mode batch
-//! norm (and the ReLU after it) into one op with a two-pass backward (see [`norm`]). Other
+//! norm (and the ReLU after it) into one op with a two-pass backward (see [`norm`]).
+//! [`preact_block_train`] makes a whole pre-activation residual block one op, so that candle's
+//! backward pass accumulates one gradient per block instead of six (see [`block`]). Other
 //! devices and dtypes go to candle's own ops.
 //!
 //! The plain candle ops remain the reference: [`set_reference(true)`](set_reference) routes every
@@ -12,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod attention;
+pub mod block;
 pub mod conv;
 pub mod norm;
 
@@ -21,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Layout, Result, Var, bail};
 
 pub use attention::channel_power;
+pub use block::{PreactBlock, preact_block_train};
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
 pub use norm::{BatchStats, batch_norm_eval, batch_norm_train};
 

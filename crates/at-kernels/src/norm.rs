@@ -140,6 +140,75 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
         .unzip()
 }
 
+/// Training-mode batch norm (then a ReLU when `relu`) of `x` (`(n, c, h * w)`, contiguous):
+/// the output and the batch's statistics.
+pub(crate) fn train_forward(
+    x: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f64,
+    relu: bool,
+) -> (Vec<f32>, BatchStats) {
+    let (mean, var) = stats(x, n, c, hw);
+    let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let y = normalize(x, (c, hw), (gamma, beta), (&mean, &invstd), relu);
+    (y, BatchStats { mean, var, count: n * hw })
+}
+
+/// The gradients `(dx, dgamma, dbeta)` of [`train_forward`] from its input `x`, its output `y`
+/// and the output's gradient `g`, in two passes.
+pub(crate) fn train_backward(
+    (x, y, g): (&[f32], &[f32], &[f32]),
+    (n, c, hw): (usize, usize, usize),
+    gamma: &[f32],
+    stats: &BatchStats,
+    eps: f64,
+    relu: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    // Per channel: sum of the (masked) incoming gradient, and of it times x-hat.
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut sg, mut sgx) = (0f64, 0f64);
+            let mean = stats.mean[ch] as f32;
+            for i in 0..n {
+                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                let masked = |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
+                let (a, b) = lane_sums(
+                    (&g[r.clone()], &x[r.clone()], &y[r]),
+                    |g, _, y| masked(g, y),
+                    |g, x, y| masked(g, y) * (x - mean),
+                );
+                sg += a;
+                sgx += b;
+            }
+            // sum g * (x - mean) * invstd
+            (sg, sgx * invstd[ch])
+        })
+        .collect();
+    let m = stats.count as f64;
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dx)| {
+        let ch = plane % c;
+        let (sg, sgxhat) = sums[ch];
+        let k = gamma[ch] as f64 * invstd[ch];
+        // dx = k * (g - sg/m - xhat * sgxhat/m)
+        let a = k as f32;
+        let b = (k * sg / m) as f32;
+        let cx = (k * sgxhat / m * invstd[ch]) as f32;
+        let mean = stats.mean[ch] as f32;
+        let r = plane * hw..(plane + 1) * hw;
+        for (((dx, &g), &x), &y) in dx.iter_mut().zip(&g[r.clone()]).zip(&x[r.clone()]).zip(&y[r]) {
+            let g = if relu && y <= 0.0 { 0.0 } else { g };
+            *dx = a * g - b - cx * (x - mean);
+        }
+    });
+    let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+    let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+    (dx, dgamma, dbeta)
+}
+
 impl CustomOp3 for Op {
     fn name(&self) -> &'static str {
         if self.relu { "at-batch-norm-relu" } else { "at-batch-norm" }
@@ -154,12 +223,9 @@ impl CustomOp3 for Op {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Operands { dims: (n, c, hw), x, gamma, beta } = operands((s1, l1), (s2, l2), (s3, l3))?;
-        let (mean, var) = stats(x, n, c, hw);
-        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let y = normalize(x, (c, hw), (gamma, beta), (&mean, &invstd), self.relu);
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(BatchStats { mean, var, count: n * hw });
+        let Operands { dims, x, gamma, beta } = operands((s1, l1), (s2, l2), (s3, l3))?;
+        let (y, stats) = train_forward(x, dims, (gamma, beta), self.eps, self.relu);
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -195,52 +261,10 @@ impl CustomOp3 for Op {
         let y = contiguous(ys, y_layout)?;
         let g = contiguous(gs, g_layout)?;
         let gamma_v = gamma.to_vec1::<f32>()?;
-        let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let relu = self.relu;
-        // Per channel: sum of the (masked) incoming gradient, and of it times x-hat.
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut sg, mut sgx) = (0f64, 0f64);
-                let mean = stats.mean[ch] as f32;
-                for i in 0..n {
-                    let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    let masked = |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
-                    let (a, b) = lane_sums(
-                        (&g[r.clone()], &x[r.clone()], &y[r]),
-                        |g, _, y| masked(g, y),
-                        |g, x, y| masked(g, y) * (x - mean),
-                    );
-                    sg += a;
-                    sgx += b;
-                }
-                // sum g * (x - mean) * invstd
-                (sg, sgx * invstd[ch])
-            })
-            .collect();
-        let m = stats.count as f64;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dx)| {
-            let ch = plane % c;
-            let (sg, sgxhat) = sums[ch];
-            let k = gamma_v[ch] as f64 * invstd[ch];
-            // dx = k * (g - sg/m - xhat * sgxhat/m)
-            let a = k as f32;
-            let b = (k * sg / m) as f32;
-            let cx = (k * sgxhat / m * invstd[ch]) as f32;
-            let mean = stats.mean[ch] as f32;
-            let r = plane * hw..(plane + 1) * hw;
-            for (((dx, &g), &x), &y) in
-                dx.iter_mut().zip(&g[r.clone()]).zip(&x[r.clone()]).zip(&y[r])
-            {
-                let g = if relu && y <= 0.0 { 0.0 } else { g };
-                *dx = a * g - b - cx * (x - mean);
-            }
-        });
+        let (dx, dgamma, dbeta) =
+            train_backward((x, y, g), (n, c, hw), &gamma_v, &stats, self.eps, self.relu);
         let device = gamma.device();
         let dx = Tensor::from_vec(dx, (n, c, h, w), device)?;
-        let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-        let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
         Ok((
             Some(dx),
             Some(Tensor::from_vec(dgamma, c, device)?),

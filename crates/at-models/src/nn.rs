@@ -78,6 +78,19 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The weight, for a fused kernel; `None` unless the convolution is bias-free with
+    /// `padding`.
+    pub(crate) fn plain_weight(&self, padding: usize) -> Option<&Tensor> {
+        (self.bias.is_none() && self.padding == padding).then_some(&self.weight)
+    }
+
+    /// The stride.
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = at_kernels::conv2d(x, &self.weight, self.stride, self.padding)?;
@@ -146,10 +159,7 @@ impl BatchNorm2d {
                 let fused =
                     at_kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu)?;
                 if let Some((y, stats)) = fused {
-                    let device = x.device();
-                    let mean = Tensor::new(stats.mean.as_slice(), device)?;
-                    let var = Tensor::new(stats.var.as_slice(), device)?;
-                    self.update_running(&mean, &var, stats.count)?;
+                    self.update_running_from(&stats)?;
                     return Ok(y);
                 }
             } else {
@@ -192,6 +202,20 @@ impl BatchNorm2d {
             (var + BN_EPS)?.sqrt()?.recip()?.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?;
         let shift = bias.reshape((1, c, 1, 1))?.sub(&mean.mul(&scale)?)?;
         x.broadcast_mul(&scale)?.broadcast_add(&shift)
+    }
+
+    /// Gamma and beta, for a fused kernel that normalises with the batch's statistics; `None`
+    /// when this batch norm would not (evaluation, or frozen).
+    pub(crate) fn batch_affine(&self, train: bool) -> Option<(&Tensor, &Tensor)> {
+        (train && !self.frozen).then_some((&self.weight, &self.bias))
+    }
+
+    /// Updates the running statistics from a kernel's batch statistics.
+    pub(crate) fn update_running_from(&self, stats: &at_kernels::BatchStats) -> Result<()> {
+        let device = self.weight.device();
+        let mean = Tensor::new(stats.mean.as_slice(), device)?;
+        let var = Tensor::new(stats.var.as_slice(), device)?;
+        self.update_running(&mean, &var, stats.count)
     }
 
     /// Gamma and beta; detached when frozen, so that they take no gradient.

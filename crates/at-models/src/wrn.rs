@@ -10,7 +10,9 @@
 use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
-use crate::nn::{BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool};
+use at_kernels::{PreactBlock, preact_block_train};
+
+use crate::nn::{BN_EPS, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool};
 use crate::{AttentionModel, Output};
 
 /// The shape of a WRN-d-k.
@@ -77,6 +79,9 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(y) = self.fused_forward(x, train)? {
+            return Ok(y);
+        }
         let o1 = self.bn0.forward_relu_t(x, train)?;
         let y = self.conv0.forward(&o1)?;
         let y = self.conv1.forward(&self.bn1.forward_relu_t(&y, train)?)?;
@@ -84,6 +89,43 @@ impl Block {
             Some(convdim) => y + convdim.forward(&o1)?,
             None => y + x,
         }
+    }
+}
+
+impl Block {
+    /// The block as one kernel (training mode; see `at_kernels::block`), `None` where it does
+    /// not apply.
+    fn fused_forward(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        let (Some(bn0), Some(bn1)) = (self.bn0.batch_affine(train), self.bn1.batch_affine(train))
+        else {
+            return Ok(None);
+        };
+        let (Some(conv0), Some(conv1)) = (self.conv0.plain_weight(1), self.conv1.plain_weight(1))
+        else {
+            return Ok(None);
+        };
+        let convdim = match &self.convdim {
+            Some(convdim) => match convdim.plain_weight(0) {
+                Some(w) => Some(w),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let block = PreactBlock {
+            bn0,
+            conv0,
+            bn1,
+            conv1,
+            convdim,
+            stride: self.conv0.stride(),
+            eps: BN_EPS,
+        };
+        let Some((y, [stats0, stats1])) = preact_block_train(x, &block)? else {
+            return Ok(None);
+        };
+        self.bn0.update_running_from(&stats0)?;
+        self.bn1.update_running_from(&stats1)?;
+        Ok(Some(y))
     }
 }
 

@@ -1,0 +1,107 @@
+//! The fused pre-activation residual block against the same block built from separate ops
+//! (`batch_norm_train`, `conv2d`, an addition, each tested against candle's own ops elsewhere):
+//! output, batch statistics, and the gradients of the input and of every weight (f32).
+
+use at_kernels::{BatchStats, PreactBlock, batch_norm_train, conv2d, preact_block_train};
+use candle_core::{Device, Result, Tensor, Var};
+
+fn values(shape: &[usize], seed: f64, scale: f64) -> Var {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (((i as f64 + 1.0) * (seed + 0.618)).sin() * scale + 0.1 * scale) as f32)
+        .collect();
+    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn composite(x: &Tensor, b: &PreactBlock) -> Result<(Tensor, [BatchStats; 2])> {
+    let (o1, s0) = batch_norm_train(x, b.bn0.0, b.bn0.1, b.eps, true)?.expect("kernel");
+    let y0 = conv2d(&o1, b.conv0, b.stride, 1)?;
+    let (o2, s1) = batch_norm_train(&y0, b.bn1.0, b.bn1.1, b.eps, true)?.expect("kernel");
+    let y1 = conv2d(&o2, b.conv1, 1, 1)?;
+    let out = match b.convdim {
+        Some(w) => (y1 + conv2d(&o1, w, b.stride, 0)?)?,
+        None => (y1 + x)?,
+    };
+    Ok((out, [s0, s1]))
+}
+
+fn max_rel(what: &str, a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30)
+}
+
+fn check(c_in: usize, c_out: usize, stride: usize) {
+    let x = values(&[3, c_in, 8, 8], 1.0, 1.0);
+    let g0 = values(&[c_in], 2.0, 0.5);
+    let b0 = values(&[c_in], 3.0, 0.2);
+    let w0 = values(&[c_out, c_in, 3, 3], 4.0, 0.3);
+    let g1 = values(&[c_out], 5.0, 0.5);
+    let b1 = values(&[c_out], 6.0, 0.2);
+    let w1 = values(&[c_out, c_out, 3, 3], 7.0, 0.3);
+    let wd = values(&[c_out, c_in, 1, 1], 8.0, 0.3);
+    let projection = c_in != c_out || stride != 1;
+    let block = PreactBlock {
+        bn0: (g0.as_tensor(), b0.as_tensor()),
+        conv0: w0.as_tensor(),
+        bn1: (g1.as_tensor(), b1.as_tensor()),
+        conv1: w1.as_tensor(),
+        convdim: projection.then_some(wd.as_tensor()),
+        stride,
+        eps: 1e-5,
+    };
+    let (ours, ours_stats) =
+        preact_block_train(x.as_tensor(), &block).unwrap().expect("f32 on the CPU is fused");
+    let (theirs, their_stats) = composite(x.as_tensor(), &block).unwrap();
+    let tag = format!("{c_in}->{c_out} stride {stride}");
+    assert!(max_rel(&format!("{tag} output"), &ours, &theirs) < 1e-5);
+    assert_eq!(ours_stats, their_stats, "{tag}: batch statistics");
+
+    // Gradients of sum(out * r) for a fixed r.
+    let r = values(theirs.dims(), 9.0, 1.0);
+    let grads_ours = (ours * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads_theirs = (theirs * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut vars = vec![("x", &x), ("bn0.w", &g0), ("bn0.b", &b0), ("conv0", &w0)];
+    vars.extend([("bn1.w", &g1), ("bn1.b", &b1), ("conv1", &w1)]);
+    if projection {
+        vars.push(("convdim", &wd));
+    }
+    for (name, var) in vars {
+        let a = grads_ours.get(var).unwrap_or_else(|| panic!("{tag}: no gradient for {name}"));
+        let b = grads_theirs.get(var).unwrap();
+        let err = max_rel(&format!("{tag} d{name}"), a, b);
+        assert!(err < 1e-4, "{tag}: gradient of {name} differs by {err}");
+    }
+    if !projection {
+        assert!(grads_ours.get(&wd).is_none(), "{tag}: an unused projection took a gradient");
+    }
+}
+
+#[test]
+fn fused_block_with_identity_shortcut_matches_separate_ops() {
+    check(4, 4, 1);
+}
+
+#[test]
+fn fused_block_with_projection_and_stride_matches_separate_ops() {
+    check(3, 5, 2);
+    check(4, 6, 1);
+}
+
+#[test]
+fn fused_block_rejects_a_kernel_that_is_not_3x3() {
+    let x = values(&[1, 2, 4, 4], 1.0, 1.0);
+    let (g, b) = (values(&[2], 2.0, 1.0), values(&[2], 3.0, 1.0));
+    let w5 = values(&[2, 2, 5, 5], 4.0, 1.0);
+    let block = PreactBlock {
+        bn0: (g.as_tensor(), b.as_tensor()),
+        conv0: w5.as_tensor(),
+        bn1: (g.as_tensor(), b.as_tensor()),
+        conv1: w5.as_tensor(),
+        convdim: None,
+        stride: 1,
+        eps: 1e-5,
+    };
+    let err = preact_block_train(x.as_tensor(), &block).unwrap_err().to_string();
+    assert!(err.contains("3x3"), "{err}");
+}
