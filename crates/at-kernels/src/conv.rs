@@ -236,11 +236,12 @@ fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
 
 pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
     let (k, p) = (d.k(), d.p());
-    let mut y = vec![T::default(); d.n * d.o * p];
     let image = d.c * d.h * d.w;
-    y.par_chunks_mut(d.o * p).enumerate().for_each_init(
+    crate::par_chunks_zeroed(
+        d.n * d.o * p,
+        d.o * p,
         || if d.pointwise() { vec![] } else { vec![T::default(); k * p] },
-        |col, (n, y)| {
+        |col, n, y| {
             let x = &x[n * image..(n + 1) * image];
             let col: &[T] = if d.pointwise() {
                 x
@@ -250,17 +251,17 @@ pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
             };
             matmul((d.o, p, k), y, false, w, (k, 1), col, (p, 1));
         },
-    );
-    y
+    )
 }
 
 pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
-    let mut dx = vec![T::default(); d.n * image];
-    dx.par_chunks_mut(image).enumerate().for_each_init(
+    crate::par_chunks_zeroed(
+        d.n * image,
+        image,
         || if d.pointwise() { vec![] } else { vec![T::default(); k * p] },
-        |col, (n, dx)| {
+        |col, n, dx| {
             let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
             // w^T (k x o) * dy (o x p)
             if d.pointwise() {
@@ -270,8 +271,7 @@ pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
                 col2im(d, col, dx);
             }
         },
-    );
-    dx
+    )
 }
 
 pub(crate) fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {

@@ -19,9 +19,11 @@ pub mod conv;
 pub mod norm;
 
 use std::cell::Cell;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Layout, Result, Var, bail};
+use rayon::prelude::*;
 
 pub use attention::channel_power;
 pub use block::{PreactBlock, preact_block_train};
@@ -34,6 +36,37 @@ pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> R
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{what} must be contiguous"),
     }
+}
+
+/// A vector of `len` elements made chunk by chunk (`chunk` elements, the last one shorter) on
+/// rayon's threads: each chunk is zeroed and handed to `f(state, index, chunk)`, `state` coming
+/// from `init` once per rayon job. Unlike `vec![0; len]`, whose zero fill is one serial pass over
+/// the whole (often activation-sized, cold) buffer on the calling thread, each chunk is zeroed
+/// in parallel just before `f` writes it, while it is in cache.
+pub(crate) fn par_chunks_zeroed<T, S>(
+    len: usize,
+    chunk: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
+) -> Vec<T>
+where
+    T: Copy + Default + Send + Sync,
+{
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len].par_chunks_mut(chunk.max(1)).enumerate().for_each_init(
+        init,
+        |state, (i, out)| {
+            out.fill(MaybeUninit::new(T::default()));
+            // SAFETY: every element of `out` was initialised on the line above, and
+            // `MaybeUninit<T>` has the layout of `T`.
+            let out = unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) };
+            f(state, i, out);
+        },
+    );
+    // SAFETY: the chunks cover `0..len` and each was initialised (a panic in `f` unwinds
+    // before this line, dropping `v` with length 0).
+    unsafe { v.set_len(len) };
+    v
 }
 
 static REFERENCE: AtomicBool = AtomicBool::new(false);

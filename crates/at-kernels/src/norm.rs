@@ -75,17 +75,21 @@ fn normalize(
     (mean, invstd): (&[f64], &[f64]),
     relu: bool,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (y, x))| {
-        let ch = plane % c;
-        let scale = gamma[ch] as f64 * invstd[ch];
-        let (a, b) = (scale as f32, (beta[ch] as f64 - mean[ch] * scale) as f32);
-        for (y, &x) in y.iter_mut().zip(x) {
-            let v = x * a + b;
-            *y = if relu { v.max(0.0) } else { v };
-        }
-    });
-    y
+    crate::par_chunks_zeroed(
+        x.len(),
+        hw,
+        || (),
+        |_, plane, y| {
+            let x = &x[plane * hw..(plane + 1) * hw];
+            let ch = plane % c;
+            let scale = gamma[ch] as f64 * invstd[ch];
+            let (a, b) = (scale as f32, (beta[ch] as f64 - mean[ch] * scale) as f32);
+            for (y, &x) in y.iter_mut().zip(x) {
+                let v = x * a + b;
+                *y = if relu { v.max(0.0) } else { v };
+            }
+        },
+    )
 }
 
 /// Lanes of the vectorisable reductions below (f32 sums in independent lanes, so that the
@@ -188,22 +192,28 @@ pub(crate) fn train_backward(
         })
         .collect();
     let m = stats.count as f64;
-    let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dx)| {
-        let ch = plane % c;
-        let (sg, sgxhat) = sums[ch];
-        let k = gamma[ch] as f64 * invstd[ch];
-        // dx = k * (g - sg/m - xhat * sgxhat/m)
-        let a = k as f32;
-        let b = (k * sg / m) as f32;
-        let cx = (k * sgxhat / m * invstd[ch]) as f32;
-        let mean = stats.mean[ch] as f32;
-        let r = plane * hw..(plane + 1) * hw;
-        for (((dx, &g), &x), &y) in dx.iter_mut().zip(&g[r.clone()]).zip(&x[r.clone()]).zip(&y[r]) {
-            let g = if relu && y <= 0.0 { 0.0 } else { g };
-            *dx = a * g - b - cx * (x - mean);
-        }
-    });
+    let dx = crate::par_chunks_zeroed(
+        x.len(),
+        hw,
+        || (),
+        |_, plane, dx| {
+            let ch = plane % c;
+            let (sg, sgxhat) = sums[ch];
+            let k = gamma[ch] as f64 * invstd[ch];
+            // dx = k * (g - sg/m - xhat * sgxhat/m)
+            let a = k as f32;
+            let b = (k * sg / m) as f32;
+            let cx = (k * sgxhat / m * invstd[ch]) as f32;
+            let mean = stats.mean[ch] as f32;
+            let r = plane * hw..(plane + 1) * hw;
+            for (((dx, &g), &x), &y) in
+                dx.iter_mut().zip(&g[r.clone()]).zip(&x[r.clone()]).zip(&y[r])
+            {
+                let g = if relu && y <= 0.0 { 0.0 } else { g };
+                *dx = a * g - b - cx * (x - mean);
+            }
+        },
+    );
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
     (dx, dgamma, dbeta)
