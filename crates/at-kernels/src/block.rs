@@ -199,9 +199,9 @@ impl CustomOp2 for Op {
         dp[o.w1..o.wd].copy_from_slice(&conv::weight_grad(&d1, o2, g));
         let d_o2 = conv::input_grad(&d1, g, &p[o.w1..o.wd]);
         let (d_y0, dg1, db1) = norm::train_backward(
-            (y0, o2, &d_o2),
+            (y0, &d_o2),
             (n, o.c_out, d0.p()),
-            &p[o.g1..o.g1 + o.c_out],
+            (&p[o.g1..o.g1 + o.c_out], &p[o.g1 + o.c_out..o.w1]),
             &stats[1],
             self.eps,
             true,
@@ -217,9 +217,9 @@ impl CustomOp2 for Op {
             add_into(&mut d_o1, &conv::input_grad(&dd, g, &p[o.wd..]));
         }
         let (mut dx, dg0, db0) = norm::train_backward(
-            (x, o1, &d_o1),
+            (x, &d_o1),
             (n, o.c_in, h * w),
-            &p[..o.c_in],
+            (&p[..o.c_in], &p[o.c_in..o.w0]),
             &stats[0],
             self.eps,
             true,

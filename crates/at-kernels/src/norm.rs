@@ -81,9 +81,7 @@ fn normalize(
         || (),
         |_, plane, y| {
             let x = &x[plane * hw..(plane + 1) * hw];
-            let ch = plane % c;
-            let scale = gamma[ch] as f64 * invstd[ch];
-            let (a, b) = (scale as f32, (beta[ch] as f64 - mean[ch] * scale) as f32);
+            let (a, b) = affine((gamma, beta), (mean, invstd), plane % c);
             for (y, &x) in y.iter_mut().zip(x) {
                 let v = x * a + b;
                 *y = if relu { v.max(0.0) } else { v };
@@ -125,23 +123,42 @@ fn lane_sums(
     (sum(s) + s_tail, sum(t) + t_tail)
 }
 
-/// Per-channel mean and biased variance (two passes), channels in parallel.
+/// Per-channel mean and biased variance, channels in parallel, in one pass over `x`: each plane's
+/// mean and sum of squared deviations (two passes over the plane, which stays in cache), merged
+/// plane by plane in f64 (Chan et al.'s pairwise update).
 fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
-    let count = (n * hw) as f64;
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let planes = || (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw]);
-            let sum: f64 =
-                planes().map(|p| lane_sums((p, p, p), |x, _, _| x, |_, _, _| 0.0).0).sum();
-            let mean = sum / count;
-            let m = mean as f32;
-            let sq: f64 = planes()
-                .map(|p| lane_sums((p, p, p), |x, _, _| (x - m) * (x - m), |_, _, _| 0.0).0)
-                .sum();
-            (mean, sq / count)
+            let (mut count, mut mean, mut m2) = (0f64, 0f64, 0f64);
+            for i in 0..n {
+                let p = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+                let plane_mean = lane_sums((p, p, p), |x, _, _| x, |_, _, _| 0.0).0 / hw as f64;
+                let m = plane_mean as f32;
+                let plane_m2 = lane_sums((p, p, p), |x, _, _| (x - m) * (x - m), |_, _, _| 0.0).0;
+                // The deviations were taken from m, not from the exact plane mean.
+                let shift = plane_mean - m as f64;
+                let plane_m2 = (plane_m2 - hw as f64 * shift * shift).max(0.0);
+                let total = count + hw as f64;
+                let delta = plane_mean - mean;
+                mean += delta * hw as f64 / total;
+                m2 += plane_m2 + delta * delta * count * hw as f64 / total;
+                count = total;
+            }
+            (mean, m2 / count.max(1.0))
         })
         .unzip()
+}
+
+/// The per-channel `(scale, shift)` of the normalisation, `y = x * scale + shift`, in f32: the
+/// forward pass computes the output, the backward pass the ReLU mask, from the same numbers.
+fn affine(
+    (gamma, beta): (&[f32], &[f32]),
+    (mean, invstd): (&[f64], &[f64]),
+    ch: usize,
+) -> (f32, f32) {
+    let scale = gamma[ch] as f64 * invstd[ch];
+    (scale as f32, (beta[ch] as f64 - mean[ch] * scale) as f32)
 }
 
 /// Training-mode batch norm (then a ReLU when `relu`) of `x` (`(n, c, h * w)`, contiguous):
@@ -159,30 +176,35 @@ pub(crate) fn train_forward(
     (y, BatchStats { mean, var, count: n * hw })
 }
 
-/// The gradients `(dx, dgamma, dbeta)` of [`train_forward`] from its input `x`, its output `y`
-/// and the output's gradient `g`, in two passes.
+/// The gradients `(dx, dgamma, dbeta)` of [`train_forward`] from its input `x` and the output's
+/// gradient `g`, in two passes (the ReLU mask is recomputed from `x`).
 pub(crate) fn train_backward(
-    (x, y, g): (&[f32], &[f32], &[f32]),
+    (x, g): (&[f32], &[f32]),
     (n, c, hw): (usize, usize, usize),
-    gamma: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
     stats: &BatchStats,
     eps: f64,
     relu: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    // Per channel: sum of the (masked) incoming gradient, and of it times x-hat.
+    let coefficients = |ch| affine((gamma, beta), (&stats.mean, &invstd), ch);
+    // The incoming gradient where the ReLU passed it.
+    let masked = move |g: f32, x: f32, (a, b): (f32, f32)| {
+        if !relu || x * a + b > 0.0 { g } else { 0.0 }
+    };
+    // Per channel: sum of the masked gradient, and of it times x-hat.
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let (mut sg, mut sgx) = (0f64, 0f64);
             let mean = stats.mean[ch] as f32;
+            let ab = coefficients(ch);
             for i in 0..n {
                 let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                let masked = |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
                 let (a, b) = lane_sums(
-                    (&g[r.clone()], &x[r.clone()], &y[r]),
-                    |g, _, y| masked(g, y),
-                    |g, x, y| masked(g, y) * (x - mean),
+                    (&g[r.clone()], &x[r.clone()], &x[r]),
+                    |g, x, _| masked(g, x, ab),
+                    |g, x, _| masked(g, x, ab) * (x - mean),
                 );
                 sg += a;
                 sgx += b;
@@ -205,12 +227,10 @@ pub(crate) fn train_backward(
             let b = (k * sg / m) as f32;
             let cx = (k * sgxhat / m * invstd[ch]) as f32;
             let mean = stats.mean[ch] as f32;
+            let ab = coefficients(ch);
             let r = plane * hw..(plane + 1) * hw;
-            for (((dx, &g), &x), &y) in
-                dx.iter_mut().zip(&g[r.clone()]).zip(&x[r.clone()]).zip(&y[r])
-            {
-                let g = if relu && y <= 0.0 { 0.0 } else { g };
-                *dx = a * g - b - cx * (x - mean);
+            for ((dx, &g), &x) in dx.iter_mut().zip(&g[r.clone()]).zip(&x[r]) {
+                *dx = a * masked(g, x, ab) - b - cx * (x - mean);
             }
         },
     );
@@ -257,22 +277,16 @@ impl CustomOp3 for Op {
         let hw = h * w;
         let g = g.to_dtype(DType::F32)?.contiguous()?;
         let (xs, x_layout) = x.storage_and_layout();
-        let (ys, y_layout) = y.storage_and_layout();
         let (gs, g_layout) = g.storage_and_layout();
-        let (
-            Storage::Cpu(CpuStorage::F32(xs)),
-            Storage::Cpu(CpuStorage::F32(ys)),
-            Storage::Cpu(CpuStorage::F32(gs)),
-        ) = (&*xs, &*ys, &*gs)
+        let (Storage::Cpu(CpuStorage::F32(xs)), Storage::Cpu(CpuStorage::F32(gs))) = (&*xs, &*gs)
         else {
             bail!("the batch-norm kernel's backward takes f32 on the CPU")
         };
         let x = contiguous(xs, x_layout)?;
-        let y = contiguous(ys, y_layout)?;
         let g = contiguous(gs, g_layout)?;
-        let gamma_v = gamma.to_vec1::<f32>()?;
+        let (gamma_v, beta_v) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
         let (dx, dgamma, dbeta) =
-            train_backward((x, y, g), (n, c, hw), &gamma_v, &stats, self.eps, self.relu);
+            train_backward((x, g), (n, c, hw), (&gamma_v, &beta_v), &stats, self.eps, self.relu);
         let device = gamma.device();
         let dx = Tensor::from_vec(dx, (n, c, h, w), device)?;
         Ok((
