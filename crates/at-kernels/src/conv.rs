@@ -1,5 +1,7 @@
 //! 2-D convolution (square stride and padding, no dilation, one group) on the CPU as im2col and
-//! a GEMM per image, the batch split across rayon's threads.
+//! a GEMM per image, the batch split across rayon's threads. A "same" 3x3 convolution (stride 1,
+//! padding 1, most of a WRN) skips im2col: three shifted copies of the image and three GEMMs,
+//! one per kernel row (see [`shift3`]).
 //!
 //! Three candle custom ops form a family closed under differentiation, so a convolution can be
 //! differentiated any number of times (double backpropagation included):
@@ -85,6 +87,17 @@ impl Dims {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
 
+    /// A 3x3 convolution with stride 1 and padding 1, which the kernels compute from three
+    /// shifted copies of the image instead of im2col's nine (see [`shift3`]).
+    fn same3x3(&self) -> bool {
+        (self.kh, self.kw, self.stride, self.pad) == (3, 3, 1, 1)
+    }
+
+    /// The length of one plane of [`shift3`]'s buffer: the image with a zero row above and below.
+    fn padded_plane(&self) -> usize {
+        (self.h + 2) * self.w
+    }
+
     /// The range of output columns `ox` whose input column `ox * stride + kj - pad` is inside.
     fn valid(&self, k: usize, out: usize, input: usize) -> (usize, usize) {
         let s = self.stride;
@@ -94,19 +107,20 @@ impl Dims {
     }
 }
 
-/// `dst (m x n, row-major) (+)= a (m x k) * b (k x n)`, `a` and `b` given by row and column
-/// strides, on this thread.
+/// `dst (m x n, row-major with row stride dst_rs) (+)= a (m x k) * b (k x n)`, `a` and `b`
+/// given by row and column strides, on this thread.
 #[allow(clippy::too_many_arguments)]
 fn matmul<T: Element>(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
+    (dst, dst_rs): (&mut [T], usize),
     accumulate: bool,
     a: &[T],
     (a_rs, a_cs): (usize, usize),
     b: &[T],
     (b_rs, b_cs): (usize, usize),
 ) {
-    assert!(dst.len() >= m * n);
+    assert!(dst_rs >= n);
+    assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n);
     assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
     // SAFETY: the asserts above keep every index gemm reads or writes inside the slices.
@@ -117,7 +131,7 @@ fn matmul<T: Element>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             a.as_ptr(),
             a_cs as isize,
@@ -234,7 +248,85 @@ fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
     }
 }
 
+/// For a "same" 3x3 convolution, the three horizontal shifts of one image (`c x h x w`),
+/// `buf[c, kj][1 + y, x] = x[c][y][x + kj - 1]` (zero outside the image), each plane with a zero
+/// row above and below (`padded_plane` long), rows ordered `(c, kj)`.
+///
+/// Row `(c, ki, kj)` of the im2col matrix is the slice of row `(c, kj)` that starts at `ki * w`,
+/// so for each `ki` the rows `(c, kj)` form a `3c x p` matrix with row stride `padded_plane`:
+/// the convolution is three GEMMs over the weights of kernel row `ki` (see [`kernel_rows`]),
+/// from a copy three times the image instead of im2col's nine.
+fn shift3<T: Element>(d: &Dims, x: &[T], buf: &mut [T]) {
+    let (w, hw, plane) = (d.w, d.h * d.w, d.padded_plane());
+    let zero = T::default();
+    for c in 0..d.c {
+        let src = &x[c * hw..(c + 1) * hw];
+        for kj in 0..3 {
+            let dst = &mut buf[(c * 3 + kj) * plane..(c * 3 + kj + 1) * plane];
+            dst[..w].fill(zero);
+            dst[w + hw..].fill(zero);
+            let body = &mut dst[w..w + hw];
+            match kj {
+                // x[y][x - 1]: a copy one to the right, the first column zero.
+                0 => {
+                    body[1..].copy_from_slice(&src[..hw - 1]);
+                    body.iter_mut().step_by(w).for_each(|v| *v = zero);
+                }
+                1 => body.copy_from_slice(src),
+                // x[y][x + 1]: a copy one to the left, the last column zero.
+                _ => {
+                    body[..hw - 1].copy_from_slice(&src[1..]);
+                    body.iter_mut().skip(w - 1).step_by(w).for_each(|v| *v = zero);
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`shift3`]: `dx[c][y][x] = g[c, 1][1 + y, x] + g[c, 0][1 + y, x + 1] +
+/// g[c, 2][1 + y, x - 1]` (the terms that exist); the padding rows are dropped.
+fn unshift3<T: Element>(d: &Dims, g: &[T], dx: &mut [T]) {
+    let (w, hw, plane) = (d.w, d.h * d.w, d.padded_plane());
+    for c in 0..d.c {
+        let row = |kj: usize| &g[(c * 3 + kj) * plane + w..(c * 3 + kj) * plane + w + hw];
+        let (g0, g1, g2) = (row(0), row(1), row(2));
+        let out = &mut dx[c * hw..(c + 1) * hw];
+        for y in 0..d.h {
+            let r = y * w..(y + 1) * w;
+            let (out, g0, g1, g2) = (&mut out[r.clone()], &g0[r.clone()], &g1[r.clone()], &g2[r]);
+            out.copy_from_slice(g1);
+            for (o, v) in out[..w - 1].iter_mut().zip(&g0[1..]) {
+                *o += *v;
+            }
+            for (o, v) in out[1..].iter_mut().zip(&g2[..w - 1]) {
+                *o += *v;
+            }
+        }
+    }
+}
+
+/// The weights (`o x c x 3 x 3`) as three `o x 3c` matrices, one per kernel row `ki`, columns
+/// ordered `(c, kj)` as the rows of [`shift3`]'s buffer.
+fn kernel_rows<T: Element>(d: &Dims, w: &[T]) -> Vec<T> {
+    let (o, c) = (d.o, d.c);
+    let mut rows = vec![T::default(); 3 * o * 3 * c];
+    for ki in 0..3 {
+        for oo in 0..o {
+            for cc in 0..c {
+                for kj in 0..3 {
+                    rows[(ki * o + oo) * 3 * c + cc * 3 + kj] =
+                        w[((oo * c + cc) * 3 + ki) * 3 + kj];
+                }
+            }
+        }
+    }
+    rows
+}
+
 pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
+    if d.same3x3() {
+        return forward_same3x3(d, x, w);
+    }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
     crate::par_chunks_zeroed(
@@ -249,12 +341,89 @@ pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
                 im2col(d, x, col);
                 col
             };
-            matmul((d.o, p, k), y, false, w, (k, 1), col, (p, 1));
+            matmul((d.o, p, k), (y, p), false, w, (k, 1), col, (p, 1));
         },
     )
 }
 
+fn forward_same3x3<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
+    let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
+    let rows = kernel_rows(d, w);
+    crate::par_chunks_zeroed(
+        d.n * d.o * p,
+        d.o * p,
+        || vec![T::default(); k3 * plane],
+        |buf, n, y| {
+            shift3(d, &x[n * image..(n + 1) * image], buf);
+            for ki in 0..3 {
+                let (wk, shifted) = (&rows[ki * d.o * k3..], &buf[ki * d.w..]);
+                matmul((d.o, p, k3), (y, p), ki > 0, wk, (k3, 1), shifted, (plane, 1));
+            }
+        },
+    )
+}
+
+fn input_grad_same3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
+    let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
+    let rows = kernel_rows(d, w);
+    crate::par_chunks_zeroed(
+        d.n * image,
+        image,
+        || vec![T::default(); k3 * plane],
+        |g, n, dx| {
+            let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
+            // The three GEMMs write overlapping windows of each row: the first overwrites
+            // `[0, p)`, the others add; the rest of the row starts at zero.
+            for row in g.chunks_exact_mut(plane) {
+                row[p..].fill(T::default());
+            }
+            for ki in 0..3 {
+                let (wk, window) = (&rows[ki * d.o * k3..], &mut g[ki * d.w..]);
+                // w_ki^T (3c x o) * dy (o x p)
+                matmul((k3, p, d.o), (window, plane), ki > 0, wk, (1, k3), dy, (p, 1));
+            }
+            unshift3(d, g, dx);
+        },
+    )
+}
+
+fn weight_grad_same3x3<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
+    let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
+    let chunks = rayon::current_num_threads().clamp(1, d.n.max(1));
+    let per_chunk = d.n.div_ceil(chunks);
+    let partial: Vec<Vec<T>> = (0..chunks)
+        .into_par_iter()
+        .map(|chunk| {
+            // Per kernel row, the transposed gradient (`3c x o`), as in `weight_grad`.
+            let mut acc = vec![T::default(); 3 * k3 * d.o];
+            let mut buf = vec![T::default(); k3 * plane];
+            for n in chunk * per_chunk..((chunk + 1) * per_chunk).min(d.n) {
+                shift3(d, &x[n * image..(n + 1) * image], &mut buf);
+                let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
+                for ki in 0..3 {
+                    let (acc, shifted) = (&mut acc[ki * k3 * d.o..], &buf[ki * d.w..]);
+                    matmul((k3, d.o, p), (acc, d.o), true, shifted, (plane, 1), dy, (1, p));
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![T::default(); d.o * d.c * 9];
+    for acc in &partial {
+        for (i, t) in total.iter_mut().enumerate() {
+            // total[o][c][ki][kj] from acc[ki][(c, kj)][o]
+            let (oc, ki, kj) = (i / 9, i / 3 % 3, i % 3);
+            let (oo, cc) = (oc / d.c, oc % d.c);
+            *t += acc[(ki * k3 + cc * 3 + kj) * d.o + oo];
+        }
+    }
+    total
+}
+
 pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
+    if d.same3x3() {
+        return input_grad_same3x3(d, dy, w);
+    }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
     crate::par_chunks_zeroed(
@@ -265,9 +434,9 @@ pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
             let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
             // w^T (k x o) * dy (o x p)
             if d.pointwise() {
-                matmul((k, p, d.o), dx, false, w, (1, k), dy, (p, 1));
+                matmul((k, p, d.o), (dx, p), false, w, (1, k), dy, (p, 1));
             } else {
-                matmul((k, p, d.o), col, false, w, (1, k), dy, (p, 1));
+                matmul((k, p, d.o), (col, p), false, w, (1, k), dy, (p, 1));
                 col2im(d, col, dx);
             }
         },
@@ -275,6 +444,9 @@ pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
 }
 
 pub(crate) fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
+    if d.same3x3() {
+        return weight_grad_same3x3(d, x, dy);
+    }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
     let chunks = rayon::current_num_threads().clamp(1, d.n.max(1));
@@ -297,7 +469,7 @@ pub(crate) fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
                     im2col(d, x, &mut col);
                     &col
                 };
-                matmul((k, d.o, p), &mut acc, true, col, (p, 1), dy, (1, p));
+                matmul((k, d.o, p), (&mut acc, d.o), true, col, (p, 1), dy, (1, p));
             }
             acc
         })

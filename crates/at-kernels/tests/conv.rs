@@ -37,6 +37,10 @@ const GEOMETRIES: &[([usize; 4], [usize; 4], usize, usize)] = &[
     ([2, 3, 7, 7], [2, 3, 3, 3], 1, 0),
     ([2, 2, 6, 6], [3, 2, 3, 3], 3, 2),
     ([5, 1, 4, 4], [2, 1, 3, 3], 1, 1),
+    // "Same" 3x3 convolutions (computed from shifted copies): one column, one row, not square.
+    ([2, 2, 5, 1], [3, 2, 3, 3], 1, 1),
+    ([2, 2, 1, 6], [3, 2, 3, 3], 1, 1),
+    ([3, 4, 6, 9], [2, 4, 3, 3], 1, 1),
     // Several images per GEMM, the last group short (16 images of 8x8 per GEMM).
     ([37, 3, 8, 8], [4, 3, 3, 3], 1, 1),
     ([20, 5, 6, 6], [3, 5, 1, 1], 1, 0),
