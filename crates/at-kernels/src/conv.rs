@@ -1,7 +1,7 @@
 //! 2-D convolution (square stride and padding, no dilation, one group) on the CPU as im2col and
 //! a GEMM per image, the batch split across rayon's threads. A "same" 3x3 convolution (stride 1,
 //! padding 1, most of a WRN) skips im2col: three shifted copies of the image and three GEMMs,
-//! one per kernel row (see [`shift3`]).
+//! one per kernel row (see `shift3`).
 //!
 //! Three candle custom ops form a family closed under differentiation, so a convolution can be
 //! differentiated any number of times (double backpropagation included):
@@ -16,6 +16,8 @@
 //!
 //! The weight gradient sums over the batch in a fixed order (one accumulator per contiguous
 //! chunk of images, the chunks added in order), so results do not depend on thread scheduling.
+
+use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
@@ -111,8 +113,37 @@ impl Dims {
 /// given by row and column strides, on this thread.
 #[allow(clippy::too_many_arguments)]
 fn matmul<T: Element>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     (dst, dst_rs): (&mut [T], usize),
+    accumulate: bool,
+    a: &[T],
+    a_strides: (usize, usize),
+    b: &[T],
+    b_strides: (usize, usize),
+) {
+    // SAFETY: `dst` is initialised, so reading it when accumulating is fine.
+    let dst = unsafe { &mut *(dst as *mut [T] as *mut [MaybeUninit<T>]) };
+    gemm_into(dims, (dst, dst_rs), accumulate, a, a_strides, b, b_strides);
+}
+
+/// `dst = a * b` as [`matmul`], into memory that need not be initialised (gemm writes every
+/// element of the `m x n` window when it does not accumulate).
+fn matmul_uninit<T: Element>(
+    dims: (usize, usize, usize),
+    dst: (&mut [MaybeUninit<T>], usize),
+    a: &[T],
+    a_strides: (usize, usize),
+    b: &[T],
+    b_strides: (usize, usize),
+) {
+    gemm_into(dims, dst, false, a, a_strides, b, b_strides);
+}
+
+/// The one call into gemm; `dst` must be initialised where `accumulate` reads it.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: Element>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (&mut [MaybeUninit<T>], usize),
     accumulate: bool,
     a: &[T],
     (a_rs, a_cs): (usize, usize),
@@ -123,13 +154,14 @@ fn matmul<T: Element>(
     assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n);
     assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices.
+    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices; gemm
+    // reads `dst` only when accumulating.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<T>(),
             1,
             dst_rs as isize,
             accumulate,
@@ -285,7 +317,7 @@ fn shift3<T: Element>(d: &Dims, x: &[T], buf: &mut [T]) {
 
 /// The adjoint of [`shift3`]: `dx[c][y][x] = g[c, 1][1 + y, x] + g[c, 0][1 + y, x + 1] +
 /// g[c, 2][1 + y, x - 1]` (the terms that exist); the padding rows are dropped.
-fn unshift3<T: Element>(d: &Dims, g: &[T], dx: &mut [T]) {
+fn unshift3<T: Element>(d: &Dims, g: &[T], dx: &mut [MaybeUninit<T>]) {
     let (w, hw, plane) = (d.w, d.h * d.w, d.padded_plane());
     for c in 0..d.c {
         let row = |kj: usize| &g[(c * 3 + kj) * plane + w..(c * 3 + kj) * plane + w + hw];
@@ -294,13 +326,16 @@ fn unshift3<T: Element>(d: &Dims, g: &[T], dx: &mut [T]) {
         for y in 0..d.h {
             let r = y * w..(y + 1) * w;
             let (out, g0, g1, g2) = (&mut out[r.clone()], &g0[r.clone()], &g1[r.clone()], &g2[r]);
-            out.copy_from_slice(g1);
-            for (o, v) in out[..w - 1].iter_mut().zip(&g0[1..]) {
-                *o += *v;
-            }
-            for (o, v) in out[1..].iter_mut().zip(&g2[..w - 1]) {
-                *o += *v;
-            }
+            crate::write_each(out, |x| {
+                let mut v = g1[x];
+                if x + 1 < w {
+                    v += g0[x + 1];
+                }
+                if x > 0 {
+                    v += g2[x - 1];
+                }
+                v
+            });
         }
     }
 }
@@ -329,62 +364,71 @@ pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
     }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
-    crate::par_chunks_zeroed(
-        d.n * d.o * p,
-        d.o * p,
-        || if d.pointwise() { vec![] } else { vec![T::default(); k * p] },
-        |col, n, y| {
-            let x = &x[n * image..(n + 1) * image];
-            let col: &[T] = if d.pointwise() {
-                x
-            } else {
-                im2col(d, x, col);
-                col
-            };
-            matmul((d.o, p, k), (y, p), false, w, (k, 1), col, (p, 1));
-        },
-    )
+    let image_conv = |col: &mut Vec<T>, n: usize, y: &mut [MaybeUninit<T>]| {
+        let x = &x[n * image..(n + 1) * image];
+        let col: &[T] = if d.pointwise() {
+            x
+        } else {
+            im2col(d, x, col);
+            col
+        };
+        matmul_uninit((d.o, p, k), (y, p), w, (k, 1), col, (p, 1));
+    };
+    let init = || if d.pointwise() { vec![] } else { vec![T::default(); k * p] };
+    // SAFETY: the GEMM writes the whole chunk (`o x p`).
+    unsafe { crate::par_chunks_uninit(d.n * d.o * p, d.o * p, init, image_conv) }
 }
 
 fn forward_same3x3<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
     let rows = kernel_rows(d, w);
-    crate::par_chunks_zeroed(
-        d.n * d.o * p,
-        d.o * p,
-        || vec![T::default(); k3 * plane],
-        |buf, n, y| {
-            shift3(d, &x[n * image..(n + 1) * image], buf);
-            for ki in 0..3 {
-                let (wk, shifted) = (&rows[ki * d.o * k3..], &buf[ki * d.w..]);
-                matmul((d.o, p, k3), (y, p), ki > 0, wk, (k3, 1), shifted, (plane, 1));
-            }
-        },
-    )
+    let image_conv = |buf: &mut Vec<T>, n: usize, y: &mut [MaybeUninit<T>]| {
+        shift3(d, &x[n * image..(n + 1) * image], buf);
+        let (w0, shifted0) = (&rows[..d.o * k3], &buf[..]);
+        matmul_uninit((d.o, p, k3), (&mut *y, p), w0, (k3, 1), shifted0, (plane, 1));
+        // SAFETY: the GEMM above wrote every element of `y` (`o x p`, row stride `p`).
+        let y = unsafe { &mut *(y as *mut [MaybeUninit<T>] as *mut [T]) };
+        for ki in 1..3 {
+            let (wk, shifted) = (&rows[ki * d.o * k3..], &buf[ki * d.w..]);
+            matmul((d.o, p, k3), (y, p), true, wk, (k3, 1), shifted, (plane, 1));
+        }
+    };
+    // SAFETY: `image_conv` writes its whole chunk.
+    unsafe {
+        crate::par_chunks_uninit(
+            d.n * d.o * p,
+            d.o * p,
+            || vec![T::default(); k3 * plane],
+            image_conv,
+        )
+    }
 }
 
 fn input_grad_same3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
     let rows = kernel_rows(d, w);
-    crate::par_chunks_zeroed(
-        d.n * image,
-        image,
-        || vec![T::default(); k3 * plane],
-        |g, n, dx| {
-            let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
-            // The three GEMMs write overlapping windows of each row: the first overwrites
-            // `[0, p)`, the others add; the rest of the row starts at zero.
-            for row in g.chunks_exact_mut(plane) {
-                row[p..].fill(T::default());
-            }
-            for ki in 0..3 {
-                let (wk, window) = (&rows[ki * d.o * k3..], &mut g[ki * d.w..]);
-                // w_ki^T (3c x o) * dy (o x p)
-                matmul((k3, p, d.o), (window, plane), ki > 0, wk, (1, k3), dy, (p, 1));
-            }
-            unshift3(d, g, dx);
-        },
-    )
+    // SAFETY: `unshift3` writes the whole chunk.
+    unsafe {
+        crate::par_chunks_uninit(
+            d.n * image,
+            image,
+            || vec![T::default(); k3 * plane],
+            |g, n, dx| {
+                let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
+                // The three GEMMs write overlapping windows of each row: the first overwrites
+                // `[0, p)`, the others add; the rest of the row starts at zero.
+                for row in g.chunks_exact_mut(plane) {
+                    row[p..].fill(T::default());
+                }
+                for ki in 0..3 {
+                    let (wk, window) = (&rows[ki * d.o * k3..], &mut g[ki * d.w..]);
+                    // w_ki^T (3c x o) * dy (o x p)
+                    matmul((k3, p, d.o), (window, plane), ki > 0, wk, (1, k3), dy, (p, 1));
+                }
+                unshift3(d, g, dx);
+            },
+        )
+    }
 }
 
 fn weight_grad_same3x3<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {

@@ -7,6 +7,7 @@
 //! On a thread with second-order gradients switched on (double backpropagation) the backward is
 //! written with candle's own differentiable ops instead, from the same formulas.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
@@ -75,19 +76,16 @@ fn normalize(
     (mean, invstd): (&[f64], &[f64]),
     relu: bool,
 ) -> Vec<f32> {
-    crate::par_chunks_zeroed(
-        x.len(),
-        hw,
-        || (),
-        |_, plane, y| {
-            let x = &x[plane * hw..(plane + 1) * hw];
-            let (a, b) = affine((gamma, beta), (mean, invstd), plane % c);
-            for (y, &x) in y.iter_mut().zip(x) {
-                let v = x * a + b;
-                *y = if relu { v.max(0.0) } else { v };
-            }
-        },
-    )
+    let plane = |_: &mut (), plane: usize, y: &mut [MaybeUninit<f32>]| {
+        let x = &x[plane * hw..(plane + 1) * hw];
+        let (a, b) = affine((gamma, beta), (mean, invstd), plane % c);
+        crate::write_each(y, |i| {
+            let v = x[i] * a + b;
+            if relu { v.max(0.0) } else { v }
+        });
+    };
+    // SAFETY: `plane` writes its whole chunk.
+    unsafe { crate::par_chunks_uninit(x.len(), hw, || (), plane) }
 }
 
 /// Lanes of the vectorisable reductions below (f32 sums in independent lanes, so that the
@@ -214,26 +212,21 @@ pub(crate) fn train_backward(
         })
         .collect();
     let m = stats.count as f64;
-    let dx = crate::par_chunks_zeroed(
-        x.len(),
-        hw,
-        || (),
-        |_, plane, dx| {
-            let ch = plane % c;
-            let (sg, sgxhat) = sums[ch];
-            let k = gamma[ch] as f64 * invstd[ch];
-            // dx = k * (g - sg/m - xhat * sgxhat/m)
-            let a = k as f32;
-            let b = (k * sg / m) as f32;
-            let cx = (k * sgxhat / m * invstd[ch]) as f32;
-            let mean = stats.mean[ch] as f32;
-            let ab = coefficients(ch);
-            let r = plane * hw..(plane + 1) * hw;
-            for ((dx, &g), &x) in dx.iter_mut().zip(&g[r.clone()]).zip(&x[r]) {
-                *dx = a * masked(g, x, ab) - b - cx * (x - mean);
-            }
-        },
-    );
+    let plane = |_: &mut (), plane: usize, dx: &mut [MaybeUninit<f32>]| {
+        let ch = plane % c;
+        let (sg, sgxhat) = sums[ch];
+        let k = gamma[ch] as f64 * invstd[ch];
+        // dx = k * (g - sg/m - xhat * sgxhat/m)
+        let a = k as f32;
+        let b = (k * sg / m) as f32;
+        let cx = (k * sgxhat / m * invstd[ch]) as f32;
+        let mean = stats.mean[ch] as f32;
+        let ab = coefficients(ch);
+        let (g, x) = (&g[plane * hw..(plane + 1) * hw], &x[plane * hw..(plane + 1) * hw]);
+        crate::write_each(dx, |i| a * masked(g[i], x[i], ab) - b - cx * (x[i] - mean));
+    };
+    // SAFETY: `plane` writes its whole chunk.
+    let dx = unsafe { crate::par_chunks_uninit(x.len(), hw, || (), plane) };
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
     (dx, dgamma, dbeta)
