@@ -66,13 +66,19 @@ impl Offsets {
     fn projection(&self) -> bool {
         self.total > self.wd
     }
+
+    /// bn1's weight and bias in the flat parameters `p`.
+    fn bn1<'p>(&self, p: &'p [f32]) -> (&'p [f32], &'p [f32]) {
+        (&p[self.g1..self.g1 + self.c_out], &p[self.g1 + self.c_out..self.w1])
+    }
 }
 
 /// What the backward pass needs beyond the op's operands.
 struct Saved {
+    /// `relu(bn0(x))`, the input of conv0 and of the projection.
     o1: Vec<f32>,
+    /// `conv0(o1)`; conv1's input `relu(bn1(y0))` is recomputed from it.
     y0: Vec<f32>,
-    o2: Vec<f32>,
     stats: [BatchStats; 2],
 }
 
@@ -90,6 +96,41 @@ fn conv_dims(o: &Offsets, stride: usize, (n, h, w): (usize, usize, usize)) -> Re
     let d1 = Dims::new((n, o.c_out, d0.ho, d0.wo), (o.c_out, o.c_out, 3, 3), 1, 1)?;
     let dd = Dims::new((n, o.c_in, h, w), (o.c_out, o.c_in, 1, 1), stride, 0)?;
     Ok([d0, d1, dd])
+}
+
+/// `relu(x * scale + shift)` per channel: a batch norm and ReLU applied as a convolution's
+/// input map.
+struct AffineRelu(Vec<(f32, f32)>);
+
+impl conv::InputMap<f32> for AffineRelu {
+    fn copy(&self, channel: usize, src: &[f32], dst: &mut [f32]) {
+        let (a, b) = self.0[channel];
+        // The expression of the batch-norm kernel's forward pass, so the values are the same.
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = (x * a + b).max(0.0);
+        }
+    }
+}
+
+/// conv0 and the statistics of its output (for bn1): for a "same" convolution from each
+/// image's planes right after the GEMM, otherwise in a pass of their own; the numbers are the
+/// same either way.
+fn conv0_with_stats(d: &Dims, x: &[f32], w: &[f32]) -> (Vec<f32>, BatchStats) {
+    let (n, c, p) = (d.n, d.o, d.p());
+    if !d.same3x3() {
+        let y = conv::forward(d, x, w);
+        let stats = norm::batch_stats(&y, (n, c, p));
+        return (y, stats);
+    }
+    let moments = Mutex::new(vec![(0.0, 0.0); n * c]);
+    let take_moments = |image: usize, y: &[f32]| {
+        let planes: Vec<(f64, f64)> = y.chunks_exact(p).map(norm::plane_moments).collect();
+        let mut moments = moments.lock().unwrap_or_else(|e| e.into_inner());
+        moments[image * c..(image + 1) * c].copy_from_slice(&planes);
+    };
+    let y = conv::forward_same3x3(d, x, w, &conv::Plain, &take_moments);
+    let moments = moments.into_inner().unwrap_or_else(|e| e.into_inner());
+    (y, norm::stats_from_moments(&moments, (n, c, p)))
 }
 
 /// `dst += src`, in parallel.
@@ -142,15 +183,12 @@ impl CustomOp2 for Op {
             self.eps,
             true,
         );
-        let y0 = conv::forward(&d0, &o1, &p[o.w0..o.g1]);
-        let (o2, stats1) = norm::train_forward(
-            &y0,
-            (n, o.c_out, d0.p()),
-            (&p[o.g1..o.g1 + o.c_out], &p[o.g1 + o.c_out..o.w1]),
-            self.eps,
-            true,
-        );
-        let mut out = conv::forward(&d1, &o2, &p[o.w1..o.wd]);
+
+        // conv0, with bn1's statistics taken from each image's output while it is in cache.
+        let (y0, stats1) = conv0_with_stats(&d0, &o1, &p[o.w0..o.g1]);
+        // conv1 reads relu(bn1(y0)) through its input map: bn1's output is never stored.
+        let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats1, self.eps));
+        let mut out = conv::forward_same3x3(&d1, &y0, &p[o.w1..o.wd], &bn1, &|_, _| {});
         if o.projection() {
             add_into(&mut out, &conv::forward(&dd, &o1, &p[o.wd..]));
         } else if out.len() == x.len() {
@@ -160,7 +198,7 @@ impl CustomOp2 for Op {
         }
         let stats = [stats0, stats1];
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats.clone());
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { o1, y0, o2, stats });
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { o1, y0, stats });
         Ok((CpuStorage::F32(out), Shape::from((n, o.c_out, d0.ho, d0.wo))))
     }
 
@@ -191,17 +229,20 @@ impl CustomOp2 for Op {
         let p = f32_slice(ps, pl, "the parameters")?;
         let g = f32_slice(gs, gl, "the output gradient")?;
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(Saved { o1, y0, o2, stats }) = saved.as_ref() else {
+        let Some(Saved { o1, y0, stats }) = saved.as_ref() else {
             bail!("the residual block's backward ran before its forward")
         };
         let mut dp = vec![0f32; o.total];
-        // out = conv1(o2) + shortcut
-        dp[o.w1..o.wd].copy_from_slice(&conv::weight_grad(&d1, o2, g));
+
+        // out = conv1(relu(bn1(y0))) + shortcut
+        let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats[1], self.eps));
+        let dw1 = conv::weight_grad_same3x3(&d1, y0, g, &bn1);
+        dp[o.w1..o.wd].copy_from_slice(&dw1);
         let d_o2 = conv::input_grad(&d1, g, &p[o.w1..o.wd]);
         let (d_y0, dg1, db1) = norm::train_backward(
             (y0, &d_o2),
             (n, o.c_out, d0.p()),
-            (&p[o.g1..o.g1 + o.c_out], &p[o.g1 + o.c_out..o.w1]),
+            o.bn1(p),
             &stats[1],
             self.eps,
             true,

@@ -40,11 +40,11 @@ impl Element for f64 {
 /// Every size of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Dims {
-    n: usize,
+    pub(crate) n: usize,
     c: usize,
     h: usize,
     w: usize,
-    o: usize,
+    pub(crate) o: usize,
     kh: usize,
     kw: usize,
     pub(crate) ho: usize,
@@ -91,7 +91,7 @@ impl Dims {
 
     /// A 3x3 convolution with stride 1 and padding 1, which the kernels compute from three
     /// shifted copies of the image instead of im2col's nine (see [`shift3`]).
-    fn same3x3(&self) -> bool {
+    pub(crate) fn same3x3(&self) -> bool {
         (self.kh, self.kw, self.stride, self.pad) == (3, 3, 1, 1)
     }
 
@@ -280,6 +280,23 @@ fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
     }
 }
 
+/// How a "same" 3x3 convolution reads its input channels: [`Plain`], or through a per-channel
+/// map applied while [`shift3`] copies the image (the residual-block kernel's batch norm and
+/// ReLU, so that their output is never stored).
+pub(crate) trait InputMap<T>: Sync {
+    /// Writes channel `channel`'s values `src`, mapped, into `dst` (of the same length).
+    fn copy(&self, channel: usize, src: &[T], dst: &mut [T]);
+}
+
+/// The input as it is.
+pub(crate) struct Plain;
+
+impl<T: Element> InputMap<T> for Plain {
+    fn copy(&self, _: usize, src: &[T], dst: &mut [T]) {
+        dst.copy_from_slice(src);
+    }
+}
+
 /// For a "same" 3x3 convolution, the three horizontal shifts of one image (`c x h x w`),
 /// `buf[c, kj][1 + y, x] = x[c][y][x + kj - 1]` (zero outside the image), each plane with a zero
 /// row above and below (`padded_plane` long), rows ordered `(c, kj)`.
@@ -287,31 +304,28 @@ fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
 /// Row `(c, ki, kj)` of the im2col matrix is the slice of row `(c, kj)` that starts at `ki * w`,
 /// so for each `ki` the rows `(c, kj)` form a `3c x p` matrix with row stride `padded_plane`:
 /// the convolution is three GEMMs over the weights of kernel row `ki` (see [`kernel_rows`]),
-/// from a copy three times the image instead of im2col's nine.
-fn shift3<T: Element>(d: &Dims, x: &[T], buf: &mut [T]) {
+/// from a copy three times the image instead of im2col's nine. The image is read through `map`
+/// (padding stays zero).
+fn shift3<T: Element>(d: &Dims, x: &[T], buf: &mut [T], map: &impl InputMap<T>) {
     let (w, hw, plane) = (d.w, d.h * d.w, d.padded_plane());
     let zero = T::default();
-    for c in 0..d.c {
-        let src = &x[c * hw..(c + 1) * hw];
-        for kj in 0..3 {
-            let dst = &mut buf[(c * 3 + kj) * plane..(c * 3 + kj + 1) * plane];
-            dst[..w].fill(zero);
-            dst[w + hw..].fill(zero);
-            let body = &mut dst[w..w + hw];
-            match kj {
-                // x[y][x - 1]: a copy one to the right, the first column zero.
-                0 => {
-                    body[1..].copy_from_slice(&src[..hw - 1]);
-                    body.iter_mut().step_by(w).for_each(|v| *v = zero);
-                }
-                1 => body.copy_from_slice(src),
-                // x[y][x + 1]: a copy one to the left, the last column zero.
-                _ => {
-                    body[..hw - 1].copy_from_slice(&src[1..]);
-                    body.iter_mut().skip(w - 1).step_by(w).for_each(|v| *v = zero);
-                }
-            }
+    for (c, rows) in buf.chunks_exact_mut(3 * plane).take(d.c).enumerate() {
+        for row in rows.chunks_exact_mut(plane) {
+            row[..w].fill(zero);
+            row[w + hw..].fill(zero);
         }
+        let (left, rest) = rows.split_at_mut(plane);
+        let (centre, right) = rest.split_at_mut(plane);
+        let (left, centre, right) =
+            (&mut left[w..w + hw], &mut centre[w..w + hw], &mut right[w..w + hw]);
+        // kj = 1: the image itself, mapped once; the other two shifts are copies of it.
+        map.copy(c, &x[c * hw..(c + 1) * hw], centre);
+        // kj = 0, x[y][x - 1]: one to the right, the first column zero.
+        left[1..].copy_from_slice(&centre[..hw - 1]);
+        left.iter_mut().step_by(w).for_each(|v| *v = zero);
+        // kj = 2, x[y][x + 1]: one to the left, the last column zero.
+        right[..hw - 1].copy_from_slice(&centre[1..]);
+        right.iter_mut().skip(w - 1).step_by(w).for_each(|v| *v = zero);
     }
 }
 
@@ -360,7 +374,7 @@ fn kernel_rows<T: Element>(d: &Dims, w: &[T]) -> Vec<T> {
 
 pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
     if d.same3x3() {
-        return forward_same3x3(d, x, w);
+        return forward_same3x3(d, x, w, &Plain, &|_, _| {});
     }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
@@ -379,11 +393,20 @@ pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
     unsafe { crate::par_chunks_uninit(d.n * d.o * p, d.o * p, init, image_conv) }
 }
 
-fn forward_same3x3<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
+/// A "same" 3x3 convolution of `map(x)`; `epilogue(n, y_n)` runs on each image's output while
+/// it is in cache (the block kernel takes the next batch norm's statistics there).
+pub(crate) fn forward_same3x3<T: Element>(
+    d: &Dims,
+    x: &[T],
+    w: &[T],
+    map: &impl InputMap<T>,
+    epilogue: &(dyn Fn(usize, &[T]) + Sync),
+) -> Vec<T> {
+    assert!(d.same3x3(), "forward_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
     let rows = kernel_rows(d, w);
     let image_conv = |buf: &mut Vec<T>, n: usize, y: &mut [MaybeUninit<T>]| {
-        shift3(d, &x[n * image..(n + 1) * image], buf);
+        shift3(d, &x[n * image..(n + 1) * image], buf, map);
         let (w0, shifted0) = (&rows[..d.o * k3], &buf[..]);
         matmul_uninit((d.o, p, k3), (&mut *y, p), w0, (k3, 1), shifted0, (plane, 1));
         // SAFETY: the GEMM above wrote every element of `y` (`o x p`, row stride `p`).
@@ -392,6 +415,7 @@ fn forward_same3x3<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
             let (wk, shifted) = (&rows[ki * d.o * k3..], &buf[ki * d.w..]);
             matmul((d.o, p, k3), (y, p), true, wk, (k3, 1), shifted, (plane, 1));
         }
+        epilogue(n, y);
     };
     // SAFETY: `image_conv` writes its whole chunk.
     unsafe {
@@ -431,7 +455,14 @@ fn input_grad_same3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
     }
 }
 
-fn weight_grad_same3x3<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
+/// The weight gradient of a "same" 3x3 convolution of `map(x)`.
+pub(crate) fn weight_grad_same3x3<T: Element>(
+    d: &Dims,
+    x: &[T],
+    dy: &[T],
+    map: &impl InputMap<T>,
+) -> Vec<T> {
+    assert!(d.same3x3(), "weight_grad_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
     let chunks = rayon::current_num_threads().clamp(1, d.n.max(1));
     let per_chunk = d.n.div_ceil(chunks);
@@ -442,7 +473,7 @@ fn weight_grad_same3x3<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
             let mut acc = vec![T::default(); 3 * k3 * d.o];
             let mut buf = vec![T::default(); k3 * plane];
             for n in chunk * per_chunk..((chunk + 1) * per_chunk).min(d.n) {
-                shift3(d, &x[n * image..(n + 1) * image], &mut buf);
+                shift3(d, &x[n * image..(n + 1) * image], &mut buf, map);
                 let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
                 for ki in 0..3 {
                     let (acc, shifted) = (&mut acc[ki * k3 * d.o..], &buf[ki * d.w..]);
@@ -489,7 +520,7 @@ pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
 
 pub(crate) fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
     if d.same3x3() {
-        return weight_grad_same3x3(d, x, dy);
+        return weight_grad_same3x3(d, x, dy, &Plain);
     }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;

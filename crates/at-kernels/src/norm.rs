@@ -121,31 +121,71 @@ fn lane_sums(
     (sum(s) + s_tail, sum(t) + t_tail)
 }
 
-/// Per-channel mean and biased variance, channels in parallel, in one pass over `x`: each plane's
-/// mean and sum of squared deviations (two passes over the plane, which stays in cache), merged
-/// plane by plane in f64 (Chan et al.'s pairwise update).
+/// One plane's mean and sum of squared deviations (two passes over the plane, which stays in
+/// cache), in f64.
+pub(crate) fn plane_moments(p: &[f32]) -> (f64, f64) {
+    let hw = p.len() as f64;
+    let mean = lane_sums((p, p, p), |x, _, _| x, |_, _, _| 0.0).0 / hw;
+    let m = mean as f32;
+    let m2 = lane_sums((p, p, p), |x, _, _| (x - m) * (x - m), |_, _, _| 0.0).0;
+    // The deviations were taken from m, not from the exact plane mean.
+    let shift = mean - m as f64;
+    (mean, (m2 - hw * shift * shift).max(0.0))
+}
+
+/// The batch statistics of one channel from its planes' [`plane_moments`] (in image order),
+/// merged in f64 with Chan et al.'s pairwise update; each plane holds `hw` values.
+fn merge_moments(planes: impl Iterator<Item = (f64, f64)>, hw: usize) -> (f64, f64) {
+    let (mut count, mut mean, mut m2) = (0f64, 0f64, 0f64);
+    let hw = hw as f64;
+    for (plane_mean, plane_m2) in planes {
+        let total = count + hw;
+        let delta = plane_mean - mean;
+        mean += delta * hw / total;
+        m2 += plane_m2 + delta * delta * count * hw / total;
+        count = total;
+    }
+    (mean, m2 / count.max(1.0))
+}
+
+/// Per-channel mean and biased variance, channels in parallel, in one pass over `x`.
 fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (mut count, mut mean, mut m2) = (0f64, 0f64, 0f64);
-            for i in 0..n {
-                let p = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-                let plane_mean = lane_sums((p, p, p), |x, _, _| x, |_, _, _| 0.0).0 / hw as f64;
-                let m = plane_mean as f32;
-                let plane_m2 = lane_sums((p, p, p), |x, _, _| (x - m) * (x - m), |_, _, _| 0.0).0;
-                // The deviations were taken from m, not from the exact plane mean.
-                let shift = plane_mean - m as f64;
-                let plane_m2 = (plane_m2 - hw as f64 * shift * shift).max(0.0);
-                let total = count + hw as f64;
-                let delta = plane_mean - mean;
-                mean += delta * hw as f64 / total;
-                m2 += plane_m2 + delta * delta * count * hw as f64 / total;
-                count = total;
-            }
-            (mean, m2 / count.max(1.0))
+            let planes =
+                (0..n).map(|i| plane_moments(&x[(i * c + ch) * hw..(i * c + ch + 1) * hw]));
+            merge_moments(planes, hw)
         })
         .unzip()
+}
+
+/// The batch statistics of an `(n, c, hw)` activation, as [`train_forward`] takes them.
+pub(crate) fn batch_stats(x: &[f32], (n, c, hw): (usize, usize, usize)) -> BatchStats {
+    let (mean, var) = stats(x, n, c, hw);
+    BatchStats { mean, var, count: n * hw }
+}
+
+/// The batch statistics of an `(n, c, hw)` activation from the [`plane_moments`] of its planes
+/// (`moments[i * c + ch]`), the same numbers [`train_forward`] computes from the activation.
+pub(crate) fn stats_from_moments(
+    moments: &[(f64, f64)],
+    (n, c, hw): (usize, usize, usize),
+) -> BatchStats {
+    let (mean, var) =
+        (0..c).map(|ch| merge_moments((0..n).map(|i| moments[i * c + ch]), hw)).unzip();
+    BatchStats { mean, var, count: n * hw }
+}
+
+/// Per channel, the `(scale, shift)` of a ReLU'd batch norm with these statistics: the output
+/// is `relu(x * scale + shift)`, exactly as [`train_forward`] computes it.
+pub(crate) fn coefficients(
+    (gamma, beta): (&[f32], &[f32]),
+    stats: &BatchStats,
+    eps: f64,
+) -> Vec<(f32, f32)> {
+    let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    (0..gamma.len()).map(|ch| affine((gamma, beta), (&stats.mean, &invstd), ch)).collect()
 }
 
 /// The per-channel `(scale, shift)` of the normalisation, `y = x * scale + shift`, in f32: the
