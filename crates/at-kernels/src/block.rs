@@ -238,14 +238,32 @@ impl CustomOp2 for Op {
         let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats[1], self.eps));
         let dw1 = conv::weight_grad_same3x3(&d1, y0, g, &bn1);
         dp[o.w1..o.wd].copy_from_slice(&dw1);
-        let d_o2 = conv::input_grad(&d1, g, &p[o.w1..o.wd]);
+
+        // conv1's input gradient, with the first pass of bn1's backward taken from each
+        // image's planes while they are in cache.
+        let bn1_sums = Mutex::new(vec![(0.0, 0.0); n * o.c_out]);
+        let take_sums = |image: usize, d_o2: &[f32]| {
+            let y0 = &y0[image * o.c_out * d0.p()..(image + 1) * o.c_out * d0.p()];
+            let planes: Vec<(f64, f64)> = (0..o.c_out)
+                .map(|ch| {
+                    let r = ch * d0.p()..(ch + 1) * d0.p();
+                    let mean = stats[1].mean[ch] as f32;
+                    norm::plane_grad_sums((&d_o2[r.clone()], &y0[r]), bn1.0[ch], mean, true)
+                })
+                .collect();
+            let mut sums = bn1_sums.lock().unwrap_or_else(|e| e.into_inner());
+            sums[image * o.c_out..(image + 1) * o.c_out].copy_from_slice(&planes);
+        };
+        let d_o2 = conv::input_grad_same3x3(&d1, g, &p[o.w1..o.wd], &take_sums);
+        let bn1_sums = bn1_sums.into_inner().unwrap_or_else(|e| e.into_inner());
         let (d_y0, dg1, db1) = norm::train_backward(
-            (y0, &d_o2),
+            (y0, &d_o2, None),
             (n, o.c_out, d0.p()),
             o.bn1(p),
             &stats[1],
             self.eps,
             true,
+            Some(&bn1_sums),
         );
         drop(d_o2);
         dp[o.g1..o.g1 + o.c_out].copy_from_slice(&dg1);
@@ -257,17 +275,16 @@ impl CustomOp2 for Op {
             dp[o.wd..].copy_from_slice(&conv::weight_grad(&dd, o1, g));
             add_into(&mut d_o1, &conv::input_grad(&dd, g, &p[o.wd..]));
         }
-        let (mut dx, dg0, db0) = norm::train_backward(
-            (x, &d_o1),
+        let (dx, dg0, db0) = norm::train_backward(
+            (x, &d_o1, (!o.projection()).then_some(g)),
             (n, o.c_in, h * w),
             (&p[..o.c_in], &p[o.c_in..o.w0]),
             &stats[0],
             self.eps,
             true,
+            None,
         );
-        if !o.projection() {
-            add_into(&mut dx, g);
-        }
+
         dp[..o.c_in].copy_from_slice(&dg0);
         dp[o.c_in..o.w0].copy_from_slice(&db0);
         let device = params.device();

@@ -428,30 +428,36 @@ pub(crate) fn forward_same3x3<T: Element>(
     }
 }
 
-fn input_grad_same3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
+/// The input gradient of a "same" 3x3 convolution; `epilogue(n, dx_n)` runs on each image's
+/// gradient while it is in cache.
+pub(crate) fn input_grad_same3x3<T: Element>(
+    d: &Dims,
+    dy: &[T],
+    w: &[T],
+    epilogue: &(dyn Fn(usize, &[T]) + Sync),
+) -> Vec<T> {
+    assert!(d.same3x3(), "input_grad_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
     let rows = kernel_rows(d, w);
-    // SAFETY: `unshift3` writes the whole chunk.
+    let image_grad = |g: &mut Vec<T>, n: usize, dx: &mut [MaybeUninit<T>]| {
+        let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
+        // The three GEMMs write overlapping windows of each row: the first overwrites `[0, p)`,
+        // the others add; the rest of the row starts at zero.
+        for row in g.chunks_exact_mut(plane) {
+            row[p..].fill(T::default());
+        }
+        for ki in 0..3 {
+            let (wk, window) = (&rows[ki * d.o * k3..], &mut g[ki * d.w..]);
+            // w_ki^T (3c x o) * dy (o x p)
+            matmul((k3, p, d.o), (window, plane), ki > 0, wk, (1, k3), dy, (p, 1));
+        }
+        unshift3(d, g, dx);
+        // SAFETY: `unshift3` initialised every element of `dx`.
+        epilogue(n, unsafe { &*(dx as *const [MaybeUninit<T>] as *const [T]) });
+    };
+    // SAFETY: `image_grad` writes its whole chunk.
     unsafe {
-        crate::par_chunks_uninit(
-            d.n * image,
-            image,
-            || vec![T::default(); k3 * plane],
-            |g, n, dx| {
-                let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
-                // The three GEMMs write overlapping windows of each row: the first overwrites
-                // `[0, p)`, the others add; the rest of the row starts at zero.
-                for row in g.chunks_exact_mut(plane) {
-                    row[p..].fill(T::default());
-                }
-                for ki in 0..3 {
-                    let (wk, window) = (&rows[ki * d.o * k3..], &mut g[ki * d.w..]);
-                    // w_ki^T (3c x o) * dy (o x p)
-                    matmul((k3, p, d.o), (window, plane), ki > 0, wk, (1, k3), dy, (p, 1));
-                }
-                unshift3(d, g, dx);
-            },
-        )
+        crate::par_chunks_uninit(d.n * image, image, || vec![T::default(); k3 * plane], image_grad)
     }
 }
 
@@ -497,7 +503,7 @@ pub(crate) fn weight_grad_same3x3<T: Element>(
 
 pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
     if d.same3x3() {
-        return input_grad_same3x3(d, dy, w);
+        return input_grad_same3x3(d, dy, w, &|_, _| {});
     }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;

@@ -214,36 +214,61 @@ pub(crate) fn train_forward(
     (y, BatchStats { mean, var, count: n * hw })
 }
 
+/// The incoming gradient where the ReLU (if any) passed it: where `x * a + b > 0`.
+#[inline(always)]
+fn masked(g: f32, x: f32, (a, b): (f32, f32), relu: bool) -> f32 {
+    if !relu || x * a + b > 0.0 { g } else { 0.0 }
+}
+
+/// Over one plane of the output gradient `g` and the input `x`: the sum of the masked gradient,
+/// and of it times `x - mean` (`ab`: the channel's [`coefficients`]). The first pass of
+/// [`train_backward`], which a kernel can run where the plane is in cache.
+pub(crate) fn plane_grad_sums(
+    (g, x): (&[f32], &[f32]),
+    ab: (f32, f32),
+    mean: f32,
+    relu: bool,
+) -> (f64, f64) {
+    lane_sums(
+        (g, x, x),
+        |g, x, _| masked(g, x, ab, relu),
+        |g, x, _| masked(g, x, ab, relu) * (x - mean),
+    )
+}
+
 /// The gradients `(dx, dgamma, dbeta)` of [`train_forward`] from its input `x` and the output's
-/// gradient `g`, in two passes (the ReLU mask is recomputed from `x`).
+/// gradient `g`, in two passes (the ReLU mask is recomputed from `x`). `dx + residual` when a
+/// residual gradient is given (the identity shortcut of a residual block), in the same pass.
+/// `precomputed`: the first pass's [`plane_grad_sums`] of every plane (`[i * c + ch]`), if a
+/// kernel took them already.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn train_backward(
-    (x, g): (&[f32], &[f32]),
+    (x, g, residual): (&[f32], &[f32], Option<&[f32]>),
     (n, c, hw): (usize, usize, usize),
     (gamma, beta): (&[f32], &[f32]),
     stats: &BatchStats,
     eps: f64,
     relu: bool,
+    precomputed: Option<&[(f64, f64)]>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let coefficients = |ch| affine((gamma, beta), (&stats.mean, &invstd), ch);
-    // The incoming gradient where the ReLU passed it.
-    let masked = move |g: f32, x: f32, (a, b): (f32, f32)| {
-        if !relu || x * a + b > 0.0 { g } else { 0.0 }
+    // Per channel: sum of the masked gradient, and of it times x-hat, from the planes' sums in
+    // image order.
+    let plane_sums = |ch: usize, i: usize| match precomputed {
+        Some(sums) => sums[i * c + ch],
+        None => {
+            let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+            let mean = stats.mean[ch] as f32;
+            plane_grad_sums((&g[r.clone()], &x[r]), coefficients(ch), mean, relu)
+        }
     };
-    // Per channel: sum of the masked gradient, and of it times x-hat.
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let (mut sg, mut sgx) = (0f64, 0f64);
-            let mean = stats.mean[ch] as f32;
-            let ab = coefficients(ch);
             for i in 0..n {
-                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                let (a, b) = lane_sums(
-                    (&g[r.clone()], &x[r.clone()], &x[r]),
-                    |g, x, _| masked(g, x, ab),
-                    |g, x, _| masked(g, x, ab) * (x - mean),
-                );
+                let (a, b) = plane_sums(ch, i);
                 sg += a;
                 sgx += b;
             }
@@ -262,8 +287,15 @@ pub(crate) fn train_backward(
         let cx = (k * sgxhat / m * invstd[ch]) as f32;
         let mean = stats.mean[ch] as f32;
         let ab = coefficients(ch);
+        let masked = |g: f32, x: f32| masked(g, x, ab, relu);
         let (g, x) = (&g[plane * hw..(plane + 1) * hw], &x[plane * hw..(plane + 1) * hw]);
-        crate::write_each(dx, |i| a * masked(g[i], x[i], ab) - b - cx * (x[i] - mean));
+        match residual {
+            None => crate::write_each(dx, |i| a * masked(g[i], x[i]) - b - cx * (x[i] - mean)),
+            Some(r) => {
+                let r = &r[plane * hw..(plane + 1) * hw];
+                crate::write_each(dx, |i| a * masked(g[i], x[i]) - b - cx * (x[i] - mean) + r[i])
+            }
+        }
     };
     // SAFETY: `plane` writes its whole chunk.
     let dx = unsafe { crate::par_chunks_uninit(x.len(), hw, || (), plane) };
@@ -318,8 +350,15 @@ impl CustomOp3 for Op {
         let x = contiguous(xs, x_layout)?;
         let g = contiguous(gs, g_layout)?;
         let (gamma_v, beta_v) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
-        let (dx, dgamma, dbeta) =
-            train_backward((x, g), (n, c, hw), (&gamma_v, &beta_v), &stats, self.eps, self.relu);
+        let (dx, dgamma, dbeta) = train_backward(
+            (x, g, None),
+            (n, c, hw),
+            (&gamma_v, &beta_v),
+            &stats,
+            self.eps,
+            self.relu,
+            None,
+        );
         let device = gamma.device();
         let dx = Tensor::from_vec(dx, (n, c, h, w), device)?;
         Ok((
