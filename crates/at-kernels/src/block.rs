@@ -67,6 +67,11 @@ impl Offsets {
         self.total > self.wd
     }
 
+    /// bn0's weight and bias in the flat parameters `p`.
+    fn bn0<'p>(&self, p: &'p [f32]) -> (&'p [f32], &'p [f32]) {
+        (&p[..self.c_in], &p[self.c_in..self.w0])
+    }
+
     /// bn1's weight and bias in the flat parameters `p`.
     fn bn1<'p>(&self, p: &'p [f32]) -> (&'p [f32], &'p [f32]) {
         (&p[self.g1..self.g1 + self.c_out], &p[self.g1 + self.c_out..self.w1])
@@ -131,6 +136,56 @@ fn conv0_with_stats(d: &Dims, x: &[f32], w: &[f32]) -> (Vec<f32>, BatchStats) {
     let y = conv::forward_same3x3(d, x, w, &conv::Plain, &take_moments);
     let moments = moments.into_inner().unwrap_or_else(|e| e.into_inner());
     (y, norm::stats_from_moments(&moments, (n, c, p)))
+}
+
+/// The first backward pass of a batch norm + ReLU (`norm::plane_grad_sums` of every plane),
+/// taken image by image in a convolution's input-gradient epilogue, while the gradient is in
+/// cache; `x` is the batch norm's input.
+struct PlaneSums<'a> {
+    x: &'a [f32],
+    coefficients: &'a [(f32, f32)],
+    stats: &'a BatchStats,
+    /// `(c, h * w)`
+    dims: (usize, usize),
+    sums: Mutex<Vec<(f64, f64)>>,
+}
+
+impl<'a> PlaneSums<'a> {
+    fn new(
+        x: &'a [f32],
+        coefficients: &'a [(f32, f32)],
+        stats: &'a BatchStats,
+        (c, hw): (usize, usize),
+    ) -> Self {
+        let images = x.len() / (c * hw).max(1);
+        Self {
+            x,
+            coefficients,
+            stats,
+            dims: (c, hw),
+            sums: Mutex::new(vec![(0.0, 0.0); images * c]),
+        }
+    }
+
+    /// Takes the sums of image `image`, whose gradient is `g` (`c x h * w`).
+    fn take(&self, image: usize, g: &[f32]) {
+        let (c, hw) = self.dims;
+        let x = &self.x[image * c * hw..(image + 1) * c * hw];
+        let planes: Vec<(f64, f64)> = (0..c)
+            .map(|ch| {
+                let r = ch * hw..(ch + 1) * hw;
+                let mean = self.stats.mean[ch] as f32;
+                norm::plane_grad_sums((&g[r.clone()], &x[r]), self.coefficients[ch], mean, true)
+            })
+            .collect();
+        let mut sums = self.sums.lock().unwrap_or_else(|e| e.into_inner());
+        sums[image * c..(image + 1) * c].copy_from_slice(&planes);
+    }
+
+    /// The sums of every plane, `[image * c + channel]`.
+    fn into_sums(self) -> Vec<(f64, f64)> {
+        self.sums.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// `dst += src`, in parallel.
@@ -241,21 +296,10 @@ impl CustomOp2 for Op {
 
         // conv1's input gradient, with the first pass of bn1's backward taken from each
         // image's planes while they are in cache.
-        let bn1_sums = Mutex::new(vec![(0.0, 0.0); n * o.c_out]);
-        let take_sums = |image: usize, d_o2: &[f32]| {
-            let y0 = &y0[image * o.c_out * d0.p()..(image + 1) * o.c_out * d0.p()];
-            let planes: Vec<(f64, f64)> = (0..o.c_out)
-                .map(|ch| {
-                    let r = ch * d0.p()..(ch + 1) * d0.p();
-                    let mean = stats[1].mean[ch] as f32;
-                    norm::plane_grad_sums((&d_o2[r.clone()], &y0[r]), bn1.0[ch], mean, true)
-                })
-                .collect();
-            let mut sums = bn1_sums.lock().unwrap_or_else(|e| e.into_inner());
-            sums[image * o.c_out..(image + 1) * o.c_out].copy_from_slice(&planes);
-        };
+        let bn1_sums = PlaneSums::new(y0, &bn1.0, &stats[1], (o.c_out, d0.p()));
+        let take_sums = |image: usize, d_o2: &[f32]| bn1_sums.take(image, d_o2);
         let d_o2 = conv::input_grad_same3x3(&d1, g, &p[o.w1..o.wd], &take_sums);
-        let bn1_sums = bn1_sums.into_inner().unwrap_or_else(|e| e.into_inner());
+        let bn1_sums = bn1_sums.into_sums();
         let (d_y0, dg1, db1) = norm::train_backward(
             (y0, &d_o2, None),
             (n, o.c_out, d0.p()),
@@ -269,7 +313,19 @@ impl CustomOp2 for Op {
         dp[o.g1..o.g1 + o.c_out].copy_from_slice(&dg1);
         dp[o.g1 + o.c_out..o.w1].copy_from_slice(&db1);
         dp[o.w0..o.g1].copy_from_slice(&conv::weight_grad(&d0, o1, &d_y0));
-        let mut d_o1 = conv::input_grad(&d0, &d_y0, &p[o.w0..o.g1]);
+
+        // conv0's input gradient; without a projection (which adds to it afterwards), with the
+        // first pass of bn0's backward taken from each image while it is in cache.
+        let bn0 = norm::coefficients(o.bn0(p), &stats[0], self.eps);
+        let bn0_sums = PlaneSums::new(x, &bn0, &stats[0], (o.c_in, h * w));
+        let fused_sums = !o.projection() && d0.same3x3();
+        let mut d_o1 = if fused_sums {
+            let take_sums = |image: usize, d_o1: &[f32]| bn0_sums.take(image, d_o1);
+            conv::input_grad_same3x3(&d0, &d_y0, &p[o.w0..o.g1], &take_sums)
+        } else {
+            conv::input_grad(&d0, &d_y0, &p[o.w0..o.g1])
+        };
+        let bn0_sums = fused_sums.then(|| bn0_sums.into_sums());
         drop(d_y0);
         if o.projection() {
             dp[o.wd..].copy_from_slice(&conv::weight_grad(&dd, o1, g));
@@ -278,11 +334,11 @@ impl CustomOp2 for Op {
         let (dx, dg0, db0) = norm::train_backward(
             (x, &d_o1, (!o.projection()).then_some(g)),
             (n, o.c_in, h * w),
-            (&p[..o.c_in], &p[o.c_in..o.w0]),
+            o.bn0(p),
             &stats[0],
             self.eps,
             true,
-            None,
+            bn0_sums.as_deref(),
         );
 
         dp[..o.c_in].copy_from_slice(&dg0);

@@ -632,9 +632,18 @@ impl CustomOp2 for Fwd {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, _, h, width) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
-        let dx = conv2d_input_grad(dy, w, self.stride, self.pad, (h, width))?;
-        let dw = conv2d_weight_grad(x, dy, self.stride, self.pad, (kh, kw))?;
-        Ok((Some(dx), Some(dw)))
+        // An input that is not tracked (the images, for the first layer) takes no gradient.
+        let dx = if x.track_op() {
+            Some(conv2d_input_grad(dy, w, self.stride, self.pad, (h, width))?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(conv2d_weight_grad(x, dy, self.stride, self.pad, (kh, kw))?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
     }
 }
 
