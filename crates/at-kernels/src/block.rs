@@ -128,7 +128,7 @@ fn conv0_with_stats(d: &Dims, x: &[f32], w: &[f32]) -> (Vec<f32>, BatchStats) {
         return (y, stats);
     }
     let moments = Mutex::new(vec![(0.0, 0.0); n * c]);
-    let take_moments = |image: usize, y: &[f32]| {
+    let take_moments = |image: usize, y: &mut [f32]| {
         let planes: Vec<(f64, f64)> = y.chunks_exact(p).map(norm::plane_moments).collect();
         let mut moments = moments.lock().unwrap_or_else(|e| e.into_inner());
         moments[image * c..(image + 1) * c].copy_from_slice(&planes);
@@ -241,16 +241,22 @@ impl CustomOp2 for Op {
 
         // conv0, with bn1's statistics taken from each image's output while it is in cache.
         let (y0, stats1) = conv0_with_stats(&d0, &o1, &p[o.w0..o.g1]);
-        // conv1 reads relu(bn1(y0)) through its input map: bn1's output is never stored.
+        // conv1 reads relu(bn1(y0)) through its input map (bn1's output is never stored); the
+        // shortcut is added to each image's output while it is in cache.
         let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats1, self.eps));
-        let mut out = conv::forward_same3x3(&d1, &y0, &p[o.w1..o.wd], &bn1, &|_, _| {});
-        if o.projection() {
-            add_into(&mut out, &conv::forward(&dd, &o1, &p[o.wd..]));
-        } else if out.len() == x.len() {
-            add_into(&mut out, x);
-        } else {
-            bail!("a residual block without a projection must keep its input's shape")
-        }
+        let projection = match o.projection() {
+            true => Some(conv::forward(&dd, &o1, &p[o.wd..])),
+            false if n * o.c_out * d1.p() == x.len() => None,
+            false => bail!("a residual block without a projection must keep its input's shape"),
+        };
+        let shortcut = projection.as_deref().unwrap_or(x);
+        let per_image = o.c_out * d1.p();
+        let add_shortcut = |image: usize, y: &mut [f32]| {
+            for (y, s) in y.iter_mut().zip(&shortcut[image * per_image..(image + 1) * per_image]) {
+                *y += *s;
+            }
+        };
+        let out = conv::forward_same3x3(&d1, &y0, &p[o.w1..o.wd], &bn1, &add_shortcut);
         let stats = [stats0, stats1];
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats.clone());
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { o1, y0, stats });

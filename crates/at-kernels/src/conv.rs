@@ -394,13 +394,14 @@ pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
 }
 
 /// A "same" 3x3 convolution of `map(x)`; `epilogue(n, y_n)` runs on each image's output while
-/// it is in cache (the block kernel takes the next batch norm's statistics there).
+/// it is in cache (the block kernel takes the next batch norm's statistics there, or adds the
+/// shortcut).
 pub(crate) fn forward_same3x3<T: Element>(
     d: &Dims,
     x: &[T],
     w: &[T],
     map: &impl InputMap<T>,
-    epilogue: &(dyn Fn(usize, &[T]) + Sync),
+    epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
 ) -> Vec<T> {
     assert!(d.same3x3(), "forward_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);

@@ -32,7 +32,11 @@ fn max_rel(what: &str, a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn check(c_in: usize, c_out: usize, stride: usize) {
-    let x = values(&[3, c_in, 8, 8], 1.0, 1.0);
+    check_size(c_in, c_out, stride, (8, 8));
+}
+
+fn check_size(c_in: usize, c_out: usize, stride: usize, (h, w): (usize, usize)) {
+    let x = values(&[3, c_in, h, w], 1.0, 1.0);
     let g0 = values(&[c_in], 2.0, 0.5);
     let b0 = values(&[c_in], 3.0, 0.2);
     let w0 = values(&[c_out, c_in, 3, 3], 4.0, 0.3);
@@ -53,7 +57,7 @@ fn check(c_in: usize, c_out: usize, stride: usize) {
     let (ours, ours_stats) =
         preact_block_train(x.as_tensor(), &block).unwrap().expect("f32 on the CPU is fused");
     let (theirs, their_stats) = composite(x.as_tensor(), &block).unwrap();
-    let tag = format!("{c_in}->{c_out} stride {stride}");
+    let tag = format!("{c_in}->{c_out} stride {stride}, {h}x{w}");
     assert!(max_rel(&format!("{tag} output"), &ours, &theirs) < 1e-5);
     assert_eq!(ours_stats, their_stats, "{tag}: batch statistics");
 
@@ -86,6 +90,14 @@ fn fused_block_with_identity_shortcut_matches_separate_ops() {
 fn fused_block_with_projection_and_stride_matches_separate_ops() {
     check(3, 5, 2);
     check(4, 6, 1);
+}
+
+#[test]
+fn fused_block_matches_separate_ops_on_tiny_and_oblong_images() {
+    check_size(3, 3, 1, (1, 1));
+    check_size(2, 4, 2, (2, 2));
+    check_size(3, 3, 1, (5, 2));
+    check_size(2, 3, 2, (3, 7));
 }
 
 #[test]
