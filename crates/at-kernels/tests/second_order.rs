@@ -145,3 +145,22 @@ fn second_order_through_channel_power_matches_candle() {
     let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
     assert!(diff <= 1e-4 * scale, "{diff:e} of {scale:e}");
 }
+
+#[test]
+fn fused_block_declines_on_a_second_order_thread() {
+    second_order_on();
+    let t = |shape: &[usize], seed| values(shape, seed).to_dtype(DType::F32).unwrap();
+    let (x, g, b) = (t(&[2, 3, 4, 4], 1), t(&[3], 2), t(&[3], 3));
+    let w = t(&[3, 3, 3, 3], 4);
+    let block = at_kernels::PreactBlock {
+        bn0: (&g, &b),
+        conv0: &w,
+        bn1: (&g, &b),
+        conv1: &w,
+        convdim: None,
+        stride: 1,
+        eps: 1e-5,
+    };
+    // Its backward builds no graph: the caller must build the block from separate ops here.
+    assert!(at_kernels::preact_block_train(&x, &block).unwrap().is_none());
+}
