@@ -6,8 +6,10 @@
 //! candle's backward pass gives every edge of the graph a zero tensor and then adds the edge's
 //! gradient into it: six activation-sized allocations, fills and additions per block, about a
 //! sixth of a WRN training step on the CPU. As one op the block has one such edge (its input);
-//! inside, each gradient is written once. The parameters enter as one flat tensor (their
-//! concatenation, which costs a copy of the weights per step).
+//! inside, each gradient is written once. [`preact_blocks_train`] makes a whole group of blocks
+//! one op, so the gradient between two blocks is not accumulated by candle either. The
+//! parameters enter as one flat tensor (their concatenation, which costs a copy of the weights per
+//! step).
 //!
 //! The backward builds no graph, so the op is used only where candle detaches gradients: on a
 //! thread with second-order gradients switched on, [`preact_block_train`] returns `None` and the
@@ -78,8 +80,21 @@ impl Offsets {
     }
 }
 
-/// What the backward pass needs beyond the op's operands.
+/// One block of a group: its parameters' offsets (from `start` in the group's flat parameters)
+/// and its stride.
+#[derive(Clone, Copy, Debug)]
+struct Spec {
+    offsets: Offsets,
+    stride: usize,
+    start: usize,
+}
+
+/// What a block's backward pass needs beyond the group's operands.
 struct Saved {
+    /// The block's input, for every block but the group's first (whose input is the op's).
+    input: Option<Vec<f32>>,
+    /// `(n, h, w)` of the input.
+    dims: (usize, usize, usize),
     /// `relu(bn0(x))`, the input of conv0 and of the projection.
     o1: Vec<f32>,
     /// `conv0(o1)`; conv1's input `relu(bn1(y0))` is recomputed from it.
@@ -88,11 +103,10 @@ struct Saved {
 }
 
 struct Op {
-    offsets: Offsets,
-    stride: usize,
+    blocks: Vec<Spec>,
     eps: f64,
-    saved: Mutex<Option<Saved>>,
-    stats: Arc<Mutex<Option<[BatchStats; 2]>>>,
+    saved: Mutex<Option<Vec<Saved>>>,
+    stats: Arc<Mutex<Option<Vec<[BatchStats; 2]>>>>,
 }
 
 /// The three convolutions of a block input of `(n, c_in, h, w)`.
@@ -205,9 +219,115 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result
     crate::contiguous(data, layout, &format!("residual block: {what}"))
 }
 
+/// One block's forward pass on `x` (`(n, c_in, h, w)`) with its parameters `p`: the output and
+/// what the backward pass needs.
+fn block_forward(
+    spec: &Spec,
+    eps: f64,
+    x: &[f32],
+    p: &[f32],
+    (n, h, w): (usize, usize, usize),
+) -> Result<(Vec<f32>, Saved)> {
+    let o = &spec.offsets;
+    let [d0, d1, dd] = conv_dims(o, spec.stride, (n, h, w))?;
+    let (o1, stats0) =
+        norm::train_forward(x, (n, o.c_in, h * w), (&p[..o.c_in], &p[o.c_in..o.w0]), eps, true);
+
+    // conv0, with bn1's statistics taken from each image's output while it is in cache.
+    let (y0, stats1) = conv0_with_stats(&d0, &o1, &p[o.w0..o.g1]);
+    // conv1 reads relu(bn1(y0)) through its input map (bn1's output is never stored); the
+    // shortcut is added to each image's output while it is in cache.
+    let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats1, eps));
+    let projection = match o.projection() {
+        true => Some(conv::forward(&dd, &o1, &p[o.wd..])),
+        false if n * o.c_out * d1.p() == x.len() => None,
+        false => bail!("a residual block without a projection must keep its input's shape"),
+    };
+    let shortcut = projection.as_deref().unwrap_or(x);
+    let per_image = o.c_out * d1.p();
+    let add_shortcut = |image: usize, y: &mut [f32]| {
+        for (y, s) in y.iter_mut().zip(&shortcut[image * per_image..(image + 1) * per_image]) {
+            *y += *s;
+        }
+    };
+    let out = conv::forward_same3x3(&d1, &y0, &p[o.w1..o.wd], &bn1, &add_shortcut);
+    let stats = [stats0, stats1];
+    Ok((out, Saved { input: None, dims: (n, h, w), o1, y0, stats }))
+}
+
+/// One block's backward pass: the input's gradient, the parameters' gradients written into `dp`.
+fn block_backward(
+    spec: &Spec,
+    eps: f64,
+    (x, p, g): (&[f32], &[f32], &[f32]),
+    saved: &Saved,
+    dp: &mut [f32],
+) -> Result<Vec<f32>> {
+    let o = &spec.offsets;
+    let Saved { o1, y0, stats, dims: (n, h, w), .. } = saved;
+    let (n, h, w) = (*n, *h, *w);
+    let [d0, d1, dd] = conv_dims(o, spec.stride, (n, h, w))?;
+
+    // out = conv1(relu(bn1(y0))) + shortcut
+    let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats[1], eps));
+    let dw1 = conv::weight_grad_same3x3(&d1, y0, g, &bn1);
+    dp[o.w1..o.wd].copy_from_slice(&dw1);
+
+    // conv1's input gradient, with the first pass of bn1's backward taken from each
+    // image's planes while they are in cache.
+    let bn1_sums = PlaneSums::new(y0, &bn1.0, &stats[1], (o.c_out, d0.p()));
+    let take_sums = |image: usize, d_o2: &[f32]| bn1_sums.take(image, d_o2);
+    let d_o2 = conv::input_grad_same3x3(&d1, g, &p[o.w1..o.wd], &take_sums);
+    let bn1_sums = bn1_sums.into_sums();
+    let (d_y0, dg1, db1) = norm::train_backward(
+        (y0, &d_o2, None),
+        (n, o.c_out, d0.p()),
+        o.bn1(p),
+        &stats[1],
+        eps,
+        true,
+        Some(&bn1_sums),
+    );
+    drop(d_o2);
+    dp[o.g1..o.g1 + o.c_out].copy_from_slice(&dg1);
+    dp[o.g1 + o.c_out..o.w1].copy_from_slice(&db1);
+    dp[o.w0..o.g1].copy_from_slice(&conv::weight_grad(&d0, o1, &d_y0));
+
+    // conv0's input gradient; without a projection (which adds to it afterwards), with the
+    // first pass of bn0's backward taken from each image while it is in cache.
+    let bn0 = norm::coefficients(o.bn0(p), &stats[0], eps);
+    let bn0_sums = PlaneSums::new(x, &bn0, &stats[0], (o.c_in, h * w));
+    let fused_sums = !o.projection() && d0.same3x3();
+    let mut d_o1 = if fused_sums {
+        let take_sums = |image: usize, d_o1: &[f32]| bn0_sums.take(image, d_o1);
+        conv::input_grad_same3x3(&d0, &d_y0, &p[o.w0..o.g1], &take_sums)
+    } else {
+        conv::input_grad(&d0, &d_y0, &p[o.w0..o.g1])
+    };
+    let bn0_sums = fused_sums.then(|| bn0_sums.into_sums());
+    drop(d_y0);
+    if o.projection() {
+        dp[o.wd..].copy_from_slice(&conv::weight_grad(&dd, o1, g));
+        add_into(&mut d_o1, &conv::input_grad(&dd, g, &p[o.wd..]));
+    }
+    let (dx, dg0, db0) = norm::train_backward(
+        (x, &d_o1, (!o.projection()).then_some(g)),
+        (n, o.c_in, h * w),
+        o.bn0(p),
+        &stats[0],
+        eps,
+        true,
+        bn0_sums.as_deref(),
+    );
+
+    dp[..o.c_in].copy_from_slice(&dg0);
+    dp[o.c_in..o.w0].copy_from_slice(&db0);
+    Ok(dx)
+}
+
 impl CustomOp2 for Op {
     fn name(&self) -> &'static str {
-        "at-preact-block"
+        "at-preact-blocks"
     }
 
     fn cpu_fwd(
@@ -217,50 +337,45 @@ impl CustomOp2 for Op {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let o = &self.offsets;
-        let (n, c, h, w) = match *l1.dims() {
+        let (n, c, mut h, mut w) = match *l1.dims() {
             [n, c, h, w] => (n, c, h, w),
             ref dims => bail!("a residual block needs [N, C, H, W], got {dims:?}"),
         };
-        if c != o.c_in {
-            bail!("a residual block over {} channels got an input of shape {:?}", o.c_in, l1.dims())
+        let first = &self.blocks[0].offsets;
+        if c != first.c_in {
+            bail!(
+                "a residual block over {} channels got an input of shape {:?}",
+                first.c_in,
+                l1.dims()
+            )
         }
         let x = f32_slice(s1, l1, "the input")?;
         let p = f32_slice(s2, l2, "the parameters")?;
-        if p.len() != o.total {
-            bail!("a residual block takes {} parameters, got {}", o.total, p.len())
+        let last = self.blocks.last().expect("a group has blocks");
+        if p.len() != last.start + last.offsets.total {
+            bail!(
+                "residual blocks take {} parameters, got {}",
+                last.start + last.offsets.total,
+                p.len()
+            )
         }
-        let [d0, d1, dd] = conv_dims(o, self.stride, (n, h, w))?;
-        let (o1, stats0) = norm::train_forward(
-            x,
-            (n, o.c_in, h * w),
-            (&p[..o.c_in], &p[o.c_in..o.w0]),
-            self.eps,
-            true,
-        );
-
-        // conv0, with bn1's statistics taken from each image's output while it is in cache.
-        let (y0, stats1) = conv0_with_stats(&d0, &o1, &p[o.w0..o.g1]);
-        // conv1 reads relu(bn1(y0)) through its input map (bn1's output is never stored); the
-        // shortcut is added to each image's output while it is in cache.
-        let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats1, self.eps));
-        let projection = match o.projection() {
-            true => Some(conv::forward(&dd, &o1, &p[o.wd..])),
-            false if n * o.c_out * d1.p() == x.len() => None,
-            false => bail!("a residual block without a projection must keep its input's shape"),
-        };
-        let shortcut = projection.as_deref().unwrap_or(x);
-        let per_image = o.c_out * d1.p();
-        let add_shortcut = |image: usize, y: &mut [f32]| {
-            for (y, s) in y.iter_mut().zip(&shortcut[image * per_image..(image + 1) * per_image]) {
-                *y += *s;
-            }
-        };
-        let out = conv::forward_same3x3(&d1, &y0, &p[o.w1..o.wd], &bn1, &add_shortcut);
-        let stats = [stats0, stats1];
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats.clone());
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { o1, y0, stats });
-        Ok((CpuStorage::F32(out), Shape::from((n, o.c_out, d0.ho, d0.wo))))
+        let mut saved = Vec::with_capacity(self.blocks.len());
+        let mut current: Option<Vec<f32>> = None;
+        for spec in &self.blocks {
+            let params = &p[spec.start..spec.start + spec.offsets.total];
+            let input = current.as_deref().unwrap_or(x);
+            let (out, mut block) = block_forward(spec, self.eps, input, params, (n, h, w))?;
+            block.input = current.take();
+            let d0 = conv_dims(&spec.offsets, spec.stride, (n, h, w))?[0];
+            (h, w) = (d0.ho, d0.wo);
+            saved.push(block);
+            current = Some(out);
+        }
+        let stats = saved.iter().map(|s| s.stats.clone()).collect();
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        let out = current.expect("a group has blocks");
+        Ok((CpuStorage::F32(out), Shape::from((n, last.offsets.c_out, h, w))))
     }
 
     fn bwd(
@@ -276,9 +391,7 @@ impl CustomOp2 for Op {
                  separate ops on a second-order thread (preact_block_train returns None there)"
             )
         }
-        let o = &self.offsets;
-        let (n, _, h, w) = x.dims4()?;
-        let [d0, d1, dd] = conv_dims(o, self.stride, (n, h, w))?;
+        let (n, c, h, w) = x.dims4()?;
         let g = g.to_dtype(DType::F32)?.contiguous()?;
         let (xs, xl) = x.storage_and_layout();
         let (ps, pl) = params.storage_and_layout();
@@ -290,69 +403,28 @@ impl CustomOp2 for Op {
         let p = f32_slice(ps, pl, "the parameters")?;
         let g = f32_slice(gs, gl, "the output gradient")?;
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(Saved { o1, y0, stats }) = saved.as_ref() else {
+        let Some(saved) = saved.as_ref() else {
             bail!("the residual block's backward ran before its forward")
         };
-        let mut dp = vec![0f32; o.total];
-
-        // out = conv1(relu(bn1(y0))) + shortcut
-        let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats[1], self.eps));
-        let dw1 = conv::weight_grad_same3x3(&d1, y0, g, &bn1);
-        dp[o.w1..o.wd].copy_from_slice(&dw1);
-
-        // conv1's input gradient, with the first pass of bn1's backward taken from each
-        // image's planes while they are in cache.
-        let bn1_sums = PlaneSums::new(y0, &bn1.0, &stats[1], (o.c_out, d0.p()));
-        let take_sums = |image: usize, d_o2: &[f32]| bn1_sums.take(image, d_o2);
-        let d_o2 = conv::input_grad_same3x3(&d1, g, &p[o.w1..o.wd], &take_sums);
-        let bn1_sums = bn1_sums.into_sums();
-        let (d_y0, dg1, db1) = norm::train_backward(
-            (y0, &d_o2, None),
-            (n, o.c_out, d0.p()),
-            o.bn1(p),
-            &stats[1],
-            self.eps,
-            true,
-            Some(&bn1_sums),
-        );
-        drop(d_o2);
-        dp[o.g1..o.g1 + o.c_out].copy_from_slice(&dg1);
-        dp[o.g1 + o.c_out..o.w1].copy_from_slice(&db1);
-        dp[o.w0..o.g1].copy_from_slice(&conv::weight_grad(&d0, o1, &d_y0));
-
-        // conv0's input gradient; without a projection (which adds to it afterwards), with the
-        // first pass of bn0's backward taken from each image while it is in cache.
-        let bn0 = norm::coefficients(o.bn0(p), &stats[0], self.eps);
-        let bn0_sums = PlaneSums::new(x, &bn0, &stats[0], (o.c_in, h * w));
-        let fused_sums = !o.projection() && d0.same3x3();
-        let mut d_o1 = if fused_sums {
-            let take_sums = |image: usize, d_o1: &[f32]| bn0_sums.take(image, d_o1);
-            conv::input_grad_same3x3(&d0, &d_y0, &p[o.w0..o.g1], &take_sums)
-        } else {
-            conv::input_grad(&d0, &d_y0, &p[o.w0..o.g1])
-        };
-        let bn0_sums = fused_sums.then(|| bn0_sums.into_sums());
-        drop(d_y0);
-        if o.projection() {
-            dp[o.wd..].copy_from_slice(&conv::weight_grad(&dd, o1, g));
-            add_into(&mut d_o1, &conv::input_grad(&dd, g, &p[o.wd..]));
+        let mut dp = vec![0f32; p.len()];
+        let mut grad: Option<Vec<f32>> = None;
+        for (spec, block) in self.blocks.iter().zip(saved).rev() {
+            let range = spec.start..spec.start + spec.offsets.total;
+            let input = block.input.as_deref().unwrap_or(x);
+            let g = grad.as_deref().unwrap_or(g);
+            let dx = block_backward(
+                spec,
+                self.eps,
+                (input, &p[range.clone()], g),
+                block,
+                &mut dp[range],
+            )?;
+            grad = Some(dx);
         }
-        let (dx, dg0, db0) = norm::train_backward(
-            (x, &d_o1, (!o.projection()).then_some(g)),
-            (n, o.c_in, h * w),
-            o.bn0(p),
-            &stats[0],
-            self.eps,
-            true,
-            bn0_sums.as_deref(),
-        );
-
-        dp[..o.c_in].copy_from_slice(&dg0);
-        dp[o.c_in..o.w0].copy_from_slice(&db0);
         let device = params.device();
         Ok((
-            Some(Tensor::from_vec(dx, (n, o.c_in, h, w), device)?),
-            Some(Tensor::from_vec(dp, o.total, device)?),
+            Some(Tensor::from_vec(grad.expect("a group has blocks"), (n, c, h, w), device)?),
+            Some(Tensor::from_vec(dp, p.len(), device)?),
         ))
     }
 }
@@ -365,16 +437,67 @@ pub fn preact_block_train(
     x: &Tensor,
     block: &PreactBlock,
 ) -> Result<Option<(Tensor, [BatchStats; 2])>> {
-    let weights = [block.bn0.0, block.bn0.1, block.conv0, block.bn1.0, block.bn1.1, block.conv1];
+    let fused = preact_blocks_train(x, std::slice::from_ref(block))?;
+    Ok(fused.map(|(y, mut stats)| (y, stats.remove(0))))
+}
+
+/// Consecutive training-mode pre-activation blocks (a WRN group) as one op: the output of the
+/// last and each block's two batch-norm statistics. One op instead of one per block saves
+/// candle's zero-and-add of a gradient between every two blocks. `None` where the kernel does not
+/// apply (as [`preact_block_train`]).
+pub fn preact_blocks_train(
+    x: &Tensor,
+    blocks: &[PreactBlock],
+) -> Result<Option<(Tensor, Vec<[BatchStats; 2]>)>> {
+    let Some(first) = blocks.first() else { bail!("preact_blocks_train needs at least one block") };
+    let eps = first.eps;
     let applies = x.device().is_cpu()
         && x.rank() == 4
         && x.dtype() == DType::F32
-        && weights.iter().chain(block.convdim.iter()).all(|t| t.dtype() == DType::F32)
+        && blocks
+            .iter()
+            .all(|b| weights(b).iter().all(|t| t.dtype() == DType::F32) && b.eps == eps)
         && !crate::reference()
         && !crate::second_order_thread();
     if !applies {
         return Ok(None);
     }
+    let mut specs = Vec::with_capacity(blocks.len());
+    let mut parts = vec![];
+    let mut start = 0;
+    for block in blocks {
+        let offsets = check(block)?;
+        if let Some(previous) = specs.last().map(|s: &Spec| s.offsets.c_out)
+            && previous != offsets.c_in
+        {
+            bail!(
+                "a block with {} input channels follows one with {previous} outputs",
+                offsets.c_in
+            )
+        }
+        specs.push(Spec { offsets, stride: block.stride, start });
+        start += offsets.total;
+        for t in weights(block) {
+            parts.push(t.flatten_all()?);
+        }
+    }
+    let params = Tensor::cat(&parts, 0)?;
+    let stats = Arc::new(Mutex::new(None));
+    let op = Op { blocks: specs, eps, saved: Mutex::new(None), stats: stats.clone() };
+    let y = x.contiguous()?.apply_op2(&params, op)?;
+    let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).take();
+    Ok(Some((y, stats.expect("the forward pass stored its statistics"))))
+}
+
+/// A block's tensors in the order of the flat parameters.
+fn weights<'a>(b: &PreactBlock<'a>) -> Vec<&'a Tensor> {
+    let mut w = vec![b.bn0.0, b.bn0.1, b.conv0, b.bn1.0, b.bn1.1, b.conv1];
+    w.extend(b.convdim);
+    w
+}
+
+/// A block's shapes, checked: its parameters' offsets.
+fn check(block: &PreactBlock) -> Result<Offsets> {
     let (c_out, c_in, kh, kw) = block.conv0.dims4()?;
     if (kh, kw) != (3, 3) || block.conv1.dims4()? != (c_out, c_out, 3, 3) {
         bail!(
@@ -391,25 +514,9 @@ pub fn preact_block_train(
             convdim.dims()
         )
     }
-    let offsets = Offsets::new(c_in, c_out, block.convdim.is_some());
-    let mut parts: Vec<Tensor> = weights.iter().map(|t| t.flatten_all()).collect::<Result<_>>()?;
-    if let Some(convdim) = block.convdim {
-        parts.push(convdim.flatten_all()?);
-    }
     let norms = [block.bn0.0, block.bn0.1, block.bn1.0, block.bn1.1].map(|t| t.elem_count());
     if norms != [c_in, c_in, c_out, c_out] {
         bail!("a residual block's batch norms must have {c_in} and {c_out} channels, got {norms:?}")
     }
-    let params = Tensor::cat(&parts, 0)?;
-    let stats = Arc::new(Mutex::new(None));
-    let op = Op {
-        offsets,
-        stride: block.stride,
-        eps: block.eps,
-        saved: Mutex::new(None),
-        stats: stats.clone(),
-    };
-    let y = x.contiguous()?.apply_op2(&params, op)?;
-    let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).take();
-    Ok(Some((y, stats.expect("the forward pass stored its statistics"))))
+    Ok(Offsets::new(c_in, c_out, block.convdim.is_some()))
 }

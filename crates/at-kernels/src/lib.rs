@@ -5,8 +5,9 @@
 //! images spread over rayon's threads, for the forward pass and both gradients, and stays
 //! differentiable to any order (see [`conv`]). [`batch_norm_train`] fuses training-mode batch
 //! norm (and the ReLU after it) into one op with a two-pass backward (see [`norm`]).
-//! [`preact_block_train`] makes a whole pre-activation residual block one op, so that candle's
-//! backward pass accumulates one gradient per block instead of six (see [`block`]). Other
+//! [`preact_blocks_train`] makes pre-activation residual blocks (a WRN group) one op, so that
+//! candle's backward pass accumulates one gradient per group instead of six per block (see
+//! [`block`]). Other
 //! devices and dtypes go to candle's own ops.
 //!
 //! The plain candle ops remain the reference: [`set_reference(true)`](set_reference) routes every
@@ -26,7 +27,7 @@ use candle_core::{Layout, Result, Var, bail};
 use rayon::prelude::*;
 
 pub use attention::channel_power;
-pub use block::{PreactBlock, preact_block_train};
+pub use block::{PreactBlock, preact_block_train, preact_blocks_train};
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
 pub use norm::{BatchStats, batch_norm_eval, batch_norm_train};
 

@@ -2,7 +2,9 @@
 //! (`batch_norm_train`, `conv2d`, an addition, each tested against candle's own ops elsewhere):
 //! output, batch statistics, and the gradients of the input and of every weight (f32).
 
-use at_kernels::{BatchStats, PreactBlock, batch_norm_train, conv2d, preact_block_train};
+use at_kernels::{
+    BatchStats, PreactBlock, batch_norm_train, conv2d, preact_block_train, preact_blocks_train,
+};
 use candle_core::{Device, Result, Tensor, Var};
 
 fn values(shape: &[usize], seed: f64, scale: f64) -> Var {
@@ -116,4 +118,64 @@ fn fused_block_rejects_a_kernel_that_is_not_3x3() {
     };
     let err = preact_block_train(x.as_tensor(), &block).unwrap_err().to_string();
     assert!(err.contains("3x3"), "{err}");
+}
+
+#[test]
+fn fused_group_matches_its_blocks_one_after_another() {
+    // A group as WRN builds it: a strided block with a projection, then two identity blocks.
+    let x = values(&[2, 3, 6, 6], 1.0, 1.0);
+    let mut vars = vec![];
+    for (i, (c_in, c_out, projection)) in
+        [(3, 4, true), (4, 4, false), (4, 4, false)].iter().enumerate()
+    {
+        let s = 10.0 * (i + 1) as f64;
+        vars.push([
+            values(&[*c_in], s + 1.0, 0.5),
+            values(&[*c_in], s + 2.0, 0.2),
+            values(&[*c_out, *c_in, 3, 3], s + 3.0, 0.3),
+            values(&[*c_out], s + 4.0, 0.5),
+            values(&[*c_out], s + 5.0, 0.2),
+            values(&[*c_out, *c_out, 3, 3], s + 6.0, 0.3),
+            values(&[*c_out, *c_in, 1, 1], s + 7.0, if *projection { 0.3 } else { 0.0 }),
+        ]);
+    }
+    let blocks: Vec<PreactBlock> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| PreactBlock {
+            bn0: (v[0].as_tensor(), v[1].as_tensor()),
+            conv0: v[2].as_tensor(),
+            bn1: (v[3].as_tensor(), v[4].as_tensor()),
+            conv1: v[5].as_tensor(),
+            convdim: (i == 0).then_some(v[6].as_tensor()),
+            stride: if i == 0 { 2 } else { 1 },
+            eps: 1e-5,
+        })
+        .collect();
+    let (ours, ours_stats) = preact_blocks_train(x.as_tensor(), &blocks).unwrap().expect("fused");
+    let mut theirs = x.as_tensor().clone();
+    let mut their_stats = vec![];
+    for block in &blocks {
+        let (y, stats) = composite(&theirs, block).unwrap();
+        theirs = y;
+        their_stats.push(stats);
+    }
+    assert!(max_rel("group output", &ours, &theirs) < 1e-5);
+    assert_eq!(ours_stats, their_stats, "batch statistics of every block");
+    let r = values(theirs.dims(), 99.0, 1.0);
+    let grads_ours = (ours * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads_theirs = (theirs * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut checked = 0;
+    for var in std::iter::once(&x).chain(vars.iter().flatten()) {
+        match (grads_ours.get(var), grads_theirs.get(var)) {
+            (Some(a), Some(b)) => {
+                let err = max_rel("group gradient", a, b);
+                assert!(err < 1e-4, "a gradient differs by {err}");
+                checked += 1;
+            }
+            (None, None) => {}
+            _ => panic!("a gradient exists on one side only"),
+        }
+    }
+    assert_eq!(checked, 1 + 7 + 6 + 6, "the input and every used weight");
 }

@@ -10,7 +10,7 @@
 use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
-use at_kernels::{PreactBlock, preact_block_train};
+use at_kernels::{PreactBlock, preact_blocks_train};
 
 use crate::nn::{BN_EPS, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool};
 use crate::{AttentionModel, Output};
@@ -78,10 +78,27 @@ impl Block {
         })
     }
 
+    /// The block's weights for the fused kernel (training mode; see `at_kernels::block`), `None`
+    /// where it does not apply.
+    fn fused(&self, train: bool) -> Option<PreactBlock<'_>> {
+        let (bn0, bn1) = (self.bn0.batch_affine(train)?, self.bn1.batch_affine(train)?);
+        let (conv0, conv1) = (self.conv0.plain_weight(1)?, self.conv1.plain_weight(1)?);
+        let convdim = match &self.convdim {
+            Some(convdim) => Some(convdim.plain_weight(0)?),
+            None => None,
+        };
+        Some(PreactBlock {
+            bn0,
+            conv0,
+            bn1,
+            conv1,
+            convdim,
+            stride: self.conv0.stride(),
+            eps: BN_EPS,
+        })
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if let Some(y) = self.fused_forward(x, train)? {
-            return Ok(y);
-        }
         let o1 = self.bn0.forward_relu_t(x, train)?;
         let y = self.conv0.forward(&o1)?;
         let y = self.conv1.forward(&self.bn1.forward_relu_t(&y, train)?)?;
@@ -92,41 +109,20 @@ impl Block {
     }
 }
 
-impl Block {
-    /// The block as one kernel (training mode; see `at_kernels::block`), `None` where it does
-    /// not apply.
-    fn fused_forward(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
-        let (Some(bn0), Some(bn1)) = (self.bn0.batch_affine(train), self.bn1.batch_affine(train))
-        else {
-            return Ok(None);
-        };
-        let (Some(conv0), Some(conv1)) = (self.conv0.plain_weight(1), self.conv1.plain_weight(1))
-        else {
-            return Ok(None);
-        };
-        let convdim = match &self.convdim {
-            Some(convdim) => match convdim.plain_weight(0) {
-                Some(w) => Some(w),
-                None => return Ok(None),
-            },
-            None => None,
-        };
-        let block = PreactBlock {
-            bn0,
-            conv0,
-            bn1,
-            conv1,
-            convdim,
-            stride: self.conv0.stride(),
-            eps: BN_EPS,
-        };
-        let Some((y, [stats0, stats1])) = preact_block_train(x, &block)? else {
-            return Ok(None);
-        };
-        self.bn0.update_running_from(&stats0)?;
-        self.bn1.update_running_from(&stats1)?;
-        Ok(Some(y))
+/// A group's blocks as one kernel (training mode): one candle graph edge for the group instead
+/// of one per block. `None` where the kernel does not apply.
+fn group_fused(blocks: &[Block], x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+    let Some(fused) = blocks.iter().map(|b| b.fused(train)).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    let Some((y, stats)) = preact_blocks_train(x, &fused)? else {
+        return Ok(None);
+    };
+    for (block, [stats0, stats1]) in blocks.iter().zip(&stats) {
+        block.bn0.update_running_from(stats0)?;
+        block.bn1.update_running_from(stats1)?;
     }
+    Ok(Some(y))
 }
 
 /// A WRN-d-k; see the module documentation.
@@ -168,9 +164,10 @@ impl AttentionModel for Wrn {
         let mut o = self.conv0.forward(x)?;
         let mut groups = Vec::with_capacity(self.groups.len());
         for blocks in &self.groups {
-            for block in blocks {
-                o = block.forward_t(&o, train)?;
-            }
+            o = match group_fused(blocks, &o, train)? {
+                Some(y) => y,
+                None => blocks.iter().try_fold(o, |o, block| block.forward_t(&o, train))?,
+            };
             groups.push(o.clone());
         }
         let o = self.bn.forward_relu_t(&o, train)?;
