@@ -230,8 +230,7 @@ fn block_forward(
 ) -> Result<(Vec<f32>, Saved)> {
     let o = &spec.offsets;
     let [d0, d1, dd] = conv_dims(o, spec.stride, (n, h, w))?;
-    let (o1, stats0) =
-        norm::train_forward(x, (n, o.c_in, h * w), (&p[..o.c_in], &p[o.c_in..o.w0]), eps, true);
+    let (o1, stats0) = norm::train_forward(x, (n, o.c_in, h * w), o.bn0(p), eps, true);
 
     // conv0, with bn1's statistics taken from each image's output while it is in cache.
     let (y0, stats1) = conv0_with_stats(&d0, &o1, &p[o.w0..o.g1]);
@@ -295,16 +294,15 @@ fn block_backward(
 
     // conv0's input gradient; without a projection (which adds to it afterwards), with the
     // first pass of bn0's backward taken from each image while it is in cache.
-    let bn0 = norm::coefficients(o.bn0(p), &stats[0], eps);
-    let bn0_sums = PlaneSums::new(x, &bn0, &stats[0], (o.c_in, h * w));
-    let fused_sums = !o.projection() && d0.same3x3();
-    let mut d_o1 = if fused_sums {
+    let (mut d_o1, bn0_sums) = if !o.projection() && d0.same3x3() {
+        let bn0 = norm::coefficients(o.bn0(p), &stats[0], eps);
+        let bn0_sums = PlaneSums::new(x, &bn0, &stats[0], (o.c_in, h * w));
         let take_sums = |image: usize, d_o1: &[f32]| bn0_sums.take(image, d_o1);
-        conv::input_grad_same3x3(&d0, &d_y0, &p[o.w0..o.g1], &take_sums)
+        let d_o1 = conv::input_grad_same3x3(&d0, &d_y0, &p[o.w0..o.g1], &take_sums);
+        (d_o1, Some(bn0_sums.into_sums()))
     } else {
-        conv::input_grad(&d0, &d_y0, &p[o.w0..o.g1])
+        (conv::input_grad(&d0, &d_y0, &p[o.w0..o.g1]), None)
     };
-    let bn0_sums = fused_sums.then(|| bn0_sums.into_sums());
     drop(d_y0);
     if o.projection() {
         dp[o.wd..].copy_from_slice(&conv::weight_grad(&dd, o1, g));

@@ -229,10 +229,10 @@ fn im2col<T: Element>(d: &Dims, x: &[T], col: &mut [T]) {
     }
 }
 
-/// The adjoint of [`im2col`]: adds each column entry back to the pixel it came from. Entries
-/// that came from padding are discarded (for a "same" convolution, by zeroing them in `col`).
+/// The adjoint of [`im2col`]: adds each column entry back to the pixel it came from, into `x`,
+/// which starts at zero. Entries that came from padding are discarded (for a "same" convolution,
+/// by zeroing them in `col`).
 fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
-    x.fill(T::default());
     let p = d.p();
     for c in 0..d.c {
         let plane = &mut x[c * d.h * d.w..(c + 1) * d.h * d.w];
@@ -411,7 +411,7 @@ pub(crate) fn forward_same3x3<T: Element>(
         let (w0, shifted0) = (&rows[..d.o * k3], &buf[..]);
         matmul_uninit((d.o, p, k3), (&mut *y, p), w0, (k3, 1), shifted0, (plane, 1));
         // SAFETY: the GEMM above wrote every element of `y` (`o x p`, row stride `p`).
-        let y = unsafe { &mut *(y as *mut [MaybeUninit<T>] as *mut [T]) };
+        let y = unsafe { crate::assume_init_mut(y) };
         for ki in 1..3 {
             let (wk, shifted) = (&rows[ki * d.o * k3..], &buf[ki * d.w..]);
             matmul((d.o, p, k3), (y, p), true, wk, (k3, 1), shifted, (plane, 1));
@@ -454,7 +454,7 @@ pub(crate) fn input_grad_same3x3<T: Element>(
         }
         unshift3(d, g, dx);
         // SAFETY: `unshift3` initialised every element of `dx`.
-        epilogue(n, unsafe { &*(dx as *const [MaybeUninit<T>] as *const [T]) });
+        epilogue(n, unsafe { crate::assume_init_mut(dx) });
     };
     // SAFETY: `image_grad` writes its whole chunk.
     unsafe {
@@ -471,35 +471,28 @@ pub(crate) fn weight_grad_same3x3<T: Element>(
 ) -> Vec<T> {
     assert!(d.same3x3(), "weight_grad_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
-    let chunks = rayon::current_num_threads().clamp(1, d.n.max(1));
-    let per_chunk = d.n.div_ceil(chunks);
-    let partial: Vec<Vec<T>> = (0..chunks)
-        .into_par_iter()
-        .map(|chunk| {
-            // Per kernel row, the transposed gradient (`3c x o`), as in `weight_grad`.
-            let mut acc = vec![T::default(); 3 * k3 * d.o];
-            let mut buf = vec![T::default(); k3 * plane];
-            for n in chunk * per_chunk..((chunk + 1) * per_chunk).min(d.n) {
-                shift3(d, &x[n * image..(n + 1) * image], &mut buf, map);
-                let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
-                for ki in 0..3 {
-                    let (acc, shifted) = (&mut acc[ki * k3 * d.o..], &buf[ki * d.w..]);
-                    matmul((k3, d.o, p), (acc, d.o), true, shifted, (plane, 1), dy, (1, p));
-                }
+    // Per kernel row, the transposed gradient (`3c x o`), as in `weight_grad`.
+    let acc = sum_over_images(
+        d.n,
+        3 * k3 * d.o,
+        || vec![T::default(); k3 * plane],
+        |buf, acc, n| {
+            shift3(d, &x[n * image..(n + 1) * image], buf, map);
+            let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
+            for ki in 0..3 {
+                let (acc, shifted) = (&mut acc[ki * k3 * d.o..], &buf[ki * d.w..]);
+                matmul((k3, d.o, p), (acc, d.o), true, shifted, (plane, 1), dy, (1, p));
             }
-            acc
-        })
-        .collect();
-    let mut total = vec![T::default(); d.o * d.c * 9];
-    for acc in &partial {
-        for (i, t) in total.iter_mut().enumerate() {
-            // total[o][c][ki][kj] from acc[ki][(c, kj)][o]
+        },
+    );
+    // total[o][c][ki][kj] from acc[ki][(c, kj)][o]
+    (0..d.o * d.c * 9)
+        .map(|i| {
             let (oc, ki, kj) = (i / 9, i / 3 % 3, i % 3);
             let (oo, cc) = (oc / d.c, oc % d.c);
-            *t += acc[(ki * k3 + cc * 3 + kj) * d.o + oo];
-        }
-    }
-    total
+            acc[(ki * k3 + cc * 3 + kj) * d.o + oo]
+        })
+        .collect()
 }
 
 pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
@@ -508,6 +501,7 @@ pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
     }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
+    // Zeroed chunks: `col2im` adds into them.
     crate::par_chunks_zeroed(
         d.n * image,
         image,
@@ -531,37 +525,55 @@ pub(crate) fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
     }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
-    let chunks = rayon::current_num_threads().clamp(1, d.n.max(1));
-    let per_chunk = d.n.div_ceil(chunks);
+    // Accumulated transposed (`k x o`): gemm then streams the long im2col rows straight from
+    // memory and packs only `dy`, which is 2.4x faster at 32x32 than `o x k`, where gemm repacks
+    // the whole im2col matrix of every image.
+    let acc = sum_over_images(
+        d.n,
+        k * d.o,
+        || if d.pointwise() { vec![] } else { vec![T::default(); k * p] },
+        |col, acc, n| {
+            let x = &x[n * image..(n + 1) * image];
+            let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
+            // col (k x p) * dy^T (p x o)
+            let col: &[T] = if d.pointwise() {
+                x
+            } else {
+                im2col(d, x, col);
+                col
+            };
+            matmul((k, d.o, p), (acc, d.o), true, col, (p, 1), dy, (1, p));
+        },
+    );
+    // total[o][j] from acc[j][o]
+    (0..d.o * k).map(|i| acc[i % k * d.o + i / k]).collect()
+}
+
+/// The sum over the batch of what `image(scratch, acc, n)` adds into `acc` (`len` values) for
+/// each image `n`, in a fixed order: one contiguous chunk of images per thread, each into its own
+/// accumulator, the chunks added in order. So the result does not depend on thread scheduling.
+fn sum_over_images<T: Element, S>(
+    n: usize,
+    len: usize,
+    scratch: impl Fn() -> S + Sync + Send,
+    image: impl Fn(&mut S, &mut [T], usize) + Sync + Send,
+) -> Vec<T> {
+    let chunks = rayon::current_num_threads().clamp(1, n.max(1));
+    let per_chunk = n.div_ceil(chunks);
     let partial: Vec<Vec<T>> = (0..chunks)
         .into_par_iter()
         .map(|chunk| {
-            // Accumulated transposed (`k x o`): gemm then streams the long im2col rows straight
-            // from memory and packs only `dy`, which is 2.4x faster at 32x32 than `o x k`,
-            // where gemm repacks the whole im2col matrix of every image.
-            let mut acc = vec![T::default(); k * d.o];
-            let mut col = if d.pointwise() { vec![] } else { vec![T::default(); k * p] };
-            for n in chunk * per_chunk..((chunk + 1) * per_chunk).min(d.n) {
-                let x = &x[n * image..(n + 1) * image];
-                let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
-                // col (k x p) * dy^T (p x o)
-                let col: &[T] = if d.pointwise() {
-                    x
-                } else {
-                    im2col(d, x, &mut col);
-                    &col
-                };
-                matmul((k, d.o, p), (&mut acc, d.o), true, col, (p, 1), dy, (1, p));
+            let (mut acc, mut scratch) = (vec![T::default(); len], scratch());
+            for n in chunk * per_chunk..((chunk + 1) * per_chunk).min(n) {
+                image(&mut scratch, &mut acc, n);
             }
             acc
         })
         .collect();
-    let mut total = vec![T::default(); d.o * k];
+    let mut total = vec![T::default(); len];
     for acc in &partial {
-        for (row, t) in total.chunks_exact_mut(k).enumerate() {
-            for (j, t) in t.iter_mut().enumerate() {
-                *t += acc[j * d.o + row];
-            }
+        for (t, a) in total.iter_mut().zip(acc) {
+            *t += *a;
         }
     }
     total

@@ -7,8 +7,7 @@
 //! norm (and the ReLU after it) into one op with a two-pass backward (see [`norm`]).
 //! [`preact_blocks_train`] makes pre-activation residual blocks (a WRN group) one op, so that
 //! candle's backward pass accumulates one gradient per group instead of six per block (see
-//! [`block`]). Other
-//! devices and dtypes go to candle's own ops.
+//! [`block`]). Other devices and dtypes go to candle's own ops.
 //!
 //! The plain candle ops remain the reference: [`set_reference(true)`](set_reference) routes every
 //! call back to them (tests compare the two; benchmarks time both).
@@ -53,21 +52,13 @@ pub(crate) fn par_chunks_zeroed<T, S>(
 where
     T: Copy + Default + Send + Sync,
 {
-    let mut v: Vec<T> = Vec::with_capacity(len);
-    v.spare_capacity_mut()[..len].par_chunks_mut(chunk.max(1)).enumerate().for_each_init(
-        init,
-        |state, (i, out)| {
-            out.fill(MaybeUninit::new(T::default()));
-            // SAFETY: every element of `out` was initialised on the line above, and
-            // `MaybeUninit<T>` has the layout of `T`.
-            let out = unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) };
-            f(state, i, out);
-        },
-    );
-    // SAFETY: the chunks cover `0..len` and each was initialised (a panic in `f` unwinds
-    // before this line, dropping `v` with length 0).
-    unsafe { v.set_len(len) };
-    v
+    let zeroed = |state: &mut S, i: usize, out: &mut [MaybeUninit<T>]| {
+        out.fill(MaybeUninit::new(T::default()));
+        // SAFETY: every element of `out` was initialised on the line above.
+        f(state, i, unsafe { assume_init_mut(out) });
+    };
+    // SAFETY: `zeroed` initialises its whole chunk before `f` sees it.
+    unsafe { par_chunks_uninit(len, chunk, init, zeroed) }
 }
 
 /// Like [`par_chunks_zeroed`] for outputs that are written whole: `f` gets each chunk
@@ -94,6 +85,17 @@ where
     // SAFETY: the chunks cover `0..len` and `f` initialised each (the caller's promise).
     unsafe { v.set_len(len) };
     v
+}
+
+/// `out` as initialised values.
+///
+/// # Safety
+///
+/// Every element of `out` must have been initialised.
+pub(crate) unsafe fn assume_init_mut<T>(out: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: `MaybeUninit<T>` has the layout of `T`, and the caller promises initialised
+    // elements.
+    unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// Writes `value(i)` into every element `i` of `out`, which is then initialised.

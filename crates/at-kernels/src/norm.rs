@@ -184,8 +184,13 @@ pub(crate) fn coefficients(
     stats: &BatchStats,
     eps: f64,
 ) -> Vec<(f32, f32)> {
-    let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let invstd = invstd(&stats.var, eps);
     (0..gamma.len()).map(|ch| affine((gamma, beta), (&stats.mean, &invstd), ch)).collect()
+}
+
+/// `1 / sqrt(var + eps)` per channel.
+fn invstd(var: &[f64], eps: f64) -> Vec<f64> {
+    var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
 }
 
 /// The per-channel `(scale, shift)` of the normalisation, `y = x * scale + shift`, in f32: the
@@ -208,10 +213,9 @@ pub(crate) fn train_forward(
     eps: f64,
     relu: bool,
 ) -> (Vec<f32>, BatchStats) {
-    let (mean, var) = stats(x, n, c, hw);
-    let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let y = normalize(x, (c, hw), (gamma, beta), (&mean, &invstd), relu);
-    (y, BatchStats { mean, var, count: n * hw })
+    let stats = batch_stats(x, (n, c, hw));
+    let y = normalize(x, (c, hw), (gamma, beta), (&stats.mean, &invstd(&stats.var, eps)), relu);
+    (y, stats)
 }
 
 /// The incoming gradient where the ReLU (if any) passed it: where `x * a + b > 0`.
@@ -251,7 +255,7 @@ pub(crate) fn train_backward(
     relu: bool,
     precomputed: Option<&[(f64, f64)]>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let invstd = invstd(&stats.var, eps);
     let coefficients = |ch| affine((gamma, beta), (&stats.mean, &invstd), ch);
     // Per channel: sum of the masked gradient, and of it times x-hat, from the planes' sums in
     // image order.
@@ -502,8 +506,7 @@ pub fn batch_norm_eval(
         return Ok(None);
     }
     let v = |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.flatten_all()?.to_vec1() };
-    let mean = v(running_mean)?;
-    let invstd = v(running_var)?.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let (mean, invstd) = (v(running_mean)?, invstd(&v(running_var)?, eps));
     let op = Affine { mean, invstd, relu };
     Ok(Some(x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?))
 }

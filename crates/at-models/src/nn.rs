@@ -76,9 +76,7 @@ impl Conv2d {
         };
         Ok(Self { weight, bias, stride: spec.stride, padding: spec.padding })
     }
-}
 
-impl Conv2d {
     /// The weight, for a fused kernel; `None` unless the convolution is bias-free with
     /// `padding`.
     pub(crate) fn plain_weight(&self, padding: usize) -> Option<&Tensor> {
