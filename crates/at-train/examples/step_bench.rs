@@ -41,7 +41,6 @@ fn main() -> Result<()> {
             );
         }
     }
-    let teacher = if kind == Step::Student { "" } else { teacher.as_str() };
-    println!("{}", json_line(&student, &step, teacher, batch, "cpu", &times));
+    println!("{}", json_line(&student, kind, &teacher, batch, "cpu", &times));
     Ok(())
 }

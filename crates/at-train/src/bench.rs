@@ -38,6 +38,16 @@ impl Step {
             other => bail!("unknown step `{other}`: student, teacher, at or at-kd"),
         })
     }
+
+    /// The name [`Step::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Student => "student",
+            Self::Teacher => "teacher",
+            Self::At => "at",
+            Self::AtKd => "at-kd",
+        }
+    }
 }
 
 /// The time of each phase of one step.
@@ -123,10 +133,11 @@ pub fn time_steps(
     Ok(times)
 }
 
-/// One JSON line, as `xtask/bench/torch_step.py` prints it.
+/// One JSON line, as `xtask/bench/torch_step.py` prints it (the teacher is blank for a
+/// student step, which has none).
 pub fn json_line(
     student: &str,
-    step: &str,
+    step: Step,
     teacher: &str,
     batch: usize,
     device: &str,
@@ -134,8 +145,23 @@ pub fn json_line(
 ) -> String {
     let list: Vec<String> =
         times.iter().map(|(t, _)| format!("{:.1}", t.as_secs_f64() * 1e3)).collect();
+    let teacher = if step == Step::Student { "" } else { teacher };
+    let step = step.name();
     format!(
         "{{\"model\":\"{student}\",\"step\":\"{step}\",\"teacher\":\"{teacher}\",\"batch\":{batch},\"device\":\"{device}\",\"ms\":[{}]}}",
         list.join(",")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_names_parse_back_to_their_step() {
+        for step in [Step::Student, Step::Teacher, Step::At, Step::AtKd] {
+            assert_eq!(Step::parse(step.name()).unwrap(), step);
+        }
+        assert!(Step::parse("kd").unwrap_err().to_string().contains("unknown step `kd`"));
+    }
 }

@@ -237,10 +237,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (warmup, steps),
                 &dev,
             )?;
-            let teacher = if kind == at_train::bench::Step::Student { "" } else { &teacher };
             println!(
                 "{}",
-                at_train::bench::json_line(&student, &step, teacher, batch, &device, &times)
+                at_train::bench::json_line(&student, kind, &teacher, batch, &device, &times)
             );
         }
         Command::Download { dataset, repo, files, offline } => {
