@@ -24,17 +24,41 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::gather;
+
 /// A float type the kernels run in.
 pub(crate) trait Element:
     Copy + Default + Send + Sync + std::ops::AddAssign + 'static
 {
     const ONE: Self;
+
+    /// The slice as `f32`s, where `Self` is `f32` (the type [`gather`](crate::gather) runs in).
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+
+    /// [`Element::as_f32`] for an output.
+    fn as_f32_uninit(s: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]>;
 }
 impl Element for f32 {
     const ONE: Self = 1.0;
+
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+
+    fn as_f32_uninit(s: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]> {
+        Some(s)
+    }
 }
 impl Element for f64 {
     const ONE: Self = 1.0;
+
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+
+    fn as_f32_uninit(_: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]> {
+        None
+    }
 }
 
 /// Every size of one convolution.
@@ -330,11 +354,16 @@ fn shift3<T: Element>(d: &Dims, x: &[T], buf: &mut [T], map: &impl InputMap<T>) 
 }
 
 /// The adjoint of [`shift3`]: `dx[c][y][x] = g[c, 1][1 + y, x] + g[c, 0][1 + y, x + 1] +
-/// g[c, 2][1 + y, x - 1]` (the terms that exist); the padding rows are dropped.
-fn unshift3<T: Element>(d: &Dims, g: &[T], dx: &mut [MaybeUninit<T>]) {
-    let (w, hw, plane) = (d.w, d.h * d.w, d.padded_plane());
+/// g[c, 2][1 + y, x - 1]` (the terms that exist), the padding rows dropped: row `(c, kj)` of `g`
+/// starts at `(c * 3 + kj) * stride`, and its image part at `start` within it.
+fn unshift3<T: Element>(
+    d: &Dims,
+    (g, stride, start): (&[T], usize, usize),
+    dx: &mut [MaybeUninit<T>],
+) {
+    let (w, hw) = (d.w, d.h * d.w);
     for c in 0..d.c {
-        let row = |kj: usize| &g[(c * 3 + kj) * plane + w..(c * 3 + kj) * plane + w + hw];
+        let row = |kj: usize| &g[(c * 3 + kj) * stride + start..(c * 3 + kj) * stride + start + hw];
         let (g0, g1, g2) = (row(0), row(1), row(2));
         let out = &mut dx[c * hw..(c + 1) * hw];
         for y in 0..d.h {
@@ -378,6 +407,7 @@ pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
     }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
+    let gather = dense_gather(w, (d.o, k, p), false);
     let image_conv = |col: &mut Vec<T>, n: usize, y: &mut [MaybeUninit<T>]| {
         let x = &x[n * image..(n + 1) * image];
         let col: &[T] = if d.pointwise() {
@@ -386,11 +416,48 @@ pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
             im2col(d, x, col);
             col
         };
-        matmul_uninit((d.o, p, k), (y, p), w, (k, 1), col, (p, 1));
+        dense_gemm(&gather, (d.o, p, k), (y, p), (w, (k, 1)), col);
     };
     let init = || if d.pointwise() { vec![] } else { vec![T::default(); k * p] };
     // SAFETY: the GEMM writes the whole chunk (`o x p`).
     unsafe { crate::par_chunks_uninit(d.n * d.o * p, d.o * p, init, image_conv) }
+}
+
+/// For [`dense_gemm`]: `a` (`m x k` row-major, or the transpose of a `k x m` one) packed for
+/// the gather GEMM, and the offsets of the `k` rows of a dense `k x n` right operand, where the
+/// gather GEMM runs (f32 on AVX-512).
+fn dense_gather<T: Element>(
+    a: &[T],
+    (m, k, n): (usize, usize, usize),
+    transposed: bool,
+) -> Option<(gather::Lhs, Vec<usize>)> {
+    let a = T::as_f32(a).filter(|_| gather_enabled())?;
+    let lhs = if transposed {
+        gather::Lhs::new(m, k, |i, kk| a[kk * m + i])
+    } else {
+        gather::Lhs::new(m, k, |i, kk| a[i * k + kk])
+    };
+    Some((lhs, (0..k).map(|kk| kk * n).collect()))
+}
+
+/// `dst = a * b` (`m x n`, row stride `dst_rs`) for a dense `b` (`k x n`): the gather GEMM with
+/// the packing of `a` made by [`dense_gather`] where there is one, `gemm` on `a` (given by its
+/// strides) otherwise.
+fn dense_gemm<T: Element>(
+    gather: &Option<(gather::Lhs, Vec<usize>)>,
+    (m, n, k): (usize, usize, usize),
+    dst: (&mut [MaybeUninit<T>], usize),
+    (a, a_strides): (&[T], (usize, usize)),
+    b: &[T],
+) {
+    match gather {
+        Some((lhs, rows)) => {
+            let (dst, dst_rs) = dst;
+            let (b, dst) = (T::as_f32(b).expect("f32"), T::as_f32_uninit(dst).expect("f32"));
+            gather::gather_gemm(lhs, (b, rows), n, (dst, dst_rs));
+        }
+        None => matmul_uninit((m, n, k), dst, a, a_strides, b, (n, 1)),
+    }
 }
 
 /// A "same" 3x3 convolution of `map(x)`; `epilogue(n, y_n)` runs on each image's output while
@@ -405,16 +472,31 @@ pub(crate) fn forward_same3x3<T: Element>(
 ) -> Vec<T> {
     assert!(d.same3x3(), "forward_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
-    let rows = kernel_rows(d, w);
+    // With the gather GEMM: the weights as they are (`o x 9c`), and row `(c, ki, kj)` of the
+    // im2col matrix read from the shifted copy `(c, kj)` at kernel row `ki`.
+    let gather = T::as_f32(w).filter(|_| gather_enabled()).map(|w| {
+        let lhs = gather::Lhs::new(d.o, 9 * d.c, |o, kk| w[o * 9 * d.c + kk]);
+        let rows: Vec<usize> =
+            (0..9 * d.c).map(|kk| (kk / 9 * 3 + kk % 3) * plane + kk / 3 % 3 * d.w).collect();
+        (lhs, rows)
+    });
+    let rows = if gather.is_some() { vec![] } else { kernel_rows(d, w) };
     let image_conv = |buf: &mut Vec<T>, n: usize, y: &mut [MaybeUninit<T>]| {
         shift3(d, &x[n * image..(n + 1) * image], buf, map);
-        let (w0, shifted0) = (&rows[..d.o * k3], &buf[..]);
-        matmul_uninit((d.o, p, k3), (&mut *y, p), w0, (k3, 1), shifted0, (plane, 1));
+        if let Some((lhs, offsets)) = &gather {
+            let (buf, y) = (T::as_f32(buf).expect("f32"), T::as_f32_uninit(y).expect("f32"));
+            gather::gather_gemm(lhs, (buf, offsets), p, (y, p));
+        } else {
+            let (w0, shifted0) = (&rows[..d.o * k3], &buf[..]);
+            matmul_uninit((d.o, p, k3), (&mut *y, p), w0, (k3, 1), shifted0, (plane, 1));
+        }
         // SAFETY: the GEMM above wrote every element of `y` (`o x p`, row stride `p`).
         let y = unsafe { crate::assume_init_mut(y) };
-        for ki in 1..3 {
-            let (wk, shifted) = (&rows[ki * d.o * k3..], &buf[ki * d.w..]);
-            matmul((d.o, p, k3), (y, p), true, wk, (k3, 1), shifted, (plane, 1));
+        if gather.is_none() {
+            for ki in 1..3 {
+                let (wk, shifted) = (&rows[ki * d.o * k3..], &buf[ki * d.w..]);
+                matmul((d.o, p, k3), (y, p), true, wk, (k3, 1), shifted, (plane, 1));
+            }
         }
         epilogue(n, y);
     };
@@ -439,26 +521,54 @@ pub(crate) fn input_grad_same3x3<T: Element>(
 ) -> Vec<T> {
     assert!(d.same3x3(), "input_grad_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
-    let rows = kernel_rows(d, w);
+    // With the gather GEMM, one GEMM per image: `g[(c, kj)][q] = sum over (ki, o) of
+    // w[o][c][ki][kj] dy[o][q - (ki - 1) w]`, the output gradient read from a copy whose rows
+    // have `w` zeros on each side (`padded` long), so that the rows shifted by a kernel row stay
+    // inside it.
+    let padded = p + 2 * d.w;
+    let gather = T::as_f32(w).filter(|_| gather_enabled()).map(|w| {
+        let lhs = gather::Lhs::new(k3, 3 * d.o, |r, kk| {
+            let (c, kj, ki, o) = (r / 3, r % 3, kk / d.o, kk % d.o);
+            w[((o * d.c + c) * 3 + ki) * 3 + kj]
+        });
+        let rows: Vec<usize> =
+            (0..3 * d.o).map(|kk| kk % d.o * padded + (2 - kk / d.o) * d.w).collect();
+        (lhs, rows)
+    });
+    let rows = if gather.is_some() { vec![] } else { kernel_rows(d, w) };
     let image_grad = |g: &mut Vec<T>, n: usize, dx: &mut [MaybeUninit<T>]| {
         let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
-        // The three GEMMs write overlapping windows of each row: the first overwrites `[0, p)`,
-        // the others add; the rest of the row starts at zero.
-        for row in g.chunks_exact_mut(plane) {
-            row[p..].fill(T::default());
+        if let Some((lhs, offsets)) = &gather {
+            // `g` is the padded copy of dy (its padding stays zero) and then `3c x p`.
+            let (dyp, g) = g.split_at_mut(d.o * padded);
+            for (padded, dy) in dyp.chunks_exact_mut(padded).zip(dy.chunks_exact(p)) {
+                padded[d.w..d.w + p].copy_from_slice(dy);
+            }
+            // SAFETY: the GEMM writes only initialised values into `g`.
+            let g_out = unsafe { &mut *(&mut g[..k3 * p] as *mut [T] as *mut [MaybeUninit<T>]) };
+            let dyp = T::as_f32(dyp).expect("f32");
+            gather::gather_gemm(lhs, (dyp, offsets), p, (T::as_f32_uninit(g_out).expect("f32"), p));
+            unshift3(d, (g, p, 0), dx);
+        } else {
+            // The three GEMMs write overlapping windows of each row: the first overwrites
+            // `[0, p)`, the others add; the rest of the row starts at zero.
+            for row in g.chunks_exact_mut(plane) {
+                row[p..].fill(T::default());
+            }
+            for ki in 0..3 {
+                let (wk, window) = (&rows[ki * d.o * k3..], &mut g[ki * d.w..]);
+                // w_ki^T (3c x o) * dy (o x p)
+                matmul((k3, p, d.o), (window, plane), ki > 0, wk, (1, k3), dy, (p, 1));
+            }
+            unshift3(d, (g, plane, d.w), dx);
         }
-        for ki in 0..3 {
-            let (wk, window) = (&rows[ki * d.o * k3..], &mut g[ki * d.w..]);
-            // w_ki^T (3c x o) * dy (o x p)
-            matmul((k3, p, d.o), (window, plane), ki > 0, wk, (1, k3), dy, (p, 1));
-        }
-        unshift3(d, g, dx);
         // SAFETY: `unshift3` initialised every element of `dx`.
         epilogue(n, unsafe { crate::assume_init_mut(dx) });
     };
+    let scratch = if gather.is_some() { d.o * padded + k3 * p } else { k3 * plane };
     // SAFETY: `image_grad` writes its whole chunk.
     unsafe {
-        crate::par_chunks_uninit(d.n * image, image, || vec![T::default(); k3 * plane], image_grad)
+        crate::par_chunks_uninit(d.n * image, image, || vec![T::default(); scratch], image_grad)
     }
 }
 
@@ -501,6 +611,7 @@ pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
     }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
+    let gather = dense_gather(w, (k, d.o, p), true);
     // Zeroed chunks: `col2im` adds into them.
     crate::par_chunks_zeroed(
         d.n * image,
@@ -508,11 +619,13 @@ pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
         || if d.pointwise() { vec![] } else { vec![T::default(); k * p] },
         |col, n, dx| {
             let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
-            // w^T (k x o) * dy (o x p)
-            if d.pointwise() {
-                matmul((k, p, d.o), (dx, p), false, w, (1, k), dy, (p, 1));
-            } else {
-                matmul((k, p, d.o), (col, p), false, w, (1, k), dy, (p, 1));
+            // w^T (k x o) * dy (o x p), into memory that is initialised (so any value the GEMM
+            // writes keeps it so).
+            let out = if d.pointwise() { &mut *dx } else { &mut col[..] };
+            // SAFETY: the GEMM writes only initialised values.
+            let out = unsafe { &mut *(out as *mut [T] as *mut [MaybeUninit<T>]) };
+            dense_gemm(&gather, (k, p, d.o), (out, p), (w, (1, k)), dy);
+            if !d.pointwise() {
                 col2im(d, col, dx);
             }
         },
@@ -577,6 +690,26 @@ fn sum_over_images<T: Element, S>(
         }
     }
     total
+}
+
+thread_local! {
+    static GATHER_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the "same" 3x3 kernels called from this thread use [`gather`] (AVX-512) rather than
+/// three `gemm` calls per image.
+fn gather_enabled() -> bool {
+    gather::available() && !GATHER_OFF.with(|off| off.get())
+}
+
+/// Runs `f` with the portable `gemm` path on this thread, as a CPU without AVX-512 would (the
+/// tests compare the two).
+#[cfg(test)]
+pub(crate) fn without_gather<R>(f: impl FnOnce() -> R) -> R {
+    GATHER_OFF.with(|off| off.set(true));
+    let r = f();
+    GATHER_OFF.with(|off| off.set(false));
+    r
 }
 
 fn dims4(layout: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
@@ -800,4 +933,43 @@ pub fn conv2d_weight_grad(
         bail!("conv2d_weight_grad runs on the CPU in f32 or f64")
     }
     x.contiguous()?.apply_op2(&dy.contiguous()?, Dw { stride, pad: padding, kh, kw })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what} at {i}: {x} vs {y}");
+        }
+    }
+
+    /// The gather GEMM (AVX-512) and the portable `gemm` path give the same forward pass and
+    /// input gradient, for "same" 3x3 convolutions (ragged channel counts, a non-square image)
+    /// and for the im2col path (stride 2, a 1x1 projection).
+    #[test]
+    fn gather_and_portable_paths_agree_on_forward_and_input_gradient() {
+        let geometries = [
+            ((3, 5, 9, 7), (7, 5, 3, 3), 1, 1),
+            ((2, 16, 8, 8), (32, 16, 3, 3), 1, 1),
+            ((2, 6, 9, 8), (13, 6, 3, 3), 2, 1),
+            ((2, 6, 9, 8), (13, 6, 1, 1), 2, 0),
+        ];
+        for (i, &(x, w, stride, pad)) in geometries.iter().enumerate() {
+            let d = Dims::new(x, w, stride, pad).unwrap();
+            let xs = values(x.0 * x.1 * x.2 * x.3, i);
+            let ws = values(w.0 * w.1 * w.2 * w.3, i + 10);
+            let dy = values(d.n * d.o * d.p(), i + 20);
+            let fast = (forward(&d, &xs, &ws), input_grad(&d, &dy, &ws));
+            let portable = without_gather(|| (forward(&d, &xs, &ws), input_grad(&d, &dy, &ws)));
+            assert_close(&fast.0, &portable.0, &format!("forward, geometry {i}"));
+            assert_close(&fast.1, &portable.1, &format!("input gradient, geometry {i}"));
+        }
+    }
 }

@@ -16,6 +16,7 @@
 pub mod attention;
 pub mod block;
 pub mod conv;
+mod gather;
 pub mod norm;
 
 use std::cell::Cell;
