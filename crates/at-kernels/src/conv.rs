@@ -205,11 +205,82 @@ fn gemm_into<T: Element>(
     }
 }
 
+/// A strided convolution reads every `stride`-th column of an input row, starting at each of
+/// `stride` phases: [`im2col`] splits each row into its phases once (phase `b` of row `iy` at
+/// `(b * h + iy) * len`, `len = ceil(w / stride)`), so that every kernel column is a contiguous
+/// copy instead of a strided gather (and [`col2im`] adds into the phases, then interleaves).
+struct Phases {
+    stride: usize,
+    len: usize,
+    h: usize,
+}
+
+impl Phases {
+    fn new(d: &Dims) -> Self {
+        Self { stride: d.stride, len: d.w.div_ceil(d.stride), h: d.h }
+    }
+
+    /// Where kernel column `kj` reads output column `ox`: the phase, and the index in it of
+    /// `ox = 0` (`ox * stride + kj - pad = (ox + shift) * stride + phase`, `shift` negative for
+    /// the kernel columns left of the centre: the caller starts at a valid `ox`).
+    fn tap(&self, kj: usize, pad: usize) -> (usize, isize) {
+        let t = kj as isize - pad as isize;
+        let s = self.stride as isize;
+        (t.rem_euclid(s) as usize, t.div_euclid(s))
+    }
+
+    /// The row of phase `b` of input row `iy` in the split buffer.
+    fn row(&self, b: usize, iy: usize) -> std::ops::Range<usize> {
+        let start = (b * self.h + iy) * self.len;
+        start..start + self.len
+    }
+
+    fn split<T: Element>(&self, w: usize, plane: &[T], out: &mut [T]) {
+        for (iy, row) in plane.chunks_exact(w).enumerate() {
+            if self.stride == 2 {
+                // Pairs, which the compiler turns into vector shuffles.
+                let (even, odd) = out[self.row(0, iy).start..].split_at_mut(self.h * self.len);
+                let (even, odd) = (&mut even[..self.len], &mut odd[..self.len]);
+                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2)) {
+                    (*e, *o) = (pair[0], pair[1]);
+                }
+                if w % 2 == 1 {
+                    even[w / 2] = row[w - 1];
+                }
+                continue;
+            }
+            for b in 0..self.stride {
+                let dst = &mut out[self.row(b, iy)];
+                for (d, v) in dst.iter_mut().zip(row.iter().skip(b).step_by(self.stride)) {
+                    *d = *v;
+                }
+            }
+        }
+    }
+
+    /// The adjoint of `split`: adds each phase back into its row of `plane`.
+    fn merge_add<T: Element>(&self, w: usize, phases: &[T], plane: &mut [T]) {
+        for (iy, row) in plane.chunks_exact_mut(w).enumerate() {
+            for b in 0..self.stride {
+                let src = &phases[self.row(b, iy)];
+                for (d, v) in row.iter_mut().skip(b).step_by(self.stride).zip(src) {
+                    *d += *v;
+                }
+            }
+        }
+    }
+}
+
 /// The im2col matrix (`k x p`) of one image (`c x h x w`).
 fn im2col<T: Element>(d: &Dims, x: &[T], col: &mut [T]) {
     let p = d.p();
+    let phases = Phases::new(d);
+    let mut split = vec![T::default(); if d.stride > 1 { d.stride * d.h * phases.len } else { 0 }];
     for c in 0..d.c {
         let plane = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
+        if d.stride > 1 {
+            phases.split(d.w, plane, &mut split);
+        }
         for ki in 0..d.kh {
             let (oy0, oy1) = d.valid(ki, d.ho, d.h);
             for kj in 0..d.kw {
@@ -231,21 +302,21 @@ fn im2col<T: Element>(d: &Dims, x: &[T], col: &mut [T]) {
                     }
                     continue;
                 }
+                let (b, shift) = phases.tap(kj, d.pad);
                 for oy in oy0..oy1 {
                     let iy = oy * d.stride + ki - d.pad;
-                    let src = &plane[iy * d.w..(iy + 1) * d.w];
                     let out = &mut dst[oy * d.wo..(oy + 1) * d.wo];
                     out[..ox0].fill(T::default());
                     out[ox1..].fill(T::default());
                     if ox0 < ox1 {
-                        let ix0 = ox0 * d.stride + kj - d.pad;
-                        if d.stride == 1 {
-                            out[ox0..ox1].copy_from_slice(&src[ix0..ix0 + (ox1 - ox0)]);
+                        let src = if d.stride == 1 {
+                            &plane[iy * d.w..(iy + 1) * d.w]
                         } else {
-                            for (i, v) in out[ox0..ox1].iter_mut().enumerate() {
-                                *v = src[ix0 + i * d.stride];
-                            }
-                        }
+                            &split[phases.row(b, iy)]
+                        };
+                        // The input column of `ox0` (for stride 1, `ox0 + kj - pad`).
+                        let ix0 = (ox0 as isize + shift) as usize;
+                        out[ox0..ox1].copy_from_slice(&src[ix0..ix0 + (ox1 - ox0)]);
                     }
                 }
             }
@@ -258,8 +329,11 @@ fn im2col<T: Element>(d: &Dims, x: &[T], col: &mut [T]) {
 /// by zeroing them in `col`).
 fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
     let p = d.p();
+    let phases = Phases::new(d);
+    let mut split = vec![T::default(); if d.stride > 1 { d.stride * d.h * phases.len } else { 0 }];
     for c in 0..d.c {
         let plane = &mut x[c * d.h * d.w..(c + 1) * d.h * d.w];
+        split.fill(T::default());
         for ki in 0..d.kh {
             let (oy0, oy1) = d.valid(ki, d.ho, d.h);
             for kj in 0..d.kw {
@@ -284,22 +358,24 @@ fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
                     continue;
                 }
                 let src = &col[row * p..(row + 1) * p];
+                let (b, shift) = phases.tap(kj, d.pad);
+                let ix0 = (ox0 as isize + shift) as usize;
                 for oy in oy0..oy1 {
                     let iy = oy * d.stride + ki - d.pad;
-                    let dst = &mut plane[iy * d.w..(iy + 1) * d.w];
-                    let ix0 = ox0 * d.stride + kj - d.pad;
-                    let src = &src[oy * d.wo + ox0..oy * d.wo + ox1];
-                    if d.stride == 1 {
-                        for (x, v) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
-                            *x += *v;
-                        }
+                    let dst = if d.stride == 1 {
+                        &mut plane[iy * d.w..(iy + 1) * d.w]
                     } else {
-                        for (x, v) in dst[ix0..].iter_mut().step_by(d.stride).zip(src) {
-                            *x += *v;
-                        }
+                        &mut split[phases.row(b, iy)]
+                    };
+                    let src = &src[oy * d.wo + ox0..oy * d.wo + ox1];
+                    for (x, v) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                        *x += *v;
                     }
                 }
             }
+        }
+        if d.stride > 1 {
+            phases.merge_add(d.w, &split, plane);
         }
     }
 }
