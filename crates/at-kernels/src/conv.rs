@@ -35,6 +35,9 @@ pub(crate) trait Element:
     /// The slice as `f32`s, where `Self` is `f32` (the type [`gather`](crate::gather) runs in).
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
 
+    /// [`Element::as_f32`] for a mutable slice.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
+
     /// [`Element::as_f32`] for an output.
     fn as_f32_uninit(s: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]>;
 }
@@ -42,6 +45,10 @@ impl Element for f32 {
     const ONE: Self = 1.0;
 
     fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
         Some(s)
     }
 
@@ -53,6 +60,10 @@ impl Element for f64 {
     const ONE: Self = 1.0;
 
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
         None
     }
 
@@ -657,6 +668,9 @@ pub(crate) fn weight_grad_same3x3<T: Element>(
 ) -> Vec<T> {
     assert!(d.same3x3(), "weight_grad_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
+    if let Some(dy) = T::as_f32(dy).filter(|_| gather_enabled()) {
+        return weight_grad_pixels(d, x, dy, map);
+    }
     // Per kernel row, the transposed gradient (`3c x o`), as in `weight_grad`.
     let acc = sum_over_images(
         d.n,
@@ -677,6 +691,54 @@ pub(crate) fn weight_grad_same3x3<T: Element>(
             let (oc, ki, kj) = (i / 9, i / 3 % 3, i % 3);
             let (oo, cc) = (oc / d.c, oc % d.c);
             acc[(ki * k3 + cc * 3 + kj) * d.o + oo]
+        })
+        .collect()
+}
+
+/// [`weight_grad_same3x3`] on the gather GEMM (f32 on AVX-512), per kernel
+/// row `ki`: `dW_ki[o][(kj, c)] = sum over pixels j of dy[o][j] x_pix[j + ki][(kj, c)]`, where
+/// `x_pix` is `map(x)` stored pixel by pixel ([`gather::to_pixels`]) on a grid of `w + 1`
+/// columns with zero rows above and below: the last column is zero, so the three pixels
+/// `x - 1, x, x + 1` of every row are one contiguous run of `3c` values (the pixel left of
+/// column 0 is the zero column of the row above, the pixel right of column `w - 1` this row's).
+/// The output gradient is the left operand as it is (rows of `p`); no shifted copies.
+fn weight_grad_pixels<T: Element>(d: &Dims, x: &[T], dy: &[f32], map: &impl InputMap<T>) -> Vec<T> {
+    let (p, hw, c3, image) = (d.p(), d.h * d.w, 3 * d.c, d.c * d.h * d.w);
+    let stride = d.w + 1;
+    // One zero pixel first (left of the top zero row's first column), then `h + 2` rows.
+    let pixels = 1 + (d.h + 2) * stride + 1;
+    // rows[ki][(y, x)]: the run `x_pix[(y + ki, x - 1)..]`, with pixel `(Y, X)` at
+    // `1 + Y * stride + X`.
+    let rows: Vec<Vec<usize>> = (0..3)
+        .map(|ki| (0..p).map(|j| ((j / d.w + ki) * stride + j % d.w) * d.c).collect())
+        .collect();
+    let acc = sum_over_images(
+        d.n,
+        3 * d.o * c3,
+        || (vec![T::default(); image], vec![0f32; pixels * d.c]),
+        |(mapped, x_pix), acc, n| {
+            let x = &x[n * image..(n + 1) * image];
+            for (ch, (src, dst)) in x.chunks_exact(hw).zip(mapped.chunks_exact_mut(hw)).enumerate()
+            {
+                map.copy(ch, src, dst);
+            }
+            let mapped = T::as_f32(mapped).expect("f32");
+            // Image pixel (y, x) at grid pixel (y + 1, x).
+            gather::to_pixels(mapped, (d.c, d.h, d.w), (1 + stride, stride), x_pix);
+            let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
+            let acc = T::as_f32_mut(acc).expect("f32");
+            for (ki, rows) in rows.iter().enumerate() {
+                let acc = &mut acc[ki * d.o * c3..(ki + 1) * d.o * c3];
+                gather::gather_gemm_add((dy, p, d.o), (x_pix, rows), c3, (acc, c3));
+            }
+        },
+    );
+    // total[o][c][ki][kj] from acc[ki][o][(kj, c)]
+    (0..d.o * d.c * 9)
+        .map(|i| {
+            let (oc, ki, kj) = (i / 9, i / 3 % 3, i % 3);
+            let (oo, cc) = (oc / d.c, oc % d.c);
+            acc[((ki * d.o + oo) * 3 + kj) * d.c + cc]
         })
         .collect()
 }
@@ -1027,13 +1089,14 @@ mod tests {
     }
 
     /// The gather GEMM (AVX-512) and the portable `gemm` path give the same forward pass and
-    /// input gradient, for "same" 3x3 convolutions (ragged channel counts, a non-square image)
+    /// gradients, for "same" 3x3 convolutions (ragged channel counts, a non-square image)
     /// and for the im2col path (stride 2, a 1x1 projection).
     #[test]
-    fn gather_and_portable_paths_agree_on_forward_and_input_gradient() {
+    fn gather_and_portable_paths_agree_on_forward_and_both_gradients() {
         let geometries = [
             ((3, 5, 9, 7), (7, 5, 3, 3), 1, 1),
             ((2, 16, 8, 8), (32, 16, 3, 3), 1, 1),
+            ((2, 32, 4, 16), (16, 32, 3, 3), 1, 1),
             ((2, 6, 9, 8), (13, 6, 3, 3), 2, 1),
             ((2, 6, 9, 8), (13, 6, 1, 1), 2, 0),
         ];
@@ -1042,10 +1105,12 @@ mod tests {
             let xs = values(x.0 * x.1 * x.2 * x.3, i);
             let ws = values(w.0 * w.1 * w.2 * w.3, i + 10);
             let dy = values(d.n * d.o * d.p(), i + 20);
-            let fast = (forward(&d, &xs, &ws), input_grad(&d, &dy, &ws));
-            let portable = without_gather(|| (forward(&d, &xs, &ws), input_grad(&d, &dy, &ws)));
+            let all =
+                || (forward(&d, &xs, &ws), input_grad(&d, &dy, &ws), weight_grad(&d, &xs, &dy));
+            let (fast, portable) = (all(), without_gather(all));
             assert_close(&fast.0, &portable.0, &format!("forward, geometry {i}"));
             assert_close(&fast.1, &portable.1, &format!("input gradient, geometry {i}"));
+            assert_close(&fast.2, &portable.2, &format!("weight gradient, geometry {i}"));
         }
     }
 }

@@ -37,9 +37,7 @@ pub(crate) struct Lhs {
 impl Lhs {
     /// Packs the `m x k` matrix whose element `(i, kk)` is `a(i, kk)`.
     pub(crate) fn new(m: usize, k: usize, a: impl Fn(usize, usize) -> f32) -> Self {
-        let count = m.div_ceil(MR);
-        let blocks: Vec<(usize, usize)> =
-            (0..count).map(|b| (b * m / count, (b + 1) * m / count - b * m / count)).collect();
+        let blocks = row_blocks(m);
         let mut data = Vec::with_capacity(m * k);
         for &(first, rows) in &blocks {
             for kk in 0..k {
@@ -48,6 +46,12 @@ impl Lhs {
         }
         Self { data, blocks, m, k }
     }
+}
+
+/// `m` rows as `ceil(m / MR)` blocks as even as possible: each block's first row and length.
+fn row_blocks(m: usize) -> Vec<(usize, usize)> {
+    let count = m.div_ceil(MR);
+    (0..count).map(|b| (b * m / count, (b + 1) * m / count - b * m / count)).collect()
 }
 
 /// Whether this CPU runs [`gather_gemm`] (x86-64 with AVX-512F).
@@ -74,8 +78,47 @@ pub(crate) fn gather_gemm(
     n: usize,
     (c, ldc): (&mut [MaybeUninit<f32>], usize),
 ) {
-    let (m, k) = (a.m, a.k);
-    assert_eq!(rows.len(), k, "one row offset per inner index");
+    assert_eq!(rows.len(), a.k, "one row offset per inner index");
+    run(Left::Packed { lhs: a, ks: 0 }, a.m, (b, rows), n, (c, ldc), false);
+}
+
+/// `c[i][j] += sum_kk a[i * lda + kk] * b[rows[kk] + j]` for `i < m`, `kk < rows.len()`: the
+/// left operand read where it is, `m` rows of stride `lda` (for a left operand that changes
+/// with every image, which packing would copy once more), the rest as [`gather_gemm`].
+pub(crate) fn gather_gemm_add(
+    (a, lda, m): (&[f32], usize, usize),
+    (b, rows): (&[f32], &[usize]),
+    n: usize,
+    (c, ldc): (&mut [f32], usize),
+) {
+    let k = rows.len();
+    assert!(m == 0 || k == 0 || (m - 1) * lda + k <= a.len(), "the left operand is too short");
+    let blocks = row_blocks(m);
+    // SAFETY: `run` writes only initialised values (and reads `c` only when accumulating).
+    let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    run(Left::Rows { a, lda, blocks: &blocks }, m, (b, rows), n, (c, ldc), true);
+}
+
+/// Where [`run`] finds the left operand.
+#[derive(Clone, Copy)]
+enum Left<'a> {
+    /// Packed, from inner index `ks`.
+    Packed { lhs: &'a Lhs, ks: usize },
+    /// Row `i`, inner index `kk` at `a[i * lda + kk]`, rows in `blocks`.
+    Rows { a: &'a [f32], lda: usize, blocks: &'a [(usize, usize)] },
+}
+
+/// `c (+)= a * b` over the inner indices `rows` covers; `c` must be initialised where
+/// `accumulate`, and `a` in range (its callers check).
+fn run(
+    a: Left,
+    m: usize,
+    (b, rows): (&[f32], &[usize]),
+    n: usize,
+    (c, ldc): (&mut [MaybeUninit<f32>], usize),
+    accumulate: bool,
+) {
+    let k = rows.len();
     assert!(ldc >= n);
     if m == 0 || n == 0 {
         return;
@@ -83,18 +126,54 @@ pub(crate) fn gather_gemm(
     assert!(c.len() >= (m - 1) * ldc + n, "the output is too short");
     assert!(rows.iter().all(|&r| r + n <= b.len()), "a row of the right operand is out of range");
     if k == 0 {
-        for row in c.chunks_mut(ldc).take(m) {
-            row[..n].fill(MaybeUninit::new(0.0));
+        if !accumulate {
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(MaybeUninit::new(0.0));
+            }
         }
         return;
     }
     assert!(available(), "gather_gemm needs AVX-512F");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512F is available (asserted); the asserts above keep every row of `b` read
-    // (`rows[kk] + j`, `j < n`) and every element of `c` written (`i * ldc + j`, `i < m`,
-    // `j < n`) in range, and the packed `a` holds `m * k` values.
+    // (`rows[kk] + j`, `j < n`), every element of `c` written (`i * ldc + j`, `i < m`,
+    // `j < n`) in range, and the callers keep the left operand's rows and inner indices in
+    // range (`a.k` values per packed row, or `(m - 1) * lda + k`).
     unsafe {
-        avx512::gemm(a, b.as_ptr(), rows, n, c.as_mut_ptr().cast::<f32>(), ldc)
+        avx512::gemm(a, (b.as_ptr(), rows), n, (c.as_mut_ptr().cast::<f32>(), ldc), accumulate)
+    }
+}
+
+/// Writes `planes` (`c` planes of `h x w`) pixel by pixel into `out`: pixel `(y, x)`'s `c` values
+/// at `out[(first + y * stride + x) * c..]`, the rest of `out` untouched (the weight gradient's
+/// right operand, see `conv::weight_grad_same3x3`). Sixteen channels by sixteen pixels at a time
+/// in registers where AVX-512 runs and the sizes allow it.
+pub(crate) fn to_pixels(
+    planes: &[f32],
+    (c, h, w): (usize, usize, usize),
+    (first, stride): (usize, usize),
+    out: &mut [f32],
+) {
+    assert!(planes.len() >= c * h * w && stride >= w);
+    assert!(h == 0 || w == 0 || (first + (h - 1) * stride + w) * c <= out.len());
+    #[cfg(target_arch = "x86_64")]
+    if available() && c % 16 == 0 && w % 16 == 0 {
+        // SAFETY: AVX-512F is available; the asserts above keep every read (`ch * h * w + y * w
+        // + x`) and write (`(first + y * stride + x) * c + ch`) in range.
+        unsafe { avx512::to_pixels(planes, (c, h, w), (first, stride), out) };
+        return;
+    }
+    let hw = h * w;
+    for c0 in (0..c).step_by(16) {
+        let c1 = (c0 + 16).min(c);
+        for y in 0..h {
+            for x in 0..w {
+                let dst = &mut out[(first + y * stride + x) * c..][c0..c1];
+                for (ch, v) in (c0..c1).zip(dst) {
+                    *v = planes[ch * hw + y * w + x];
+                }
+            }
+        }
     }
 }
 
@@ -102,41 +181,56 @@ pub(crate) fn gather_gemm(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{KC, Lhs, NR};
+    use super::{KC, Left, NR};
 
     /// # Safety
     ///
     /// See [`super::gather_gemm`]: AVX-512F, and operands in range.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm(
-        a: &Lhs,
-        b: *const f32,
-        rows: &[usize],
+        a: Left,
+        (b, rows): (*const f32, &[usize]),
         n: usize,
-        c: *mut f32,
-        ldc: usize,
+        (c, ldc): (*mut f32, usize),
+        accumulate: bool,
     ) {
         // SAFETY: the caller's promise; each tile stays inside the block, slice and columns it
         // is given.
         unsafe {
-            let (n, k) = (n, a.k);
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
+            let k = rows.len();
+            // Slices of equal length (288 = 144 + 144, not 256 + 32).
+            let kc_even = k.div_ceil(k.div_ceil(KC));
+            for k0 in (0..k).step_by(kc_even) {
+                let kc = kc_even.min(k - k0);
                 let rows = &rows[k0..k0 + kc];
                 for j0 in (0..n).step_by(NR) {
                     let cols = NR.min(n - j0);
                     // The lanes of the tile's last vector that are inside the output.
                     let tail = cols - (cols - 1) / 16 * 16;
                     let mask: __mmask16 = if tail == 16 { 0xffff } else { (1 << tail) - 1 };
-                    for &(first, live) in &a.blocks {
+                    let blocks = match a {
+                        Left::Packed { lhs, .. } => &lhs.blocks[..],
+                        Left::Rows { blocks, .. } => blocks,
+                    };
+                    for &(first, live) in blocks {
+                        let (a, a_row, packed) = match a {
+                            Left::Packed { lhs, ks } => {
+                                (lhs.data.as_ptr().add(first * lhs.k + (ks + k0) * live), 1, true)
+                            }
+                            Left::Rows { a, lda, .. } => {
+                                (a.as_ptr().add(first * lda + k0), lda, false)
+                            }
+                        };
                         let t = Tile {
-                            a: a.data.as_ptr().add(first * k + k0 * live),
+                            a,
+                            a_row,
+                            packed,
                             b: b.add(j0),
                             rows,
                             c: c.add(first * ldc + j0),
                             ldc,
                             mask,
-                            accumulate: k0 > 0,
+                            accumulate: accumulate || k0 > 0,
                         };
                         match live {
                             6 => t.run_rows::<6>(cols),
@@ -152,10 +246,87 @@ mod avx512 {
         }
     }
 
+    /// See [`super::to_pixels`]; `c` and `w` multiples of 16.
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F, and the operands in range as `super::to_pixels` asserts.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn to_pixels(
+        planes: &[f32],
+        (c, h, w): (usize, usize, usize),
+        (first, stride): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let hw = h * w;
+        // SAFETY: the caller's promise.
+        unsafe {
+            let (src, dst) = (planes.as_ptr(), out.as_mut_ptr());
+            for c0 in (0..c).step_by(16) {
+                for y in 0..h {
+                    for x0 in (0..w).step_by(16) {
+                        let mut r = [_mm512_setzero_ps(); 16];
+                        for (i, r) in r.iter_mut().enumerate() {
+                            *r = _mm512_loadu_ps(src.add((c0 + i) * hw + y * w + x0));
+                        }
+                        let r = transpose16(r);
+                        for (j, r) in r.iter().enumerate() {
+                            _mm512_storeu_ps(dst.add((first + y * stride + x0 + j) * c + c0), *r);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 16 x 16 transpose: lane `j` of row `i` to lane `i` of row `j`.
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        let mut t = [_mm512_setzero_ps(); 16];
+        // Per 128-bit lane L: t[2i] = (r2i[4L], r2i+1[4L], r2i[4L+1], r2i+1[4L+1]), t[2i+1] the
+        // same at 4L+2 and 4L+3.
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4i + e], lane L: rows 4i..4i+4 at column 4L + e.
+        let mut u = [_mm512_setzero_ps(); 16];
+        let (lo, hi) = (
+            |a: __m512, b: __m512| {
+                _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)))
+            },
+            |a: __m512, b: __m512| {
+                _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)))
+            },
+        );
+        for i in 0..4 {
+            u[4 * i] = lo(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Column 4L + e gathers lane L of u[e], u[4 + e], u[8 + e], u[12 + e].
+        let mut out = [_mm512_setzero_ps(); 16];
+        for e in 0..4 {
+            let a = _mm512_shuffle_f32x4::<0x88>(u[e], u[4 + e]);
+            let b = _mm512_shuffle_f32x4::<0x88>(u[8 + e], u[12 + e]);
+            let c = _mm512_shuffle_f32x4::<0xdd>(u[e], u[4 + e]);
+            let d = _mm512_shuffle_f32x4::<0xdd>(u[8 + e], u[12 + e]);
+            out[e] = _mm512_shuffle_f32x4::<0x88>(a, b);
+            out[8 + e] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+            out[4 + e] = _mm512_shuffle_f32x4::<0x88>(c, d);
+            out[12 + e] = _mm512_shuffle_f32x4::<0xdd>(c, d);
+        }
+        out
+    }
+
     /// One `R x 16V` block of the output over one slice of the inner dimension.
     struct Tile<'a> {
-        /// The packed left block at this slice (`R` values per inner step).
+        /// The left block at this slice: packed, row `r` at inner step `kk` is `a[kk * R + r]`;
+        /// otherwise it is `a[r * a_row + kk]`.
         a: *const f32,
+        a_row: usize,
+        packed: bool,
         /// The right operand at the tile's first column (rows at `rows[kk]` from here).
         b: *const f32,
         rows: &'a [usize],
@@ -179,10 +350,14 @@ mod avx512 {
             // SAFETY: the caller's promise.
             unsafe {
                 match cols.div_ceil(16) {
-                    4 => self.run::<R, 4>(),
-                    3 => self.run::<R, 3>(),
-                    2 => self.run::<R, 2>(),
-                    _ => self.run::<R, 1>(),
+                    4 if self.packed => self.run::<R, 4, true>(),
+                    3 if self.packed => self.run::<R, 3, true>(),
+                    2 if self.packed => self.run::<R, 2, true>(),
+                    1 if self.packed => self.run::<R, 1, true>(),
+                    4 => self.run::<R, 4, false>(),
+                    3 => self.run::<R, 3, false>(),
+                    2 => self.run::<R, 2, false>(),
+                    _ => self.run::<R, 1, false>(),
                 }
             }
         }
@@ -191,20 +366,25 @@ mod avx512 {
         ///
         /// AVX-512F, and the pointers valid for the tile as [`gemm`] makes it.
         #[target_feature(enable = "avx512f")]
-        unsafe fn run<const R: usize, const V: usize>(&self) {
+        unsafe fn run<const R: usize, const V: usize, const PACKED: bool>(&self) {
             // SAFETY: the caller's promise (AVX-512F; `a` holds `R` values per row of `rows`,
             // `b` a row at each offset with the tile's lanes, `c` the live rows' lanes).
             unsafe {
                 let lanes = |v: usize| if v + 1 == V { self.mask } else { 0xffff };
                 let mut acc = [[_mm512_setzero_ps(); V]; R];
                 for (kk, &row) in self.rows.iter().enumerate() {
-                    let (b, a) = (self.b.add(row), self.a.add(kk * R));
+                    // Packed: `R` values per step; rows: one value per step in each row.
+                    let (b, a) = if PACKED {
+                        (self.b.add(row), self.a.add(kk * R))
+                    } else {
+                        (self.b.add(row), self.a.add(kk))
+                    };
                     let mut bv = [_mm512_setzero_ps(); V];
                     for (v, bv) in bv.iter_mut().enumerate() {
                         *bv = _mm512_maskz_loadu_ps(lanes(v), b.add(16 * v));
                     }
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let av = _mm512_set1_ps(*a.add(r));
+                        let av = _mm512_set1_ps(*a.add(if PACKED { r } else { r * self.a_row }));
                         for (acc, bv) in acc.iter_mut().zip(&bv) {
                             *acc = _mm512_fmadd_ps(av, *bv, *acc);
                         }
@@ -261,6 +441,63 @@ mod tests {
                         continue;
                     }
                     let want: f32 = (0..k).map(|kk| a[i * k + kk] * b[rows[kk] + j]).sum();
+                    let tol = 1e-4 * (1.0 + want.abs()) * k as f32;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "({m}, {n}, {k}) at {i},{j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `to_pixels` (the AVX-512 transpose where it runs, 16 channels x 16 pixels) against the
+    /// definition, on sizes that take the vector path and sizes that do not.
+    #[test]
+    fn to_pixels_writes_each_pixels_channels_contiguously() {
+        for &(c, h, w) in &[(16, 2, 16), (32, 3, 32), (48, 1, 16), (5, 3, 7), (16, 2, 8)] {
+            let planes: Vec<f32> = (0..c * h * w).map(|i| i as f32).collect();
+            let (first, stride) = (3, w + 1);
+            let len = (first + h * stride + 2) * c;
+            let mut out = vec![-1f32; len];
+            to_pixels(&planes, (c, h, w), (first, stride), &mut out);
+            let mut want = vec![-1f32; len];
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w {
+                        want[(first + y * stride + x) * c + ch] = planes[(ch * h + y) * w + x];
+                    }
+                }
+            }
+            assert_eq!(out, want, "c {c}, h {h}, w {w}");
+        }
+    }
+
+    /// `gather_gemm_add` (the left operand read in place as strided rows) adds the product to
+    /// what the output holds, on ragged sizes.
+    #[test]
+    fn gather_gemm_add_accumulates_from_a_strided_left_operand() {
+        if !available() {
+            // As above: the callers keep `gemm` on this CPU.
+            return;
+        }
+        for &(m, n, k) in &[(1, 1, 1), (16, 48, 64), (7, 33, 300), (13, 96, 5)] {
+            let value = |i: usize| ((i * 7919 % 1000) as f32 - 500.0) / 250.0;
+            let lda = k + 5;
+            let a: Vec<f32> = (0..m * lda).map(value).collect();
+            let b: Vec<f32> = (0..k * n + 7).map(|i| value(i + 3)).collect();
+            let rows: Vec<usize> = (0..k).map(|kk| kk * n + kk % 3).collect();
+            let ldc = n + 1;
+            let start: Vec<f32> = (0..m * ldc).map(|i| value(i + 11)).collect();
+            let mut c = start.clone();
+            gather_gemm_add((&a, lda, m), (&b, &rows), n, (&mut c, ldc));
+            for i in 0..m {
+                for j in 0..ldc {
+                    let got = c[i * ldc + j];
+                    let mut want = start[i * ldc + j];
+                    if j < n {
+                        want += (0..k).map(|kk| a[i * lda + kk] * b[rows[kk] + j]).sum::<f32>();
+                    }
                     let tol = 1e-4 * (1.0 + want.abs()) * k as f32;
                     assert!(
                         (got - want).abs() <= tol,
