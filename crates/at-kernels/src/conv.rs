@@ -695,26 +695,43 @@ pub(crate) fn weight_grad_same3x3<T: Element>(
         .collect()
 }
 
-/// [`weight_grad_same3x3`] on the gather GEMM (f32 on AVX-512), per kernel
-/// row `ki`: `dW_ki[o][(kj, c)] = sum over pixels j of dy[o][j] x_pix[j + ki][(kj, c)]`, where
+/// Whether [`weight_grad_pixels`] takes this convolution: 3x3 with padding 1 or 1x1 without,
+/// any stride.
+fn pixel_weight_grad(d: &Dims) -> bool {
+    d.kh == d.kw && d.kh == 2 * d.pad + 1 && d.pad <= 1
+}
+
+/// The weight gradient on the gather GEMM (f32 on AVX-512), per kernel row `ki`:
+/// `dW_ki[o][(kj, c)] = sum over output pixels j of dy[o][j] x_pix[run(ki, j)][(kj, c)]`, where
 /// `x_pix` is `map(x)` stored pixel by pixel ([`gather::to_pixels`]) on a grid of `w + 1`
-/// columns with zero rows above and below: the last column is zero, so the three pixels
-/// `x - 1, x, x + 1` of every row are one contiguous run of `3c` values (the pixel left of
-/// column 0 is the zero column of the row above, the pixel right of column `w - 1` this row's).
-/// The output gradient is the left operand as it is (rows of `p`); no shifted copies.
+/// columns with a zero row above and below: the last column is zero, so the `kw` pixels that
+/// kernel row `ki` reads for output pixel `j` are one contiguous run of `kw * c` values (the
+/// pixel left of column 0 is the zero column of the row above, the pixel right of column
+/// `w - 1` this row's). The output gradient is the left operand as it is (rows of `p`); no
+/// shifted copies, no im2col.
 fn weight_grad_pixels<T: Element>(d: &Dims, x: &[T], dy: &[f32], map: &impl InputMap<T>) -> Vec<T> {
-    let (p, hw, c3, image) = (d.p(), d.h * d.w, 3 * d.c, d.c * d.h * d.w);
+    assert!(pixel_weight_grad(d), "weight_grad_pixels takes 3x3 (padding 1) or 1x1 (padding 0)");
+    let (p, hw, image, (kh, kw)) = (d.p(), d.h * d.w, d.c * d.h * d.w, (d.kh, d.kw));
+    let c3 = kw * d.c;
     let stride = d.w + 1;
-    // One zero pixel first (left of the top zero row's first column), then `h + 2` rows.
+    // One zero pixel first (left of the top zero row's first column), then `h + 2` rows; image
+    // pixel (y, x) at grid pixel (y + 1, x), which is `1 + (y + 1) * stride + x`.
     let pixels = 1 + (d.h + 2) * stride + 1;
-    // rows[ki][(y, x)]: the run `x_pix[(y + ki, x - 1)..]`, with pixel `(Y, X)` at
-    // `1 + Y * stride + X`.
-    let rows: Vec<Vec<usize>> = (0..3)
-        .map(|ki| (0..p).map(|j| ((j / d.w + ki) * stride + j % d.w) * d.c).collect())
+    // rows[ki][(oy, ox)]: the run from input pixel (oy s + ki - pad, ox s - pad).
+    let rows: Vec<Vec<usize>> = (0..kh)
+        .map(|ki| {
+            (0..p)
+                .map(|j| {
+                    let (oy, ox) = (j / d.wo, j % d.wo);
+                    let (gy, gx) = (oy * d.stride + ki + 1 - d.pad, ox * d.stride);
+                    (1 + gy * stride + gx - d.pad) * d.c
+                })
+                .collect()
+        })
         .collect();
     let acc = sum_over_images(
         d.n,
-        3 * d.o * c3,
+        kh * d.o * c3,
         || (vec![T::default(); image], vec![0f32; pixels * d.c]),
         |(mapped, x_pix), acc, n| {
             let x = &x[n * image..(n + 1) * image];
@@ -734,11 +751,11 @@ fn weight_grad_pixels<T: Element>(d: &Dims, x: &[T], dy: &[f32], map: &impl Inpu
         },
     );
     // total[o][c][ki][kj] from acc[ki][o][(kj, c)]
-    (0..d.o * d.c * 9)
+    (0..d.o * d.c * kh * kw)
         .map(|i| {
-            let (oc, ki, kj) = (i / 9, i / 3 % 3, i % 3);
+            let (oc, ki, kj) = (i / (kh * kw), i / kw % kh, i % kw);
             let (oo, cc) = (oc / d.c, oc % d.c);
-            acc[((ki * d.o + oo) * 3 + kj) * d.c + cc]
+            acc[((ki * d.o + oo) * kw + kj) * d.c + cc]
         })
         .collect()
 }
@@ -773,6 +790,9 @@ pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
 pub(crate) fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
     if d.same3x3() {
         return weight_grad_same3x3(d, x, dy, &Plain);
+    }
+    if let Some(dy) = T::as_f32(dy).filter(|_| gather_enabled() && pixel_weight_grad(d)) {
+        return weight_grad_pixels(d, x, dy, &Plain);
     }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
@@ -1099,6 +1119,9 @@ mod tests {
             ((2, 32, 4, 16), (16, 32, 3, 3), 1, 1),
             ((2, 6, 9, 8), (13, 6, 3, 3), 2, 1),
             ((2, 6, 9, 8), (13, 6, 1, 1), 2, 0),
+            ((2, 16, 8, 8), (32, 16, 3, 3), 2, 1),
+            ((2, 16, 8, 8), (32, 16, 1, 1), 2, 0),
+            ((2, 16, 8, 8), (32, 16, 1, 1), 1, 0),
         ];
         for (i, &(x, w, stride, pad)) in geometries.iter().enumerate() {
             let d = Dims::new(x, w, stride, pad).unwrap();

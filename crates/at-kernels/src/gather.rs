@@ -157,7 +157,7 @@ pub(crate) fn to_pixels(
     assert!(planes.len() >= c * h * w && stride >= w);
     assert!(h == 0 || w == 0 || (first + (h - 1) * stride + w) * c <= out.len());
     #[cfg(target_arch = "x86_64")]
-    if available() && c % 16 == 0 && w % 16 == 0 {
+    if available() && c % 16 == 0 && (h * w) % 16 == 0 {
         // SAFETY: AVX-512F is available; the asserts above keep every read (`ch * h * w + y * w
         // + x`) and write (`(first + y * stride + x) * c + ch`) in range.
         unsafe { avx512::to_pixels(planes, (c, h, w), (first, stride), out) };
@@ -246,7 +246,7 @@ mod avx512 {
         }
     }
 
-    /// See [`super::to_pixels`]; `c` and `w` multiples of 16.
+    /// See [`super::to_pixels`]; `c` and `h * w` multiples of 16.
     ///
     /// # Safety
     ///
@@ -263,16 +263,17 @@ mod avx512 {
         unsafe {
             let (src, dst) = (planes.as_ptr(), out.as_mut_ptr());
             for c0 in (0..c).step_by(16) {
-                for y in 0..h {
-                    for x0 in (0..w).step_by(16) {
-                        let mut r = [_mm512_setzero_ps(); 16];
-                        for (i, r) in r.iter_mut().enumerate() {
-                            *r = _mm512_loadu_ps(src.add((c0 + i) * hw + y * w + x0));
-                        }
-                        let r = transpose16(r);
-                        for (j, r) in r.iter().enumerate() {
-                            _mm512_storeu_ps(dst.add((first + y * stride + x0 + j) * c + c0), *r);
-                        }
+                // Sixteen pixels in a row of the planes (of one image row or, for narrow images,
+                // of several).
+                for q0 in (0..hw).step_by(16) {
+                    let mut r = [_mm512_setzero_ps(); 16];
+                    for (i, r) in r.iter_mut().enumerate() {
+                        *r = _mm512_loadu_ps(src.add((c0 + i) * hw + q0));
+                    }
+                    let r = transpose16(r);
+                    for (j, r) in r.iter().enumerate() {
+                        let (y, x) = ((q0 + j) / w, (q0 + j) % w);
+                        _mm512_storeu_ps(dst.add((first + y * stride + x) * c + c0), *r);
                     }
                 }
             }
@@ -455,7 +456,9 @@ mod tests {
     /// definition, on sizes that take the vector path and sizes that do not.
     #[test]
     fn to_pixels_writes_each_pixels_channels_contiguously() {
-        for &(c, h, w) in &[(16, 2, 16), (32, 3, 32), (48, 1, 16), (5, 3, 7), (16, 2, 8)] {
+        for &(c, h, w) in
+            &[(16, 2, 16), (32, 3, 32), (48, 1, 16), (5, 3, 7), (16, 2, 8), (16, 3, 8)]
+        {
             let planes: Vec<f32> = (0..c * h * w).map(|i| i as f32).collect();
             let (first, stride) = (3, w + 1);
             let len = (first + h * stride + 2) * c;
