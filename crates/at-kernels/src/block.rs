@@ -487,6 +487,111 @@ pub fn preact_blocks_train(
     Ok(Some((y, stats.expect("the forward pass stored its statistics"))))
 }
 
+/// An evaluation-mode block (running statistics), forward only: the flat parameters are the
+/// block's, then bn0's running mean and variance, then bn1's.
+struct EvalOp {
+    spec: Spec,
+    eps: f64,
+}
+
+impl CustomOp2 for EvalOp {
+    fn name(&self) -> &'static str {
+        "at-preact-block-eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let o = &self.spec.offsets;
+        let (n, h, w) = match *l1.dims() {
+            [n, c, h, w] if c == o.c_in => (n, h, w),
+            ref dims => bail!("a residual block over {} channels got {dims:?}", o.c_in),
+        };
+        let x = f32_slice(s1, l1, "the input")?;
+        let all = f32_slice(s2, l2, "the parameters")?;
+        if all.len() != o.total + 2 * (o.c_in + o.c_out) {
+            bail!("an evaluation block takes {} parameters", o.total + 2 * (o.c_in + o.c_out))
+        }
+        let (p, running) = all.split_at(o.total);
+        let (running0, running1) = running.split_at(2 * o.c_in);
+        let stats = |r: &[f32], c: usize| BatchStats {
+            mean: r[..c].iter().map(|&v| v as f64).collect(),
+            var: r[c..].iter().map(|&v| v as f64).collect(),
+            count: n * h * w,
+        };
+        let bn0 = AffineRelu(norm::coefficients(o.bn0(p), &stats(running0, o.c_in), self.eps));
+        let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats(running1, o.c_out), self.eps));
+        let [d0, d1, dd] = conv_dims(o, self.spec.stride, (n, h, w))?;
+        // conv0 reads relu(bn0(x)) through its input map, unless the projection needs it too
+        // (or conv0 is strided): then it is stored once.
+        let (y0, projection) = if o.projection() || !d0.same3x3() {
+            let hw = h * w;
+            let mut o1 = vec![0f32; x.len()];
+            o1.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(plane, (o1, x))| conv::InputMap::copy(&bn0, plane % o.c_in, x, o1));
+            let y0 = conv::forward(&d0, &o1, &p[o.w0..o.g1]);
+            (y0, o.projection().then(|| conv::forward(&dd, &o1, &p[o.wd..])))
+        } else {
+            (conv::forward_same3x3(&d0, x, &p[o.w0..o.g1], &bn0, &|_, _| {}), None)
+        };
+        let shortcut = match projection.as_deref() {
+            Some(projection) => projection,
+            None if n * o.c_out * d1.p() == x.len() => x,
+            None => bail!("a residual block without a projection must keep its input's shape"),
+        };
+        let per_image = o.c_out * d1.p();
+        let add_shortcut = |image: usize, y: &mut [f32]| {
+            for (y, s) in y.iter_mut().zip(&shortcut[image * per_image..(image + 1) * per_image]) {
+                *y += *s;
+            }
+        };
+        let out = conv::forward_same3x3(&d1, &y0, &p[o.w1..o.wd], &bn1, &add_shortcut);
+        Ok((CpuStorage::F32(out), Shape::from((n, o.c_out, d1.ho, d1.wo))))
+    }
+}
+
+/// One evaluation-mode pre-activation block (batch norms with their running statistics,
+/// `running[i] = (mean, var)` of bn`i`) on `x` (`[N, C, H, W]`), forward only: conv0 and conv1
+/// read their batch norm + ReLU through their input maps, and the shortcut is added in conv1's
+/// epilogue, so neither normalised activation is stored. `None` where it does not apply: not
+/// f32 on the CPU, [`set_reference`](crate::set_reference), or any operand tracked for
+/// gradients (a teacher's input gradient, a student's weights), where the caller builds the
+/// block from differentiable ops.
+pub fn preact_block_eval(
+    x: &Tensor,
+    block: &PreactBlock,
+    running: [(&Tensor, &Tensor); 2],
+) -> Result<Option<Tensor>> {
+    let mut operands = weights(block);
+    operands.extend([running[0].0, running[0].1, running[1].0, running[1].1]);
+    let applies = x.device().is_cpu()
+        && x.rank() == 4
+        && x.dtype() == DType::F32
+        && operands.iter().all(|t| t.dtype() == DType::F32 && !t.track_op())
+        && !x.track_op()
+        && !crate::reference();
+    if !applies {
+        return Ok(None);
+    }
+    let offsets = check(block)?;
+    for (i, (mean, var)) in running.iter().enumerate() {
+        let c = if i == 0 { offsets.c_in } else { offsets.c_out };
+        if mean.elem_count() != c || var.elem_count() != c {
+            bail!("bn{i}'s running statistics must have {c} channels")
+        }
+    }
+    let parts = operands.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?;
+    let params = Tensor::cat(&parts, 0)?;
+    let op = EvalOp { spec: Spec { offsets, stride: block.stride, start: 0 }, eps: block.eps };
+    Ok(Some(x.contiguous()?.apply_op2_no_bwd(&params, &op)?))
+}
+
 /// A block's tensors in the order of the flat parameters.
 fn weights<'a>(b: &PreactBlock<'a>) -> Vec<&'a Tensor> {
     let mut w = vec![b.bn0.0, b.bn0.1, b.conv0, b.bn1.0, b.bn1.1, b.conv1];

@@ -1,9 +1,11 @@
 //! The fused pre-activation residual block against the same block built from separate ops
 //! (`batch_norm_train`, `conv2d`, an addition, each tested against candle's own ops elsewhere):
-//! output, batch statistics, and the gradients of the input and of every weight (f32).
+//! output, batch statistics, and the gradients of the input and of every weight (f32); and the
+//! evaluation-mode block (running statistics, forward only) against `batch_norm_eval`.
 
 use at_kernels::{
-    BatchStats, PreactBlock, batch_norm_train, conv2d, preact_block_train, preact_blocks_train,
+    BatchStats, PreactBlock, batch_norm_eval, batch_norm_train, conv2d, preact_block_eval,
+    preact_block_train, preact_blocks_train,
 };
 use candle_core::{Device, Result, Tensor, Var};
 
@@ -178,4 +180,55 @@ fn fused_group_matches_its_blocks_one_after_another() {
         }
     }
     assert_eq!(checked, 1 + 7 + 6 + 6, "the input and every used weight");
+}
+
+/// The evaluation-mode block on plain tensors (what a teacher holds) against the same block
+/// from `batch_norm_eval`, `conv2d` and an addition, with the identity shortcut and with a
+/// strided projection; tracked operands fall back (`None`).
+#[test]
+fn eval_block_matches_separate_ops_and_declines_tracked_operands() {
+    for (c_in, c_out, stride) in [(16, 16, 1), (8, 16, 2), (5, 7, 1)] {
+        let t = |shape: &[usize], seed: f64, scale: f64| {
+            values(shape, seed, scale).as_tensor().detach()
+        };
+        let x = t(&[3, c_in, 8, 8], 1.0, 1.0);
+        let (g0, b0, w0) =
+            (t(&[c_in], 2.0, 0.5), t(&[c_in], 3.0, 0.2), t(&[c_out, c_in, 3, 3], 4.0, 0.3));
+        let (g1, b1, w1) =
+            (t(&[c_out], 5.0, 0.5), t(&[c_out], 6.0, 0.2), t(&[c_out, c_out, 3, 3], 7.0, 0.3));
+        let wd = t(&[c_out, c_in, 1, 1], 8.0, 0.3);
+        let (m0, v0) =
+            (t(&[c_in], 9.0, 0.3), (t(&[c_in], 10.0, 0.4).abs().unwrap() + 0.5).unwrap());
+        let (m1, v1) =
+            (t(&[c_out], 11.0, 0.3), (t(&[c_out], 12.0, 0.4).abs().unwrap() + 0.5).unwrap());
+        let projection = c_in != c_out || stride != 1;
+        let block = PreactBlock {
+            bn0: (&g0, &b0),
+            conv0: &w0,
+            bn1: (&g1, &b1),
+            conv1: &w1,
+            convdim: projection.then_some(&wd),
+            stride,
+            eps: 1e-5,
+        };
+        let running = [(&m0, &v0), (&m1, &v1)];
+        let ours = preact_block_eval(&x, &block, running).unwrap().expect("plain f32 tensors");
+        let bn = |x: &Tensor, (g, b): (&Tensor, &Tensor), (m, v): (&Tensor, &Tensor)| {
+            batch_norm_eval(x, g, b, m, v, 1e-5, true).unwrap().expect("kernel")
+        };
+        let o1 = bn(&x, block.bn0, running[0]);
+        let y0 = conv2d(&o1, &w0, stride, 1).unwrap();
+        let y1 = conv2d(&bn(&y0, block.bn1, running[1]), &w1, 1, 1).unwrap();
+        let theirs = match projection {
+            true => (y1 + conv2d(&o1, &wd, stride, 0).unwrap()).unwrap(),
+            false => (y1 + &x).unwrap(),
+        };
+        let tag = format!("eval {c_in}->{c_out} stride {stride}");
+        let err = max_rel(&tag, &ours, &theirs);
+        assert!(err < 1e-5, "{tag}: output differs by {err}");
+
+        let tracked = values(&[3, c_in, 8, 8], 1.0, 1.0);
+        let declined = preact_block_eval(tracked.as_tensor(), &block, running).unwrap();
+        assert!(declined.is_none(), "{tag}: a tracked input must take the differentiable path");
+    }
 }

@@ -208,6 +208,14 @@ impl BatchNorm2d {
         (train && !self.frozen).then_some((&self.weight, &self.bias))
     }
 
+    /// Gamma and beta for a kernel in evaluation mode, with the running mean and variance
+    /// (detached: buffers, not parameters).
+    pub(crate) fn running_affine(&self) -> ((&Tensor, &Tensor), (Tensor, Tensor)) {
+        let running =
+            (self.running_mean.as_tensor().detach(), self.running_var.as_tensor().detach());
+        ((&self.weight, &self.bias), running)
+    }
+
     /// Updates the running statistics from a kernel's batch statistics.
     pub(crate) fn update_running_from(&self, stats: &at_kernels::BatchStats) -> Result<()> {
         let device = self.weight.device();

@@ -81,7 +81,26 @@ impl Block {
     /// The block's weights for the fused kernel (training mode; see `at_kernels::block`), `None`
     /// where it does not apply.
     fn fused(&self, train: bool) -> Option<PreactBlock<'_>> {
-        let (bn0, bn1) = (self.bn0.batch_affine(train)?, self.bn1.batch_affine(train)?);
+        self.with_norms(self.bn0.batch_affine(train)?, self.bn1.batch_affine(train)?)
+    }
+
+    /// The block in evaluation mode as one kernel (`at_kernels::preact_block_eval`: neither
+    /// normalised activation stored), `None` where it does not apply (gradients tracked, not
+    /// f32 on the CPU).
+    fn eval_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let ((bn0, running0), (bn1, running1)) =
+            (self.bn0.running_affine(), self.bn1.running_affine());
+        let Some(block) = self.with_norms(bn0, bn1) else { return Ok(None) };
+        let running = [(&running0.0, &running0.1), (&running1.0, &running1.1)];
+        at_kernels::preact_block_eval(x, &block, running)
+    }
+
+    /// The block's weights with these batch-norm affine parameters.
+    fn with_norms<'a>(
+        &'a self,
+        bn0: (&'a Tensor, &'a Tensor),
+        bn1: (&'a Tensor, &'a Tensor),
+    ) -> Option<PreactBlock<'a>> {
         let (conv0, conv1) = (self.conv0.plain_weight(1)?, self.conv1.plain_weight(1)?);
         let convdim = match &self.convdim {
             Some(convdim) => Some(convdim.plain_weight(0)?),
@@ -99,6 +118,9 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train && let Some(y) = self.eval_fused(x)? {
+            return Ok(y);
+        }
         let o1 = self.bn0.forward_relu_t(x, train)?;
         let y = self.conv0.forward(&o1)?;
         let y = self.conv1.forward(&self.bn1.forward_relu_t(&y, train)?)?;
