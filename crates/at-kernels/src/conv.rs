@@ -20,7 +20,10 @@
 use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
+    bail,
+};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -1062,8 +1065,12 @@ fn supported(x: &Tensor, w: &Tensor) -> bool {
 /// the fast kernels on the CPU in f32 and f64 (unless [`set_reference`](crate::set_reference)),
 /// candle's `conv2d` elsewhere. Differentiable to any order.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if supported(x, w) && !crate::reference() {
+    if crate::reference() {
+        x.conv2d(w, padding, stride, 1, 1)
+    } else if supported(x, w) {
         x.contiguous()?.apply_op2(&w.contiguous()?, Fwd { stride, pad: padding })
+    } else if !x.device().is_cpu() {
+        conv2d_by_candle(x, w, stride, padding)
     } else {
         x.conv2d(w, padding, stride, 1, 1)
     }
@@ -1078,7 +1085,7 @@ pub fn conv2d_input_grad(
     (h, width): (usize, usize),
 ) -> Result<Tensor> {
     if !supported(dy, w) {
-        bail!("conv2d_input_grad runs on the CPU in f32 or f64")
+        return input_grad_by_conv(dy, w, stride, padding, (h, width));
     }
     dy.contiguous()?.apply_op2(&w.contiguous()?, Dx { stride, pad: padding, h, w: width })
 }
@@ -1092,9 +1099,162 @@ pub fn conv2d_weight_grad(
     (kh, kw): (usize, usize),
 ) -> Result<Tensor> {
     if !supported(x, dy) {
-        bail!("conv2d_weight_grad runs on the CPU in f32 or f64")
+        return weight_grad_by_conv(x, dy, stride, padding, (kh, kw));
     }
     x.contiguous()?.apply_op2(&dy.contiguous()?, Dw { stride, pad: padding, kh, kw })
+}
+
+/// [`conv2d`] off the CPU (CUDA, Metal): candle's `conv2d` for the value (cuDNN with the
+/// `cudnn` feature), tied to `x` and `w` by an op whose backward pass is again made of
+/// convolutions ([`input_grad_by_conv`], [`weight_grad_by_conv`]), so that cuDNN runs the
+/// backward pass too: candle's own backward of `conv2d` takes the input gradient from
+/// `conv_transpose2d`, its own kernel. Differentiable to any order (the gradients are candle ops).
+pub(crate) fn conv2d_by_candle(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
+    y.apply_op3(x, w, Tie { stride, pad: padding })
+}
+
+/// `Tie(y, x, w) = y`, with the gradients of `conv2d(x, w)` (none for `y`, a detached copy of
+/// that convolution).
+struct Tie {
+    stride: usize,
+    pad: usize,
+}
+
+impl Tie {
+    /// The value: `y` itself, a fresh contiguous tensor.
+    fn copy<S: BackendStorage>(y: &S, layout: &Layout) -> Result<(S, Shape)> {
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            bail!("conv2d on a device: the convolution's output must be contiguous")
+        }
+        Ok((y.try_clone(layout)?, layout.shape().clone()))
+    }
+}
+
+impl CustomOp3 for Tie {
+    fn name(&self) -> &'static str {
+        "at-conv2d-device"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::copy(y, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &CudaStorage,
+        l: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Self::copy(y, l)
+    }
+
+    fn metal_fwd(
+        &self,
+        y: &MetalStorage,
+        l: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        Self::copy(y, l)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, width) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let dx = match x.track_op() {
+            true => Some(input_grad_by_conv(g, w, self.stride, self.pad, (h, width))?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(weight_grad_by_conv(x, g, self.stride, self.pad, (kh, kw))?),
+            false => None,
+        };
+        Ok((None, dx, dw))
+    }
+}
+
+/// The input gradient of `conv2d(x, w)` as one candle convolution (any device): `dy` with
+/// `stride - 1` zeros between its pixels (and, where the forward pass left input rows or columns
+/// unread at the far edge, that many more), convolved with the kernel flipped and its channel
+/// axes swapped at padding `k - 1 - padding`. Square kernels whose padding is below their size;
+/// others take candle's `conv_transpose2d`.
+pub(crate) fn input_grad_by_conv(
+    dy: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    (h, width): (usize, usize),
+) -> Result<Tensor> {
+    let (_, _, ho, wo) = dy.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    if ho == 0 || wo == 0 || h + 2 * padding < kh || width + 2 * padding < kw {
+        bail!("conv2d input gradient: {h}x{width} does not fit a {kh}x{kw} kernel")
+    }
+    // The input rows and columns past the last window (`(h + 2p - k) mod stride`).
+    let (rest_h, rest_w) = (
+        (h + 2 * padding - kh) - (ho - 1) * stride,
+        (width + 2 * padding - kw) - (wo - 1) * stride,
+    );
+    if kh != kw || padding >= kh {
+        return dy.conv_transpose2d(w, padding, rest_h.min(rest_w), stride, 1);
+    }
+    // `len` entries along `dim` with `stride - 1` zeros after each but the last.
+    let dilate = |t: Tensor, dim: usize, len: usize| -> Result<Tensor> {
+        if stride == 1 {
+            return Ok(t);
+        }
+        t.unsqueeze(dim + 1)?.pad_with_zeros(dim + 1, 0, stride - 1)?.flatten(dim, dim + 1)?.narrow(
+            dim,
+            0,
+            (len - 1) * stride + 1,
+        )
+    };
+    let spread = dilate(dilate(dy.clone(), 2, ho)?, 3, wo)?;
+    let spread = spread.pad_with_zeros(2, 0, rest_h)?.pad_with_zeros(3, 0, rest_w)?;
+    let flipped = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+    spread.contiguous()?.conv2d(&flipped, kh - 1 - padding, 1, 1, 1)
+}
+
+/// The weight gradient of `conv2d(x, w)` as one candle convolution (any device): the batch as
+/// the channels, `x^T (c, n, h, w)` convolved with `dy^T (o, n, ho, wo)` dilated by the stride,
+/// cut to the kernel's size.
+pub(crate) fn weight_grad_by_conv(
+    x: &Tensor,
+    dy: &Tensor,
+    stride: usize,
+    padding: usize,
+    (kh, kw): (usize, usize),
+) -> Result<Tensor> {
+    let xt = x.transpose(0, 1)?.contiguous()?;
+    let dyt = dy.transpose(0, 1)?.contiguous()?;
+    let g = xt.conv2d(&dyt, padding, 1, stride, 1)?.transpose(0, 1)?;
+    g.narrow(2, 0, kh)?.narrow(3, 0, kw)?.contiguous()
 }
 
 #[cfg(test)]
@@ -1138,6 +1298,43 @@ mod tests {
             assert_close(&fast.0, &portable.0, &format!("forward, geometry {i}"));
             assert_close(&fast.1, &portable.1, &format!("input gradient, geometry {i}"));
             assert_close(&fast.2, &portable.2, &format!("weight gradient, geometry {i}"));
+        }
+    }
+
+    /// The device path (`conv2d_by_candle`: candle's convolution tied to a backward made of
+    /// convolutions, what CUDA and Metal run), here on the CPU: the value and both gradients
+    /// against the CPU kernels, on geometries with strides, padding, 1x1 kernels and input rows
+    /// the strided windows leave unread.
+    #[test]
+    fn device_path_matches_the_kernels_in_value_and_gradients() {
+        use candle_core::{Device, Var};
+        let geometries = [
+            ((2, 3, 7, 6), (4, 3, 3, 3), 1, 1),
+            ((2, 3, 8, 8), (5, 3, 3, 3), 2, 1),
+            ((2, 3, 9, 7), (5, 3, 3, 3), 2, 1),
+            ((2, 4, 9, 8), (6, 4, 1, 1), 2, 0),
+            ((1, 2, 10, 10), (3, 2, 3, 3), 3, 1),
+        ];
+        for (i, &(xs, ws, stride, pad)) in geometries.iter().enumerate() {
+            let var = |shape: (usize, usize, usize, usize), seed: usize| {
+                let n = shape.0 * shape.1 * shape.2 * shape.3;
+                Var::from_vec(values(n, seed), shape, &Device::Cpu).unwrap()
+            };
+            let (x, w) = (var(xs, i), var(ws, i + 10));
+            let ours = conv2d_by_candle(x.as_tensor(), w.as_tensor(), stride, pad).unwrap();
+            let theirs = conv2d(x.as_tensor(), w.as_tensor(), stride, pad).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_close(&flat(&ours), &flat(&theirs), &format!("value, geometry {i}"));
+            let r =
+                Tensor::from_vec(values(theirs.elem_count(), i + 20), theirs.shape(), &Device::Cpu)
+                    .unwrap();
+            let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_theirs = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("input", &x), ("weight", &w)] {
+                let (a, b) = (g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
+                assert_eq!(a.dims(), b.dims(), "{name} gradient shape, geometry {i}");
+                assert_close(&flat(a), &flat(b), &format!("{name} gradient, geometry {i}"));
+            }
         }
     }
 }
