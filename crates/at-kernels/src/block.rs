@@ -219,6 +219,30 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result
     crate::contiguous(data, layout, &format!("residual block: {what}"))
 }
 
+/// A block's output: conv1 of `relu(bn1(y0))` (read through bn1's input map, never stored) plus
+/// the shortcut (the projection, or the block's input `x`), added to each image's output while it
+/// is in cache.
+fn conv1_plus_shortcut(
+    d1: &Dims,
+    (y0, bn1): (&[f32], &AffineRelu),
+    w1: &[f32],
+    projection: Option<&[f32]>,
+    x: &[f32],
+) -> Result<Vec<f32>> {
+    let per_image = d1.o * d1.p();
+    let shortcut = match projection {
+        Some(projection) => projection,
+        None if d1.n * per_image == x.len() => x,
+        None => bail!("a residual block without a projection must keep its input's shape"),
+    };
+    let add_shortcut = |image: usize, y: &mut [f32]| {
+        for (y, s) in y.iter_mut().zip(&shortcut[image * per_image..(image + 1) * per_image]) {
+            *y += *s;
+        }
+    };
+    Ok(conv::forward_same3x3(d1, y0, w1, bn1, &add_shortcut))
+}
+
 /// One block's forward pass on `x` (`(n, c_in, h, w)`) with its parameters `p`: the output and
 /// what the backward pass needs.
 fn block_forward(
@@ -237,19 +261,8 @@ fn block_forward(
     // conv1 reads relu(bn1(y0)) through its input map (bn1's output is never stored); the
     // shortcut is added to each image's output while it is in cache.
     let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats1, eps));
-    let projection = match o.projection() {
-        true => Some(conv::forward(&dd, &o1, &p[o.wd..])),
-        false if n * o.c_out * d1.p() == x.len() => None,
-        false => bail!("a residual block without a projection must keep its input's shape"),
-    };
-    let shortcut = projection.as_deref().unwrap_or(x);
-    let per_image = o.c_out * d1.p();
-    let add_shortcut = |image: usize, y: &mut [f32]| {
-        for (y, s) in y.iter_mut().zip(&shortcut[image * per_image..(image + 1) * per_image]) {
-            *y += *s;
-        }
-    };
-    let out = conv::forward_same3x3(&d1, &y0, &p[o.w1..o.wd], &bn1, &add_shortcut);
+    let projection = o.projection().then(|| conv::forward(&dd, &o1, &p[o.wd..]));
+    let out = conv1_plus_shortcut(&d1, (&y0, &bn1), &p[o.w1..o.wd], projection.as_deref(), x)?;
     let stats = [stats0, stats1];
     Ok((out, Saved { input: None, dims: (n, h, w), o1, y0, stats }))
 }
@@ -540,18 +553,7 @@ impl CustomOp2 for EvalOp {
         } else {
             (conv::forward_same3x3(&d0, x, &p[o.w0..o.g1], &bn0, &|_, _| {}), None)
         };
-        let shortcut = match projection.as_deref() {
-            Some(projection) => projection,
-            None if n * o.c_out * d1.p() == x.len() => x,
-            None => bail!("a residual block without a projection must keep its input's shape"),
-        };
-        let per_image = o.c_out * d1.p();
-        let add_shortcut = |image: usize, y: &mut [f32]| {
-            for (y, s) in y.iter_mut().zip(&shortcut[image * per_image..(image + 1) * per_image]) {
-                *y += *s;
-            }
-        };
-        let out = conv::forward_same3x3(&d1, &y0, &p[o.w1..o.wd], &bn1, &add_shortcut);
+        let out = conv1_plus_shortcut(&d1, (&y0, &bn1), &p[o.w1..o.wd], projection.as_deref(), x)?;
         Ok((CpuStorage::F32(out), Shape::from((n, o.c_out, d1.ho, d1.wo))))
     }
 }
