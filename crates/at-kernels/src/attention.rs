@@ -4,7 +4,9 @@
 //! `at_ops::set_channel_power_kernel`, since at-ops depends on candle-core alone.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, bail,
+};
 use rayon::prelude::*;
 
 struct SumSquares {
@@ -77,4 +79,121 @@ pub fn channel_power(x: &Tensor, p: f64, scale: f64) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     Ok(Some(x.contiguous()?.apply_op1(SumSquares { scale: scale as f32 })?))
+}
+
+/// The clamp of at-ops' normalisation (`at_ops::NORM_EPS`; at-kernels does not depend on at-ops).
+const NORM_EPS: f64 = 1e-12;
+
+/// `mean over b, n of (s_b / ||s_b|| - t_b / ||t_b||)^2` for `[B, N]` maps, the norms clamped at
+/// `NORM_EPS`; the teacher `t` is a constant.
+struct Distance;
+
+/// Each row's `1 / max(||row||, eps)`, in f64, and whether the clamp applied.
+fn inverse_norms(q: &[f32], n: usize) -> Vec<(f64, bool)> {
+    q.chunks_exact(n)
+        .map(|row| {
+            let sq: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+            let clamped = sq <= NORM_EPS * NORM_EPS;
+            (1.0 / sq.max(NORM_EPS * NORM_EPS).sqrt(), clamped)
+        })
+        .collect()
+}
+
+/// The two maps' rows, checked: `(s, t, b, n)`.
+fn map_pair<'a>(
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+) -> Result<(&'a [f32], &'a [f32], usize, usize)> {
+    let [b, n] = *l1.dims() else { bail!("at_distance takes [B, N] maps, got {:?}", l1.dims()) };
+    if l2.dims() != l1.dims() {
+        bail!("at_distance: the maps have shapes {:?} and {:?}", l1.dims(), l2.dims())
+    }
+    let (CpuStorage::F32(s), CpuStorage::F32(t)) = (s1, s2) else {
+        bail!("at_distance takes f32 maps")
+    };
+    let s = crate::contiguous(s, l1, "at_distance: the student's map")?;
+    let t = crate::contiguous(t, l2, "at_distance: the teacher's map")?;
+    Ok((s, t, b, n))
+}
+
+impl CustomOp2 for Distance {
+    fn name(&self) -> &'static str {
+        "at-distance"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (s, t, b, n) = map_pair((s1, l1), (s2, l2))?;
+        let (is, it) = (inverse_norms(s, n), inverse_norms(t, n));
+        let sum: f64 = (0..b)
+            .map(|row| {
+                let (sr, tr) = (&s[row * n..(row + 1) * n], &t[row * n..(row + 1) * n]);
+                sr.iter()
+                    .zip(tr)
+                    .map(|(&a, &c)| {
+                        let d = a as f64 * is[row].0 - c as f64 * it[row].0;
+                        d * d
+                    })
+                    .sum::<f64>()
+            })
+            .sum();
+        let loss = (sum / (b * n).max(1) as f64) as f32;
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    /// With `u = s / ns`, `e = 2 (u - t / nt) / (B N)`: `dL/ds = (e - u (u . e)) / ns` where the
+    /// norm is above the clamp, `e / eps` where it is clamped (a constant divisor).
+    fn bwd(
+        &self,
+        s: &Tensor,
+        t: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.to_dtype(DType::F64)?.to_vec0::<f64>()?;
+        let (ss, sl) = s.storage_and_layout();
+        let (ts, tl) = t.storage_and_layout();
+        let (Storage::Cpu(ss), Storage::Cpu(ts)) = (&*ss, &*ts) else {
+            bail!("at_distance's backward runs on the CPU")
+        };
+        let (s_data, t_data, b, n) = map_pair((ss, sl), (ts, tl))?;
+        let (is, it) = (inverse_norms(s_data, n), inverse_norms(t_data, n));
+        let scale = 2.0 * g / (b * n).max(1) as f64;
+        let mut ds = vec![0f32; b * n];
+        for (row, out) in ds.chunks_exact_mut(n).enumerate() {
+            let (sr, tr) = (&s_data[row * n..(row + 1) * n], &t_data[row * n..(row + 1) * n]);
+            let ((inv_s, clamped), (inv_t, _)) = (is[row], it[row]);
+            let u = |i: usize| sr[i] as f64 * inv_s;
+            let e = |i: usize| scale * (u(i) - tr[i] as f64 * inv_t);
+            let ue: f64 = if clamped { 0.0 } else { (0..n).map(|i| u(i) * e(i)).sum() };
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = ((e(i) - u(i) * ue) * inv_s) as f32;
+            }
+        }
+        Ok((Some(Tensor::from_vec(ds, (b, n), s.device())?), None))
+    }
+}
+
+/// at-ops' default attention distance between unnormalised flattened maps `[B, N]` (L2
+/// normalisation, then the mean squared difference), the teacher's `t` a constant, as one op
+/// with a hand-written backward; `None` where it does not apply (not f32 on the CPU,
+/// [`set_reference`](crate::set_reference), or a thread with second-order gradients, since the
+/// backward builds no graph). Its signature is the one `at_ops::set_distance_kernel` takes.
+pub fn at_distance(s: &Tensor, t: &Tensor) -> Result<Option<Tensor>> {
+    let applies = s.device().is_cpu()
+        && t.device().is_cpu()
+        && s.dtype() == DType::F32
+        && t.dtype() == DType::F32
+        && s.rank() == 2
+        && !crate::reference()
+        && !crate::second_order_thread();
+    if !applies {
+        return Ok(None);
+    }
+    Ok(Some(s.contiguous()?.apply_op2(&t.detach().contiguous()?, Distance)?))
 }

@@ -12,6 +12,8 @@
 
 use std::mem::MaybeUninit;
 
+use rayon::prelude::*;
+
 /// The most output rows per tile: each is one broadcast weight per inner step.
 const MR: usize = 6;
 /// 16-lane vectors per tile row: a full tile is `MR x 64` accumulators, 24 of the 32 registers.
@@ -36,14 +38,26 @@ pub(crate) struct Lhs {
 
 impl Lhs {
     /// Packs the `m x k` matrix whose element `(i, kk)` is `a(i, kk)`.
-    pub(crate) fn new(m: usize, k: usize, a: impl Fn(usize, usize) -> f32) -> Self {
+    /// The blocks are packed on rayon's threads: a convolution packs its weights once per call,
+    /// and on one thread that was a serial gap of a few milliseconds per training step.
+    pub(crate) fn new(m: usize, k: usize, a: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let blocks = row_blocks(m);
-        let mut data = Vec::with_capacity(m * k);
+        let mut data = vec![0f32; m * k];
+        // Block `(first, rows)` is `data[first * k..(first + rows) * k]`.
+        let mut parts = Vec::with_capacity(blocks.len());
+        let mut rest = &mut data[..];
         for &(first, rows) in &blocks {
-            for kk in 0..k {
-                data.extend((first..first + rows).map(|i| a(i, kk)));
-            }
+            let (part, tail) = rest.split_at_mut(rows * k);
+            parts.push((first, rows, part));
+            rest = tail;
         }
+        parts.into_par_iter().for_each(|(first, rows, part)| {
+            for (kk, step) in part.chunks_exact_mut(rows).enumerate() {
+                for (r, v) in step.iter_mut().enumerate() {
+                    *v = a(first + r, kk);
+                }
+            }
+        });
         Self { data, blocks, m, k }
     }
 }

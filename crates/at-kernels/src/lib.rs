@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Layout, Result, Var, bail};
 use rayon::prelude::*;
 
-pub use attention::channel_power;
+pub use attention::{at_distance, channel_power};
 pub use block::{PreactBlock, preact_block_eval, preact_block_train, preact_blocks_train};
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
 pub use norm::{BatchStats, batch_norm_eval, batch_norm_train};

@@ -1,5 +1,6 @@
 //! The channel reduction of attention maps against candle's ops: `scale * sum_c x^2`, values and
-//! input gradient (f32, 1e-5); other powers and dtypes are left to the caller.
+//! input gradient (f32, 1e-5); other powers and dtypes are left to the caller. And the fused
+//! normalisation + distance (`at_distance`) against the same formula in candle's ops.
 
 use at_kernels::channel_power;
 use candle_core::{DType, Device, Tensor, Var};
@@ -34,4 +35,46 @@ fn other_powers_and_dtypes_are_left_to_the_caller() {
     let x = values(&[2, 3, 4, 4], 1.0);
     assert!(channel_power(&x, 1.0, 1.0).unwrap().is_none());
     assert!(channel_power(&x.to_dtype(DType::F64).unwrap(), 2.0, 1.0).unwrap().is_none());
+}
+
+/// `at_distance` against the same formula in candle's ops (at-ops' L2 normalisation, clamped at
+/// 1e-12, and mean squared difference): value and the student's gradient, with a row of zeros
+/// (the clamped norm) and rows of very different scales; the teacher gets no gradient.
+#[test]
+fn at_distance_matches_normalise_then_mean_squared_difference() {
+    use candle_core::{Device, Var};
+    let (b, n) = (5, 37);
+    let value = |i: usize, seed: usize| ((i * 7919 + seed * 104_729) % 1000) as f32 / 250.0 - 2.0;
+    let mut s: Vec<f32> = (0..b * n).map(|i| value(i, 1) * (1 + i / n) as f32).collect();
+    s[2 * n..3 * n].fill(0.0);
+    let t: Vec<f32> = (0..b * n).map(|i| value(i, 2).abs()).collect();
+    let s = Var::from_vec(s, (b, n), &Device::Cpu).unwrap();
+    let t = Var::from_vec(t, (b, n), &Device::Cpu).unwrap();
+
+    let ours = at_kernels::at_distance(s.as_tensor(), t.as_tensor()).unwrap().expect("f32, CPU");
+    let normalise = |q: &Tensor| {
+        let norm = q.sqr().unwrap().sum_keepdim(1).unwrap().maximum(1e-24).unwrap().sqrt().unwrap();
+        q.broadcast_div(&norm).unwrap()
+    };
+    let theirs = (normalise(s.as_tensor()) - normalise(&t.as_tensor().detach()))
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let (a, c) = (ours.to_vec0::<f32>().unwrap(), theirs.to_vec0::<f32>().unwrap());
+    assert!((a - c).abs() <= 1e-6 * c.abs().max(1e-6), "value: {a} vs {c}");
+
+    let (g_ours, g_theirs) =
+        ((ours * 3.0).unwrap().backward().unwrap(), (theirs * 3.0).unwrap().backward().unwrap());
+    let (da, dc) = (g_ours.get(&s).expect("student gradient"), g_theirs.get(&s).unwrap());
+    let (da, dc) = (
+        da.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        dc.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    let scale = dc.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in da.iter().zip(&dc).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * scale, "gradient at {i}: {x} vs {y}");
+    }
+    assert!(g_ours.get(&t).is_none(), "the teacher's map is a constant");
 }

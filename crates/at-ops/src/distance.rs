@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor, bail};
 
-use crate::map::{MapSpec, abs, normalize, raw_map};
+use crate::map::{MapSpec, Normalization, abs, normalize, raw_map};
 use crate::resize::{Resize, resize_map};
 
 /// How the normalised student and teacher maps `Q_S`, `Q_T` (`[B, N]`) are compared.
@@ -48,19 +48,46 @@ pub fn at_loss(student: &Tensor, teacher: &Tensor, config: &AtConfig) -> Result<
     let (_, _, ht, wt) = teacher.dims4()?;
     let size = config.size.unwrap_or((hs.min(ht), ws.min(wt)));
 
-    let map = |activation: &Tensor| -> Result<Tensor> {
+    let raw = |activation: &Tensor| -> Result<Tensor> {
         let q = raw_map(activation, &config.map)?; // [b, h, w]
-        let q = resize_map(&q, size, config.resize)?; // [b, size.0, size.1]
-        normalize(&q.flatten_from(1)?, config.map.norm) // [b, n]
+        resize_map(&q, size, config.resize)?.flatten_from(1) // [b, n]
     };
-    let qs = map(student)?;
-    let qt = map(&teacher.detach())?.to_dtype(qs.dtype())?;
+    let (raw_s, raw_t) = (raw(student)?, raw(&teacher.detach())?);
+    if config.map.norm == Normalization::L2
+        && config.distance == Distance::Code
+        && let Some(kernel) = DISTANCE_KERNEL.get()
+        && let Some(loss) = kernel(&raw_s, &raw_t.to_dtype(raw_s.dtype())?)?
+    {
+        return loss.to_dtype(student.dtype());
+    }
+    let qs = normalize(&raw_s, config.map.norm)?;
+    let qt = normalize(&raw_t, config.map.norm)?.to_dtype(qs.dtype())?;
     let diff = (qs - qt)?;
     let loss = match config.distance {
         Distance::Code => diff.sqr()?.mean_all()?,
         Distance::Paper { p } => (p_norm(&diff, p)? * 0.5)?.mean_all()?,
     };
     loss.to_dtype(student.dtype())
+}
+
+/// A faster [`Distance::Code`] between L2-normalised maps: `(qs, qt)`, the unnormalised
+/// flattened maps `[B, N]` of the student and of the teacher (a constant), to
+/// `mean over b, n of (qs_b / ||qs_b|| - qt_b / ||qt_b||)^2` (norms clamped at [`NORM_EPS`](crate::NORM_EPS)),
+/// returning `None` where it does not apply; see [`set_distance_kernel`].
+pub type DistanceKernel = fn(&Tensor, &Tensor) -> Result<Option<Tensor>>;
+
+static DISTANCE_KERNEL: std::sync::OnceLock<DistanceKernel> = std::sync::OnceLock::new();
+
+/// Lets [`at_loss`] with L2 normalisation and [`Distance::Code`] (the default) compute the
+/// normalisation and the distance in one kernel (at-kernels' `at_distance`, for instance), for
+/// the whole process: a dozen small ops on `[B, N]` maps and their backward passes, each
+/// single-threaded in candle, were most of what attention transfer added to a training step on
+/// the CPU. The kernel must compute the same value and gradient for the student (none for the
+/// teacher) and return `None` for what it does not take (dtypes, devices, second-order
+/// gradients), which then goes to candle's ops. The first registration wins; returns whether this
+/// one did.
+pub fn set_distance_kernel(kernel: DistanceKernel) -> bool {
+    DISTANCE_KERNEL.set(kernel).is_ok()
 }
 
 /// The attention-transfer distances of several group pairs, in order: what a trainer logs.

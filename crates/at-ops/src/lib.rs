@@ -55,7 +55,9 @@ mod distance;
 mod map;
 mod resize;
 
-pub use distance::{AtConfig, Distance, at_loss, at_loss_sum, at_losses};
+pub use distance::{
+    AtConfig, Distance, DistanceKernel, at_loss, at_loss_sum, at_losses, set_distance_kernel,
+};
 pub use map::{
     ChannelPowerKernel, ChannelReduce, MapSpec, NORM_EPS, Normalization, attention_map,
     attention_map_flat, normalize, set_channel_power_kernel,

@@ -732,6 +732,7 @@ pub fn evaluate_run(dir: &Path) -> Result<(f64, f64, f64)> {
 /// candle-core alone, so it is handed the kernel). Idempotent.
 pub fn use_kernels() {
     at_ops::set_channel_power_kernel(at_kernels::channel_power);
+    at_ops::set_distance_kernel(at_kernels::at_distance);
 }
 
 /// The loss and gradients of one step with a gradient-based penalty (`loss.gradient`): the
