@@ -1,7 +1,10 @@
-//! 2-D convolution (square stride and padding, no dilation, one group) on the CPU as im2col and
-//! a GEMM per image, the batch split across rayon's threads. A "same" 3x3 convolution (stride 1,
-//! padding 1, most of a WRN) skips im2col: three shifted copies of the image and three GEMMs,
-//! one per kernel row (see `shift3`).
+//! 2-D convolution (square stride and padding, no dilation, one group) on the CPU as a GEMM per
+//! image, the batch split across rayon's threads. A "same" 3x3 convolution (stride 1, padding 1,
+//! most of a WRN) skips im2col: three shifted copies of the image (see `shift3`), whose rows are
+//! the im2col rows of every kernel tap. With AVX-512 (f32) the GEMMs are the gather GEMM of
+//! `gather.rs`, which reads those rows where they are, and the weight gradient takes its
+//! input pixel by pixel (`weight_grad_pixels`); elsewhere they run on `gemm`, three per image.
+//! Off the CPU, [`conv2d`] is candle's with a backward made of convolutions (`conv2d_by_candle`).
 //!
 //! Three candle custom ops form a family closed under differentiation, so a convolution can be
 //! differentiated any number of times (double backpropagation included):

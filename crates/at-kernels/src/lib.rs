@@ -1,13 +1,16 @@
 //! Fast CPU kernels for the training loop of attention-transfer, as candle custom ops.
 //!
 //! candle 0.11's CPU convolution computes the input gradient with a direct loop and builds its
-//! im2col matrices element by element; [`conv2d`] replaces it with im2col and one GEMM per image,
+//! im2col matrices element by element; [`conv2d`] replaces it with one GEMM per image (an
+//! AVX-512 kernel that reads the image's rows in place where the CPU has it, `gemm` elsewhere),
 //! images spread over rayon's threads, for the forward pass and both gradients, and stays
 //! differentiable to any order (see [`conv`]). [`batch_norm_train`] fuses training-mode batch
 //! norm (and the ReLU after it) into one op with a two-pass backward (see [`norm`]).
 //! [`preact_blocks_train`] makes pre-activation residual blocks (a WRN group) one op, so that
 //! candle's backward pass accumulates one gradient per group instead of six per block (see
-//! [`block`]). Other devices and dtypes go to candle's own ops.
+//! [`block`]); [`preact_block_eval`] is the evaluation-mode block, forward only. [`at_distance`]
+//! fuses the attention maps' normalisation and distance. Other devices and dtypes go to
+//! candle's own ops.
 //!
 //! The plain candle ops remain the reference: [`set_reference(true)`](set_reference) routes every
 //! call back to them (tests compare the two; benchmarks time both).
