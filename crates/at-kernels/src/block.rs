@@ -536,21 +536,17 @@ impl CustomOp2 for EvalOp {
             var: r[c..].iter().map(|&v| v as f64).collect(),
             count: n * h * w,
         };
-        let bn0 = AffineRelu(norm::coefficients(o.bn0(p), &stats(running0, o.c_in), self.eps));
-        let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats(running1, o.c_out), self.eps));
+        let (stats0, stats1) = (stats(running0, o.c_in), stats(running1, o.c_out));
+        let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats1, self.eps));
         let [d0, d1, dd] = conv_dims(o, self.spec.stride, (n, h, w))?;
         // conv0 reads relu(bn0(x)) through its input map, unless the projection needs it too
         // (or conv0 is strided): then it is stored once.
         let (y0, projection) = if o.projection() || !d0.same3x3() {
-            let hw = h * w;
-            let mut o1 = vec![0f32; x.len()];
-            o1.par_chunks_mut(hw)
-                .zip(x.par_chunks(hw))
-                .enumerate()
-                .for_each(|(plane, (o1, x))| conv::InputMap::copy(&bn0, plane % o.c_in, x, o1));
+            let o1 = norm::normalize_with(x, (o.c_in, h * w), o.bn0(p), &stats0, self.eps, true);
             let y0 = conv::forward(&d0, &o1, &p[o.w0..o.g1]);
             (y0, o.projection().then(|| conv::forward(&dd, &o1, &p[o.wd..])))
         } else {
+            let bn0 = AffineRelu(norm::coefficients(o.bn0(p), &stats0, self.eps));
             (conv::forward_same3x3(&d0, x, &p[o.w0..o.g1], &bn0, &|_, _| {}), None)
         };
         let out = conv1_plus_shortcut(&d1, (&y0, &bn1), &p[o.w1..o.wd], projection.as_deref(), x)?;

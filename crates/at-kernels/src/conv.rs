@@ -403,6 +403,12 @@ fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
 pub(crate) trait InputMap<T>: Sync {
     /// Writes channel `channel`'s values `src`, mapped, into `dst` (of the same length).
     fn copy(&self, channel: usize, src: &[T], dst: &mut [T]);
+
+    /// Whether the map is the identity, so that a kernel may read the input itself instead of
+    /// a mapped copy.
+    fn is_identity(&self) -> bool {
+        false
+    }
 }
 
 /// The input as it is.
@@ -411,6 +417,10 @@ pub(crate) struct Plain;
 impl<T: Element> InputMap<T> for Plain {
     fn copy(&self, _: usize, src: &[T], dst: &mut [T]) {
         dst.copy_from_slice(src);
+    }
+
+    fn is_identity(&self) -> bool {
+        true
     }
 }
 
@@ -677,10 +687,10 @@ pub(crate) fn weight_grad_same3x3<T: Element>(
     map: &impl InputMap<T>,
 ) -> Vec<T> {
     assert!(d.same3x3(), "weight_grad_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
-    let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
     if let Some(dy) = T::as_f32(dy).filter(|_| gather_enabled()) {
         return weight_grad_pixels(d, x, dy, map);
     }
+    let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
     // Per kernel row, the transposed gradient (`3c x o`), as in `weight_grad`.
     let acc = sum_over_images(
         d.n,
@@ -739,17 +749,25 @@ fn weight_grad_pixels<T: Element>(d: &Dims, x: &[T], dy: &[f32], map: &impl Inpu
                 .collect()
         })
         .collect();
+    // The identity map reads the image itself; others map it into a copy first.
+    let copy = if map.is_identity() { 0 } else { image };
     let acc = sum_over_images(
         d.n,
         kh * d.o * c3,
-        || (vec![T::default(); image], vec![0f32; pixels * d.c]),
+        || (vec![T::default(); copy], vec![0f32; pixels * d.c]),
         |(mapped, x_pix), acc, n| {
             let x = &x[n * image..(n + 1) * image];
-            for (ch, (src, dst)) in x.chunks_exact(hw).zip(mapped.chunks_exact_mut(hw)).enumerate()
-            {
-                map.copy(ch, src, dst);
-            }
-            let mapped = T::as_f32(mapped).expect("f32");
+            let planes = if map.is_identity() {
+                x
+            } else {
+                for (ch, (src, dst)) in
+                    x.chunks_exact(hw).zip(mapped.chunks_exact_mut(hw)).enumerate()
+                {
+                    map.copy(ch, src, dst);
+                }
+                &mapped[..]
+            };
+            let mapped = T::as_f32(planes).expect("f32");
             // Image pixel (y, x) at grid pixel (y + 1, x).
             gather::to_pixels(mapped, (d.c, d.h, d.w), (1 + stride, stride), x_pix);
             let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
@@ -864,8 +882,8 @@ thread_local! {
     static GATHER_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether the "same" 3x3 kernels called from this thread use [`gather`] (AVX-512) rather than
-/// three `gemm` calls per image.
+/// Whether the convolutions called from this thread use [`gather`] (AVX-512) rather than
+/// `gemm`.
 fn gather_enabled() -> bool {
     gather::available() && !GATHER_OFF.with(|off| off.get())
 }

@@ -1,12 +1,13 @@
-//! The GEMM of a "same" 3x3 convolution without repacking the image: `c = a * b`, where row
-//! `kk` of the right operand `b` is the `n` contiguous values at `b[rows[kk]..]`.
+//! The GEMM of the convolutions: `c = a * b`, where row `kk` of the right operand `b` is the `n`
+//! contiguous values at `b[rows[kk]..]`.
 //!
-//! The convolution's right operand (the shifted image of `conv::shift3`, or the padded output
-//! gradient) is already made of contiguous rows, and its left operand (the weights) is the same
-//! for every image: so the weights are packed once per call ([`Lhs`]) and each image's rows are
-//! read where they are, one GEMM per image whose inner dimension is every kernel tap (`9c` for
-//! the forward pass instead of three GEMMs of `3c`). A general GEMM (the `gemm` crate) packs both
-//! operands on every call, which is a few percent of a training step at CIFAR's image sizes.
+//! A convolution's right operand (the shifted image of `conv::shift3`, the padded output
+//! gradient, an im2col matrix, or the pixel-major image of the weight gradient) is already made
+//! of contiguous rows, so each image's rows are read where they are. The left operand is either
+//! the same for every image (the weights: packed once per call, [`Lhs`]) or an image's own rows
+//! (its output gradient, read in place, [`gather_gemm_add`]). A general GEMM (the `gemm` crate)
+//! packs both operands on every call, which is a few percent of a training step at CIFAR's image
+//! sizes.
 //!
 //! The kernel is written for AVX-512 ([`available`]); elsewhere the callers keep `gemm`.
 
@@ -38,6 +39,7 @@ pub(crate) struct Lhs {
 
 impl Lhs {
     /// Packs the `m x k` matrix whose element `(i, kk)` is `a(i, kk)`.
+    ///
     /// The blocks are packed on rayon's threads: a convolution packs its weights once per call,
     /// and on one thread that was a serial gap of a few milliseconds per training step.
     pub(crate) fn new(m: usize, k: usize, a: impl Fn(usize, usize) -> f32 + Sync) -> Self {
@@ -93,7 +95,7 @@ pub(crate) fn gather_gemm(
     (c, ldc): (&mut [MaybeUninit<f32>], usize),
 ) {
     assert_eq!(rows.len(), a.k, "one row offset per inner index");
-    run(Left::Packed { lhs: a, ks: 0 }, a.m, (b, rows), n, (c, ldc), false);
+    run(Left::Packed(a), a.m, (b, rows), n, (c, ldc), false);
 }
 
 /// `c[i][j] += sum_kk a[i * lda + kk] * b[rows[kk] + j]` for `i < m`, `kk < rows.len()`: the
@@ -116,8 +118,8 @@ pub(crate) fn gather_gemm_add(
 /// Where [`run`] finds the left operand.
 #[derive(Clone, Copy)]
 enum Left<'a> {
-    /// Packed, from inner index `ks`.
-    Packed { lhs: &'a Lhs, ks: usize },
+    /// Packed.
+    Packed(&'a Lhs),
     /// Row `i`, inner index `kk` at `a[i * lda + kk]`, rows in `blocks`.
     Rows { a: &'a [f32], lda: usize, blocks: &'a [(usize, usize)] },
 }
@@ -152,7 +154,7 @@ fn run(
     // SAFETY: AVX-512F is available (asserted); the asserts above keep every row of `b` read
     // (`rows[kk] + j`, `j < n`), every element of `c` written (`i * ldc + j`, `i < m`,
     // `j < n`) in range, and the callers keep the left operand's rows and inner indices in
-    // range (`a.k` values per packed row, or `(m - 1) * lda + k`).
+    // range (`a.k == k` values per packed row, or `(m - 1) * lda + k`).
     unsafe {
         avx512::gemm(a, (b.as_ptr(), rows), n, (c.as_mut_ptr().cast::<f32>(), ldc), accumulate)
     }
@@ -160,7 +162,7 @@ fn run(
 
 /// Writes `planes` (`c` planes of `h x w`) pixel by pixel into `out`: pixel `(y, x)`'s `c` values
 /// at `out[(first + y * stride + x) * c..]`, the rest of `out` untouched (the weight gradient's
-/// right operand, see `conv::weight_grad_same3x3`). Sixteen channels by sixteen pixels at a time
+/// right operand, see `conv::weight_grad_pixels`). Sixteen channels by sixteen pixels at a time
 /// in registers where AVX-512 runs and the sizes allow it.
 pub(crate) fn to_pixels(
     planes: &[f32],
@@ -212,6 +214,10 @@ mod avx512 {
         // is given.
         unsafe {
             let k = rows.len();
+            let blocks = match a {
+                Left::Packed(lhs) => &lhs.blocks[..],
+                Left::Rows { blocks, .. } => blocks,
+            };
             // Slices of equal length (288 = 144 + 144, not 256 + 32).
             let kc_even = k.div_ceil(k.div_ceil(KC));
             for k0 in (0..k).step_by(kc_even) {
@@ -222,14 +228,10 @@ mod avx512 {
                     // The lanes of the tile's last vector that are inside the output.
                     let tail = cols - (cols - 1) / 16 * 16;
                     let mask: __mmask16 = if tail == 16 { 0xffff } else { (1 << tail) - 1 };
-                    let blocks = match a {
-                        Left::Packed { lhs, .. } => &lhs.blocks[..],
-                        Left::Rows { blocks, .. } => blocks,
-                    };
                     for &(first, live) in blocks {
                         let (a, a_row, packed) = match a {
-                            Left::Packed { lhs, ks } => {
-                                (lhs.data.as_ptr().add(first * lhs.k + (ks + k0) * live), 1, true)
+                            Left::Packed(lhs) => {
+                                (lhs.data.as_ptr().add(first * lhs.k + k0 * live), 1, true)
                             }
                             Left::Rows { a, lda, .. } => {
                                 (a.as_ptr().add(first * lda + k0), lda, false)

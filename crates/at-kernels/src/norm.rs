@@ -214,8 +214,21 @@ pub(crate) fn train_forward(
     relu: bool,
 ) -> (Vec<f32>, BatchStats) {
     let stats = batch_stats(x, (n, c, hw));
-    let y = normalize(x, (c, hw), (gamma, beta), (&stats.mean, &invstd(&stats.var, eps)), relu);
+    let y = normalize_with(x, (c, hw), (gamma, beta), &stats, eps, relu);
     (y, stats)
+}
+
+/// The batch norm's output (+ ReLU) with these statistics: the batch's in training, the running
+/// ones in evaluation.
+pub(crate) fn normalize_with(
+    x: &[f32],
+    (c, hw): (usize, usize),
+    (gamma, beta): (&[f32], &[f32]),
+    stats: &BatchStats,
+    eps: f64,
+    relu: bool,
+) -> Vec<f32> {
+    normalize(x, (c, hw), (gamma, beta), (&stats.mean, &invstd(&stats.var, eps)), relu)
 }
 
 /// The incoming gradient where the ReLU (if any) passed it: where `x * a + b > 0`.
