@@ -2,12 +2,19 @@
 //! pass forward and one backward (at-ops' default map is this with `scale = 1/C`, then a
 //! normalisation over `[B, H*W]`, which is cheap). at-ops takes it through
 //! `at_ops::set_channel_power_kernel`, since at-ops depends on candle-core alone.
+//!
+//! [`channel_power_deferred`] is the same map with its backward moved into the op that
+//! consumes the activation (a group's fused blocks, or the batch norm after the last group): the
+//! map's gradient waits in a [`MapGradient`] and that op adds `2 * scale * g * x` while it writes
+//! the activation's gradient anyway, instead of a gradient of its own that candle then adds to
+//! the other one (two more passes over the activation).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, bail,
 };
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 struct SumSquares {
     scale: f32,
@@ -21,21 +28,7 @@ impl CustomOp1 for SumSquares {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let [b, c, h, w] = *l.dims() else { bail!("channel_power needs [B, C, H, W]") };
-        let CpuStorage::F32(x) = s else { bail!("channel_power takes f32, got {:?}", s.dtype()) };
-        let x = crate::contiguous(x, l, OPERAND)?;
-        let hw = h * w;
-        let mut y = vec![0f32; b * hw];
-        y.par_chunks_mut(hw).enumerate().for_each(|(i, y)| {
-            for ch in 0..c {
-                let plane = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-                for (y, &v) in y.iter_mut().zip(plane) {
-                    *y += v * v;
-                }
-            }
-            y.iter_mut().for_each(|v| *v *= self.scale);
-        });
-        Ok((CpuStorage::F32(y), Shape::from((b, h, w))))
+        sum_squares(s, l, self.scale)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -65,6 +58,125 @@ impl CustomOp1 for SumSquares {
         let dx = unsafe { crate::par_chunks_uninit(b * c * hw, hw, || (), plane) };
         Ok(Some(Tensor::from_vec(dx, (b, c, h, w), x.device())?))
     }
+}
+
+/// `scale * sum_c x_c^2` of `[B, C, H, W]` as `[B, H, W]`, images on rayon's threads.
+fn sum_squares(s: &CpuStorage, l: &Layout, scale: f32) -> Result<(CpuStorage, Shape)> {
+    let [b, c, h, w] = *l.dims() else { bail!("channel_power needs [B, C, H, W]") };
+    let CpuStorage::F32(x) = s else { bail!("channel_power takes f32, got {:?}", s.dtype()) };
+    let x = crate::contiguous(x, l, OPERAND)?;
+    let hw = h * w;
+    let mut y = vec![0f32; b * hw];
+    y.par_chunks_mut(hw).enumerate().for_each(|(i, y)| {
+        for ch in 0..c {
+            let plane = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+            for (y, &v) in y.iter_mut().zip(plane) {
+                *y += v * v;
+            }
+        }
+        y.iter_mut().for_each(|v| *v *= scale);
+    });
+    Ok((CpuStorage::F32(y), Shape::from((b, h, w))))
+}
+
+/// An attention map's gradient on its way to the op that consumes the map's activation: what
+/// [`channel_power_deferred`]'s backward leaves (`2 * scale * g`, `[B, H * W]`, summed over
+/// every map made with it) and that op's backward takes (see
+/// [`preact_blocks_train_with`](crate::block::preact_blocks_train_with) and
+/// [`batch_norm_train_with`](crate::norm::batch_norm_train_with)).
+#[derive(Clone, Debug, Default)]
+pub struct MapGradient(Arc<Mutex<Option<Vec<f32>>>>);
+
+impl MapGradient {
+    /// An empty one, to hand to the consumer op and then to the maps.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn put(&self, m: Vec<f32>) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_mut() {
+            Some(sum) => sum.iter_mut().zip(&m).for_each(|(s, v)| *s += v),
+            None => *slot = Some(m),
+        }
+    }
+
+    /// The gradient left since the last take, if any (the consumer's backward).
+    pub(crate) fn take(&self) -> Option<Vec<f32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// [`SumSquares`] whose backward leaves the activation's gradient to its consumer. Operands:
+/// the activation and the anchor (a tensor computed from the consumer's output).
+struct DeferredSumSquares {
+    scale: f32,
+    slot: MapGradient,
+}
+
+impl CustomOp2 for DeferredSumSquares {
+    fn name(&self) -> &'static str {
+        "at-channel-sum-of-squares-deferred"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        sum_squares(s, l, self.scale)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        anchor: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if crate::second_order_thread() {
+            bail!(
+                "a deferred attention map is not twice differentiable; use channel_power on a \
+                 second-order thread (channel_power_deferred returns None there)"
+            )
+        }
+        let k = 2.0 * self.scale;
+        let m: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.slot.put(m.into_iter().map(|v| k * v).collect());
+        // The anchor gets a zero gradient: it must get one from this op (candle expects every
+        // node on the way to the loss to get one), and the true one comes from the loss's other
+        // terms.
+        Ok((None, Some(anchor.zeros_like()?)))
+    }
+}
+
+/// `scale * sum_c x_c^2` of `x` (`[B, C, H, W]`) as `[B, H, W]`, like [`channel_power`] with
+/// `p = 2`, except that its gradient is not returned to `x`: it waits in `slot` for the op that
+/// consumes `x`, which must have been made with the same `slot` and must take it (the fused
+/// group of [`preact_blocks_train_with`](crate::block::preact_blocks_train_with), the batch
+/// norm of [`batch_norm_train_with`](crate::norm::batch_norm_train_with)), and adds
+/// `2 * scale * g * x` as it writes `x`'s gradient. `anchor` must be computed from that op's
+/// output (a network's logits): it makes candle run this op's backward before the consumer's,
+/// and gets a zero gradient. `None` where it does not apply (as [`channel_power`], and on a
+/// thread with second-order gradients); use [`channel_power`] then.
+pub fn channel_power_deferred(
+    x: &Tensor,
+    scale: f64,
+    anchor: &Tensor,
+    slot: &MapGradient,
+) -> Result<Option<Tensor>> {
+    let applies = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && x.rank() == 4
+        && !crate::reference()
+        && !crate::second_order_thread();
+    if !applies {
+        return Ok(None);
+    }
+    let op = DeferredSumSquares { scale: scale as f32, slot: slot.clone() };
+    Ok(Some(x.contiguous()?.apply_op2(anchor, op)?))
 }
 
 /// `scale * sum_c |x_c|^p` of `x` (`[B, C, H, W]`) as `[B, H, W]`, when a kernel applies (p = 2,

@@ -21,6 +21,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
+use crate::attention::MapGradient;
 use crate::conv::{self, Dims};
 use crate::norm::{self, BatchStats};
 
@@ -107,6 +108,8 @@ struct Op {
     eps: f64,
     saved: Mutex<Option<Vec<Saved>>>,
     stats: Arc<Mutex<Option<Vec<[BatchStats; 2]>>>>,
+    /// An attention map's gradient for the input, added in the first block's backward.
+    map_grad: Option<MapGradient>,
 }
 
 /// The three convolutions of a block input of `(n, c_in, h, w)`.
@@ -274,6 +277,7 @@ fn block_backward(
     (x, p, g): (&[f32], &[f32], &[f32]),
     saved: &Saved,
     dp: &mut [f32],
+    map_grad: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     let o = &spec.offsets;
     let Saved { o1, y0, stats, dims: (n, h, w), .. } = saved;
@@ -299,6 +303,7 @@ fn block_backward(
         eps,
         true,
         Some(&bn1_sums),
+        None,
     );
     drop(d_o2);
     dp[o.g1..o.g1 + o.c_out].copy_from_slice(&dg1);
@@ -329,6 +334,7 @@ fn block_backward(
         eps,
         true,
         bn0_sums.as_deref(),
+        map_grad,
     );
 
     dp[..o.c_in].copy_from_slice(&dg0);
@@ -417,9 +423,19 @@ impl CustomOp2 for Op {
         let Some(saved) = saved.as_ref() else {
             bail!("the residual block's backward ran before its forward")
         };
+        let map_grad = self.map_grad.as_ref().and_then(MapGradient::take);
+        if let Some(m) = &map_grad
+            && m.len() != n * h * w
+        {
+            bail!(
+                "an attention map's gradient of {} values for an input {:?}",
+                m.len(),
+                (n, c, h, w)
+            )
+        }
         let mut dp = vec![0f32; p.len()];
         let mut grad: Option<Vec<f32>> = None;
-        for (spec, block) in self.blocks.iter().zip(saved).rev() {
+        for (i, (spec, block)) in self.blocks.iter().zip(saved).enumerate().rev() {
             let range = spec.start..spec.start + spec.offsets.total;
             let input = block.input.as_deref().unwrap_or(x);
             let g = grad.as_deref().unwrap_or(g);
@@ -429,6 +445,7 @@ impl CustomOp2 for Op {
                 (input, &p[range.clone()], g),
                 block,
                 &mut dp[range],
+                if i == 0 { map_grad.as_deref() } else { None },
             )?;
             grad = Some(dx);
         }
@@ -459,6 +476,17 @@ pub fn preact_block_train(
 pub fn preact_blocks_train(
     x: &Tensor,
     blocks: &[PreactBlock],
+) -> Result<Option<(Tensor, Vec<[BatchStats; 2]>)>> {
+    preact_blocks_train_with(x, blocks, None)
+}
+
+/// [`preact_blocks_train`] whose backward also takes the gradient that attention maps of `x`
+/// made by [`channel_power_deferred`](crate::attention::channel_power_deferred) with
+/// `map_grad` left, and adds it to `x`'s gradient in the same pass.
+pub fn preact_blocks_train_with(
+    x: &Tensor,
+    blocks: &[PreactBlock],
+    map_grad: Option<&MapGradient>,
 ) -> Result<Option<(Tensor, Vec<[BatchStats; 2]>)>> {
     let Some(first) = blocks.first() else { bail!("preact_blocks_train needs at least one block") };
     let eps = first.eps;
@@ -494,7 +522,13 @@ pub fn preact_blocks_train(
     }
     let params = Tensor::cat(&parts, 0)?;
     let stats = Arc::new(Mutex::new(None));
-    let op = Op { blocks: specs, eps, saved: Mutex::new(None), stats: stats.clone() };
+    let op = Op {
+        blocks: specs,
+        eps,
+        saved: Mutex::new(None),
+        stats: stats.clone(),
+        map_grad: map_grad.cloned(),
+    };
     let y = x.contiguous()?.apply_op2(&params, op)?;
     let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).take();
     Ok(Some((y, stats.expect("the forward pass stored its statistics"))))

@@ -29,10 +29,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Layout, Result, Var, bail};
 use rayon::prelude::*;
 
-pub use attention::{at_distance, channel_power};
-pub use block::{PreactBlock, preact_block_eval, preact_block_train, preact_blocks_train};
+pub use attention::{MapGradient, at_distance, channel_power, channel_power_deferred};
+pub use block::{
+    PreactBlock, preact_block_eval, preact_block_train, preact_blocks_train,
+    preact_blocks_train_with,
+};
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
-pub use norm::{BatchStats, batch_norm_eval, batch_norm_train};
+pub use norm::{BatchStats, batch_norm_eval, batch_norm_train, batch_norm_train_with};
 
 /// The elements of a contiguous operand; `what` names it in the error otherwise.
 pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {

@@ -14,6 +14,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
+use crate::attention::MapGradient;
+
 /// The statistics of the batch a [`batch_norm_train`] call normalised with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchStats {
@@ -29,6 +31,8 @@ struct Op {
     eps: f64,
     relu: bool,
     stats: Arc<Mutex<Option<BatchStats>>>,
+    /// An attention map's gradient for the input, added to the input's gradient.
+    map_grad: Option<MapGradient>,
 }
 
 fn shape4(layout: &Layout) -> Result<(usize, usize, usize)> {
@@ -257,7 +261,9 @@ pub(crate) fn plane_grad_sums(
 /// gradient `g`, in two passes (the ReLU mask is recomputed from `x`). `dx + residual` when a
 /// residual gradient is given (the identity shortcut of a residual block), in the same pass.
 /// `precomputed`: the first pass's [`plane_grad_sums`] of every plane (`[i * c + ch]`), if a
-/// kernel took them already.
+/// kernel took them already. `map_grad` (`[n, hw]`): an attention map's gradient, already
+/// times `2 * scale`, whose term `map_grad * x` (broadcast over channels) is added in the same
+/// pass (see [`crate::attention::MapGradient`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_backward(
     (x, g, residual): (&[f32], &[f32], Option<&[f32]>),
@@ -267,6 +273,7 @@ pub(crate) fn train_backward(
     eps: f64,
     relu: bool,
     precomputed: Option<&[(f64, f64)]>,
+    map_grad: Option<&[f32]>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let invstd = invstd(&stats.var, eps);
     let coefficients = |ch| affine((gamma, beta), (&stats.mean, &invstd), ch);
@@ -306,11 +313,21 @@ pub(crate) fn train_backward(
         let ab = coefficients(ch);
         let masked = |g: f32, x: f32| masked(g, x, ab, relu);
         let (g, x) = (&g[plane * hw..(plane + 1) * hw], &x[plane * hw..(plane + 1) * hw]);
-        match residual {
-            None => crate::write_each(dx, |i| a * masked(g[i], x[i]) - b - cx * (x[i] - mean)),
-            Some(r) => {
+        let core = |i: usize| a * masked(g[i], x[i]) - b - cx * (x[i] - mean);
+        let image = plane / c;
+        match (residual, map_grad) {
+            (None, None) => crate::write_each(dx, core),
+            (Some(r), None) => {
                 let r = &r[plane * hw..(plane + 1) * hw];
-                crate::write_each(dx, |i| a * masked(g[i], x[i]) - b - cx * (x[i] - mean) + r[i])
+                crate::write_each(dx, |i| core(i) + r[i])
+            }
+            (None, Some(m)) => {
+                let m = &m[image * hw..(image + 1) * hw];
+                crate::write_each(dx, |i| core(i) + m[i] * x[i])
+            }
+            (Some(r), Some(m)) => {
+                let (r, m) = (&r[plane * hw..(plane + 1) * hw], &m[image * hw..(image + 1) * hw]);
+                crate::write_each(dx, |i| core(i) + r[i] + m[i] * x[i])
             }
         }
     };
@@ -349,14 +366,24 @@ impl CustomOp3 for Op {
         y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let map_grad = self.map_grad.as_ref().and_then(MapGradient::take);
+        if let Some(m) = &map_grad
+            && m.len() != n * hw
+        {
+            bail!("an attention map's gradient of {} values for an input {:?}", m.len(), x.dims())
+        }
         if crate::second_order_thread() {
-            let (dx, dgamma, dbeta) = self.composite_bwd(x, gamma, beta, y, g)?;
+            let (mut dx, dgamma, dbeta) = self.composite_bwd(x, gamma, beta, y, g)?;
+            if let Some(m) = map_grad {
+                let m = Tensor::from_vec(m, (n, 1, h, w), x.device())?.to_dtype(x.dtype())?;
+                dx = (dx + x.broadcast_mul(&m)?)?;
+            }
             return Ok((Some(dx), Some(dgamma), Some(dbeta)));
         }
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let stats = stats.expect("the forward pass stored its statistics");
-        let (n, c, h, w) = x.dims4()?;
-        let hw = h * w;
         let g = g.to_dtype(DType::F32)?.contiguous()?;
         let (xs, x_layout) = x.storage_and_layout();
         let (gs, g_layout) = g.storage_and_layout();
@@ -375,6 +402,7 @@ impl CustomOp3 for Op {
             self.eps,
             self.relu,
             None,
+            map_grad.as_deref(),
         );
         let device = gamma.device();
         let dx = Tensor::from_vec(dx, (n, c, h, w), device)?;
@@ -426,6 +454,20 @@ pub fn batch_norm_train(
     eps: f64,
     relu: bool,
 ) -> Result<Option<(Tensor, BatchStats)>> {
+    batch_norm_train_with(x, gamma, beta, eps, relu, None)
+}
+
+/// [`batch_norm_train`] whose backward also takes the gradient that attention maps of `x` made
+/// by [`channel_power_deferred`](crate::attention::channel_power_deferred) with `map_grad`
+/// left, and adds it to `x`'s gradient in the same pass.
+pub fn batch_norm_train_with(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+    map_grad: Option<&MapGradient>,
+) -> Result<Option<(Tensor, BatchStats)>> {
     let applies = x.device().is_cpu()
         && [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3]
         && x.rank() == 4
@@ -434,7 +476,7 @@ pub fn batch_norm_train(
         return Ok(None);
     }
     let stats = Arc::new(Mutex::new(None));
-    let op = Op { eps, relu, stats: stats.clone() };
+    let op = Op { eps, relu, stats: stats.clone(), map_grad: map_grad.cloned() };
     let y = x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
     let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(Some((y, stats.expect("the forward pass stored its statistics"))))

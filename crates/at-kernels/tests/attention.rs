@@ -78,3 +78,49 @@ fn at_distance_matches_normalise_then_mean_squared_difference() {
     }
     assert!(g_ours.get(&t).is_none(), "the teacher's map is a constant");
 }
+
+/// A deferred map (`channel_power_deferred`) whose gradient the batch norm consuming `x` adds
+/// (`batch_norm_train_with`) gives the loss and every gradient of the plain map
+/// (`channel_power`) and plain batch norm, with the map used twice (its gradients add up in the
+/// slot); a step that does not use the map leaves the batch norm's gradients as they are.
+#[test]
+fn deferred_map_gradient_reaches_x_through_its_consumer() {
+    use at_kernels::{
+        MapGradient, batch_norm_train, batch_norm_train_with, channel_power_deferred,
+    };
+    let x = Var::from_tensor(&values(&[2, 3, 4, 5], 1.0)).unwrap();
+    let gamma = Var::from_tensor(&(values(&[3], 2.0) + 1.5).unwrap()).unwrap();
+    let beta = Var::from_tensor(&values(&[3], 3.0)).unwrap();
+    let (ra, rm) = (values(&[2, 3], 4.0), values(&[2, 4, 5], 5.0));
+    let xt = x.as_tensor();
+    let weighted = |t: &Tensor, r: &Tensor| (t * r).unwrap().sum_all().unwrap();
+
+    for uses in [0, 1, 2] {
+        let slot = MapGradient::new();
+        let (y, _) =
+            batch_norm_train_with(xt, gamma.as_tensor(), beta.as_tensor(), 1e-5, true, Some(&slot))
+                .unwrap()
+                .expect("f32 on the CPU");
+        let anchor = y.sum((2, 3)).unwrap(); // computed from the consumer's output
+        let mut loss = weighted(&anchor, &ra);
+        for _ in 0..uses {
+            let map = channel_power_deferred(xt, 0.25, &anchor, &slot).unwrap().expect("applies");
+            loss = (loss + weighted(&map, &rm)).unwrap();
+        }
+        let ours = loss.backward().unwrap();
+
+        let (y, _) =
+            batch_norm_train(xt, gamma.as_tensor(), beta.as_tensor(), 1e-5, true).unwrap().unwrap();
+        let mut loss_ref = weighted(&y.sum((2, 3)).unwrap(), &ra);
+        if uses > 0 {
+            let map = channel_power(xt, 2.0, 0.25).unwrap().unwrap();
+            loss_ref = (loss_ref + (weighted(&map, &rm) * uses as f64).unwrap()).unwrap();
+        }
+        let theirs = loss_ref.backward().unwrap();
+        assert!(max_rel(&loss, &loss_ref) < 1e-6, "loss with the map used {uses} times");
+        for (name, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
+            let err = max_rel(ours.get(v).unwrap(), theirs.get(v).unwrap());
+            assert!(err < 1e-5, "d{name} with the map used {uses} times differs by {err}");
+        }
+    }
+}

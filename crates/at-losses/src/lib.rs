@@ -12,7 +12,7 @@
 pub mod gradient;
 pub mod second_order;
 
-use at_ops::{AtConfig, at_losses};
+use at_ops::{AtConfig, ChannelReduce, at_loss, at_loss_from_maps, raw_attention_map};
 use candle_core::{DType, Result, Tensor, bail};
 use candle_nn::ops::log_softmax;
 
@@ -99,6 +99,21 @@ pub fn student_loss(
     teacher: Option<(&Tensor, &[Tensor])>,
     config: &LossConfig,
 ) -> Result<LossParts> {
+    student_loss_with_maps(logits, labels, groups, &[], teacher, config)
+}
+
+/// [`student_loss`] where `maps[g]`, when present, is student group `g`'s attention map before
+/// normalisation, `mean_c A_c^2` (`[B, H, W]`), as a model's fused kernel computed it
+/// (`at_models::Output::fused_maps`): taken instead of computing it from `groups[g]` when
+/// `config.at.map` is that map (`p = 2`, channel mean; any normalisation).
+pub fn student_loss_with_maps(
+    logits: &Tensor,
+    labels: &Tensor,
+    groups: &[Tensor],
+    maps: &[Option<Tensor>],
+    teacher: Option<(&Tensor, &[Tensor])>,
+    config: &LossConfig,
+) -> Result<LossParts> {
     let ce = cross_entropy(logits, labels)?;
     let needs_teacher = config.alpha > 0.0 || (config.beta > 0.0 && !config.pairs.is_empty());
     let Some((teacher_logits, teacher_groups)) = teacher.filter(|_| needs_teacher) else {
@@ -123,7 +138,8 @@ pub fn student_loss(
         None
     };
     let at = if config.beta > 0.0 {
-        let mut pairs = Vec::with_capacity(config.pairs.len());
+        let fused_map = config.at.map.p == 2.0 && config.at.map.reduce == ChannelReduce::Mean;
+        let mut at = Vec::with_capacity(config.pairs.len());
         for &(s, t) in &config.pairs {
             let (Some(gs), Some(gt)) = (groups.get(s), teacher_groups.get(t)) else {
                 bail!(
@@ -132,9 +148,14 @@ pub fn student_loss(
                     teacher_groups.len()
                 )
             };
-            pairs.push((gs.clone(), gt.clone()));
+            at.push(match maps.get(s) {
+                Some(Some(map)) if fused_map => {
+                    let teacher_map = raw_attention_map(&gt.detach(), &config.at.map)?;
+                    at_loss_from_maps(map, &teacher_map, &config.at)?.to_dtype(gs.dtype())?
+                }
+                _ => at_loss(gs, gt, &config.at)?,
+            });
         }
-        let at = at_losses(&pairs, &config.at)?;
         for term in &at {
             total = (total + (term * config.beta)?)?;
         }

@@ -49,6 +49,61 @@ pub struct Output {
     pub logits: Tensor,
     /// The activations at the attention points, from the input side: `[B, C_g, H_g, W_g]` each.
     pub groups: Vec<Tensor>,
+    /// For each group, where the network made it so (WRN in training on at-kernels' fused ops):
+    /// its attention map with the backward done by the group's next op; empty or `None` where
+    /// not. See [`FusedMap`].
+    pub maps: Vec<Option<FusedMap>>,
+}
+
+impl Output {
+    /// The logits and the group activations, without fused maps.
+    pub fn new(logits: Tensor, groups: Vec<Tensor>) -> Self {
+        Self { logits, groups, maps: vec![] }
+    }
+
+    /// Each group's fused attention map `mean_c A_c^2` (`[B, H, W]`), `None` for a group
+    /// without one (compute it from [`groups`](Self::groups) then).
+    pub fn fused_maps(&self) -> Result<Vec<Option<Tensor>>> {
+        (0..self.groups.len())
+            .map(|g| match self.maps.get(g) {
+                Some(Some(map)) => map.compute(),
+                _ => Ok(None),
+            })
+            .collect()
+    }
+}
+
+/// A group's attention map `mean_c A_c^2` before normalisation (at-ops' default map, `p = 2`
+/// and the channel mean) as `[B, H, W]`, whose gradient the network's next op (the next group,
+/// or the final batch norm) adds to the activation's own in the pass that writes it
+/// (`at_kernels::channel_power_deferred`), instead of two more passes over the activation.
+/// Equal in value and gradient to the map computed from the activation.
+#[derive(Clone, Debug)]
+pub struct FusedMap {
+    activation: Tensor,
+    /// The logits: computed from the next op's output.
+    anchor: Tensor,
+    slot: at_kernels::MapGradient,
+}
+
+impl FusedMap {
+    /// The map of `activation` whose gradient goes to `slot`, taken by the op that consumed
+    /// `activation`, from whose output `anchor` was computed.
+    pub(crate) fn new(activation: Tensor, anchor: Tensor, slot: at_kernels::MapGradient) -> Self {
+        Self { activation, anchor, slot }
+    }
+
+    /// The map, as a new op each call (the gradients of several add up); `None` where the
+    /// kernel does not apply here (a thread with second-order gradients).
+    pub fn compute(&self) -> Result<Option<Tensor>> {
+        let c = self.activation.dim(1)?;
+        at_kernels::channel_power_deferred(
+            &self.activation,
+            1.0 / c as f64,
+            &self.anchor,
+            &self.slot,
+        )
+    }
 }
 
 /// A network that exposes its attention points.

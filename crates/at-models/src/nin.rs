@@ -133,6 +133,6 @@ impl AttentionModel for Nin {
             groups.push(o.clone());
         }
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
-        Ok(Output { logits, groups })
+        Ok(Output::new(logits, groups))
     }
 }

@@ -143,6 +143,31 @@ impl BatchNorm2d {
         self.forward_maybe_relu(x, train, false)
     }
 
+    /// `relu(forward_t(x, train))` in training (batch statistics) as at-kernels' fused op whose
+    /// backward also takes an attention map's gradient from `map_grad`
+    /// (`at_kernels::batch_norm_train_with`); `None` where that kernel does not apply.
+    pub fn forward_relu_train_with(
+        &self,
+        x: &Tensor,
+        map_grad: &at_kernels::MapGradient,
+    ) -> Result<Option<Tensor>> {
+        let c = self.weight.dim(0)?;
+        if self.frozen || x.rank() != 4 || x.dim(1)? != c {
+            return Ok(None);
+        }
+        let fused = at_kernels::batch_norm_train_with(
+            x,
+            &self.weight,
+            &self.bias,
+            BN_EPS,
+            true,
+            Some(map_grad),
+        )?;
+        let Some((y, stats)) = fused else { return Ok(None) };
+        self.update_running_from(&stats)?;
+        Ok(Some(y))
+    }
+
     /// `relu(forward_t(x, train))`, fused into one kernel where at-kernels applies.
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_maybe_relu(x, train, true)

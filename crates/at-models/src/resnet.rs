@@ -154,6 +154,6 @@ impl AttentionModel for ResNet {
             groups.push(o.clone());
         }
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
-        Ok(Output { logits, groups })
+        Ok(Output::new(logits, groups))
     }
 }

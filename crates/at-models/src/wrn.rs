@@ -10,10 +10,10 @@
 use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
-use at_kernels::{PreactBlock, preact_blocks_train};
+use at_kernels::{MapGradient, PreactBlock, preact_blocks_train_with};
 
 use crate::nn::{BN_EPS, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool};
-use crate::{AttentionModel, Output};
+use crate::{AttentionModel, FusedMap, Output};
 
 /// The shape of a WRN-d-k.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,11 +133,17 @@ impl Block {
 
 /// A group's blocks as one kernel (training mode): one candle graph edge for the group instead
 /// of one per block. `None` where the kernel does not apply.
-fn group_fused(blocks: &[Block], x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+/// `map_grad`: the gradient of attention maps of `x` (see [`FusedMap`]).
+fn group_fused(
+    blocks: &[Block],
+    x: &Tensor,
+    train: bool,
+    map_grad: Option<&MapGradient>,
+) -> Result<Option<Tensor>> {
     let Some(fused) = blocks.iter().map(|b| b.fused(train)).collect::<Option<Vec<_>>>() else {
         return Ok(None);
     };
-    let Some((y, stats)) = preact_blocks_train(x, &fused)? else {
+    let Some((y, stats)) = preact_blocks_train_with(x, &fused, map_grad)? else {
         return Ok(None);
     };
     for (block, [stats0, stats1]) in blocks.iter().zip(&stats) {
@@ -185,15 +191,48 @@ impl AttentionModel for Wrn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
         let mut o = self.conv0.forward(x)?;
         let mut groups = Vec::with_capacity(self.groups.len());
+        // In training, each group output's next op (the next group, the final batch norm) is
+        // made to take the gradient of the output's attention maps (see `FusedMap`): `slots[g]`
+        // where it took it.
+        let mut slots: Vec<Option<MapGradient>> = Vec::with_capacity(self.groups.len());
         for blocks in &self.groups {
-            o = match group_fused(blocks, &o, train)? {
-                Some(y) => y,
-                None => blocks.iter().try_fold(o, |o, block| block.forward_t(&o, train))?,
+            let slot = (train && !groups.is_empty()).then(MapGradient::new);
+            o = match group_fused(blocks, &o, train, slot.as_ref())? {
+                Some(y) => {
+                    if !groups.is_empty() {
+                        slots.push(slot);
+                    }
+                    y
+                }
+                None => {
+                    if !groups.is_empty() {
+                        slots.push(None);
+                    }
+                    blocks.iter().try_fold(o, |o, block| block.forward_t(&o, train))?
+                }
             };
             groups.push(o.clone());
         }
-        let o = self.bn.forward_relu_t(&o, train)?;
+        let slot = MapGradient::new();
+        let fused = if train { self.bn.forward_relu_train_with(&o, &slot)? } else { None };
+        let o = match fused {
+            Some(y) => {
+                slots.push(Some(slot));
+                y
+            }
+            None => {
+                slots.push(None);
+                self.bn.forward_relu_t(&o, train)?
+            }
+        };
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
-        Ok(Output { logits, groups })
+        let maps = groups
+            .iter()
+            .zip(slots)
+            .map(|(activation, slot)| {
+                slot.map(|slot| FusedMap::new(activation.clone(), logits.clone(), slot))
+            })
+            .collect();
+        Ok(Output { logits, groups, maps })
     }
 }

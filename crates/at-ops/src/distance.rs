@@ -44,30 +44,55 @@ pub struct AtConfig {
 /// The teacher is treated as a constant: no gradient flows into it.
 pub fn at_loss(student: &Tensor, teacher: &Tensor, config: &AtConfig) -> Result<Tensor> {
     check_pair(student, teacher)?;
-    let (_, _, hs, ws) = student.dims4()?;
-    let (_, _, ht, wt) = teacher.dims4()?;
-    let size = config.size.unwrap_or((hs.min(ht), ws.min(wt)));
+    let raw_s = raw_map(student, &config.map)?;
+    let raw_t = raw_map(&teacher.detach(), &config.map)?;
+    at_loss_from_maps(&raw_s, &raw_t, config)?.to_dtype(student.dtype())
+}
 
-    let raw = |activation: &Tensor| -> Result<Tensor> {
-        let q = raw_map(activation, &config.map)?; // [b, h, w]
-        resize_map(&q, size, config.resize)?.flatten_from(1) // [b, n]
+/// [`at_loss`] from the two maps before normalisation, `[B, H, W]` each (what
+/// [`raw_attention_map`](crate::raw_attention_map) gives with `config.map`, or a kernel that
+/// computed the same): resized, normalised and compared as `config` says. The teacher's map is
+/// a constant. A scalar in the student map's dtype.
+pub fn at_loss_from_maps(student: &Tensor, teacher: &Tensor, config: &AtConfig) -> Result<Tensor> {
+    let (Ok((bs, hs, ws)), Ok((bt, ht, wt))) = (student.dims3(), teacher.dims3()) else {
+        bail!(
+            "attention transfer from maps needs maps [B, H, W], got student {:?} and teacher {:?}",
+            student.dims(),
+            teacher.dims()
+        )
     };
-    let (raw_s, raw_t) = (raw(student)?, raw(&teacher.detach())?);
+    if bs != bt {
+        bail!(
+            "attention transfer needs the same batch size, got student maps {:?} and teacher \
+             maps {:?}",
+            student.dims(),
+            teacher.dims()
+        )
+    }
+    if !student.device().same_device(teacher.device()) {
+        bail!(
+            "student and teacher maps must be on the same device, got {:?} and {:?}",
+            student.device().location(),
+            teacher.device().location()
+        )
+    }
+    let size = config.size.unwrap_or((hs.min(ht), ws.min(wt)));
+    let flat = |q: &Tensor| resize_map(q, size, config.resize)?.flatten_from(1); // [b, n]
+    let (raw_s, raw_t) = (flat(student)?, flat(&teacher.detach())?);
     if config.map.norm == Normalization::L2
         && config.distance == Distance::Code
         && let Some(kernel) = DISTANCE_KERNEL.get()
         && let Some(loss) = kernel(&raw_s, &raw_t.to_dtype(raw_s.dtype())?)?
     {
-        return loss.to_dtype(student.dtype());
+        return Ok(loss);
     }
     let qs = normalize(&raw_s, config.map.norm)?;
     let qt = normalize(&raw_t, config.map.norm)?.to_dtype(qs.dtype())?;
     let diff = (qs - qt)?;
-    let loss = match config.distance {
-        Distance::Code => diff.sqr()?.mean_all()?,
-        Distance::Paper { p } => (p_norm(&diff, p)? * 0.5)?.mean_all()?,
-    };
-    loss.to_dtype(student.dtype())
+    match config.distance {
+        Distance::Code => diff.sqr()?.mean_all(),
+        Distance::Paper { p } => (p_norm(&diff, p)? * 0.5)?.mean_all(),
+    }
 }
 
 /// A faster [`Distance::Code`] between L2-normalised maps: `(qs, qt)`, the unnormalised

@@ -56,11 +56,12 @@ mod map;
 mod resize;
 
 pub use distance::{
-    AtConfig, Distance, DistanceKernel, at_loss, at_loss_sum, at_losses, set_distance_kernel,
+    AtConfig, Distance, DistanceKernel, at_loss, at_loss_from_maps, at_loss_sum, at_losses,
+    set_distance_kernel,
 };
 pub use map::{
     ChannelPowerKernel, ChannelReduce, MapSpec, NORM_EPS, Normalization, attention_map,
-    attention_map_flat, normalize, set_channel_power_kernel,
+    attention_map_flat, normalize, raw_attention_map, set_channel_power_kernel,
 };
 pub use resize::{Resize, resize_map};
 

@@ -112,6 +112,13 @@ pub fn attention_map_flat(activation: &Tensor, spec: &MapSpec) -> Result<Tensor>
     attention_map(activation, spec)?.flatten_from(1)
 }
 
+/// The attention map of an activation `[B, C, H, W]` before normalisation, `F(A)` (`[B, H, W]`),
+/// in f32 (f64 stays f64): what [`at_loss_from_maps`](crate::at_loss_from_maps) takes.
+/// Differentiable with respect to `activation`.
+pub fn raw_attention_map(activation: &Tensor, spec: &MapSpec) -> Result<Tensor> {
+    raw_map(activation, spec)
+}
+
 /// The unnormalised map `F(A)` in the working dtype (f64 stays f64, everything else is f32).
 pub(crate) fn raw_map(activation: &Tensor, spec: &MapSpec) -> Result<Tensor> {
     spec.validate()?;

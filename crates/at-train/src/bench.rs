@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use at_losses::{LossConfig, student_loss};
+use at_losses::{LossConfig, student_loss_with_maps};
 use at_models::{AttentionModel, ModelOptions};
 use at_ops::AtConfig;
 use candle_core::{DType, Device, Tensor};
@@ -118,7 +118,8 @@ pub fn time_steps(
             phases.forward = started.elapsed();
             let teacher_out = teacher.as_ref().map(|t| t.forward_t(&x, false)).transpose()?;
             let t = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
-            let parts = student_loss(&out.logits, &labels, &out.groups, t, &loss)?;
+            let maps = crate::train::fused_maps(&out, t.is_some(), &loss)?;
+            let parts = student_loss_with_maps(&out.logits, &labels, &out.groups, &maps, t, &loss)?;
             phases.loss = started.elapsed() - phases.forward;
             let grads = parts.total.backward()?;
             phases.backward = started.elapsed() - phases.forward - phases.loss;

@@ -19,8 +19,8 @@ use at_losses::gradient::{
     GradientConfig, GradientPenalty, TeacherBatch, gradient_student_loss, teacher_outputs,
 };
 use at_losses::second_order::with_second_order;
-use at_losses::{LossConfig, LossParts, student_loss};
-use at_models::{AttentionModel, ModelOptions};
+use at_losses::{LossConfig, LossParts, student_loss_with_maps};
+use at_models::{AttentionModel, ModelOptions, Output};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -400,7 +400,15 @@ impl Run {
                     _ => None,
                 };
                 let teacher = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
-                let parts = student_loss(&out.logits, labels, &out.groups, teacher, &self.loss)?;
+                let maps = fused_maps(&out, teacher.is_some(), &self.loss)?;
+                let parts = student_loss_with_maps(
+                    &out.logits,
+                    labels,
+                    &out.groups,
+                    &maps,
+                    teacher,
+                    &self.loss,
+                )?;
                 let grads = parts.total.backward()?;
                 (parts, grads)
             }
@@ -733,6 +741,25 @@ pub fn evaluate_run(dir: &Path) -> Result<(f64, f64, f64)> {
 pub fn use_kernels() {
     at_ops::set_channel_power_kernel(at_kernels::channel_power);
     at_ops::set_distance_kernel(at_kernels::at_distance);
+}
+
+/// The student's fused attention maps (`at_models::FusedMap`) of the groups that `loss`
+/// transfers, for [`student_loss_with_maps`]; none without a teacher, attention transfer, or a
+/// map other than the one they compute (`p = 2`, channel mean).
+pub fn fused_maps(out: &Output, teacher: bool, loss: &LossConfig) -> Result<Vec<Option<Tensor>>> {
+    let map = &loss.at.map;
+    if !teacher || loss.beta <= 0.0 || map.p != 2.0 || map.reduce != at_ops::ChannelReduce::Mean {
+        return Ok(vec![]);
+    }
+    let mut maps = vec![None; out.groups.len()];
+    for &(s, _) in &loss.pairs {
+        if let (Some(slot), Some(Some(fused))) = (maps.get_mut(s), out.maps.get(s))
+            && slot.is_none()
+        {
+            *slot = fused.compute()?;
+        }
+    }
+    Ok(maps)
 }
 
 /// The loss and gradients of one step with a gradient-based penalty (`loss.gradient`): the
