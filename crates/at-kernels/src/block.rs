@@ -225,12 +225,16 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result
 /// A block's output: conv1 of `relu(bn1(y0))` (read through bn1's input map, never stored) plus
 /// the shortcut (the projection, or the block's input `x`), added to each image's output while it
 /// is in cache.
+///
+/// `map`: where to write the output's attention map `mean_c out_c^2` (`[n, p]`), taken from each
+/// image's output in the same epilogue.
 fn conv1_plus_shortcut(
     d1: &Dims,
     (y0, bn1): (&[f32], &AffineRelu),
     w1: &[f32],
     projection: Option<&[f32]>,
     x: &[f32],
+    map: Option<&Mutex<Vec<f32>>>,
 ) -> Result<Vec<f32>> {
     let per_image = d1.o * d1.p();
     let shortcut = match projection {
@@ -238,9 +242,19 @@ fn conv1_plus_shortcut(
         None if d1.n * per_image == x.len() => x,
         None => bail!("a residual block without a projection must keep its input's shape"),
     };
+    let scale = 1.0 / d1.o as f32;
     let add_shortcut = |image: usize, y: &mut [f32]| {
         for (y, s) in y.iter_mut().zip(&shortcut[image * per_image..(image + 1) * per_image]) {
             *y += *s;
+        }
+        if let Some(map) = map {
+            let mut row = vec![0f32; d1.p()];
+            for plane in y.chunks_exact(d1.p()) {
+                row.iter_mut().zip(plane).for_each(|(m, &v)| *m += v * v);
+            }
+            let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+            let dst = &mut map[image * d1.p()..(image + 1) * d1.p()];
+            dst.iter_mut().zip(&row).for_each(|(m, &v)| *m = v * scale);
         }
     };
     Ok(conv::forward_same3x3(d1, y0, w1, bn1, &add_shortcut))
@@ -265,7 +279,8 @@ fn block_forward(
     // shortcut is added to each image's output while it is in cache.
     let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats1, eps));
     let projection = o.projection().then(|| conv::forward(&dd, &o1, &p[o.wd..]));
-    let out = conv1_plus_shortcut(&d1, (&y0, &bn1), &p[o.w1..o.wd], projection.as_deref(), x)?;
+    let out =
+        conv1_plus_shortcut(&d1, (&y0, &bn1), &p[o.w1..o.wd], projection.as_deref(), x, None)?;
     let stats = [stats0, stats1];
     Ok((out, Saved { input: None, dims: (n, h, w), o1, y0, stats }))
 }
@@ -539,6 +554,8 @@ pub fn preact_blocks_train_with(
 struct EvalOp {
     spec: Spec,
     eps: f64,
+    /// Where the output's attention map goes, when asked for.
+    map: Option<Arc<Mutex<Vec<f32>>>>,
 }
 
 impl CustomOp2 for EvalOp {
@@ -583,7 +600,12 @@ impl CustomOp2 for EvalOp {
             let bn0 = AffineRelu(norm::coefficients(o.bn0(p), &stats0, self.eps));
             (conv::forward_same3x3(&d0, x, &p[o.w0..o.g1], &bn0, &|_, _| {}), None)
         };
-        let out = conv1_plus_shortcut(&d1, (&y0, &bn1), &p[o.w1..o.wd], projection.as_deref(), x)?;
+        if let Some(map) = &self.map {
+            *map.lock().unwrap_or_else(|e| e.into_inner()) = vec![0f32; n * d1.p()];
+        }
+        let projection = projection.as_deref();
+        let map = self.map.as_deref();
+        let out = conv1_plus_shortcut(&d1, (&y0, &bn1), &p[o.w1..o.wd], projection, x, map)?;
         Ok((CpuStorage::F32(out), Shape::from((n, o.c_out, d1.ho, d1.wo))))
     }
 }
@@ -600,6 +622,27 @@ pub fn preact_block_eval(
     block: &PreactBlock,
     running: [(&Tensor, &Tensor); 2],
 ) -> Result<Option<Tensor>> {
+    Ok(eval(x, block, running, false)?.map(|(y, _)| y))
+}
+
+/// [`preact_block_eval`] and the output's attention map `mean_c y_c^2` (`[N, H, W]`, at-ops'
+/// default map before normalisation), taken from each image's output while it is in cache:
+/// a teacher's group output and its map in one pass.
+pub fn preact_block_eval_map(
+    x: &Tensor,
+    block: &PreactBlock,
+    running: [(&Tensor, &Tensor); 2],
+) -> Result<Option<(Tensor, Tensor)>> {
+    let Some((y, map)) = eval(x, block, running, true)? else { return Ok(None) };
+    Ok(Some((y, map.expect("the map was asked for"))))
+}
+
+fn eval(
+    x: &Tensor,
+    block: &PreactBlock,
+    running: [(&Tensor, &Tensor); 2],
+    with_map: bool,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
     let mut operands = weights(block);
     operands.extend([running[0].0, running[0].1, running[1].0, running[1].1]);
     let applies = x.device().is_cpu()
@@ -620,8 +663,19 @@ pub fn preact_block_eval(
     }
     let parts = operands.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?;
     let params = Tensor::cat(&parts, 0)?;
-    let op = EvalOp { spec: Spec { offsets, stride: block.stride, start: 0 }, eps: block.eps };
-    Ok(Some(x.contiguous()?.apply_op2_no_bwd(&params, &op)?))
+    let map = with_map.then(|| Arc::new(Mutex::new(vec![])));
+    let spec = Spec { offsets, stride: block.stride, start: 0 };
+    let op = EvalOp { spec, eps: block.eps, map: map.clone() };
+    let y = x.contiguous()?.apply_op2_no_bwd(&params, &op)?;
+    let map = match map {
+        Some(map) => {
+            let (n, _, h, w) = y.dims4()?;
+            let values = std::mem::take(&mut *map.lock().unwrap_or_else(|e| e.into_inner()));
+            Some(Tensor::from_vec(values, (n, h, w), y.device())?)
+        }
+        None => None,
+    };
+    Ok(Some((y, map)))
 }
 
 /// A block's tensors in the order of the flat parameters.

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 pub use attention::{MapGradient, at_distance, channel_power, channel_power_deferred};
 pub use block::{
-    PreactBlock, preact_block_eval, preact_block_train, preact_blocks_train,
+    PreactBlock, preact_block_eval, preact_block_eval_map, preact_block_train, preact_blocks_train,
     preact_blocks_train_with,
 };
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};

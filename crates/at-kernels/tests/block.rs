@@ -227,6 +227,14 @@ fn eval_block_matches_separate_ops_and_declines_tracked_operands() {
         let err = max_rel(&tag, &ours, &theirs);
         assert!(err < 1e-5, "{tag}: output differs by {err}");
 
+        // The output's attention map from the same pass: mean_c y^2, and the same output.
+        let (y, map) = at_kernels::preact_block_eval_map(&x, &block, running).unwrap().unwrap();
+        assert!(max_rel(&tag, &y, &ours) == 0.0, "{tag}: the same output with its map");
+        let expected = theirs.sqr().unwrap().mean(1).unwrap();
+        assert_eq!(map.dims(), expected.dims());
+        let err = max_rel(&tag, &map, &expected);
+        assert!(err < 1e-5, "{tag}: map differs by {err}");
+
         let tracked = values(&[3, c_in, 8, 8], 1.0, 1.0);
         let declined = preact_block_eval(tracked.as_tensor(), &block, running).unwrap();
         assert!(declined.is_none(), "{tag}: a tracked input must take the differentiable path");

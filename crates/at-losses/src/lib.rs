@@ -99,20 +99,30 @@ pub fn student_loss(
     teacher: Option<(&Tensor, &[Tensor])>,
     config: &LossConfig,
 ) -> Result<LossParts> {
-    student_loss_with_maps(logits, labels, groups, &[], teacher, config)
+    student_loss_with_maps(logits, labels, groups, teacher, config, GroupMaps::default())
 }
 
-/// [`student_loss`] where `maps[g]`, when present, is student group `g`'s attention map before
-/// normalisation, `mean_c A_c^2` (`[B, H, W]`), as a model's fused kernel computed it
-/// (`at_models::Output::fused_maps`): taken instead of computing it from `groups[g]` when
-/// `config.at.map` is that map (`p = 2`, channel mean; any normalisation).
+/// Attention maps that the models computed with their own kernels
+/// (`at_models::Output::fused_maps`): per group, `mean_c A_c^2` before normalisation
+/// (`[B, H, W]`); empty, or `None` for a group without one.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GroupMaps<'a> {
+    /// The student's, by group.
+    pub student: &'a [Option<Tensor>],
+    /// The teacher's, by group.
+    pub teacher: &'a [Option<Tensor>],
+}
+
+/// [`student_loss`] taking the groups' attention maps from `maps` where they are there, instead
+/// of computing them from the activations, when `config.at.map` is the map they are (`p = 2`,
+/// channel mean; any normalisation).
 pub fn student_loss_with_maps(
     logits: &Tensor,
     labels: &Tensor,
     groups: &[Tensor],
-    maps: &[Option<Tensor>],
     teacher: Option<(&Tensor, &[Tensor])>,
     config: &LossConfig,
+    maps: GroupMaps,
 ) -> Result<LossParts> {
     let ce = cross_entropy(logits, labels)?;
     let needs_teacher = config.alpha > 0.0 || (config.beta > 0.0 && !config.pairs.is_empty());
@@ -148,12 +158,18 @@ pub fn student_loss_with_maps(
                     teacher_groups.len()
                 )
             };
-            at.push(match maps.get(s) {
-                Some(Some(map)) if fused_map => {
-                    let teacher_map = raw_attention_map(&gt.detach(), &config.at.map)?;
-                    at_loss_from_maps(map, &teacher_map, &config.at)?.to_dtype(gs.dtype())?
+            let given = |maps: &[Option<Tensor>], g: usize| match maps.get(g) {
+                Some(Some(map)) if fused_map => Some(map.clone()),
+                _ => None,
+            };
+            at.push(match (given(maps.student, s), given(maps.teacher, t)) {
+                (None, None) => at_loss(gs, gt, &config.at)?,
+                (map_s, map_t) => {
+                    let map_s = map_s.map_or_else(|| raw_attention_map(gs, &config.at.map), Ok)?;
+                    let map_t = map_t
+                        .map_or_else(|| raw_attention_map(&gt.detach(), &config.at.map), Ok)?;
+                    at_loss_from_maps(&map_s, &map_t, &config.at)?.to_dtype(gs.dtype())?
                 }
-                _ => at_loss(gs, gt, &config.at)?,
             });
         }
         for term in &at {

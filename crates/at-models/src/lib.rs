@@ -74,35 +74,53 @@ impl Output {
 }
 
 /// A group's attention map `mean_c A_c^2` before normalisation (at-ops' default map, `p = 2`
-/// and the channel mean) as `[B, H, W]`, whose gradient the network's next op (the next group,
-/// or the final batch norm) adds to the activation's own in the pass that writes it
-/// (`at_kernels::channel_power_deferred`), instead of two more passes over the activation.
-/// Equal in value and gradient to the map computed from the activation.
+/// and the channel mean) as `[B, H, W]`, made by the network's own kernels. Equal in value and
+/// gradient to the map computed from the activation, and cheaper:
+/// - in training, its gradient is added to the activation's by the network's next op (the next
+///   group, or the final batch norm) in the pass that writes that gradient anyway
+///   (`at_kernels::channel_power_deferred`), instead of two more passes over the activation;
+/// - in evaluation (a teacher), it is taken from each image's output while the block computes
+///   it (`at_kernels::preact_block_eval_map`): a constant.
 #[derive(Clone, Debug)]
-pub struct FusedMap {
-    activation: Tensor,
-    /// The logits: computed from the next op's output.
-    anchor: Tensor,
-    slot: at_kernels::MapGradient,
+pub struct FusedMap(Source);
+
+#[derive(Clone, Debug)]
+enum Source {
+    Deferred {
+        activation: Tensor,
+        /// The logits: computed from the next op's output.
+        anchor: Tensor,
+        slot: at_kernels::MapGradient,
+    },
+    Computed(Tensor),
 }
 
 impl FusedMap {
     /// The map of `activation` whose gradient goes to `slot`, taken by the op that consumed
     /// `activation`, from whose output `anchor` was computed.
-    pub(crate) fn new(activation: Tensor, anchor: Tensor, slot: at_kernels::MapGradient) -> Self {
-        Self { activation, anchor, slot }
+    pub(crate) fn deferred(
+        activation: Tensor,
+        anchor: Tensor,
+        slot: at_kernels::MapGradient,
+    ) -> Self {
+        Self(Source::Deferred { activation, anchor, slot })
     }
 
-    /// The map, as a new op each call (the gradients of several add up); `None` where the
-    /// kernel does not apply here (a thread with second-order gradients).
+    /// A map computed with its activation (no gradient).
+    pub(crate) fn computed(map: Tensor) -> Self {
+        Self(Source::Computed(map))
+    }
+
+    /// The map; in training a new op each call (the gradients of several add up). `None`
+    /// where the kernel does not apply here (a thread with second-order gradients).
     pub fn compute(&self) -> Result<Option<Tensor>> {
-        let c = self.activation.dim(1)?;
-        at_kernels::channel_power_deferred(
-            &self.activation,
-            1.0 / c as f64,
-            &self.anchor,
-            &self.slot,
-        )
+        match &self.0 {
+            Source::Deferred { activation, anchor, slot } => {
+                let c = activation.dim(1)?;
+                at_kernels::channel_power_deferred(activation, 1.0 / c as f64, anchor, slot)
+            }
+            Source::Computed(map) => Ok(Some(map.clone())),
+        }
     }
 }
 

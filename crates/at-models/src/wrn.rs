@@ -95,6 +95,15 @@ impl Block {
         at_kernels::preact_block_eval(x, &block, running)
     }
 
+    /// [`eval_fused`](Self::eval_fused) and the output's attention map `mean_c y_c^2`.
+    fn eval_fused_map(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let ((bn0, running0), (bn1, running1)) =
+            (self.bn0.running_affine(), self.bn1.running_affine());
+        let Some(block) = self.with_norms(bn0, bn1) else { return Ok(None) };
+        let running = [(&running0.0, &running0.1), (&running1.0, &running1.1)];
+        at_kernels::preact_block_eval_map(x, &block, running)
+    }
+
     /// The block's weights with these batch-norm affine parameters.
     fn with_norms<'a>(
         &'a self,
@@ -195,6 +204,7 @@ impl AttentionModel for Wrn {
         // made to take the gradient of the output's attention maps (see `FusedMap`): `slots[g]`
         // where it took it.
         let mut slots: Vec<Option<MapGradient>> = Vec::with_capacity(self.groups.len());
+        let mut computed = vec![];
         for blocks in &self.groups {
             let slot = (train && !groups.is_empty()).then(MapGradient::new);
             o = match group_fused(blocks, &o, train, slot.as_ref())? {
@@ -208,7 +218,16 @@ impl AttentionModel for Wrn {
                     if !groups.is_empty() {
                         slots.push(None);
                     }
-                    blocks.iter().try_fold(o, |o, block| block.forward_t(&o, train))?
+                    let (last, first) = blocks.split_last().expect("a group has blocks");
+                    let o = first.iter().try_fold(o, |o, block| block.forward_t(&o, train))?;
+                    // In evaluation, the last block's output and its map in one pass.
+                    match if train { None } else { last.eval_fused_map(&o)? } {
+                        Some((y, map)) => {
+                            computed.push((groups.len(), map));
+                            y
+                        }
+                        None => last.forward_t(&o, train)?,
+                    }
                 }
             };
             groups.push(o.clone());
@@ -226,13 +245,16 @@ impl AttentionModel for Wrn {
             }
         };
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
-        let maps = groups
+        let mut maps: Vec<_> = groups
             .iter()
             .zip(slots)
             .map(|(activation, slot)| {
-                slot.map(|slot| FusedMap::new(activation.clone(), logits.clone(), slot))
+                slot.map(|slot| FusedMap::deferred(activation.clone(), logits.clone(), slot))
             })
             .collect();
+        for (g, map) in computed {
+            maps[g] = Some(FusedMap::computed(map));
+        }
         Ok(Output { logits, groups, maps })
     }
 }

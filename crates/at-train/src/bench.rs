@@ -118,8 +118,15 @@ pub fn time_steps(
             phases.forward = started.elapsed();
             let teacher_out = teacher.as_ref().map(|t| t.forward_t(&x, false)).transpose()?;
             let t = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
-            let maps = crate::train::fused_maps(&out, t.is_some(), &loss)?;
-            let parts = student_loss_with_maps(&out.logits, &labels, &out.groups, &maps, t, &loss)?;
+            let maps = crate::train::fused_maps(&out, teacher_out.as_ref(), &loss)?;
+            let parts = student_loss_with_maps(
+                &out.logits,
+                &labels,
+                &out.groups,
+                t,
+                &loss,
+                maps.as_group_maps(),
+            )?;
             phases.loss = started.elapsed() - phases.forward;
             let grads = parts.total.backward()?;
             phases.backward = started.elapsed() - phases.forward - phases.loss;

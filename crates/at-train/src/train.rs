@@ -19,7 +19,7 @@ use at_losses::gradient::{
     GradientConfig, GradientPenalty, TeacherBatch, gradient_student_loss, teacher_outputs,
 };
 use at_losses::second_order::with_second_order;
-use at_losses::{LossConfig, LossParts, student_loss_with_maps};
+use at_losses::{GroupMaps, LossConfig, LossParts, student_loss_with_maps};
 use at_models::{AttentionModel, ModelOptions, Output};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
@@ -400,14 +400,14 @@ impl Run {
                     _ => None,
                 };
                 let teacher = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
-                let maps = fused_maps(&out, teacher.is_some(), &self.loss)?;
+                let maps = fused_maps(&out, teacher_out.as_ref(), &self.loss)?;
                 let parts = student_loss_with_maps(
                     &out.logits,
                     labels,
                     &out.groups,
-                    &maps,
                     teacher,
                     &self.loss,
+                    maps.as_group_maps(),
                 )?;
                 let grads = parts.total.backward()?;
                 (parts, grads)
@@ -743,23 +743,55 @@ pub fn use_kernels() {
     at_ops::set_distance_kernel(at_kernels::at_distance);
 }
 
-/// The student's fused attention maps (`at_models::FusedMap`) of the groups that `loss`
-/// transfers, for [`student_loss_with_maps`]; none without a teacher, attention transfer, or a
-/// map other than the one they compute (`p = 2`, channel mean).
-pub fn fused_maps(out: &Output, teacher: bool, loss: &LossConfig) -> Result<Vec<Option<Tensor>>> {
+/// The fused attention maps (`at_models::FusedMap`) of the student's and the teacher's groups
+/// that `loss` transfers, for [`student_loss_with_maps`]; none without a teacher, attention
+/// transfer, or with a map other than the one they are (`p = 2`, channel mean).
+pub fn fused_maps(
+    student: &Output,
+    teacher: Option<&Output>,
+    loss: &LossConfig,
+) -> Result<FusedMaps> {
     let map = &loss.at.map;
-    if !teacher || loss.beta <= 0.0 || map.p != 2.0 || map.reduce != at_ops::ChannelReduce::Mean {
-        return Ok(vec![]);
+    let Some(teacher) = teacher else { return Ok(FusedMaps::default()) };
+    if loss.beta <= 0.0 || map.p != 2.0 || map.reduce != at_ops::ChannelReduce::Mean {
+        return Ok(FusedMaps::default());
     }
-    let mut maps = vec![None; out.groups.len()];
-    for &(s, _) in &loss.pairs {
-        if let (Some(slot), Some(Some(fused))) = (maps.get_mut(s), out.maps.get(s))
-            && slot.is_none()
-        {
-            *slot = fused.compute()?;
+    let pick = |out: &Output, groups: &mut dyn Iterator<Item = usize>| {
+        let mut maps = vec![None; out.groups.len()];
+        for g in groups {
+            if let (Some(slot), Some(Some(fused))) = (maps.get_mut(g), out.maps.get(g))
+                && slot.is_none()
+            {
+                *slot = fused.compute()?;
+            }
         }
+        Ok::<_, anyhow::Error>(maps)
+    };
+    Ok(FusedMaps {
+        student: pick(student, &mut loss.pairs.iter().map(|p| p.0))?,
+        teacher: pick(teacher, &mut loss.pairs.iter().map(|p| p.1))?,
+    })
+}
+
+/// What [`fused_maps`] found, by group (empty where none).
+#[derive(Clone, Debug, Default)]
+pub struct FusedMaps {
+    /// The student's.
+    pub student: Vec<Option<Tensor>>,
+    /// The teacher's.
+    pub teacher: Vec<Option<Tensor>>,
+}
+
+impl FusedMaps {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.student.is_empty() && self.teacher.is_empty()
     }
-    Ok(maps)
+
+    /// As [`student_loss_with_maps`] takes them.
+    pub fn as_group_maps(&self) -> GroupMaps<'_> {
+        GroupMaps { student: &self.student, teacher: &self.teacher }
+    }
 }
 
 /// The loss and gradients of one step with a gradient-based penalty (`loss.gradient`): the

@@ -1,15 +1,26 @@
-//! The student's fused attention maps (`at_models::FusedMap`: the map's backward done by the op
-//! after the group) against maps computed from the group activations: the same loss and the same
-//! gradient for every parameter of a WRN, with attention transfer on all three groups (the
-//! first two maps' gradients go through the next group's fused blocks, the last one's through
-//! the final batch norm).
+//! Fused attention maps (`at_models::FusedMap`: the student's with their backward done by the op
+//! after the group, the teacher's taken from its blocks' outputs in the same pass) against maps
+//! computed from the group activations: the same loss and the same gradient for every parameter
+//! of a WRN, with attention transfer on all three groups (the first two maps' gradients go
+//! through the next group's fused blocks, the last one's through the final batch norm).
 
 use at_losses::{LossConfig, student_loss, student_loss_with_maps};
+use at_models::AttentionModel;
 use at_models::{ModelOptions, build};
 use at_train::init::seeded_var_builder;
 use at_train::train::{fused_maps, use_kernels};
-use candle_core::{Device, Tensor};
-use candle_nn::VarMap;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+/// A model whose weights are plain tensors, as the trainer holds a teacher.
+fn frozen(name: &str, seed: u64, device: &Device) -> Box<dyn AttentionModel> {
+    let varmap = VarMap::new();
+    build(name, &ModelOptions::default(), seeded_var_builder(&varmap, seed, device)).unwrap();
+    let data = varmap.data().lock().unwrap();
+    let tensors = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+    build(name, &ModelOptions::default(), VarBuilder::from_tensors(tensors, DType::F32, device))
+        .unwrap()
+}
 
 #[test]
 fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
@@ -18,20 +29,20 @@ fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
     let options = ModelOptions::default();
     let varmap = VarMap::new();
     let student = build("wrn-16-1", &options, seeded_var_builder(&varmap, 1, &device)).unwrap();
-    let teacher_map = VarMap::new();
-    let teacher =
-        build("wrn-16-2", &options, seeded_var_builder(&teacher_map, 2, &device)).unwrap();
+    let teacher = frozen("wrn-16-2", 2, &device);
     let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &device).unwrap();
     let labels = Tensor::new(&[1u32, 3, 5, 7], &device).unwrap();
     let t = teacher.forward_t(&x, false).unwrap();
     let loss = LossConfig { beta: 1e3, pairs: vec![(0, 0), (1, 1), (2, 2)], ..Default::default() };
 
     let out = student.forward_t(&x, true).unwrap();
-    let maps = fused_maps(&out, true, &loss).unwrap();
-    assert_eq!(maps.iter().filter(|m| m.is_some()).count(), 3, "every group has a fused map");
+    let maps = fused_maps(&out, Some(&t), &loss).unwrap();
+    assert_eq!(maps.student.iter().flatten().count(), 3, "every student group has a fused map");
+    assert_eq!(maps.teacher.iter().flatten().count(), 3, "every teacher group has a fused map");
     let teacher_parts = Some((&t.logits, &t.groups[..]));
+    let (logits, groups) = (&out.logits, &out.groups);
     let ours =
-        student_loss_with_maps(&out.logits, &labels, &out.groups, &maps, teacher_parts, &loss)
+        student_loss_with_maps(logits, &labels, groups, teacher_parts, &loss, maps.as_group_maps())
             .unwrap();
     let grads_ours = ours.total.backward().unwrap();
 
@@ -44,7 +55,6 @@ fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
         assert!((a - b).abs() <= 1e-6 * b.abs(), "attention distance {a} against {b}");
     }
     let vars = varmap.all_vars();
-    assert!(vars.len() > 30);
     let mut checked = 0;
     for var in &vars {
         let (Some(a), Some(b)) = (grads_ours.get(var), grads_theirs.get(var)) else {
@@ -63,9 +73,10 @@ fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
     assert!(checked > 30, "checked {checked} gradients");
 }
 
-/// Without a teacher or attention transfer, or with another map, no fused maps are made.
+/// Fused maps are taken only for the paired groups, with a teacher, attention transfer and the
+/// map they are (p = 2, channel mean).
 #[test]
-fn fused_maps_only_for_the_default_map_with_a_teacher() {
+fn fused_maps_only_for_paired_groups_and_the_default_map() {
     use_kernels();
     let device = Device::Cpu;
     let varmap = VarMap::new();
@@ -74,13 +85,17 @@ fn fused_maps_only_for_the_default_map_with_a_teacher() {
             .unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &device).unwrap();
     let out = student.forward_t(&x, true).unwrap();
-    let at = LossConfig { beta: 1e3, pairs: vec![(1, 1)], ..Default::default() };
-    let maps = fused_maps(&out, true, &at).unwrap();
-    assert!(maps[1].is_some() && maps[0].is_none() && maps[2].is_none(), "only the paired group");
-    assert!(fused_maps(&out, false, &at).unwrap().is_empty(), "no teacher");
+    let eval = frozen("wrn-16-1", 2, &device).forward_t(&x, false).unwrap();
+    let at = LossConfig { beta: 1e3, pairs: vec![(1, 2)], ..Default::default() };
+    let maps = fused_maps(&out, Some(&eval), &at).unwrap();
+    let (s, t) = (&maps.student, &maps.teacher);
+    assert!(s[1].is_some() && s[0].is_none() && s[2].is_none(), "only the paired student group");
+    assert!(t[2].is_some() && t[0].is_none() && t[1].is_none(), "only the paired teacher group");
+    let none = |maps: at_train::train::FusedMaps| maps.is_empty();
+    assert!(none(fused_maps(&out, None, &at).unwrap()), "no teacher");
     let mut p4 = at.clone();
     p4.at.map = at_ops::MapSpec::sum_pow(4.0);
-    assert!(fused_maps(&out, true, &p4).unwrap().is_empty(), "another map");
-    let eval = student.forward_t(&x, false).unwrap();
-    assert!(eval.maps.iter().all(Option::is_none), "none in evaluation mode");
+    assert!(none(fused_maps(&out, Some(&eval), &p4).unwrap()), "another map");
+    let plain = LossConfig { beta: 0.0, ..at.clone() };
+    assert!(none(fused_maps(&out, Some(&eval), &plain).unwrap()), "no attention transfer");
 }
