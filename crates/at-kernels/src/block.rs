@@ -96,8 +96,9 @@ struct Saved {
     input: Option<Vec<f32>>,
     /// `(n, h, w)` of the input.
     dims: (usize, usize, usize),
-    /// `relu(bn0(x))`, the input of conv0 and of the projection.
-    o1: Vec<f32>,
+    /// `relu(bn0(x))`, the input of conv0 and of the projection; `None` for a block whose
+    /// conv0 reads it from `x` through bn0's input map (no projection, stride 1).
+    o1: Option<Vec<f32>>,
     /// `conv0(o1)`; conv1's input `relu(bn1(y0))` is recomputed from it.
     y0: Vec<f32>,
     stats: [BatchStats; 2],
@@ -137,7 +138,13 @@ impl conv::InputMap<f32> for AffineRelu {
 /// conv0 and the statistics of its output (for bn1): for a "same" convolution from each
 /// image's planes right after the GEMM, otherwise in a pass of their own; the numbers are the
 /// same either way.
-fn conv0_with_stats(d: &Dims, x: &[f32], w: &[f32]) -> (Vec<f32>, BatchStats) {
+/// `map`: how conv0 reads its input (`relu(bn0(x))` from `x` itself, or the stored `o1` as is).
+fn conv0_with_stats(
+    d: &Dims,
+    x: &[f32],
+    w: &[f32],
+    map: &impl conv::InputMap<f32>,
+) -> (Vec<f32>, BatchStats) {
     let (n, c, p) = (d.n, d.o, d.p());
     if !d.same3x3() {
         let y = conv::forward(d, x, w);
@@ -150,7 +157,7 @@ fn conv0_with_stats(d: &Dims, x: &[f32], w: &[f32]) -> (Vec<f32>, BatchStats) {
         let mut moments = moments.lock().unwrap_or_else(|e| e.into_inner());
         moments[image * c..(image + 1) * c].copy_from_slice(&planes);
     };
-    let y = conv::forward_same3x3(d, x, w, &conv::Plain, &take_moments);
+    let y = conv::forward_same3x3(d, x, w, map, &take_moments);
     let moments = moments.into_inner().unwrap_or_else(|e| e.into_inner());
     (y, norm::stats_from_moments(&moments, (n, c, p)))
 }
@@ -271,18 +278,35 @@ fn block_forward(
 ) -> Result<(Vec<f32>, Saved)> {
     let o = &spec.offsets;
     let [d0, d1, dd] = conv_dims(o, spec.stride, (n, h, w))?;
-    let (o1, stats0) = norm::train_forward(x, (n, o.c_in, h * w), o.bn0(p), eps, true);
-
-    // conv0, with bn1's statistics taken from each image's output while it is in cache.
-    let (y0, stats1) = conv0_with_stats(&d0, &o1, &p[o.w0..o.g1]);
+    // conv0, with bn1's statistics taken from each image's output while it is in cache. It
+    // reads relu(bn0(x)) through its input map, unless the projection needs it too (or conv0
+    // is strided): then it is stored once.
+    let (o1, stats0, (y0, stats1)) = if reads_x(o, &d0) {
+        let stats0 = norm::batch_stats(x, (n, o.c_in, h * w));
+        let bn0 = AffineRelu(norm::coefficients(o.bn0(p), &stats0, eps));
+        (None, stats0, conv0_with_stats(&d0, x, &p[o.w0..o.g1], &bn0))
+    } else {
+        let (o1, stats0) = norm::train_forward(x, (n, o.c_in, h * w), o.bn0(p), eps, true);
+        let conv0 = conv0_with_stats(&d0, &o1, &p[o.w0..o.g1], &conv::Plain);
+        (Some(o1), stats0, conv0)
+    };
     // conv1 reads relu(bn1(y0)) through its input map (bn1's output is never stored); the
     // shortcut is added to each image's output while it is in cache.
     let bn1 = AffineRelu(norm::coefficients(o.bn1(p), &stats1, eps));
-    let projection = o.projection().then(|| conv::forward(&dd, &o1, &p[o.wd..]));
+    let projection = match (&o1, o.projection()) {
+        (Some(o1), true) => Some(conv::forward(&dd, o1, &p[o.wd..])),
+        _ => None,
+    };
     let out =
         conv1_plus_shortcut(&d1, (&y0, &bn1), &p[o.w1..o.wd], projection.as_deref(), x, None)?;
     let stats = [stats0, stats1];
     Ok((out, Saved { input: None, dims: (n, h, w), o1, y0, stats }))
+}
+
+/// Whether the block's conv0 reads `relu(bn0(x))` from `x` through its input map (and
+/// `o1` is not stored): no projection needs `o1`, and conv0 is a "same" 3x3.
+fn reads_x(o: &Offsets, d0: &Dims) -> bool {
+    !o.projection() && d0.same3x3()
 }
 
 /// One block's backward pass: the input's gradient, the parameters' gradients written into `dp`.
@@ -323,7 +347,14 @@ fn block_backward(
     drop(d_o2);
     dp[o.g1..o.g1 + o.c_out].copy_from_slice(&dg1);
     dp[o.g1 + o.c_out..o.w1].copy_from_slice(&db1);
-    dp[o.w0..o.g1].copy_from_slice(&conv::weight_grad(&d0, o1, &d_y0));
+    let dw0 = match o1 {
+        Some(o1) => conv::weight_grad(&d0, o1, &d_y0),
+        None => {
+            let bn0 = AffineRelu(norm::coefficients(o.bn0(p), &stats[0], eps));
+            conv::weight_grad_same3x3(&d0, x, &d_y0, &bn0)
+        }
+    };
+    dp[o.w0..o.g1].copy_from_slice(&dw0);
 
     // conv0's input gradient; without a projection (which adds to it afterwards), with the
     // first pass of bn0's backward taken from each image while it is in cache.
@@ -337,7 +368,7 @@ fn block_backward(
         (conv::input_grad(&d0, &d_y0, &p[o.w0..o.g1]), None)
     };
     drop(d_y0);
-    if o.projection() {
+    if let (true, Some(o1)) = (o.projection(), o1) {
         dp[o.wd..].copy_from_slice(&conv::weight_grad(&dd, o1, g));
         add_into(&mut d_o1, &conv::input_grad(&dd, g, &p[o.wd..]));
     }
