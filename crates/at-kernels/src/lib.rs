@@ -8,9 +8,11 @@
 //! norm (and the ReLU after it) into one op with a two-pass backward (see [`norm`]).
 //! [`preact_blocks_train`] makes pre-activation residual blocks (a WRN group) one op, so that
 //! candle's backward pass accumulates one gradient per group instead of six per block (see
-//! [`block`]); [`preact_block_eval`] is the evaluation-mode block, forward only. [`at_distance`]
-//! fuses the attention maps' normalisation and distance. Other devices and dtypes go to
-//! candle's own ops.
+//! [`block`]); [`preact_block_eval`] is the evaluation-mode block, forward only
+//! ([`preact_block_eval_map`] with its output's attention map). [`at_distance`] fuses the
+//! attention maps' normalisation and distance; [`channel_power_deferred`] makes an attention map
+//! whose gradient the op consuming its activation adds in its own backward pass (see
+//! [`attention`]). Other devices and dtypes go to candle's own ops.
 //!
 //! The plain candle ops remain the reference: [`set_reference(true)`](set_reference) routes every
 //! call back to them (tests compare the two; benchmarks time both).
