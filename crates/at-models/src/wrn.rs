@@ -88,20 +88,24 @@ impl Block {
     /// normalised activation stored), `None` where it does not apply (gradients tracked, not
     /// f32 on the CPU).
     fn eval_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let ((bn0, running0), (bn1, running1)) =
-            (self.bn0.running_affine(), self.bn1.running_affine());
-        let Some(block) = self.with_norms(bn0, bn1) else { return Ok(None) };
-        let running = [(&running0.0, &running0.1), (&running1.0, &running1.1)];
-        at_kernels::preact_block_eval(x, &block, running)
+        self.with_running(|block, running| at_kernels::preact_block_eval(x, block, running))
     }
 
     /// [`eval_fused`](Self::eval_fused) and the output's attention map `mean_c y_c^2`.
     fn eval_fused_map(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        self.with_running(|block, running| at_kernels::preact_block_eval_map(x, block, running))
+    }
+
+    /// `f` on the block's weights with the running statistics, `None` where they do not fit
+    /// the kernel.
+    fn with_running<R>(
+        &self,
+        f: impl FnOnce(&PreactBlock, [(&Tensor, &Tensor); 2]) -> Result<Option<R>>,
+    ) -> Result<Option<R>> {
         let ((bn0, running0), (bn1, running1)) =
             (self.bn0.running_affine(), self.bn1.running_affine());
         let Some(block) = self.with_norms(bn0, bn1) else { return Ok(None) };
-        let running = [(&running0.0, &running0.1), (&running1.0, &running1.1)];
-        at_kernels::preact_block_eval_map(x, &block, running)
+        f(&block, [(&running0.0, &running0.1), (&running1.0, &running1.1)])
     }
 
     /// The block's weights with these batch-norm affine parameters.
