@@ -101,9 +101,23 @@ impl MapGradient {
         }
     }
 
-    /// The gradient left since the last take, if any (the consumer's backward).
-    pub(crate) fn take(&self) -> Option<Vec<f32>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    /// The gradient left since the last take, if any (the consumer's backward), checked
+    /// against the consumer's input `[n, c, h, w]`: `n * h * w` values.
+    pub(crate) fn take(
+        &self,
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> Result<Option<Vec<f32>>> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(m) = &m
+            && m.len() != n * h * w
+        {
+            bail!(
+                "an attention map's gradient of {} values for an input {:?}",
+                m.len(),
+                (n, c, h, w)
+            )
+        }
+        Ok(m)
     }
 }
 
@@ -143,8 +157,9 @@ impl CustomOp2 for DeferredSumSquares {
             )
         }
         let k = 2.0 * self.scale;
-        let m: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        self.slot.put(m.into_iter().map(|v| k * v).collect());
+        let mut m: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        m.iter_mut().for_each(|v| *v *= k);
+        self.slot.put(m);
         // The anchor gets a zero gradient: it must get one from this op (candle expects every
         // node on the way to the loss to get one), and the true one comes from the loss's other
         // terms.

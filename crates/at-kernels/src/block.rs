@@ -469,16 +469,7 @@ impl CustomOp2 for Op {
         let Some(saved) = saved.as_ref() else {
             bail!("the residual block's backward ran before its forward")
         };
-        let map_grad = self.map_grad.as_ref().and_then(MapGradient::take);
-        if let Some(m) = &map_grad
-            && m.len() != n * h * w
-        {
-            bail!(
-                "an attention map's gradient of {} values for an input {:?}",
-                m.len(),
-                (n, c, h, w)
-            )
-        }
+        let map_grad = self.map_grad.as_ref().map(|m| m.take((n, c, h, w))).transpose()?.flatten();
         let mut dp = vec![0f32; p.len()];
         let mut grad: Option<Vec<f32>> = None;
         for (i, (spec, block)) in self.blocks.iter().zip(saved).enumerate().rev() {
@@ -623,7 +614,7 @@ impl CustomOp2 for EvalOp {
         let [d0, d1, dd] = conv_dims(o, self.spec.stride, (n, h, w))?;
         // conv0 reads relu(bn0(x)) through its input map, unless the projection needs it too
         // (or conv0 is strided): then it is stored once.
-        let (y0, projection) = if o.projection() || !d0.same3x3() {
+        let (y0, projection) = if !reads_x(o, &d0) {
             let o1 = norm::normalize_with(x, (o.c_in, h * w), o.bn0(p), &stats0, self.eps, true);
             let y0 = conv::forward(&d0, &o1, &p[o.w0..o.g1]);
             (y0, o.projection().then(|| conv::forward(&dd, &o1, &p[o.wd..])))

@@ -368,12 +368,7 @@ impl CustomOp3 for Op {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
         let hw = h * w;
-        let map_grad = self.map_grad.as_ref().and_then(MapGradient::take);
-        if let Some(m) = &map_grad
-            && m.len() != n * hw
-        {
-            bail!("an attention map's gradient of {} values for an input {:?}", m.len(), x.dims())
-        }
+        let map_grad = self.map_grad.as_ref().map(|m| m.take((n, c, h, w))).transpose()?.flatten();
         if crate::second_order_thread() {
             let (mut dx, dgamma, dbeta) = self.composite_bwd(x, gamma, beta, y, g)?;
             if let Some(m) = map_grad {

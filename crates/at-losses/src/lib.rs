@@ -12,7 +12,7 @@
 pub mod gradient;
 pub mod second_order;
 
-use at_ops::{AtConfig, ChannelReduce, at_loss, at_loss_from_maps, raw_attention_map};
+use at_ops::{AtConfig, at_loss, at_loss_from_maps, raw_attention_map};
 use candle_core::{DType, Result, Tensor, bail};
 use candle_nn::ops::log_softmax;
 
@@ -102,9 +102,9 @@ pub fn student_loss(
     student_loss_with_maps(logits, labels, groups, teacher, config, GroupMaps::default())
 }
 
-/// Attention maps that the models computed with their own kernels
-/// (`at_models::Output::fused_maps`): per group, `mean_c A_c^2` before normalisation
-/// (`[B, H, W]`); empty, or `None` for a group without one.
+/// Attention maps that the models computed with their own kernels (`at_models::Output::maps`,
+/// as `at_train::train::fused_maps` computes them): per group, `mean_c A_c^2` before
+/// normalisation (`[B, H, W]`); empty, or `None` for a group without one.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GroupMaps<'a> {
     /// The student's, by group.
@@ -148,7 +148,7 @@ pub fn student_loss_with_maps(
         None
     };
     let at = if config.beta > 0.0 {
-        let fused_map = config.at.map.p == 2.0 && config.at.map.reduce == ChannelReduce::Mean;
+        let fused_map = config.at.map.is_mean_square();
         let mut at = Vec::with_capacity(config.pairs.len());
         for &(s, t) in &config.pairs {
             let (Some(gs), Some(gt)) = (groups.get(s), teacher_groups.get(t)) else {

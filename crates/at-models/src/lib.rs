@@ -60,17 +60,6 @@ impl Output {
     pub fn new(logits: Tensor, groups: Vec<Tensor>) -> Self {
         Self { logits, groups, maps: vec![] }
     }
-
-    /// Each group's fused attention map `mean_c A_c^2` (`[B, H, W]`), `None` for a group
-    /// without one (compute it from [`groups`](Self::groups) then).
-    pub fn fused_maps(&self) -> Result<Vec<Option<Tensor>>> {
-        (0..self.groups.len())
-            .map(|g| match self.maps.get(g) {
-                Some(Some(map)) => map.compute(),
-                _ => Ok(None),
-            })
-            .collect()
-    }
 }
 
 /// A group's attention map `mean_c A_c^2` before normalisation (at-ops' default map, `p = 2`

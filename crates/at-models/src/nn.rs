@@ -151,18 +151,24 @@ impl BatchNorm2d {
         x: &Tensor,
         map_grad: &at_kernels::MapGradient,
     ) -> Result<Option<Tensor>> {
+        self.train_kernel(x, true, Some(map_grad))
+    }
+
+    /// Training mode (batch statistics, the running ones updated) as at-kernels' fused op;
+    /// `None` where it does not apply (frozen, a shape it does not take, another device or
+    /// dtype).
+    fn train_kernel(
+        &self,
+        x: &Tensor,
+        relu: bool,
+        map_grad: Option<&at_kernels::MapGradient>,
+    ) -> Result<Option<Tensor>> {
         let c = self.weight.dim(0)?;
         if self.frozen || x.rank() != 4 || x.dim(1)? != c {
             return Ok(None);
         }
-        let fused = at_kernels::batch_norm_train_with(
-            x,
-            &self.weight,
-            &self.bias,
-            BN_EPS,
-            true,
-            Some(map_grad),
-        )?;
+        let fused =
+            at_kernels::batch_norm_train_with(x, &self.weight, &self.bias, BN_EPS, relu, map_grad)?;
         let Some((y, stats)) = fused else { return Ok(None) };
         self.update_running_from(&stats)?;
         Ok(Some(y))
@@ -175,24 +181,17 @@ impl BatchNorm2d {
 
     fn forward_maybe_relu(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
-        let batch_stats = train && !self.frozen;
         // The kernels of at-kernels where they apply (f32 on the CPU), else candle's ops.
-        if x.rank() == 4 && x.dim(1)? == c {
-            if batch_stats {
-                let fused =
-                    at_kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu)?;
-                if let Some((y, stats)) = fused {
-                    self.update_running_from(&stats)?;
-                    return Ok(y);
-                }
-            } else {
-                let (weight, bias) = self.affine();
-                let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-                let fused =
-                    at_kernels::batch_norm_eval(x, &weight, &bias, mean, var, BN_EPS, relu)?;
-                if let Some(y) = fused {
-                    return Ok(y);
-                }
+        if train && !self.frozen {
+            if let Some(y) = self.train_kernel(x, relu, None)? {
+                return Ok(y);
+            }
+        } else if x.rank() == 4 && x.dim(1)? == c {
+            let (weight, bias) = self.affine();
+            let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+            let fused = at_kernels::batch_norm_eval(x, &weight, &bias, mean, var, BN_EPS, relu)?;
+            if let Some(y) = fused {
+                return Ok(y);
             }
         }
         let y = self.reference_forward(x, train)?;

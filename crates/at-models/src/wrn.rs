@@ -202,32 +202,30 @@ impl Wrn {
 
 impl AttentionModel for Wrn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
+        let n = self.groups.len();
         let mut o = self.conv0.forward(x)?;
-        let mut groups = Vec::with_capacity(self.groups.len());
+        let mut groups = Vec::with_capacity(n);
+        let mut maps: Vec<Option<FusedMap>> = vec![None; n];
         // In training, each group output's next op (the next group, the final batch norm) is
-        // made to take the gradient of the output's attention maps (see `FusedMap`): `slots[g]`
-        // where it took it.
-        let mut slots: Vec<Option<MapGradient>> = Vec::with_capacity(self.groups.len());
-        let mut computed = vec![];
-        for blocks in &self.groups {
-            let slot = (train && !groups.is_empty()).then(MapGradient::new);
+        // made to take the gradient of the output's attention maps (see `FusedMap`):
+        // `slots[g]` where it took it; the maps are made once the logits exist.
+        let mut slots: Vec<Option<MapGradient>> = vec![None; n];
+        for (g, blocks) in self.groups.iter().enumerate() {
+            let slot = (train && g > 0).then(MapGradient::new);
             o = match group_fused(blocks, &o, train, slot.as_ref())? {
                 Some(y) => {
-                    if !groups.is_empty() {
-                        slots.push(slot);
+                    if let Some(slot) = slot {
+                        slots[g - 1] = Some(slot);
                     }
                     y
                 }
                 None => {
-                    if !groups.is_empty() {
-                        slots.push(None);
-                    }
                     let (last, first) = blocks.split_last().expect("a group has blocks");
                     let o = first.iter().try_fold(o, |o, block| block.forward_t(&o, train))?;
                     // In evaluation, the last block's output and its map in one pass.
                     match if train { None } else { last.eval_fused_map(&o)? } {
                         Some((y, map)) => {
-                            computed.push((groups.len(), map));
+                            maps[g] = Some(FusedMap::computed(map));
                             y
                         }
                         None => last.forward_t(&o, train)?,
@@ -240,24 +238,16 @@ impl AttentionModel for Wrn {
         let fused = if train { self.bn.forward_relu_train_with(&o, &slot)? } else { None };
         let o = match fused {
             Some(y) => {
-                slots.push(Some(slot));
+                slots[n - 1] = Some(slot);
                 y
             }
-            None => {
-                slots.push(None);
-                self.bn.forward_relu_t(&o, train)?
-            }
+            None => self.bn.forward_relu_t(&o, train)?,
         };
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
-        let mut maps: Vec<_> = groups
-            .iter()
-            .zip(slots)
-            .map(|(activation, slot)| {
-                slot.map(|slot| FusedMap::deferred(activation.clone(), logits.clone(), slot))
-            })
-            .collect();
-        for (g, map) in computed {
-            maps[g] = Some(FusedMap::computed(map));
+        for ((map, slot), activation) in maps.iter_mut().zip(slots).zip(&groups) {
+            if let Some(slot) = slot {
+                *map = Some(FusedMap::deferred(activation.clone(), logits.clone(), slot));
+            }
         }
         Ok(Output { logits, groups, maps })
     }

@@ -88,6 +88,13 @@ impl MapSpec {
         Self { reduce, ..self }
     }
 
+    /// Whether this is `mean_c A_c^2` before normalisation (`p = 2`, the channel mean; any
+    /// normalisation): the map a model's kernels can compute with the activation (at-models'
+    /// `FusedMap`), which [`at_loss_from_maps`](crate::at_loss_from_maps) then takes.
+    pub fn is_mean_square(&self) -> bool {
+        self.p == 2.0 && self.reduce == ChannelReduce::Mean
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         if !(self.p.is_finite() && self.p > 0.0) {
             bail!("attention map power p must be finite and positive, got {}", self.p)

@@ -751,9 +751,8 @@ pub fn fused_maps(
     teacher: Option<&Output>,
     loss: &LossConfig,
 ) -> Result<FusedMaps> {
-    let map = &loss.at.map;
     let Some(teacher) = teacher else { return Ok(FusedMaps::default()) };
-    if loss.beta <= 0.0 || map.p != 2.0 || map.reduce != at_ops::ChannelReduce::Mean {
+    if loss.beta <= 0.0 || !loss.at.map.is_mean_square() {
         return Ok(FusedMaps::default());
     }
     let pick = |out: &Output, groups: &mut dyn Iterator<Item = usize>| {
