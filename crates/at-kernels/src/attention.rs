@@ -1,7 +1,8 @@
 //! The channel reduction of an attention map, `scale * sum_c A_c^2` over `[B, C, H, W]`, in one
 //! pass forward and one backward (at-ops' default map is this with `scale = 1/C`, then a
-//! normalisation over `[B, H*W]`, which is cheap). at-ops takes it through
-//! `at_ops::set_channel_power_kernel`, since at-ops depends on candle-core alone.
+//! normalisation over `[B, H*W]`, which is cheap), and [`at_distance`], the normalisation and
+//! distance after it. An at-ops loss uses both when its config says so:
+//! `AtConfig { backend: AtBackend::Kernels(&AT_OPS_KERNELS), .. }` ([`AT_OPS_KERNELS`]).
 //!
 //! [`channel_power_deferred`] is the same map with its backward moved into the op that
 //! consumes the activation (a group's fused blocks, or the batch norm after the last group): the
@@ -34,7 +35,7 @@ impl CustomOp1 for SumSquares {
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (b, c, h, w) = x.dims4()?;
         let g = g.to_dtype(DType::F32)?.contiguous()?;
-        if crate::second_order_thread() {
+        if crate::second_order::is_second_order_thread() {
             // 2 * scale * x * g, broadcast over channels, in candle's differentiable ops.
             let dx = x.broadcast_mul(&g.reshape((b, 1, h, w))?)? * (2.0 * self.scale as f64);
             return dx.map(Some);
@@ -150,7 +151,7 @@ impl CustomOp2 for DeferredSumSquares {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if crate::second_order_thread() {
+        if crate::second_order::is_second_order_thread() {
             bail!(
                 "a deferred attention map is not twice differentiable; use channel_power on a \
                  second-order thread (channel_power_deferred returns None there)"
@@ -185,8 +186,7 @@ pub fn channel_power_deferred(
     let applies = x.device().is_cpu()
         && x.dtype() == DType::F32
         && x.rank() == 4
-        && !crate::reference()
-        && !crate::second_order_thread();
+        && !crate::second_order::is_second_order_thread();
     if !applies {
         return Ok(None);
     }
@@ -195,21 +195,16 @@ pub fn channel_power_deferred(
 }
 
 /// `scale * sum_c |x_c|^p` of `x` (`[B, C, H, W]`) as `[B, H, W]`, when a kernel applies (p = 2,
-/// f32 on the CPU, unless [`set_reference`](crate::set_reference)); `None` otherwise.
-/// Differentiable to any order. Its signature is the one `at_ops::set_channel_power_kernel`
-/// takes.
+/// f32 on the CPU); `None` otherwise.
+/// Differentiable to any order. [`AT_OPS_KERNELS`] hands it to at-ops.
 pub fn channel_power(x: &Tensor, p: f64, scale: f64) -> Result<Option<Tensor>> {
     if p != 2.0 || !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 4 {
-        return Ok(None);
-    }
-    if crate::reference() {
         return Ok(None);
     }
     Ok(Some(x.contiguous()?.apply_op1(SumSquares { scale: scale as f32 })?))
 }
 
-/// The clamp of at-ops' normalisation (`at_ops::NORM_EPS`; at-kernels does not depend on at-ops).
-const NORM_EPS: f64 = 1e-12;
+use at_ops::NORM_EPS;
 
 /// `mean over b, n of (s_b / ||s_b|| - t_b / ||t_b||)^2` for `[B, N]` maps, the norms clamped at
 /// `NORM_EPS`; the teacher `t` is a constant.
@@ -309,18 +304,22 @@ impl CustomOp2 for Distance {
 /// at-ops' default attention distance between unnormalised flattened maps `[B, N]` (L2
 /// normalisation, then the mean squared difference), the teacher's `t` a constant, as one op
 /// with a hand-written backward; `None` where it does not apply (not f32 on the CPU,
-/// [`set_reference`](crate::set_reference), or a thread with second-order gradients, since the
-/// backward builds no graph). Its signature is the one `at_ops::set_distance_kernel` takes.
+/// or a thread with second-order gradients, since the
+/// backward builds no graph). [`AT_OPS_KERNELS`] hands it to at-ops.
 pub fn at_distance(s: &Tensor, t: &Tensor) -> Result<Option<Tensor>> {
     let applies = s.device().is_cpu()
         && t.device().is_cpu()
         && s.dtype() == DType::F32
         && t.dtype() == DType::F32
         && s.rank() == 2
-        && !crate::reference()
-        && !crate::second_order_thread();
+        && !crate::second_order::is_second_order_thread();
     if !applies {
         return Ok(None);
     }
     Ok(Some(s.contiguous()?.apply_op2(&t.detach().contiguous()?, Distance)?))
 }
+
+/// [`channel_power`] and [`at_distance`] for at-ops: an attention-transfer loss runs them when
+/// its config says `backend: at_ops::AtBackend::Kernels(&AT_OPS_KERNELS)`.
+pub static AT_OPS_KERNELS: at_ops::AtKernels =
+    at_ops::AtKernels { name: "at-kernels", channel_power, distance: at_distance };

@@ -448,7 +448,7 @@ impl CustomOp2 for Op {
         _out: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if crate::second_order_thread() {
+        if crate::second_order::is_second_order_thread() {
             bail!(
                 "the fused residual block is not twice differentiable; build the block from \
                  separate ops on a second-order thread (preact_block_train returns None there)"
@@ -496,7 +496,7 @@ impl CustomOp2 for Op {
 
 /// One training-mode pre-activation block (batch statistics) on `x` (`[N, C, H, W]`): the output
 /// and the two batch norms' statistics (for their running averages). `None` where the kernel does
-/// not apply (not f32 on the CPU, [`set_reference`](crate::set_reference), or a thread with
+/// not apply (not f32 on the CPU, or a thread with
 /// second-order gradients), so that the caller builds the block from separate ops.
 pub fn preact_block_train(
     x: &Tensor,
@@ -533,8 +533,7 @@ pub fn preact_blocks_train_with(
         && blocks
             .iter()
             .all(|b| weights(b).iter().all(|t| t.dtype() == DType::F32) && b.eps == eps)
-        && !crate::reference()
-        && !crate::second_order_thread();
+        && !crate::second_order::is_second_order_thread();
     if !applies {
         return Ok(None);
     }
@@ -636,7 +635,7 @@ impl CustomOp2 for EvalOp {
 /// `running[i] = (mean, var)` of bn`i`) on `x` (`[N, C, H, W]`), forward only: conv0 and conv1
 /// read their batch norm + ReLU through their input maps, and the shortcut is added in conv1's
 /// epilogue, so neither normalised activation is stored. `None` where it does not apply: not
-/// f32 on the CPU, [`set_reference`](crate::set_reference), or any operand tracked for
+/// f32 on the CPU, or any operand tracked for
 /// gradients (a teacher's input gradient, a student's weights), where the caller builds the
 /// block from differentiable ops.
 pub fn preact_block_eval(
@@ -671,8 +670,7 @@ fn eval(
         && x.rank() == 4
         && x.dtype() == DType::F32
         && operands.iter().all(|t| t.dtype() == DType::F32 && !t.track_op())
-        && !x.track_op()
-        && !crate::reference();
+        && !x.track_op();
     if !applies {
         return Ok(None);
     }

@@ -14,8 +14,9 @@
 //! whose gradient the op consuming its activation adds in its own backward pass (see
 //! [`attention`]). Other devices and dtypes go to candle's own ops.
 //!
-//! The plain candle ops remain the reference: [`set_reference(true)`](set_reference) routes every
-//! call back to them (tests compare the two; benchmarks time both).
+//! The plain candle ops remain the reference: a model built with [`Backend::Candle`] calls them
+//! instead (tests compare the two; benchmarks time both). [`second_order`] owns the process's
+//! one thread with second-order gradients and the probe the kernels ask.
 #![deny(missing_docs)]
 
 pub mod attention;
@@ -23,15 +24,16 @@ pub mod block;
 pub mod conv;
 mod gather;
 pub mod norm;
+pub mod second_order;
 
-use std::cell::Cell;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Layout, Result, Var, bail};
+use candle_core::{Layout, Result, bail};
 use rayon::prelude::*;
 
-pub use attention::{MapGradient, at_distance, channel_power, channel_power_deferred};
+pub use attention::{
+    AT_OPS_KERNELS, MapGradient, at_distance, channel_power, channel_power_deferred,
+};
 pub use block::{
     PreactBlock, preact_block_eval, preact_block_eval_map, preact_block_train, preact_blocks_train,
     preact_blocks_train_with,
@@ -114,17 +116,25 @@ pub(crate) fn write_each<T>(out: &mut [MaybeUninit<T>], mut value: impl FnMut(us
     }
 }
 
-static REFERENCE: AtomicBool = AtomicBool::new(false);
-
-/// Routes [`conv2d`] to candle's own convolution (`true`) or to the fast kernels (`false`, the
-/// default), for the whole process.
-pub fn set_reference(on: bool) {
-    REFERENCE.store(on, Ordering::Relaxed);
+/// Which implementation a model's layers run: at-kernels' ops where they apply (the default),
+/// or candle's own ops everywhere (the reference the tests compare against and the benchmarks
+/// time). Chosen once where a model is built (at-models' `ModelOptions::backend`) and carried by
+/// each layer; nothing in this crate reads a global switch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// at-kernels' ops where they apply (f32/f64 on the CPU, first-order threads for the ops
+    /// whose backward builds no graph), candle's elsewhere.
+    #[default]
+    Kernels,
+    /// candle's own ops everywhere.
+    Candle,
 }
 
-/// Whether [`set_reference`] chose candle's own ops.
-pub fn reference() -> bool {
-    REFERENCE.load(Ordering::Relaxed)
+impl Backend {
+    /// Whether the fast kernels may be tried.
+    pub fn kernels(self) -> bool {
+        self == Self::Kernels
+    }
 }
 
 /// glibc's largest accepted mmap threshold on 64-bit targets (`4 * 1024 * 1024 * sizeof(long)`).
@@ -153,26 +163,13 @@ pub fn tune_allocator() -> bool {
     }
 }
 
-thread_local! {
-    static SECOND_ORDER: Cell<Option<bool>> = const { Cell::new(None) };
-}
-
-/// Whether candle keeps gradients differentiable on this thread (it decides once per thread, at
-/// the thread's first `backward`; the kernels ask only from inside a backward pass, when the
-/// thread has decided). Probed with `(2x)^3`, whose second derivative survives only when
-/// gradients are not detached. A kernel's fast backward builds no graph, so on such a thread it
-/// uses candle's differentiable ops instead.
-pub(crate) fn second_order_thread() -> bool {
-    SECOND_ORDER.with(|cell| {
-        *cell.get().get_or_insert_with(|| {
-            let probe = || -> Result<bool> {
-                let x = Var::new(1f32, &candle_core::Device::Cpu)?;
-                let grads = (x.as_tensor() * 2.0)?.powf(3.0)?.backward()?;
-                let dx = grads.get(&x).expect("x gets a gradient");
-                Ok(dx.backward()?.get(&x).is_some())
-            };
-            // If the probe itself fails, take the differentiable (slower, always correct) path.
-            probe().unwrap_or(true)
-        })
-    })
+/// For the tests of the AVX-512 path, which are ignored (`cfg(at_no_avx512)`, set by the build
+/// script) where the build machine lacks it: fails loudly if they run on a CPU without it.
+#[cfg(test)]
+pub(crate) fn assert_avx512_here() {
+    assert!(
+        gather::available(),
+        "this test needs AVX-512F, which this CPU lacks (the build ran on another machine?): \
+         rebuild here, and the AVX-512 tests are reported as ignored"
+    );
 }

@@ -369,7 +369,7 @@ impl CustomOp3 for Op {
         let (n, c, h, w) = x.dims4()?;
         let hw = h * w;
         let map_grad = self.map_grad.as_ref().map(|m| m.take((n, c, h, w))).transpose()?.flatten();
-        if crate::second_order_thread() {
+        if crate::second_order::is_second_order_thread() {
             let (mut dx, dgamma, dbeta) = self.composite_bwd(x, gamma, beta, y, g)?;
             if let Some(m) = map_grad {
                 let m = Tensor::from_vec(m, (n, 1, h, w), x.device())?.to_dtype(x.dtype())?;
@@ -440,8 +440,8 @@ impl Op {
 /// Training-mode batch normalisation of `x` (`[N, C, H, W]`, f32 on the CPU) with the batch's
 /// statistics, `gamma * (x - mean) / sqrt(var + eps) + beta`, followed by a ReLU when `relu`.
 /// Returns the output and the statistics (for the running averages). Differentiable to any
-/// order; `None` where the kernel does not apply (other devices and dtypes, or
-/// [`set_reference`](crate::set_reference)), so that the caller uses its own ops.
+/// order; `None` where the kernel does not apply (other devices and dtypes), so that the caller
+/// uses its own ops.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
@@ -465,8 +465,7 @@ pub fn batch_norm_train_with(
 ) -> Result<Option<(Tensor, BatchStats)>> {
     let applies = x.device().is_cpu()
         && [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3]
-        && x.rank() == 4
-        && !crate::reference();
+        && x.rank() == 4;
     if !applies {
         return Ok(None);
     }
@@ -550,8 +549,7 @@ pub fn batch_norm_eval(
 ) -> Result<Option<Tensor>> {
     let applies = x.device().is_cpu()
         && [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3]
-        && x.rank() == 4
-        && !crate::reference();
+        && x.rank() == 4;
     if !applies {
         return Ok(None);
     }

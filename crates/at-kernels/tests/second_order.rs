@@ -1,7 +1,7 @@
 //! Second-order gradients through the kernels equal those through candle's `conv2d` (f64): the
 //! derivative with respect to the weights of the input gradient's squared norm and of the weight
-//! gradient's squared norm. This binary switches candle's second-order gradients on for each
-//! test thread before its first `backward`.
+//! gradient's squared norm. This binary runs without libtest's harness: `main` starts the
+//! second-order thread before any other thread exists, and each test runs on it.
 
 use at_kernels::conv2d;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -10,11 +10,6 @@ fn values(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n).map(|i| ((i as f64 + 1.0) * (seed as f64 + 0.37)).sin()).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn second_order_on() {
-    // SAFETY: every test of this binary wants it on; candle reads it per thread.
-    unsafe { std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1") };
 }
 
 type Conv = fn(&Tensor, &Tensor, usize, usize) -> Result<Tensor>;
@@ -40,7 +35,6 @@ fn penalty_grads(conv: Conv, stride: usize, pad: usize) -> Vec<Tensor> {
 }
 
 fn check(stride: usize, pad: usize) {
-    second_order_on();
     let ours = penalty_grads(conv2d, stride, pad);
     let theirs = penalty_grads(reference, stride, pad);
     for (name, (a, b)) in ["x", "w1", "w2"].iter().zip(ours.iter().zip(&theirs)) {
@@ -53,21 +47,17 @@ fn check(stride: usize, pad: usize) {
     }
 }
 
-#[test]
 fn second_order_gradients_match_candle_stride_one() {
     check(1, 1);
 }
 
-#[test]
 fn second_order_gradients_match_candle_stride_two() {
     check(2, 1);
 }
 
 /// `1/2 ||dL/dx||^2` through conv, batch norm + ReLU, conv: the fused batch norm switches to its
 /// differentiable backward on this thread, and matches the same network in candle's ops.
-#[test]
 fn second_order_through_fused_batch_norm_matches_candle() {
-    second_order_on();
     let run = |fused: bool| -> Vec<Tensor> {
         let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
         let x = Var::from_tensor(&f32(values(&[3, 2, 6, 6], 5))).unwrap();
@@ -121,9 +111,7 @@ fn second_order_through_fused_batch_norm_matches_candle() {
 
 /// The gradient of an attention map's sum of squares, differentiated again (the penalty on a
 /// map's input gradient), equals candle's ops'.
-#[test]
 fn second_order_through_channel_power_matches_candle() {
-    second_order_on();
     let run = |fused: bool| -> Tensor {
         let x = Var::from_tensor(&values(&[2, 3, 4, 4], 11)).unwrap();
         let w = Var::from_tensor(&values(&[3, 3, 3, 3], 12)).unwrap();
@@ -146,9 +134,7 @@ fn second_order_through_channel_power_matches_candle() {
     assert!(diff <= 1e-4 * scale, "{diff:e} of {scale:e}");
 }
 
-#[test]
 fn fused_block_declines_on_a_second_order_thread() {
-    second_order_on();
     let t = |shape: &[usize], seed| values(shape, seed).to_dtype(DType::F32).unwrap();
     let (x, g, b) = (t(&[2, 3, 4, 4], 1), t(&[3], 2), t(&[3], 3));
     let w = t(&[3, 3, 3, 3], 4);
@@ -163,4 +149,24 @@ fn fused_block_declines_on_a_second_order_thread() {
     };
     // Its backward builds no graph: the caller must build the block from separate ops here.
     assert!(at_kernels::preact_block_train(&x, &block).unwrap().is_none());
+}
+
+fn main() -> std::process::ExitCode {
+    at_kernels::second_order::run_tests(&[
+        ("second_order_gradients_match_candle_stride_one", |so| {
+            so.run(second_order_gradients_match_candle_stride_one)
+        }),
+        ("second_order_gradients_match_candle_stride_two", |so| {
+            so.run(second_order_gradients_match_candle_stride_two)
+        }),
+        ("second_order_through_fused_batch_norm_matches_candle", |so| {
+            so.run(second_order_through_fused_batch_norm_matches_candle)
+        }),
+        ("second_order_through_channel_power_matches_candle", |so| {
+            so.run(second_order_through_channel_power_matches_candle)
+        }),
+        ("fused_block_declines_on_a_second_order_thread", |so| {
+            so.run(fused_block_declines_on_a_second_order_thread)
+        }),
+    ])
 }

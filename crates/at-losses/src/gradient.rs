@@ -2,7 +2,7 @@
 //! the input, `J = dL/dx`, penalised or transferred by double backpropagation (Drucker & LeCun,
 //! 1992). Each function returns the cross-entropy and a penalty whose gradient with respect to
 //! the weights goes through `J`: they must run inside
-//! [`with_second_order`](crate::second_order::with_second_order), and fail otherwise.
+//! [`SecondOrder::run`](crate::second_order::SecondOrder::run), and fail otherwise.
 //!
 //! With `L` the batch-mean cross-entropy of the student, `J_S = dL/dx`:
 //! - [`jacobian_norm`]: `1/2 ||J_S||^2` (double backpropagation);
@@ -161,7 +161,7 @@ pub struct TeacherBatch<'a> {
 
 /// The student's loss with a gradient-based penalty, combined with distillation as
 /// [`student_loss`](crate::student_loss) combines activation AT. Must run inside
-/// [`with_second_order`](crate::second_order::with_second_order); the `backward` of the returned
+/// [`SecondOrder::run`](crate::second_order::SecondOrder::run); the `backward` of the returned
 /// total is best called outside it (see ARCHITECTURE.md): it needs no graph of its own.
 ///
 /// `batch` is the size of the whole batch the loss averages over: `x` may be one chunk of it

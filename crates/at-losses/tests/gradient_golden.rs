@@ -11,7 +11,7 @@ use at_losses::gradient::{
     GradientConfig, GradientLoss, GradientPenalty, TeacherBatch, gradient_student_loss,
     gradient_transfer, jacobian_norm, symmetry_norm, teacher_jacobian, teacher_outputs,
 };
-use at_losses::second_order::with_second_order;
+use at_losses::second_order::SecondOrder;
 use at_models::max_pool2d;
 use candle_core::{Device, Result, Tensor, Var};
 
@@ -52,6 +52,7 @@ fn rel(ours: &Tensor, reference: &Tensor) -> f64 {
 }
 
 fn check(
+    so: &SecondOrder,
     name: &str,
     second: SecondBackward,
     loss: impl Fn(&dyn Fn(&Tensor) -> Result<Tensor>, &Tensor, &Tensor) -> Result<GradientLoss>
@@ -77,7 +78,7 @@ fn check(
             })
             .collect::<Vec<_>>()
     };
-    let (penalty, inside) = with_second_order(move || {
+    let (penalty, inside) = so.run(move || {
         let params: HashMap<&str, Tensor> =
             NAMES.iter().zip(vars).map(|(n, v)| (*n, v.as_tensor().clone())).collect();
         let forward = |x: &Tensor| net(&params, x);
@@ -94,49 +95,43 @@ fn check(
     }
 }
 
-#[test]
-fn input_gradient_norm_matches_torch_double_backprop() {
-    check("jacobian", SecondBackward::Inside, |s, x, y| jacobian_norm(s, x, y));
+fn input_gradient_norm_matches_torch_double_backprop(so: &SecondOrder) {
+    check(so, "jacobian", SecondBackward::Inside, |s, x, y| jacobian_norm(s, x, y));
 }
 
-#[test]
-fn symmetry_norm_matches_torch_double_backprop() {
-    check("symmetry", SecondBackward::Inside, |s, x, y| symmetry_norm(s, x, y));
+fn symmetry_norm_matches_torch_double_backprop(so: &SecondOrder) {
+    check(so, "symmetry", SecondBackward::Inside, |s, x, y| symmetry_norm(s, x, y));
 }
 
-#[test]
-fn gradient_attention_transfer_matches_torch_double_backprop() {
+fn gradient_attention_transfer_matches_torch_double_backprop(so: &SecondOrder) {
     let f = fixtures();
     let teacher: HashMap<&str, Tensor> =
         NAMES.iter().map(|n| (*n, f[&format!("teacher.{n}")].clone())).collect();
     let j_t = teacher_jacobian(&|x| net(&teacher, x), &f["x"], &f["y"]).unwrap();
-    check("transfer", SecondBackward::Inside, move |s, x, y| gradient_transfer(s, x, y, &j_t));
+    check(so, "transfer", SecondBackward::Inside, move |s, x, y| gradient_transfer(s, x, y, &j_t));
 }
 
 /// The trainer builds the loss on a second-order thread and calls `backward` on its own:
 /// the gradients through the first backward's graph are the same.
-#[test]
-fn second_backward_on_a_first_order_thread_matches_torch() {
-    check("jacobian", SecondBackward::Outside, |s, x, y| jacobian_norm(s, x, y));
-    check("symmetry", SecondBackward::Outside, |s, x, y| symmetry_norm(s, x, y));
+fn second_backward_on_a_first_order_thread_matches_torch(so: &SecondOrder) {
+    check(so, "jacobian", SecondBackward::Outside, |s, x, y| jacobian_norm(s, x, y));
+    check(so, "symmetry", SecondBackward::Outside, |s, x, y| symmetry_norm(s, x, y));
 }
 
-#[test]
-fn outside_the_scope_the_losses_refuse_to_run() {
+fn outside_the_scope_the_losses_refuse_to_run(_: &SecondOrder) {
     let f = fixtures();
     let params: HashMap<&str, Tensor> =
         NAMES.iter().map(|n| (*n, f[&format!("w.{n}")].clone())).collect();
     let err = jacobian_norm(&|x| net(&params, x), &f["x"], &f["y"]).unwrap_err().to_string();
     assert!(
-        err.contains("needs second-order gradients") && err.contains("with_second_order"),
+        err.contains("needs second-order gradients") && err.contains("SecondOrder::run"),
         "{err}"
     );
 }
 
 /// `(1 - alpha) CE + alpha KD + beta * penalty`, with the teacher's logits and input gradient;
 /// without a teacher, transfer and distillation are refused.
-#[test]
-fn gradient_student_loss_combines_penalty_and_distillation() {
+fn gradient_student_loss_combines_penalty_and_distillation(so: &SecondOrder) {
     let f = fixtures();
     let teacher: HashMap<&str, Tensor> =
         NAMES.iter().map(|n| (*n, f[&format!("teacher.{n}")].clone())).collect();
@@ -148,7 +143,7 @@ fn gradient_student_loss_combines_penalty_and_distillation() {
         temperature: 3.0,
     };
     let f = &f;
-    let (parts, err) = with_second_order(|| {
+    let (parts, err) = so.run(|| {
         let params: HashMap<&str, Tensor> = NAMES
             .iter()
             .map(|n| (*n, Var::from_tensor(&f[&format!("w.{n}")]).unwrap().as_tensor().clone()))
@@ -189,8 +184,7 @@ fn gradient_student_loss_combines_penalty_and_distillation() {
 
 /// Without batch norm the samples do not interact: the loss of a batch split in chunks, each
 /// scaled by its share, adds up to the whole batch's, and so do the second-order gradients.
-#[test]
-fn chunked_batches_add_up_to_the_whole_batch() {
+fn chunked_batches_add_up_to_the_whole_batch(so: &SecondOrder) {
     let f = fixtures();
     let teacher: HashMap<&str, Tensor> =
         NAMES.iter().map(|n| (*n, f[&format!("teacher.{n}")].clone())).collect();
@@ -205,7 +199,7 @@ fn chunked_batches_add_up_to_the_whole_batch() {
             NAMES.iter().map(|n| Var::from_tensor(&f[&format!("w.{n}")]).unwrap()).collect();
         let vars = &vars;
         let (t_logits, t_jacobian) = (&t_logits, &t_jacobian);
-        let totals = with_second_order(move || {
+        let totals = so.run(move || {
             let params: HashMap<&str, Tensor> =
                 NAMES.iter().zip(vars).map(|(n, v)| (*n, v.as_tensor().clone())).collect();
             let forward = |x: &Tensor| net(&params, x);
@@ -238,4 +232,31 @@ fn chunked_batches_add_up_to_the_whole_batch() {
             assert!(err < 1e-10, "{penalty:?}: d/d{n} relative error {err:e}");
         }
     }
+}
+
+fn main() -> std::process::ExitCode {
+    at_losses::second_order::run_tests(&[
+        (
+            "input_gradient_norm_matches_torch_double_backprop",
+            input_gradient_norm_matches_torch_double_backprop,
+        ),
+        (
+            "symmetry_norm_matches_torch_double_backprop",
+            symmetry_norm_matches_torch_double_backprop,
+        ),
+        (
+            "gradient_attention_transfer_matches_torch_double_backprop",
+            gradient_attention_transfer_matches_torch_double_backprop,
+        ),
+        (
+            "second_backward_on_a_first_order_thread_matches_torch",
+            second_backward_on_a_first_order_thread_matches_torch,
+        ),
+        ("outside_the_scope_the_losses_refuse_to_run", outside_the_scope_the_losses_refuse_to_run),
+        (
+            "gradient_student_loss_combines_penalty_and_distillation",
+            gradient_student_loss_combines_penalty_and_distillation,
+        ),
+        ("chunked_batches_add_up_to_the_whole_batch", chunked_batches_add_up_to_the_whole_batch),
+    ])
 }

@@ -1,26 +1,25 @@
-//! Second-order gradients are on inside `with_second_order` and nowhere else, and where they are
-//! off the losses that need them say so.
+//! Second-order gradients are on on the process's second-order thread and nowhere else, and
+//! where they are off the losses that need them say so. No libtest harness: `main` starts the
+//! second-order thread before any other thread exists.
 
-use at_losses::second_order::{ensure_second_order, second_order_enabled, with_second_order};
+use at_losses::second_order::{SecondOrder, ensure_second_order, is_second_order_thread};
 use candle_core::{Device, Var};
 
 fn flag_set_in_environment() -> bool {
     std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_some()
 }
 
-#[test]
-fn second_order_is_on_inside_the_scope_and_off_elsewhere() {
-    if flag_set_in_environment() {
-        return; // The whole process was started with the flag: nothing is off to check.
-    }
-    assert!(!second_order_enabled(), "off on an ordinary thread");
-    assert!(with_second_order(second_order_enabled), "on inside the scope");
-    assert!(!second_order_enabled(), "still off on the calling thread");
-    let later = std::thread::spawn(second_order_enabled).join().unwrap();
+fn second_order_is_on_on_its_thread_and_off_elsewhere(so: &SecondOrder) {
+    assert!(!flag_set_in_environment(), "start removes the variable it set");
+    assert!(!is_second_order_thread(), "off on the main thread");
+    assert!(so.run(is_second_order_thread), "on on the second-order thread");
+    assert!(!is_second_order_thread(), "still off on the calling thread");
+    let later = std::thread::spawn(is_second_order_thread).join().unwrap();
     assert!(!later, "off on threads started afterwards");
     let err = ensure_second_order("gradient attention transfer").unwrap_err().to_string();
     assert!(err.contains("gradient attention transfer needs second-order gradients"), "{err}");
-    assert!(err.contains("with_second_order"), "{err}");
+    assert!(err.contains("SecondOrder::run"), "{err}");
+    so.run(|| ensure_second_order("gradient attention transfer")).expect("on its thread");
 }
 
 /// `d/dx sum(J^2)` with `J = d/dx sum((2x)^3) = 24 x^2`, so `sum(J^2) = 576 sum(x^4)` and the
@@ -34,23 +33,45 @@ fn second_derivative(values: &[f64]) -> Option<Vec<f64>> {
     second.get(&x).map(|g| g.to_vec1().unwrap())
 }
 
-#[test]
-fn double_backpropagation_inside_the_scope_is_exact_and_missing_outside() {
+fn double_backpropagation_is_exact_on_its_thread_and_missing_elsewhere(so: &SecondOrder) {
     let values = [0.5f64, -1.0, 2.0];
-    let got = with_second_order(|| second_derivative(&values)).expect("a second-order gradient");
+    let got = so.run(|| second_derivative(&values)).expect("a second-order gradient");
     for (g, v) in got.iter().zip(values) {
         assert!((g - 2304.0 * v * v * v).abs() < 1e-6, "{got:?}");
     }
-    if !flag_set_in_environment() {
-        // Probed first (under the lock), so this thread's setting is the ordinary one.
-        assert!(!second_order_enabled());
-        assert_eq!(second_derivative(&values), None, "candle detaches outside the scope");
-    }
+    assert_eq!(second_derivative(&values), None, "candle detaches on the main thread");
 }
 
-#[test]
-fn a_panic_inside_the_scope_reaches_the_caller() {
-    let caught = std::panic::catch_unwind(|| with_second_order(|| panic!("inside")));
+fn a_panic_on_the_second_order_thread_reaches_the_caller(so: &SecondOrder) {
+    let caught =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| so.run(|| panic!("inside"))));
     assert!(caught.is_err());
-    assert!(with_second_order(second_order_enabled), "the scope still works after a panic");
+    assert!(so.run(is_second_order_thread), "the thread still works after a panic");
+    assert_eq!(so.run(|| so.run(|| 7)), 7, "a nested run executes in place");
+}
+
+fn starting_a_second_one_with_threads_alive_is_refused(_: &SecondOrder) {
+    let err = SecondOrder::start().unwrap_err().to_string();
+    assert!(err.contains("first in main") && err.contains("harness = false"), "{err}");
+}
+
+fn main() -> std::process::ExitCode {
+    at_losses::second_order::run_tests(&[
+        (
+            "second_order_is_on_on_its_thread_and_off_elsewhere",
+            second_order_is_on_on_its_thread_and_off_elsewhere,
+        ),
+        (
+            "double_backpropagation_is_exact_on_its_thread_and_missing_elsewhere",
+            double_backpropagation_is_exact_on_its_thread_and_missing_elsewhere,
+        ),
+        (
+            "a_panic_on_the_second_order_thread_reaches_the_caller",
+            a_panic_on_the_second_order_thread_reaches_the_caller,
+        ),
+        (
+            "starting_a_second_one_with_threads_alive_is_refused",
+            starting_a_second_one_with_threads_alive_is_refused,
+        ),
+    ])
 }

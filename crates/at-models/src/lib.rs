@@ -39,7 +39,7 @@ pub mod wrn;
 use candle_core::{Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
-pub use nn::{InitScheme, max_pool2d};
+pub use nn::{Backend, InitScheme, max_pool2d};
 pub use state::{LoadReport, is_buffer, load, parameter_count, save};
 
 /// What a model returns: its logits and the activations at its attention points.
@@ -134,6 +134,9 @@ pub struct ModelOptions {
     pub freeze_bn: bool,
     /// ResNet only: the stem and the first group get no gradient.
     pub freeze_first_group: bool,
+    /// Which ops the layers run: at-kernels' where they apply (the default) or candle's own
+    /// everywhere (the reference).
+    pub backend: Backend,
 }
 
 impl Default for ModelOptions {
@@ -144,6 +147,7 @@ impl Default for ModelOptions {
             init: None,
             freeze_bn: false,
             freeze_first_group: false,
+            backend: Backend::Kernels,
         }
     }
 }
@@ -179,6 +183,7 @@ macro_rules! wrn {
                 let config = wrn::WrnConfig {
                     in_channels: o.in_channels,
                     num_classes: o.num_classes,
+                    backend: o.backend,
                     init: o.init.unwrap_or(InitScheme::Authors),
                     ..wrn::WrnConfig::new($depth, $width)
                 };
@@ -197,6 +202,7 @@ macro_rules! nin {
                 let config = nin::NinConfig {
                     in_channels: o.in_channels,
                     num_classes: o.num_classes,
+                    backend: o.backend,
                     init: o.init.unwrap_or(InitScheme::Authors),
                     ..nin::NinConfig::$ctor($bn)
                 };
@@ -215,6 +221,7 @@ macro_rules! resnet {
                 let config = resnet::ResNetConfig {
                     in_channels: o.in_channels,
                     num_classes: o.num_classes,
+                    backend: o.backend,
                     init: o.init.unwrap_or(InitScheme::Standard),
                     freeze_bn: o.freeze_bn,
                     freeze_first_group: o.freeze_first_group,

@@ -22,7 +22,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool, max_pool2d};
+use crate::nn::{
+    Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool, max_pool2d,
+};
 use crate::{AttentionModel, Output};
 
 /// The shape of a NIN.
@@ -38,6 +40,8 @@ pub struct NinConfig {
     pub num_classes: usize,
     /// Parameter initialisation.
     pub init: InitScheme,
+    /// Which ops the layers run.
+    pub backend: Backend,
 }
 
 impl NinConfig {
@@ -52,7 +56,14 @@ impl NinConfig {
     }
 
     fn with_widths(widths: [usize; 4], batch_norm: bool) -> Self {
-        Self { widths, batch_norm, in_channels: 3, num_classes: 10, init: InitScheme::Authors }
+        Self {
+            widths,
+            batch_norm,
+            in_channels: 3,
+            num_classes: 10,
+            init: InitScheme::Authors,
+            backend: Backend::Kernels,
+        }
     }
 }
 
@@ -67,16 +78,15 @@ impl ConvUnit {
     fn new(spec: ConvSpec, config: &NinConfig, vb: VarBuilder, i: usize) -> Result<Self> {
         if config.batch_norm {
             Ok(Self {
-                conv: Conv2d::new(spec, vb.pp(format!("conv{i}")))?,
-                bn: Some(BatchNorm2d::new(
-                    spec.c_out,
-                    config.init,
-                    false,
-                    vb.pp(format!("bn{i}")),
-                )?),
+                conv: Conv2d::new(spec, vb.pp(format!("conv{i}")))?.on(config.backend),
+                bn: Some(
+                    BatchNorm2d::new(spec.c_out, config.init, false, vb.pp(format!("bn{i}")))?
+                        .on(config.backend),
+                ),
             })
         } else {
-            Ok(Self { conv: Conv2d::new(spec.with_bias(), vb.pp(format!("conv{i}")))?, bn: None })
+            let conv = Conv2d::new(spec.with_bias(), vb.pp(format!("conv{i}")))?;
+            Ok(Self { conv: conv.on(config.backend), bn: None })
         }
     }
 

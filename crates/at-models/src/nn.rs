@@ -4,6 +4,8 @@
 use candle_core::{DType, Module, Result, Tensor, Var, bail};
 use candle_nn::{Init, VarBuilder};
 
+pub use at_kernels::Backend;
+
 /// How a model's parameters are initialised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum InitScheme {
@@ -27,6 +29,7 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    backend: Backend,
 }
 
 /// Shape and options of a [`Conv2d`].
@@ -74,13 +77,25 @@ impl Conv2d {
         } else {
             None
         };
-        Ok(Self { weight, bias, stride: spec.stride, padding: spec.padding })
+        Ok(Self {
+            weight,
+            bias,
+            stride: spec.stride,
+            padding: spec.padding,
+            backend: Backend::default(),
+        })
+    }
+
+    /// The same convolution run by `backend`.
+    pub fn on(self, backend: Backend) -> Self {
+        Self { backend, ..self }
     }
 
     /// The weight, for a fused kernel; `None` unless the convolution is bias-free with
-    /// `padding`.
+    /// `padding` and runs on at-kernels.
     pub(crate) fn plain_weight(&self, padding: usize) -> Option<&Tensor> {
-        (self.bias.is_none() && self.padding == padding).then_some(&self.weight)
+        let plain = self.bias.is_none() && self.padding == padding && self.backend.kernels();
+        plain.then_some(&self.weight)
     }
 
     /// The stride.
@@ -91,7 +106,10 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = at_kernels::conv2d(x, &self.weight, self.stride, self.padding)?;
+        let y = match self.backend {
+            Backend::Kernels => at_kernels::conv2d(x, &self.weight, self.stride, self.padding)?,
+            Backend::Candle => x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
@@ -111,6 +129,7 @@ pub struct BatchNorm2d {
     running_mean: Var,
     running_var: Var,
     frozen: bool,
+    backend: Backend,
 }
 
 /// The batch-norm epsilon of PyTorch and of the authors' code.
@@ -135,7 +154,13 @@ impl BatchNorm2d {
             running_mean: Var::from_tensor(&running_mean)?,
             running_var: Var::from_tensor(&running_var)?,
             frozen,
+            backend: Backend::default(),
         })
+    }
+
+    /// The same batch norm run by `backend`.
+    pub fn on(self, backend: Backend) -> Self {
+        Self { backend, ..self }
     }
 
     /// Normalises `x` (`[B, C, H, W]`); `train` selects batch statistics (unless frozen).
@@ -164,7 +189,7 @@ impl BatchNorm2d {
         map_grad: Option<&at_kernels::MapGradient>,
     ) -> Result<Option<Tensor>> {
         let c = self.weight.dim(0)?;
-        if self.frozen || x.rank() != 4 || x.dim(1)? != c {
+        if self.frozen || !self.backend.kernels() || x.rank() != 4 || x.dim(1)? != c {
             return Ok(None);
         }
         let fused =
@@ -186,7 +211,7 @@ impl BatchNorm2d {
             if let Some(y) = self.train_kernel(x, relu, None)? {
                 return Ok(y);
             }
-        } else if x.rank() == 4 && x.dim(1)? == c {
+        } else if self.backend.kernels() && x.rank() == 4 && x.dim(1)? == c {
             let (weight, bias) = self.affine();
             let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
             let fused = at_kernels::batch_norm_eval(x, &weight, &bias, mean, var, BN_EPS, relu)?;
@@ -229,7 +254,7 @@ impl BatchNorm2d {
     /// Gamma and beta, for a fused kernel that normalises with the batch's statistics; `None`
     /// when this batch norm would not (evaluation, or frozen).
     pub(crate) fn batch_affine(&self, train: bool) -> Option<(&Tensor, &Tensor)> {
-        (train && !self.frozen).then_some((&self.weight, &self.bias))
+        (train && !self.frozen && self.backend.kernels()).then_some((&self.weight, &self.bias))
     }
 
     /// Gamma and beta for a kernel in evaluation mode, with the running mean and variance

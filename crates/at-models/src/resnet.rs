@@ -10,7 +10,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool, max_pool2d};
+use crate::nn::{
+    Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool, max_pool2d,
+};
 use crate::{AttentionModel, Output};
 
 /// The shape and fine-tuning options of a ResNet.
@@ -28,6 +30,8 @@ pub struct ResNetConfig {
     pub freeze_bn: bool,
     /// The stem and `layer1` get no gradient and run their batch norm in evaluation mode.
     pub freeze_first_group: bool,
+    /// Which ops the layers run.
+    pub backend: Backend,
 }
 
 impl ResNetConfig {
@@ -49,6 +53,7 @@ impl ResNetConfig {
             init: InitScheme::Standard,
             freeze_bn: false,
             freeze_first_group: false,
+            backend: Backend::Kernels,
         }
     }
 }
@@ -70,17 +75,22 @@ impl BasicBlock {
         config: &ResNetConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let bn = |c, vb| BatchNorm2d::new(c, config.init, config.freeze_bn, vb);
+        let bn = |c: usize, vb: VarBuilder| -> Result<BatchNorm2d> {
+            Ok(BatchNorm2d::new(c, config.init, config.freeze_bn, vb)?.on(config.backend))
+        };
+        let conv = |spec: ConvSpec, vb: VarBuilder| -> Result<Conv2d> {
+            Ok(Conv2d::new(spec, vb)?.on(config.backend))
+        };
         let downsample = if stride != 1 || c_in != c_out {
-            let conv = Conv2d::new(ConvSpec::new(c_in, c_out, 1, stride), vb.pp("downsample.0"))?;
+            let conv = conv(ConvSpec::new(c_in, c_out, 1, stride), vb.pp("downsample.0"))?;
             Some((conv, bn(c_out, vb.pp("downsample.1"))?))
         } else {
             None
         };
         Ok(Self {
-            conv1: Conv2d::new(ConvSpec::new(c_in, c_out, 3, stride), vb.pp("conv1"))?,
+            conv1: conv(ConvSpec::new(c_in, c_out, 3, stride), vb.pp("conv1"))?,
             bn1: bn(c_out, vb.pp("bn1"))?,
-            conv2: Conv2d::new(ConvSpec::new(c_out, c_out, 3, 1), vb.pp("conv2"))?,
+            conv2: conv(ConvSpec::new(c_out, c_out, 3, 1), vb.pp("conv2"))?,
             bn2: bn(c_out, vb.pp("bn2"))?,
             downsample,
         })
@@ -111,8 +121,9 @@ impl ResNet {
     /// Creates the network's parameters under `vb`, with torchvision's names.
     pub fn new(config: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         let stem = ConvSpec::new(config.in_channels, 64, 7, 2).with_padding(3);
-        let conv1 = Conv2d::new(stem, vb.pp("conv1"))?;
-        let bn1 = BatchNorm2d::new(64, config.init, config.freeze_bn, vb.pp("bn1"))?;
+        let conv1 = Conv2d::new(stem, vb.pp("conv1"))?.on(config.backend);
+        let bn1 =
+            BatchNorm2d::new(64, config.init, config.freeze_bn, vb.pp("bn1"))?.on(config.backend);
         let mut c_in = 64;
         let mut layers = Vec::with_capacity(4);
         for (l, (&n, c_out)) in config.layers.iter().zip([64, 128, 256, 512]).enumerate() {

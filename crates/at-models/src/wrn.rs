@@ -12,7 +12,9 @@ use candle_nn::VarBuilder;
 
 use at_kernels::{MapGradient, PreactBlock, preact_blocks_train_with};
 
-use crate::nn::{BN_EPS, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool};
+use crate::nn::{
+    BN_EPS, Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool,
+};
 use crate::{AttentionModel, FusedMap, Output};
 
 /// The shape of a WRN-d-k.
@@ -28,12 +30,21 @@ pub struct WrnConfig {
     pub num_classes: usize,
     /// Parameter initialisation.
     pub init: InitScheme,
+    /// Which ops the layers run.
+    pub backend: Backend,
 }
 
 impl WrnConfig {
     /// WRN-`depth`-`width` for 3-channel inputs and 10 classes, with the authors' initialisation.
     pub fn new(depth: usize, width: usize) -> Self {
-        Self { depth, width, in_channels: 3, num_classes: 10, init: InitScheme::Authors }
+        Self {
+            depth,
+            width,
+            in_channels: 3,
+            num_classes: 10,
+            init: InitScheme::Authors,
+            backend: Backend::Kernels,
+        }
     }
 
     /// Blocks per group, `(d - 4) / 6`.
@@ -62,16 +73,22 @@ impl Block {
         c_in: usize,
         c_out: usize,
         stride: usize,
-        init: InitScheme,
+        config: &WrnConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let bn = |c: usize, vb: VarBuilder| -> Result<BatchNorm2d> {
+            Ok(BatchNorm2d::new(c, config.init, false, vb)?.on(config.backend))
+        };
+        let conv = |spec: ConvSpec, vb: VarBuilder| -> Result<Conv2d> {
+            Ok(Conv2d::new(spec, vb)?.on(config.backend))
+        };
         Ok(Self {
-            bn0: BatchNorm2d::new(c_in, init, false, vb.pp("bn0"))?,
-            conv0: Conv2d::new(ConvSpec::new(c_in, c_out, 3, stride), vb.pp("conv0"))?,
-            bn1: BatchNorm2d::new(c_out, init, false, vb.pp("bn1"))?,
-            conv1: Conv2d::new(ConvSpec::new(c_out, c_out, 3, 1), vb.pp("conv1"))?,
+            bn0: bn(c_in, vb.pp("bn0"))?,
+            conv0: conv(ConvSpec::new(c_in, c_out, 3, stride), vb.pp("conv0"))?,
+            bn1: bn(c_out, vb.pp("bn1"))?,
+            conv1: conv(ConvSpec::new(c_out, c_out, 3, 1), vb.pp("conv1"))?,
             convdim: if c_in != c_out {
-                Some(Conv2d::new(ConvSpec::new(c_in, c_out, 1, stride), vb.pp("convdim"))?)
+                Some(conv(ConvSpec::new(c_in, c_out, 1, stride), vb.pp("convdim"))?)
             } else {
                 None
             },
@@ -180,7 +197,8 @@ impl Wrn {
     pub fn new(config: &WrnConfig, vb: VarBuilder) -> Result<Self> {
         let n = config.blocks_per_group()?;
         let widths = [16 * config.width, 32 * config.width, 64 * config.width];
-        let conv0 = Conv2d::new(ConvSpec::new(config.in_channels, 16, 3, 1), vb.pp("conv0"))?;
+        let conv0 = Conv2d::new(ConvSpec::new(config.in_channels, 16, 3, 1), vb.pp("conv0"))?
+            .on(config.backend);
         let mut c_in = 16;
         let mut groups = Vec::with_capacity(3);
         for (g, &c_out) in widths.iter().enumerate() {
@@ -189,12 +207,12 @@ impl Wrn {
             for i in 0..n {
                 let stride = if i == 0 && g > 0 { 2 } else { 1 };
                 let vb_block = vb_group.pp(format!("block{i}"));
-                blocks.push(Block::new(c_in, c_out, stride, config.init, vb_block)?);
+                blocks.push(Block::new(c_in, c_out, stride, config, vb_block)?);
                 c_in = c_out;
             }
             groups.push(blocks);
         }
-        let bn = BatchNorm2d::new(c_in, config.init, false, vb.pp("bn"))?;
+        let bn = BatchNorm2d::new(c_in, config.init, false, vb.pp("bn"))?.on(config.backend);
         let fc = Linear::new(c_in, config.num_classes, vb.pp("fc"))?;
         Ok(Self { conv0, groups, bn, fc })
     }

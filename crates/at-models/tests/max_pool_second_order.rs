@@ -1,9 +1,8 @@
 //! Double backpropagation through the max pool, against PyTorch's
 //! `autograd.grad(..., create_graph=True)`.
 //!
-//! candle builds a differentiable gradient graph only when `CANDLE_GRAD_DO_NOT_DETACH` is set, and
-//! reads it once per thread: this binary holds this single test, which sets it before its first
-//! backward pass.
+//! Second-order gradients need the process's second-order thread, which must start before any
+//! other thread: this binary runs without libtest's harness, and its `main` starts it.
 
 mod common;
 
@@ -11,10 +10,7 @@ use at_models::max_pool2d;
 use candle_core::Var;
 use common::{assert_close, golden};
 
-#[test]
 fn second_order_gradients_through_max_pools_match_torch() {
-    // SAFETY: the only test of this binary sets the variable before any thread reads it.
-    unsafe { std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1") };
     let f = golden("max_pool.safetensors");
     let x = Var::from_tensor(&f["dbp.x"]).unwrap();
     let w1 = Var::from_tensor(&f["dbp.w1"]).unwrap();
@@ -30,4 +26,11 @@ fn second_order_gradients_through_max_pools_match_torch() {
     let second = loss.backward().unwrap();
     assert_close("d sum(J^2) / d w1", second.get(&w1).unwrap(), &f["dbp.dw1"], 1e-10);
     assert_close("d sum(J^2) / d w2", second.get(&w2).unwrap(), &f["dbp.dw2"], 1e-10);
+}
+
+fn main() -> std::process::ExitCode {
+    at_kernels::second_order::run_tests(&[(
+        "second_order_gradients_through_max_pools_match_torch",
+        |so| so.run(second_order_gradients_through_max_pools_match_torch),
+    )])
 }

@@ -2,6 +2,7 @@
 
 use candle_core::{Result, Tensor, bail};
 
+use crate::kernels::AtBackend;
 use crate::map::{MapSpec, Normalization, abs, normalize, raw_map};
 use crate::resize::{Resize, resize_map};
 
@@ -34,6 +35,9 @@ pub struct AtConfig {
     pub resize: Resize,
     /// The size both maps are resized to; `None` resizes the larger map to the smaller one.
     pub size: Option<(usize, usize)>,
+    /// Which ops compute the channel reduction and the distance: candle's (the default) or a
+    /// kernel crate's, chosen here and nowhere else.
+    pub backend: AtBackend,
 }
 
 /// The attention-transfer distance between a student activation `[B, Cs, Hs, Ws]` and a teacher
@@ -43,9 +47,9 @@ pub struct AtConfig {
 /// (to `config.size`, or the larger to the smaller) before they are normalised and compared.
 /// The teacher is treated as a constant: no gradient flows into it.
 pub fn at_loss(student: &Tensor, teacher: &Tensor, config: &AtConfig) -> Result<Tensor> {
-    check_pair(student, teacher)?;
-    let raw_s = raw_map(student, &config.map)?;
-    let raw_t = raw_map(&teacher.detach(), &config.map)?;
+    check_pair(student, teacher, (4, "activations [B, C, H, W]"))?;
+    let raw_s = raw_map(student, &config.map, config.backend)?;
+    let raw_t = raw_map(&teacher.detach(), &config.map, config.backend)?;
     at_loss_from_maps(&raw_s, &raw_t, config)?.to_dtype(student.dtype())
 }
 
@@ -54,35 +58,15 @@ pub fn at_loss(student: &Tensor, teacher: &Tensor, config: &AtConfig) -> Result<
 /// computed the same): resized, normalised and compared as `config` says. The teacher's map is
 /// a constant. A scalar in the student map's dtype.
 pub fn at_loss_from_maps(student: &Tensor, teacher: &Tensor, config: &AtConfig) -> Result<Tensor> {
-    let (Ok((bs, hs, ws)), Ok((bt, ht, wt))) = (student.dims3(), teacher.dims3()) else {
-        bail!(
-            "attention transfer from maps needs maps [B, H, W], got student {:?} and teacher {:?}",
-            student.dims(),
-            teacher.dims()
-        )
-    };
-    if bs != bt {
-        bail!(
-            "attention transfer needs the same batch size, got student maps {:?} and teacher \
-             maps {:?}",
-            student.dims(),
-            teacher.dims()
-        )
-    }
-    if !student.device().same_device(teacher.device()) {
-        bail!(
-            "student and teacher maps must be on the same device, got {:?} and {:?}",
-            student.device().location(),
-            teacher.device().location()
-        )
-    }
+    check_pair(student, teacher, (3, "maps [B, H, W]"))?;
+    let ((_, hs, ws), (_, ht, wt)) = (student.dims3()?, teacher.dims3()?);
     let size = config.size.unwrap_or((hs.min(ht), ws.min(wt)));
     let flat = |q: &Tensor| resize_map(q, size, config.resize)?.flatten_from(1); // [b, n]
     let (raw_s, raw_t) = (flat(student)?, flat(&teacher.detach())?);
     if config.map.norm == Normalization::L2
         && config.distance == Distance::Code
-        && let Some(kernel) = DISTANCE_KERNEL.get()
-        && let Some(loss) = kernel(&raw_s, &raw_t.to_dtype(raw_s.dtype())?)?
+        && let Some(kernels) = config.backend.kernels()
+        && let Some(loss) = (kernels.distance)(&raw_s, &raw_t.to_dtype(raw_s.dtype())?)?
     {
         return Ok(loss);
     }
@@ -93,26 +77,6 @@ pub fn at_loss_from_maps(student: &Tensor, teacher: &Tensor, config: &AtConfig) 
         Distance::Code => diff.sqr()?.mean_all(),
         Distance::Paper { p } => (p_norm(&diff, p)? * 0.5)?.mean_all(),
     }
-}
-
-/// A faster [`Distance::Code`] between L2-normalised maps: `(qs, qt)`, the unnormalised
-/// flattened maps `[B, N]` of the student and of the teacher (a constant), to
-/// `mean over b, n of (qs_b / ||qs_b|| - qt_b / ||qt_b||)^2` (norms clamped at [`NORM_EPS`](crate::NORM_EPS)),
-/// returning `None` where it does not apply; see [`set_distance_kernel`].
-pub type DistanceKernel = fn(&Tensor, &Tensor) -> Result<Option<Tensor>>;
-
-static DISTANCE_KERNEL: std::sync::OnceLock<DistanceKernel> = std::sync::OnceLock::new();
-
-/// Lets [`at_loss`] with L2 normalisation and [`Distance::Code`] (the default) compute the
-/// normalisation and the distance in one kernel (at-kernels' `at_distance`, for instance), for
-/// the whole process: a dozen small ops on `[B, N]` maps and their backward passes, each
-/// single-threaded in candle, were most of what attention transfer added to a training step on
-/// the CPU. The kernel must compute the same value and gradient for the student (none for the
-/// teacher) and return `None` for what it does not take (dtypes, devices, second-order
-/// gradients), which then goes to candle's ops. The first registration wins; returns whether this
-/// one did.
-pub fn set_distance_kernel(kernel: DistanceKernel) -> bool {
-    DISTANCE_KERNEL.set(kernel).is_ok()
 }
 
 /// The attention-transfer distances of several group pairs, in order: what a trainer logs.
@@ -147,25 +111,27 @@ fn p_norm(x: &Tensor, p: f64) -> Result<Tensor> {
     s.clone() * s.maximum(tiny)?.powf(1.0 / p - 1.0)?
 }
 
-fn check_pair(student: &Tensor, teacher: &Tensor) -> Result<()> {
-    let (bs, bt) = match (student.dims4(), teacher.dims4()) {
-        (Ok((bs, ..)), Ok((bt, ..))) => (bs, bt),
-        _ => bail!(
-            "attention transfer needs activations [B, C, H, W], got student {:?} and teacher {:?}",
+/// The checks both ends of a pair must pass: the rank (`what` names the operands, e.g.
+/// `"maps [B, H, W]"`), the same batch size, the same device.
+fn check_pair(student: &Tensor, teacher: &Tensor, (rank, what): (usize, &str)) -> Result<()> {
+    if student.rank() != rank || teacher.rank() != rank {
+        bail!(
+            "attention transfer needs {what}, got student {:?} and teacher {:?}",
             student.dims(),
             teacher.dims()
-        ),
-    };
-    if bs != bt {
+        )
+    }
+    if student.dim(0)? != teacher.dim(0)? {
         bail!(
-            "attention transfer needs the same batch size, got student {:?} and teacher {:?}",
+            "attention transfer needs the same batch size, got student {what} {:?} and \
+             teacher {:?}",
             student.dims(),
             teacher.dims()
         )
     }
     if !student.device().same_device(teacher.device()) {
         bail!(
-            "student and teacher activations must be on the same device, got {:?} and {:?}",
+            "student and teacher {what} must be on the same device, got {:?} and {:?}",
             student.device().location(),
             teacher.device().location()
         )

@@ -17,6 +17,9 @@
 //!   of the paper (`1/2 ||Q_S/||Q_S|| - Q_T/||Q_T|| ||_p`, [`Distance::Paper`]). Maps of different
 //!   spatial sizes are resized by area or bilinear interpolation ([`Resize`]).
 //! - [`at_loss_sum`]: `beta * sum_j at_loss(S_j, T_j)` over several group pairs.
+//! - [`AtBackend`]: candle's ops (the default) or a kernel crate's [`AtKernels`] for the channel
+//!   reduction and the distance, chosen in the [`AtConfig`] of each loss: no global state, so a
+//!   call gives the same result whatever else the process does.
 //!
 //! Everything is differentiable through candle's autograd with respect to the student activation;
 //! the teacher is detached. Inputs may be f32, f64, f16 or bf16 on any device candle supports
@@ -52,16 +55,15 @@
 #![deny(missing_docs)]
 
 mod distance;
+mod kernels;
 mod map;
 mod resize;
 
-pub use distance::{
-    AtConfig, Distance, DistanceKernel, at_loss, at_loss_from_maps, at_loss_sum, at_losses,
-    set_distance_kernel,
-};
+pub use distance::{AtConfig, Distance, at_loss, at_loss_from_maps, at_loss_sum, at_losses};
+pub use kernels::{AtBackend, AtKernels};
 pub use map::{
-    ChannelPowerKernel, ChannelReduce, MapSpec, NORM_EPS, Normalization, attention_map,
-    attention_map_flat, normalize, raw_attention_map, set_channel_power_kernel,
+    ChannelReduce, MapSpec, NORM_EPS, Normalization, attention_map, attention_map_flat, normalize,
+    raw_attention_map,
 };
 pub use resize::{Resize, resize_map};
 

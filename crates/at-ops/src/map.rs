@@ -2,6 +2,8 @@
 
 use candle_core::{DType, Result, Tensor, bail};
 
+use crate::kernels::AtBackend;
+
 /// How the per-channel statistics `|A_i|^p` are combined into one spatial map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ChannelReduce {
@@ -109,7 +111,7 @@ impl MapSpec {
 /// the map is returned in the input's dtype. Differentiable with respect to `activation`.
 pub fn attention_map(activation: &Tensor, spec: &MapSpec) -> Result<Tensor> {
     let dtype = activation.dtype();
-    let map = raw_map(activation, spec)?;
+    let map = raw_map(activation, spec, AtBackend::Candle)?;
     let map = normalize(&map, spec.norm)?;
     map.to_dtype(dtype)
 }
@@ -123,11 +125,12 @@ pub fn attention_map_flat(activation: &Tensor, spec: &MapSpec) -> Result<Tensor>
 /// in f32 (f64 stays f64): what [`at_loss_from_maps`](crate::at_loss_from_maps) takes.
 /// Differentiable with respect to `activation`.
 pub fn raw_attention_map(activation: &Tensor, spec: &MapSpec) -> Result<Tensor> {
-    raw_map(activation, spec)
+    raw_map(activation, spec, AtBackend::Candle)
 }
 
-/// The unnormalised map `F(A)` in the working dtype (f64 stays f64, everything else is f32).
-pub(crate) fn raw_map(activation: &Tensor, spec: &MapSpec) -> Result<Tensor> {
+/// The unnormalised map `F(A)` in the working dtype (f64 stays f64, everything else is f32),
+/// its channel reduction by `backend`.
+pub(crate) fn raw_map(activation: &Tensor, spec: &MapSpec, backend: AtBackend) -> Result<Tensor> {
     spec.validate()?;
     let (_b, c, _h, _w) = activation.dims4().map_err(|_| {
         candle_core::Error::Msg(format!(
@@ -144,8 +147,8 @@ pub(crate) fn raw_map(activation: &Tensor, spec: &MapSpec) -> Result<Tensor> {
         ChannelReduce::Mean => Some(1.0 / c as f64),
         ChannelReduce::Max => None,
     };
-    if let (Some(scale), Some(kernel)) = (scale, CHANNEL_POWER_KERNEL.get())
-        && let Some(map) = kernel(&a, spec.p, scale)?
+    if let (Some(scale), Some(kernels)) = (scale, backend.kernels())
+        && let Some(map) = (kernels.channel_power)(&a, spec.p, scale)?
     {
         return Ok(map);
     }
@@ -164,21 +167,6 @@ fn channel_sum(x: &Tensor, weight: f64) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let row = Tensor::full(weight, (1, 1, c), x.device())?.to_dtype(x.dtype())?;
     row.broadcast_as((b, 1, c))?.matmul(&x.reshape((b, c, h * w))?)?.reshape((b, h, w))
-}
-
-/// A faster `scale * sum_c |x_c|^p` (`[B, C, H, W]` to `[B, H, W]`), returning `None` where it
-/// does not apply; see [`set_channel_power_kernel`].
-pub type ChannelPowerKernel = fn(&Tensor, f64, f64) -> Result<Option<Tensor>>;
-
-static CHANNEL_POWER_KERNEL: std::sync::OnceLock<ChannelPowerKernel> = std::sync::OnceLock::new();
-
-/// Lets the sum and mean attention maps use a faster channel reduction (at-kernels'
-/// `channel_power`, for instance), for the whole process: at-ops itself depends on candle-core
-/// alone. The kernel must compute the same values, with the same gradients to any order, and
-/// return `None` for what it does not take (other powers, dtypes or devices), which then go to
-/// candle's ops. The first registration wins; returns whether this one did.
-pub fn set_channel_power_kernel(kernel: ChannelPowerKernel) -> bool {
-    CHANNEL_POWER_KERNEL.set(kernel).is_ok()
 }
 
 /// `|a|^p`, with the common powers written so that their gradient is exact and finite at zero.

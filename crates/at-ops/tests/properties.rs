@@ -140,7 +140,7 @@ fn zero_activations_give_zero_maps_and_finite_losses_and_gradients() {
         assert_eq!(scalar(&q.abs().unwrap().max_all().unwrap()), 0.0, "{spec:?}");
         for distance in all_distances() {
             for resize in [Resize::Area, Resize::Bilinear] {
-                let config = AtConfig { map: spec, distance, resize, size: None };
+                let config = AtConfig { map: spec, distance, resize, ..AtConfig::default() };
                 for t in [&teacher, &zeros] {
                     let student = Var::from_tensor(&zeros).unwrap();
                     let loss = at_loss(&student, t, &config).unwrap();

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use at_losses::gradient::{GradientConfig, GradientPenalty, gradient_student_loss};
-use at_losses::second_order::with_second_order;
+use at_losses::second_order::SecondOrder;
 use at_models::{AttentionModel, ModelOptions};
 use at_train::init::seeded_var_builder;
 use at_train::optim::{Sgd, SgdConfig};
@@ -31,6 +31,8 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn main() -> Result<()> {
+    // First, before any other thread: the process's second-order thread.
+    let second_order = SecondOrder::start()?;
     if std::env::var_os("AT_NO_TUNE").is_none() {
         anyhow::ensure!(at_kernels::tune_allocator(), "mallopt refused the thresholds");
     }
@@ -72,7 +74,7 @@ fn main() -> Result<()> {
                 // For comparison only: the second backward on the second-order thread as well.
                 let config = GradientConfig { penalty, beta: 1.0, alpha: 0.0, temperature: 4.0 };
                 let student = student.as_ref();
-                with_second_order(|| -> candle_core::Result<_> {
+                second_order.run(|| -> candle_core::Result<_> {
                     let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
                     gradient_student_loss(&forward, &x, &labels, None, &config, batch)?
                         .total
@@ -83,7 +85,15 @@ fn main() -> Result<()> {
                 // The trainer's step.
                 let config = GradientConfig { penalty, beta: 1.0, alpha: 0.0, temperature: 4.0 };
                 let teacher = Some(teacher.as_ref());
-                gradient_step(student.as_ref(), teacher, (&x, &labels), &config, chunks)?.1
+                gradient_step(
+                    student.as_ref(),
+                    teacher,
+                    (&x, &labels),
+                    &config,
+                    chunks,
+                    &second_order,
+                )?
+                .1
             }
         };
         sgd.step(&grads)?;

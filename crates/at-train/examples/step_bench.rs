@@ -18,9 +18,12 @@ use candle_core::Device;
 
 fn main() -> Result<()> {
     at_kernels::tune_allocator();
-    if std::env::var_os("AT_REFERENCE").is_some_and(|v| v != "0") {
-        at_kernels::set_reference(true);
-    }
+    // The one choice of ops for the whole benchmark, made here and passed down.
+    let backend = if std::env::var_os("AT_REFERENCE").is_some_and(|v| v != "0") {
+        at_models::Backend::Candle
+    } else {
+        at_models::Backend::Kernels
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.into());
     let (student, step, teacher) = (arg(0, "wrn-16-1"), arg(1, "student"), arg(2, "wrn-16-2"));
@@ -28,7 +31,8 @@ fn main() -> Result<()> {
     let warmup: usize = arg(4, "2").parse()?;
     let steps: usize = arg(5, "5").parse()?;
     let kind = Step::parse(&step)?;
-    let times = time_steps(&student, kind, &teacher, batch, (warmup, steps), &Device::Cpu)?;
+    let times =
+        time_steps((&student, kind, &teacher), batch, (warmup, steps), backend, &Device::Cpu)?;
     if std::env::var_os("AT_PHASES").is_some() {
         for (_, p) in &times {
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;

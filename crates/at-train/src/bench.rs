@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use at_losses::{LossConfig, student_loss_with_maps};
-use at_models::{AttentionModel, ModelOptions};
-use at_ops::AtConfig;
+use at_models::{AttentionModel, Backend, ModelOptions};
+use at_ops::{AtBackend, AtConfig};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
@@ -65,17 +65,17 @@ pub struct Phases {
 
 /// Runs `warmup + steps` steps of `step` for `student` (and `teacher`) at `batch` on `device` and
 /// returns the wall-clock time of each timed step, with its phases. The result is read back to
-/// the host at the end of each step, so that asynchronous devices are timed in full.
+/// the host at the end of each step, so that asynchronous devices are timed in full. `backend`
+/// chooses at-kernels' ops (what the trainer runs) or candle's own (the reference), for the
+/// models and the attention maps alike.
 pub fn time_steps(
-    student_name: &str,
-    step: Step,
-    teacher_name: &str,
+    (student_name, step, teacher_name): (&str, Step, &str),
     batch: usize,
     (warmup, steps): (usize, usize),
+    backend: Backend,
     device: &Device,
 ) -> Result<Vec<(Duration, Phases)>> {
-    crate::train::use_kernels();
-    let options = ModelOptions::default();
+    let options = ModelOptions { backend, ..ModelOptions::default() };
     let varmap = VarMap::new();
     let student = at_models::build(student_name, &options, seeded_var_builder(&varmap, 1, device))?;
     let teacher: Option<Box<dyn AttentionModel>> = match step {
@@ -98,7 +98,13 @@ pub fn time_steps(
     let loss = LossConfig {
         alpha: if step == Step::AtKd { 0.9 } else { 0.0 },
         beta: if teacher.is_some() { 1e3 } else { 0.0 },
-        at: AtConfig::default(),
+        at: AtConfig {
+            backend: match backend {
+                Backend::Kernels => AtBackend::Kernels(&at_kernels::AT_OPS_KERNELS),
+                Backend::Candle => AtBackend::Candle,
+            },
+            ..AtConfig::default()
+        },
         pairs: if teacher.is_some() { vec![(0, 0), (1, 1), (2, 2)] } else { vec![] },
         ..LossConfig::default()
     };

@@ -450,7 +450,12 @@ impl RunConfig {
             "bilinear" => Resize::Bilinear,
             other => bail!("loss.resize must be area or bilinear, not `{other}`"),
         };
-        Ok(AtConfig { map: MapSpec { reduce, p: l.map_p, norm }, distance, resize, size: None })
+        Ok(AtConfig {
+            map: MapSpec { reduce, p: l.map_p, norm },
+            distance,
+            resize,
+            ..AtConfig::default()
+        })
     }
 
     /// The gradient-based penalty, if any.

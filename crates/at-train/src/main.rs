@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, bail};
 use at_data::hub::{self, HubOptions, Source};
+use at_losses::second_order::SecondOrder;
 use at_models::ModelOptions;
 use at_train::config;
 use at_train::train::{self, RunOptions};
@@ -142,6 +143,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any other thread exists: it writes the environment once (see
+    // at_kernels::second_order). Its thread waits idle unless a run asks for second-order
+    // gradients (loss.gradient).
+    let second_order = match SecondOrder::start() {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     at_kernels::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -150,7 +161,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse()) {
+    match run(Cli::parse(), second_order) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -159,19 +170,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, second_order: std::sync::Arc<SecondOrder>) -> anyhow::Result<()> {
     match cli.command {
         Command::Train { config, preset, sets, run_dir, resume } => {
-            ctrlc::set_handler(|| {
-                eprintln!(
-                    "interrupted: writing a checkpoint after this batch (press again to abort)"
-                );
-                if INTERRUPTED_TWICE.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-                train::interrupt();
-            })?;
-            let options = RunOptions::default();
+            set_interrupt_handler()?;
+            let options = RunOptions { second_order: Some(second_order), ..RunOptions::default() };
             let result = match (resume, run_dir) {
                 (Some(dir), _) => train::resume(&dir, &options)?,
                 (None, Some(dir)) => train::train(
@@ -230,11 +233,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let kind = at_train::bench::Step::parse(&step)?;
             let dev = train::device(&device)?;
             let times = at_train::bench::time_steps(
-                &student,
-                kind,
-                &teacher,
+                (&student, kind, &teacher),
                 batch,
                 (warmup, steps),
+                at_models::Backend::Kernels,
                 &dev,
             )?;
             println!(

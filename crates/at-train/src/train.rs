@@ -18,7 +18,7 @@ use at_data::{Loader, LoaderConfig};
 use at_losses::gradient::{
     GradientConfig, GradientPenalty, TeacherBatch, gradient_student_loss, teacher_outputs,
 };
-use at_losses::second_order::with_second_order;
+use at_losses::second_order::SecondOrder;
 use at_losses::{GroupMaps, LossConfig, LossParts, student_loss_with_maps};
 use at_models::{AttentionModel, ModelOptions, Output};
 use candle_core::backprop::GradStore;
@@ -64,8 +64,11 @@ pub struct RunOptions {
     pub stop_after_epochs: Option<usize>,
     /// Stop (with a checkpoint) after this many batches of the first epoch run in this call.
     pub stop_after_batches: Option<usize>,
-    /// Show a progress bar even when stdout is not a terminal (never in tests).
+    /// No progress bar, even on a terminal (tests, and runs started by another tool).
     pub quiet: bool,
+    /// The process's second-order thread (`SecondOrder::start`, first thing in `main`), which
+    /// a run with `loss.gradient` needs; `None` refuses such runs with an error that says so.
+    pub second_order: Option<std::sync::Arc<SecondOrder>>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -180,13 +183,14 @@ struct Run {
     sgd: Sgd,
     loss: LossConfig,
     gradient: Option<GradientConfig>,
+    /// From [`RunOptions::second_order`], for `loss.gradient`.
+    second_order: Option<std::sync::Arc<SecondOrder>>,
 }
 
 impl Run {
     /// Builds the run. With `training` false (evaluation, maps) the trained weights are loaded
     /// next, so neither the pretrained start nor the teacher is read.
     fn new(config: RunConfig, dir: &Path, training: bool) -> Result<Self> {
-        use_kernels();
         let device = device(&config.device)?;
         let data = data::load(&config.data)?;
         let options = ModelOptions {
@@ -232,7 +236,12 @@ impl Run {
             alpha: config.loss.alpha,
             temperature: config.loss.temperature,
             beta: config.loss.beta,
-            at: config.at_config()?,
+            // The one place the trainer chooses how attention maps are computed: at-kernels'
+            // channel reduction and distance where they apply, candle's ops elsewhere.
+            at: at_ops::AtConfig {
+                backend: at_ops::AtBackend::Kernels(&at_kernels::AT_OPS_KERNELS),
+                ..config.at_config()?
+            },
             pairs,
         };
         let gradient = config.gradient_config()?;
@@ -265,6 +274,7 @@ impl Run {
             sgd,
             loss,
             gradient,
+            second_order: None,
         })
     }
 
@@ -290,6 +300,14 @@ impl Run {
     }
 
     fn go(mut self, mut position: Position, options: &RunOptions) -> Result<RunResult> {
+        self.second_order = options.second_order.clone();
+        if self.gradient.is_some() && self.second_order.is_none() {
+            bail!(
+                "loss.gradient = \"{}\" needs second-order gradients: the caller must pass \
+                 RunOptions::second_order (SecondOrder::start, first thing in main)",
+                self.config.loss.gradient
+            )
+        }
         let (train_loader, test_loader) = self.loaders()?;
         let schedule = self.config.schedule()?;
         let epochs = self.config.epochs;
@@ -384,13 +402,18 @@ impl Run {
 
     fn step(&mut self, images: &Tensor, labels: &Tensor, sums: &mut Sums) -> Result<()> {
         let (parts, grads) = match &self.gradient {
-            Some(config) => gradient_step(
-                self.student.as_ref(),
-                self.teacher.as_deref(),
-                (images, labels),
-                config,
-                self.config.loss.gradient_chunks,
-            )?,
+            Some(config) => {
+                let second_order =
+                    self.second_order.as_deref().context("checked when the run started")?;
+                gradient_step(
+                    self.student.as_ref(),
+                    self.teacher.as_deref(),
+                    (images, labels),
+                    config,
+                    self.config.loss.gradient_chunks,
+                    second_order,
+                )?
+            }
             None => {
                 let out = self.student.forward_t(images, true)?;
                 let teacher_out = match &self.teacher {
@@ -736,13 +759,6 @@ pub fn evaluate_run(dir: &Path) -> Result<(f64, f64, f64)> {
     RunModel::open(RunConfig::load(&dir.join("config.toml"))?, dir)?.evaluate()
 }
 
-/// Lets at-ops use at-kernels' channel reduction for attention maps (at-ops depends on
-/// candle-core alone, so it is handed the kernel). Idempotent.
-pub fn use_kernels() {
-    at_ops::set_channel_power_kernel(at_kernels::channel_power);
-    at_ops::set_distance_kernel(at_kernels::at_distance);
-}
-
 /// The fused attention maps (`at_models::FusedMap`) of the student's and the teacher's groups
 /// that `loss` transfers, for [`student_loss_with_maps`]; none without a teacher, attention
 /// transfer, or with a map other than the one they are (`p = 2`, channel mean).
@@ -805,6 +821,7 @@ pub fn gradient_step(
     (images, labels): (&Tensor, &Tensor),
     config: &GradientConfig,
     chunks: usize,
+    second_order: &SecondOrder,
 ) -> Result<(LossParts, GradStore)> {
     let teacher_out = match teacher {
         Some(t) if config.alpha > 0.0 || config.penalty == GradientPenalty::Transfer => {
@@ -830,7 +847,7 @@ pub fn gradient_step(
             None => None,
         };
         let teacher = chunk.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
-        let parts = with_second_order(|| {
+        let parts = second_order.run(|| {
             let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
             gradient_student_loss(&forward, &x, &y, teacher, config, batch)
         })?;

@@ -8,9 +8,17 @@ use at_losses::{LossConfig, student_loss, student_loss_with_maps};
 use at_models::AttentionModel;
 use at_models::{ModelOptions, build};
 use at_train::init::seeded_var_builder;
-use at_train::train::{fused_maps, use_kernels};
+use at_train::train::fused_maps;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+
+/// The trainer's attention config: at-kernels' channel reduction and distance.
+fn kernels_at() -> at_ops::AtConfig {
+    at_ops::AtConfig {
+        backend: at_ops::AtBackend::Kernels(&at_kernels::AT_OPS_KERNELS),
+        ..at_ops::AtConfig::default()
+    }
+}
 
 /// A model whose weights are plain tensors, as the trainer holds a teacher.
 fn frozen(name: &str, seed: u64, device: &Device) -> Box<dyn AttentionModel> {
@@ -24,7 +32,6 @@ fn frozen(name: &str, seed: u64, device: &Device) -> Box<dyn AttentionModel> {
 
 #[test]
 fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
-    use_kernels();
     let device = Device::Cpu;
     let options = ModelOptions::default();
     let varmap = VarMap::new();
@@ -33,7 +40,12 @@ fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
     let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &device).unwrap();
     let labels = Tensor::new(&[1u32, 3, 5, 7], &device).unwrap();
     let t = teacher.forward_t(&x, false).unwrap();
-    let loss = LossConfig { beta: 1e3, pairs: vec![(0, 0), (1, 1), (2, 2)], ..Default::default() };
+    let loss = LossConfig {
+        beta: 1e3,
+        pairs: vec![(0, 0), (1, 1), (2, 2)],
+        at: kernels_at(),
+        ..Default::default()
+    };
 
     let out = student.forward_t(&x, true).unwrap();
     let maps = fused_maps(&out, Some(&t), &loss).unwrap();
@@ -57,9 +69,16 @@ fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
     let vars = varmap.all_vars();
     let mut checked = 0;
     for var in &vars {
-        let (Some(a), Some(b)) = (grads_ours.get(var), grads_theirs.get(var)) else {
-            assert!(grads_theirs.get(var).is_none(), "a gradient exists on one side only");
-            continue;
+        let (a, b) = match (grads_ours.get(var), grads_theirs.get(var)) {
+            (Some(a), Some(b)) => (a, b),
+            (None, None) => continue,
+            (ours, theirs) => panic!(
+                "a gradient of a {:?} parameter exists on one side only (fused maps: {}, plain \
+                 maps: {})",
+                var.dims(),
+                ours.is_some(),
+                theirs.is_some()
+            ),
         };
         let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12);
         let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -77,7 +96,6 @@ fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
 /// map they are (p = 2, channel mean).
 #[test]
 fn fused_maps_only_for_paired_groups_and_the_default_map() {
-    use_kernels();
     let device = Device::Cpu;
     let varmap = VarMap::new();
     let student =
@@ -86,7 +104,7 @@ fn fused_maps_only_for_paired_groups_and_the_default_map() {
     let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &device).unwrap();
     let out = student.forward_t(&x, true).unwrap();
     let eval = frozen("wrn-16-1", 2, &device).forward_t(&x, false).unwrap();
-    let at = LossConfig { beta: 1e3, pairs: vec![(1, 2)], ..Default::default() };
+    let at = LossConfig { beta: 1e3, pairs: vec![(1, 2)], at: kernels_at(), ..Default::default() };
     let maps = fused_maps(&out, Some(&eval), &at).unwrap();
     let (s, t) = (&maps.student, &maps.teacher);
     assert!(s[1].is_some() && s[0].is_none() && s[2].is_none(), "only the paired student group");
