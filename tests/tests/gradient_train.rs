@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use at_losses::second_order::SecondOrder;
-use at_train::config::{LossSection, OptimConfig, RunConfig, TeacherConfig};
+use at_train::config::{GradientKind, LossSection, OptimConfig, RunConfig, TeacherConfig};
 use at_train::train::{RunOptions, read_metrics, resume, train};
 use common::{config, metrics, write_dataset};
 
@@ -26,7 +26,7 @@ fn gradient_penalties_train_and_resume_identically(so: &Arc<SecondOrder>) {
     let config = RunConfig {
         student: "nin-thin-nobn".into(),
         loss: LossSection {
-            gradient: "jacobian".into(),
+            gradient: GradientKind::Jacobian,
             gradient_beta: 1e3,
             ..LossSection::default()
         },
@@ -67,7 +67,7 @@ fn gradient_penalties_train_and_resume_identically(so: &Arc<SecondOrder>) {
 
     let symmetry = RunConfig {
         loss: LossSection {
-            gradient: "symmetry".into(),
+            gradient: GradientKind::Symmetry,
             gradient_beta: 0.1,
             ..config.loss.clone()
         },
@@ -82,7 +82,7 @@ fn gradient_penalties_train_and_resume_identically(so: &Arc<SecondOrder>) {
             model: "nin-thin-nobn".into(),
             checkpoint: straight.join("model.safetensors"),
         }),
-        loss: LossSection { gradient: "transfer".into(), alpha: 0.5, ..config.loss.clone() },
+        loss: LossSection { gradient: GradientKind::Transfer, alpha: 0.5, ..config.loss.clone() },
         ..config.clone()
     };
     let dir = runs.path().join("transfer-kd");
@@ -101,7 +101,7 @@ fn a_gradient_run_without_the_second_order_thread_is_refused(_: &Arc<SecondOrder
     let config = RunConfig {
         student: "nin-thin-nobn".into(),
         loss: LossSection {
-            gradient: "jacobian".into(),
+            gradient: GradientKind::Jacobian,
             gradient_beta: 1.0,
             ..LossSection::default()
         },

@@ -41,7 +41,8 @@ const GEOMETRIES: &[([usize; 4], [usize; 4], usize, usize)] = &[
     ([2, 2, 5, 1], [3, 2, 3, 3], 1, 1),
     ([2, 2, 1, 6], [3, 2, 3, 3], 1, 1),
     ([3, 4, 6, 9], [2, 4, 3, 3], 1, 1),
-    // Several images per GEMM, the last group short (16 images of 8x8 per GEMM).
+    // Batches larger than the thread count, with an odd number of images (one GEMM per image,
+    // images spread over the threads), and a strided one.
     ([37, 3, 8, 8], [4, 3, 3, 3], 1, 1),
     ([20, 5, 6, 6], [3, 5, 1, 1], 1, 0),
     ([19, 2, 9, 9], [3, 2, 3, 3], 2, 1),

@@ -321,9 +321,10 @@ impl Module for Linear {
 ///
 /// candle 0.11's own `max_pool2d` scales its gradient by `1/k^2` and has no backward when kernel
 /// and stride differ. This one picks each window's maximum by index (a step without gradient)
-/// and then *gathers* it, so the whole gradient goes to the maximum, and the backward pass
-/// (a scatter-add, whose own backward is a gather) is differentiable again: double
-/// backpropagation works through it.
+/// and then selects the maxima with `index_select`, so the whole gradient goes to the maximum,
+/// and the backward pass (`index_add`) is differentiable again: double backpropagation works
+/// through it. (`gather` is avoided on purpose: the backward of its backward, `scatter_add`, is
+/// broken in candle 0.11.)
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if kernel == 0

@@ -10,6 +10,134 @@ use serde::{Deserialize, Serialize};
 
 use crate::optim::{Schedule, SgdConfig};
 
+/// Declares a config enum: a serde enum whose values are written as given, parsed once when
+/// the config is read; an unknown value is an error that names every valid one (serde's
+/// "unknown variant `x`, expected one of ...").
+macro_rules! config_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name { $($(#[$vdoc])* #[serde(rename = $text)] $variant),+ }
+
+        impl $name {
+            /// The value as written in a config file.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+config_enum! {
+    /// The datasets a run can use (`data.dataset`).
+    DatasetName {
+        /// The Fashion-MNIST subset embedded in at-data: no download.
+        FashionMnistSubset = "fashion-mnist-subset",
+        /// Fashion-MNIST in IDX files (Debian's `dataset-fashion-mnist` by default).
+        FashionMnist = "fashion-mnist",
+        /// CIFAR-10's binary batches.
+        Cifar10 = "cifar10",
+        /// CIFAR-10 in the Hub's parquet layout.
+        Cifar10Parquet = "cifar10-parquet",
+        /// CUB-200-2011, cropped to its boxes.
+        Cub = "cub",
+        /// MIT Indoor 67.
+        Scenes = "scenes",
+        /// ImageNet in class folders.
+        Imagenet = "imagenet",
+        /// ImageNet in the Hub's parquet shards.
+        ImagenetParquet = "imagenet-parquet",
+    }
+}
+
+config_enum! {
+    /// The training augmentation (`data.augment`).
+    Augmentation {
+        /// The dataset's usual one.
+        Standard = "standard",
+        /// Horizontal flips only (Table 3).
+        Flip = "flip",
+        /// None.
+        None = "none",
+    }
+}
+
+config_enum! {
+    /// How an attention map combines channels (`loss.map_reduce`).
+    MapReduce {
+        /// `F_sum^p`.
+        Sum = "sum",
+        /// The channel mean (the authors' code; the same map after normalisation).
+        Mean = "mean",
+        /// `F_max^p`.
+        Max = "max",
+    }
+}
+
+config_enum! {
+    /// The per-sample normalisation of a map (`loss.norm`).
+    MapNorm {
+        /// L2 (the paper's).
+        L2 = "l2",
+        /// L1.
+        L1 = "l1",
+        /// None.
+        None = "none",
+    }
+}
+
+config_enum! {
+    /// How two normalised maps are compared (`loss.distance`).
+    DistanceKind {
+        /// The mean of squared differences: the authors' code.
+        Code = "code",
+        /// Eq. (2) of the paper, the `loss.distance_p` norm.
+        Paper = "paper",
+    }
+}
+
+config_enum! {
+    /// How maps of different sizes are brought together (`loss.resize`).
+    ResizeKind {
+        /// Area averaging.
+        Area = "area",
+        /// Bilinear interpolation.
+        Bilinear = "bilinear",
+    }
+}
+
+config_enum! {
+    /// Gradient-based attention (`loss.gradient`).
+    GradientKind {
+        /// None.
+        None = "none",
+        /// Minimise the input gradient's L2 norm.
+        Jacobian = "jacobian",
+        /// The input gradients of an image and its mirror should agree.
+        Symmetry = "symmetry",
+        /// Match the teacher's input gradient.
+        Transfer = "transfer",
+    }
+}
+
+config_enum! {
+    /// The learning-rate schedule (`optim.schedule`).
+    ScheduleKind {
+        /// Multiplied by `gamma` at each milestone.
+        Multistep = "multistep",
+        /// Cosine annealing over the run's epochs.
+        Cosine = "cosine",
+        /// Constant.
+        Constant = "constant",
+    }
+}
+
 /// Everything a training run needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -63,13 +191,13 @@ pub struct DataConfig {
     /// `fashion-mnist-subset` (embedded), `fashion-mnist`, `cifar10` (binary),
     /// `cifar10-parquet` (the Hub's layout), `cub`, `scenes`, `imagenet` (folders) or
     /// `imagenet-parquet` (the Hub's shards).
-    pub dataset: String,
+    pub dataset: DatasetName,
     /// The dataset directory; empty for the embedded subset or the default location
     /// (`data/<dataset>`, or Debian's directory for Fashion-MNIST).
     pub root: PathBuf,
     /// `standard` (the dataset's usual training augmentation), `flip` (horizontal flips only,
     /// Table 3) or `none`.
-    pub augment: String,
+    pub augment: Augmentation,
     /// Use only the first `n` training images (0: all).
     pub train_limit: usize,
     /// Use only the first `n` test images (0: all).
@@ -87,24 +215,24 @@ pub struct LossSection {
     /// Attention-transfer weight (0: none); 1e3 with the `code` distance.
     pub beta: f64,
     /// `sum`, `mean` or `max` over channels.
-    pub map_reduce: String,
+    pub map_reduce: MapReduce,
     /// The power p of `|A|^p`.
     pub map_p: f64,
     /// `l2`, `l1` or `none`.
-    pub norm: String,
+    pub norm: MapNorm,
     /// `code` (mean of squared differences) or `paper` (eq. (2), the p-norm).
-    pub distance: String,
+    pub distance: DistanceKind,
     /// The norm order of the `paper` distance.
     pub distance_p: f64,
     /// `area` or `bilinear`, for maps of different sizes.
-    pub resize: String,
+    pub resize: ResizeKind,
     /// (student group, teacher group) pairs; empty: every group with its namesake.
     pub pairs: Vec<[usize; 2]>,
     /// Gradient-based attention (section 3.2, Table 3), by double backpropagation: `none`,
     /// `jacobian` (minimise the input gradient's L2 norm), `symmetry` (the input gradients of an
     /// image and of its mirror should agree) or `transfer` (match the teacher's input gradient).
     /// Combines with distillation (`alpha`), not with activation AT (`beta`).
-    pub gradient: String,
+    pub gradient: GradientKind,
     /// The weight of the gradient penalty.
     pub gradient_beta: f64,
     /// Split each batch into this many chunks for the double-backpropagation step, which needs
@@ -126,7 +254,7 @@ pub struct OptimConfig {
     /// Weight decay.
     pub weight_decay: f64,
     /// `multistep`, `cosine` or `constant`.
-    pub schedule: String,
+    pub schedule: ScheduleKind,
     /// Epochs at which a multi-step schedule multiplies the rate by `gamma`.
     pub milestones: Vec<usize>,
     /// The multi-step factor.
@@ -197,16 +325,16 @@ impl RunConfig {
     /// to conventional places (`runs/...`, `weights/...`); override them with `--set`.
     pub fn preset(name: &str) -> Result<Self> {
         let cifar = Self {
-            data: DataConfig { dataset: "cifar10".into(), ..DataConfig::default() },
+            data: DataConfig { dataset: DatasetName::Cifar10, ..DataConfig::default() },
             ..Self::default()
         };
         let teacher = Some(TeacherConfig {
             model: "wrn-16-2".into(),
             checkpoint: "runs/cifar-wrn-16-2/model.safetensors".into(),
         });
-        let finetune = |dataset: &str| Self {
+        let finetune = |dataset: DatasetName| Self {
             student: "resnet18".into(),
-            data: DataConfig { dataset: dataset.into(), ..DataConfig::default() },
+            data: DataConfig { dataset, ..DataConfig::default() },
             optim: OptimConfig {
                 lr: 0.01,
                 weight_decay: 1e-4,
@@ -232,7 +360,7 @@ impl RunConfig {
         };
         let imagenet = Self {
             student: "resnet18".into(),
-            data: DataConfig { dataset: "imagenet".into(), ..DataConfig::default() },
+            data: DataConfig { dataset: DatasetName::Imagenet, ..DataConfig::default() },
             optim: OptimConfig {
                 weight_decay: 1e-4,
                 milestones: vec![30, 60, 90],
@@ -250,8 +378,8 @@ impl RunConfig {
         let nin = Self {
             student: "nin-thin-nobn".into(),
             data: DataConfig {
-                dataset: "cifar10".into(),
-                augment: "flip".into(),
+                dataset: DatasetName::Cifar10,
+                augment: Augmentation::Flip,
                 ..DataConfig::default()
             },
             optim: OptimConfig { lr: 0.02, weight_decay: 0.0, ..OptimConfig::default() },
@@ -264,20 +392,18 @@ impl RunConfig {
         });
         // Chunks of 64 (32 for the symmetry norm, which runs the network twice) keep the
         // double-backpropagation step at batch 128 under 4 GB (docs/benchmarks.md).
-        let nin_gradient =
-            |gradient: &str, gradient_beta: f64, gradient_chunks: usize| LossSection {
-                gradient: gradient.into(),
-                gradient_beta,
-                gradient_chunks,
-                ..LossSection::default()
-            };
+        let nin_gradient = |gradient: GradientKind, gradient_beta: f64, gradient_chunks: usize| {
+            LossSection { gradient, gradient_beta, gradient_chunks, ..LossSection::default() }
+        };
         Ok(match name {
             "nin" => nin,
-            "nin-jacobian" => Self { loss: nin_gradient("jacobian", 1e3, 2), ..nin },
-            "nin-symmetry" => Self { loss: nin_gradient("symmetry", 0.1, 4), ..nin },
-            "nin-gradient-at" => {
-                Self { teacher: nin_teacher, loss: nin_gradient("transfer", 1e3, 2), ..nin }
-            }
+            "nin-jacobian" => Self { loss: nin_gradient(GradientKind::Jacobian, 1e3, 2), ..nin },
+            "nin-symmetry" => Self { loss: nin_gradient(GradientKind::Symmetry, 0.1, 4), ..nin },
+            "nin-gradient-at" => Self {
+                teacher: nin_teacher,
+                loss: nin_gradient(GradientKind::Transfer, 1e3, 2),
+                ..nin
+            },
             "nin-kd" => Self {
                 teacher: nin_teacher,
                 loss: LossSection { alpha: 0.9, ..LossSection::default() },
@@ -297,18 +423,20 @@ impl RunConfig {
                 loss: LossSection { alpha: 0.9, beta: 1e3, ..LossSection::default() },
                 ..cifar
             },
-            "finetune-cub" => finetune("cub"),
-            "finetune-scenes" => finetune("scenes"),
-            "finetune-cub-at" => resnet_at(finetune("cub"), "runs/cub-resnet34/model.safetensors"),
+            "finetune-cub" => finetune(DatasetName::Cub),
+            "finetune-scenes" => finetune(DatasetName::Scenes),
+            "finetune-cub-at" => {
+                resnet_at(finetune(DatasetName::Cub), "runs/cub-resnet34/model.safetensors")
+            }
             "finetune-scenes-at" => {
-                resnet_at(finetune("scenes"), "runs/scenes-resnet34/model.safetensors")
+                resnet_at(finetune(DatasetName::Scenes), "runs/scenes-resnet34/model.safetensors")
             }
             "imagenet" => imagenet,
             "imagenet-at" => resnet_at(imagenet, "weights/resnet34.tv_in1k/model.safetensors"),
             "quick" => Self {
                 data: DataConfig { train_limit: 2000, test_limit: 1000, ..DataConfig::default() },
                 optim: OptimConfig {
-                    schedule: "cosine".into(),
+                    schedule: ScheduleKind::Cosine,
                     lr: 0.05,
                     ..OptimConfig::default()
                 },
@@ -328,9 +456,9 @@ impl RunConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
-            dataset: "fashion-mnist-subset".into(),
+            dataset: DatasetName::FashionMnistSubset,
             root: PathBuf::new(),
-            augment: "standard".into(),
+            augment: Augmentation::Standard,
             train_limit: 0,
             test_limit: 0,
         }
@@ -343,14 +471,14 @@ impl Default for LossSection {
             alpha: 0.0,
             temperature: 4.0,
             beta: 0.0,
-            map_reduce: "mean".into(),
+            map_reduce: MapReduce::Mean,
             map_p: 2.0,
-            norm: "l2".into(),
-            distance: "code".into(),
+            norm: MapNorm::L2,
+            distance: DistanceKind::Code,
             distance_p: 2.0,
-            resize: "area".into(),
+            resize: ResizeKind::Area,
             pairs: vec![],
-            gradient: "none".into(),
+            gradient: GradientKind::None,
             gradient_beta: 0.0,
             gradient_chunks: 1,
         }
@@ -365,7 +493,7 @@ impl Default for OptimConfig {
             momentum: 0.9,
             nesterov: false,
             weight_decay: 5e-4,
-            schedule: "multistep".into(),
+            schedule: ScheduleKind::Multistep,
             milestones: vec![60, 120, 160],
             gamma: 0.2,
         }
@@ -401,6 +529,7 @@ impl RunConfig {
         if let Some(teacher) = &self.teacher {
             at_models::find(&teacher.model)?;
         }
+        self.check_ranges()?;
         let gradient = self.gradient_config()?;
         let transfer = gradient.is_some_and(|g| g.penalty == GradientPenalty::Transfer);
         if (self.loss.alpha > 0.0 || self.loss.beta > 0.0 || transfer) && self.teacher.is_none() {
@@ -419,36 +548,56 @@ impl RunConfig {
         if self.batch_size == 0 || self.epochs == 0 {
             bail!("batch_size and epochs must be at least 1")
         }
-        self.at_config()?;
-        self.schedule()?;
-        crate::data::check_dataset(&self.data)?;
         Ok(())
     }
 
-    /// The attention-transfer settings.
+    /// Every numeric value in its range, checked before any work: an error names the key, the
+    /// value and the range.
+    fn check_ranges(&self) -> Result<()> {
+        let (l, o) = (&self.loss, &self.optim);
+        let checks: [(&str, f64, &str, fn(f64) -> bool); 10] = [
+            ("optim.lr", o.lr, "a finite number > 0", |v| v > 0.0),
+            ("optim.momentum", o.momentum, "a number in [0, 1)", |v| (0.0..1.0).contains(&v)),
+            ("optim.weight_decay", o.weight_decay, "a finite number >= 0", |v| v >= 0.0),
+            ("optim.gamma", o.gamma, "a finite number > 0", |v| v > 0.0),
+            ("loss.alpha", l.alpha, "a number in [0, 1]", |v| (0.0..=1.0).contains(&v)),
+            ("loss.temperature", l.temperature, "a finite number > 0", |v| v > 0.0),
+            ("loss.beta", l.beta, "a finite number >= 0", |v| v >= 0.0),
+            ("loss.map_p", l.map_p, "a finite number > 0", |v| v > 0.0),
+            ("loss.distance_p", l.distance_p, "a finite number >= 1", |v| v >= 1.0),
+            ("loss.gradient_beta", l.gradient_beta, "a finite number >= 0", |v| v >= 0.0),
+        ];
+        for (key, value, range, ok) in checks {
+            if !(value.is_finite() && ok(value)) {
+                bail!("{key} must be {range}, not {value}")
+            }
+        }
+        if l.gradient_chunks == 0 {
+            bail!("loss.gradient_chunks must be at least 1")
+        }
+        Ok(())
+    }
+
+    /// The attention-transfer settings (on candle's ops: the trainer chooses the kernels).
     pub fn at_config(&self) -> Result<AtConfig> {
         let l = &self.loss;
-        let reduce = match l.map_reduce.as_str() {
-            "sum" => ChannelReduce::Sum,
-            "mean" => ChannelReduce::Mean,
-            "max" => ChannelReduce::Max,
-            other => bail!("loss.map_reduce must be sum, mean or max, not `{other}`"),
+        let reduce = match l.map_reduce {
+            MapReduce::Sum => ChannelReduce::Sum,
+            MapReduce::Mean => ChannelReduce::Mean,
+            MapReduce::Max => ChannelReduce::Max,
         };
-        let norm = match l.norm.as_str() {
-            "l2" => Normalization::L2,
-            "l1" => Normalization::L1,
-            "none" => Normalization::None,
-            other => bail!("loss.norm must be l2, l1 or none, not `{other}`"),
+        let norm = match l.norm {
+            MapNorm::L2 => Normalization::L2,
+            MapNorm::L1 => Normalization::L1,
+            MapNorm::None => Normalization::None,
         };
-        let distance = match l.distance.as_str() {
-            "code" => Distance::Code,
-            "paper" => Distance::Paper { p: l.distance_p },
-            other => bail!("loss.distance must be code or paper, not `{other}`"),
+        let distance = match l.distance {
+            DistanceKind::Code => Distance::Code,
+            DistanceKind::Paper => Distance::Paper { p: l.distance_p },
         };
-        let resize = match l.resize.as_str() {
-            "area" => Resize::Area,
-            "bilinear" => Resize::Bilinear,
-            other => bail!("loss.resize must be area or bilinear, not `{other}`"),
+        let resize = match l.resize {
+            ResizeKind::Area => Resize::Area,
+            ResizeKind::Bilinear => Resize::Bilinear,
         };
         Ok(AtConfig {
             map: MapSpec { reduce, p: l.map_p, norm },
@@ -461,21 +610,12 @@ impl RunConfig {
     /// The gradient-based penalty, if any.
     pub fn gradient_config(&self) -> Result<Option<GradientConfig>> {
         let l = &self.loss;
-        let penalty = match l.gradient.as_str() {
-            "none" => return Ok(None),
-            "jacobian" => GradientPenalty::Jacobian,
-            "symmetry" => GradientPenalty::Symmetry,
-            "transfer" => GradientPenalty::Transfer,
-            other => {
-                bail!("loss.gradient must be none, jacobian, symmetry or transfer, not `{other}`")
-            }
+        let penalty = match l.gradient {
+            GradientKind::None => return Ok(None),
+            GradientKind::Jacobian => GradientPenalty::Jacobian,
+            GradientKind::Symmetry => GradientPenalty::Symmetry,
+            GradientKind::Transfer => GradientPenalty::Transfer,
         };
-        if l.gradient_chunks == 0 {
-            bail!("loss.gradient_chunks must be at least 1")
-        }
-        if !(l.gradient_beta.is_finite() && l.gradient_beta >= 0.0) {
-            bail!("loss.gradient_beta must be a finite number >= 0, not {}", l.gradient_beta)
-        }
         Ok(Some(GradientConfig {
             penalty,
             beta: l.gradient_beta,
@@ -497,14 +637,13 @@ impl RunConfig {
 
     /// The learning-rate schedule.
     pub fn schedule(&self) -> Result<Schedule> {
-        Ok(match self.optim.schedule.as_str() {
-            "multistep" => Schedule::MultiStep {
+        Ok(match self.optim.schedule {
+            ScheduleKind::Multistep => Schedule::MultiStep {
                 milestones: self.optim.milestones.clone(),
                 gamma: self.optim.gamma,
             },
-            "cosine" => Schedule::Cosine { epochs: self.epochs },
-            "constant" => Schedule::Constant,
-            other => bail!("optim.schedule must be multistep, cosine or constant, not `{other}`"),
+            ScheduleKind::Cosine => Schedule::Cosine { epochs: self.epochs },
+            ScheduleKind::Constant => Schedule::Constant,
         })
     }
 }

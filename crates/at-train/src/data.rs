@@ -3,22 +3,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use at_data::{Augment, Dataset, Image, Pipeline, Split, cifar, folder, mnist};
 
-use crate::config::DataConfig;
-
-/// The datasets `data.dataset` accepts.
-pub const DATASETS: &[&str] = &[
-    "fashion-mnist-subset",
-    "fashion-mnist",
-    "cifar10",
-    "cifar10-parquet",
-    "cub",
-    "scenes",
-    "imagenet",
-    "imagenet-parquet",
-];
+use crate::config::{Augmentation, DataConfig, DatasetName};
 
 /// Both splits with their pipelines.
 pub struct Data {
@@ -34,20 +22,8 @@ pub struct Data {
     pub in_channels: usize,
 }
 
-/// An error listing the known datasets, or the augmentations, when the config names another.
-pub fn check_dataset(config: &DataConfig) -> Result<()> {
-    if !DATASETS.contains(&config.dataset.as_str()) {
-        bail!("unknown dataset `{}`; known datasets: {}", config.dataset, DATASETS.join(", "))
-    }
-    if !["standard", "flip", "none"].contains(&config.augment.as_str()) {
-        bail!("data.augment must be standard, flip or none, not `{}`", config.augment)
-    }
-    Ok(())
-}
-
 /// Loads the datasets of `config`.
 pub fn load(config: &DataConfig) -> Result<Data> {
-    check_dataset(config)?;
     let root = |default: &str| {
         if config.root.as_os_str().is_empty() {
             Path::new(default).to_path_buf()
@@ -65,43 +41,41 @@ pub fn load(config: &DataConfig) -> Result<Data> {
     let cifar = (Pipeline::cifar_train(), Pipeline::cifar_test(), 3);
     let finetune = (Pipeline::finetune_train(), Pipeline::finetune_eval(), 3);
     let imagenet = (Pipeline::imagenet_train(), Pipeline::imagenet_eval(), 3);
-    let ((train, test), (train_pipeline, test_pipeline, in_channels)) =
-        match config.dataset.as_str() {
-            "fashion-mnist-subset" => (both(&|s| boxed(mnist::embedded(s)))?, fmnist),
-            "fashion-mnist" => {
-                let dir = root(mnist::DEBIAN_DIR);
-                (both(&|s| boxed(mnist::load(&dir, s)))?, fmnist)
-            }
-            "cifar10" => {
-                let dir = root("data/cifar10");
-                (both(&|s| boxed(cifar::load_binary(&dir, s)))?, cifar)
-            }
-            "cifar10-parquet" => {
-                let dir = root("data/cifar10");
-                (both(&|s| boxed(cifar::load_parquet(&dir, s)))?, cifar)
-            }
-            "cub" => {
-                let dir = root("data/cub");
-                (both(&|s| boxed(folder::cub(&dir, s)))?, finetune)
-            }
-            "scenes" => {
-                let dir = root("data/scenes");
-                (both(&|s| boxed(folder::scenes(&dir, s)))?, finetune)
-            }
-            "imagenet" => {
-                let dir = root("data/imagenet");
-                (both(&|s| boxed(folder::imagenet(&dir, s)))?, imagenet)
-            }
-            "imagenet-parquet" => {
-                let dir = root("data/imagenet");
-                (both(&|s| boxed(folder::imagenet_parquet(&dir, s)))?, imagenet)
-            }
-            _ => unreachable!("checked above"),
-        };
-    let train_pipeline = match config.augment.as_str() {
-        "standard" => train_pipeline,
-        "flip" => Pipeline { augment: Augment::Flip, ..test_pipeline.clone() },
-        _ => test_pipeline.clone(),
+    let ((train, test), (train_pipeline, test_pipeline, in_channels)) = match config.dataset {
+        DatasetName::FashionMnistSubset => (both(&|s| boxed(mnist::embedded(s)))?, fmnist),
+        DatasetName::FashionMnist => {
+            let dir = root(mnist::DEBIAN_DIR);
+            (both(&|s| boxed(mnist::load(&dir, s)))?, fmnist)
+        }
+        DatasetName::Cifar10 => {
+            let dir = root("data/cifar10");
+            (both(&|s| boxed(cifar::load_binary(&dir, s)))?, cifar)
+        }
+        DatasetName::Cifar10Parquet => {
+            let dir = root("data/cifar10");
+            (both(&|s| boxed(cifar::load_parquet(&dir, s)))?, cifar)
+        }
+        DatasetName::Cub => {
+            let dir = root("data/cub");
+            (both(&|s| boxed(folder::cub(&dir, s)))?, finetune)
+        }
+        DatasetName::Scenes => {
+            let dir = root("data/scenes");
+            (both(&|s| boxed(folder::scenes(&dir, s)))?, finetune)
+        }
+        DatasetName::Imagenet => {
+            let dir = root("data/imagenet");
+            (both(&|s| boxed(folder::imagenet(&dir, s)))?, imagenet)
+        }
+        DatasetName::ImagenetParquet => {
+            let dir = root("data/imagenet");
+            (both(&|s| boxed(folder::imagenet_parquet(&dir, s)))?, imagenet)
+        }
+    };
+    let train_pipeline = match config.augment {
+        Augmentation::Standard => train_pipeline,
+        Augmentation::Flip => Pipeline { augment: Augment::Flip, ..test_pipeline.clone() },
+        Augmentation::None => test_pipeline.clone(),
     };
     Ok(Data {
         train: limit(train, config.train_limit),

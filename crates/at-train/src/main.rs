@@ -56,15 +56,15 @@ enum Command {
         /// Where the three runs go; finished runs are reused, interrupted ones resumed.
         #[arg(long, default_value = "runs/quick")]
         out: PathBuf,
-        /// Training images per run (of 10,000).
-        #[arg(long, default_value_t = 2000)]
-        train_images: usize,
-        /// Test images (of 2,000).
-        #[arg(long, default_value_t = 1000)]
-        test_images: usize,
-        /// Epochs per run.
-        #[arg(long, default_value_t = 2)]
-        epochs: usize,
+        /// Training images per run (of 10,000) [default: the `quick` preset's].
+        #[arg(long)]
+        train_images: Option<usize>,
+        /// Test images (of 2,000) [default: the `quick` preset's].
+        #[arg(long)]
+        test_images: Option<usize>,
+        /// Epochs per run [default: the `quick` preset's].
+        #[arg(long)]
+        epochs: Option<usize>,
     },
     /// Write the attention maps of a run's model, each group's beside its image, as PNGs.
     Maps {
@@ -192,7 +192,12 @@ fn run(cli: Cli, second_order: std::sync::Arc<SecondOrder>) -> anyhow::Result<()
         }
         Command::Quick { out, train_images, test_images, epochs } => {
             set_interrupt_handler()?;
-            let scale = at_train::quick::QuickScale { train_images, test_images, epochs };
+            let preset = at_train::quick::QuickScale::default();
+            let scale = at_train::quick::QuickScale {
+                train_images: train_images.unwrap_or(preset.train_images),
+                test_images: test_images.unwrap_or(preset.test_images),
+                epochs: epochs.unwrap_or(preset.epochs),
+            };
             println!("{}", at_train::quick::quick_experiment(&out, scale)?);
         }
         Command::Maps { run_dir, images, test_items, out } => {
@@ -224,6 +229,11 @@ fn run(cli: Cli, second_order: std::sync::Arc<SecondOrder>) -> anyhow::Result<()
             print!("{}", config::resolve(None, preset.as_deref(), &sets)?.to_toml())
         }
         Command::Models { classes, in_channels } => {
+            if classes == 0 || in_channels == 0 {
+                bail!(
+                    "--classes and --in-channels must be at least 1, got {classes} and {in_channels}"
+                )
+            }
             let options =
                 ModelOptions { num_classes: classes, in_channels, ..ModelOptions::default() };
             let rows = at_train::model_rows(&options)?;

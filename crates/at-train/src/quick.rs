@@ -27,8 +27,14 @@ pub struct QuickScale {
 }
 
 impl Default for QuickScale {
+    /// The `quick` preset's: the one place these numbers live.
     fn default() -> Self {
-        Self { train_images: 2000, test_images: 1000, epochs: 2 }
+        let preset = RunConfig::preset("quick").expect("the quick preset exists");
+        Self {
+            train_images: preset.data.train_limit,
+            test_images: preset.data.test_limit,
+            epochs: preset.epochs,
+        }
     }
 }
 

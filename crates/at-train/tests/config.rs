@@ -1,6 +1,7 @@
 //! Run configs: every preset is valid, the TOML round-trips with every key, and unknown keys or
 //! values are errors that say what is known.
 
+use at_train::config::GradientKind;
 use at_train::config::{LossSection, PRESETS, RunConfig, resolve};
 
 #[test]
@@ -48,7 +49,7 @@ fn unknown_keys_and_values_are_errors_that_name_them() {
     let err = format!("{:#}", resolve(None, None, &["optim.lr_decay=0.1".into()]).unwrap_err());
     assert!(err.contains("unknown config key `optim.lr_decay`"), "{err}");
     let err = format!("{:#}", resolve(None, None, &["data.dataset=mnist".into()]).unwrap_err());
-    assert!(err.contains("unknown dataset `mnist`") && err.contains("cifar10"), "{err}");
+    assert!(err.contains("unknown variant `mnist`") && err.contains("`cifar10`"), "{err}");
     let err = format!(
         "{:#}",
         resolve(None, Some("cifar-at-kd"), &["teacher.model=wrn-28-10".into()]).unwrap_err()
@@ -88,28 +89,78 @@ fn gradient_penalty_keys_are_checked() {
         };
         config.validate().map_err(|e| format!("{e:#}"))
     };
-    let err = with(LossSection { gradient: "hessian".into(), ..LossSection::default() }, false)
-        .unwrap_err();
-    assert!(
-        err.contains("none, jacobian, symmetry or transfer") && err.contains("hessian"),
-        "{err}"
-    );
-    let err = with(LossSection { gradient: "transfer".into(), ..LossSection::default() }, false)
-        .unwrap_err();
+    let err =
+        with(LossSection { gradient: GradientKind::Transfer, ..LossSection::default() }, false)
+            .unwrap_err();
     assert!(err.contains("no [teacher]"), "{err}");
-    let both = LossSection { gradient: "jacobian".into(), beta: 1e3, ..LossSection::default() };
+    let both =
+        LossSection { gradient: GradientKind::Jacobian, beta: 1e3, ..LossSection::default() };
     let err = with(both, true).unwrap_err();
     assert!(err.contains("set loss.beta = 0"), "{err}");
     let err = with(
-        LossSection { gradient: "jacobian".into(), gradient_beta: -1.0, ..LossSection::default() },
+        LossSection {
+            gradient: GradientKind::Jacobian,
+            gradient_beta: -1.0,
+            ..LossSection::default()
+        },
         false,
     )
     .unwrap_err();
-    assert!(err.contains("gradient_beta"), "{err}");
+    assert!(err.contains("loss.gradient_beta must be a finite number >= 0, not -1"), "{err}");
     let err = with(
-        LossSection { gradient: "jacobian".into(), gradient_chunks: 0, ..LossSection::default() },
+        LossSection {
+            gradient: GradientKind::Jacobian,
+            gradient_chunks: 0,
+            ..LossSection::default()
+        },
         false,
     )
     .unwrap_err();
     assert!(err.contains("gradient_chunks must be at least 1"), "{err}");
+}
+
+/// Every enumerated value is parsed once, when the config is read: a wrong one is an error that
+/// names the key and every valid value, before any work.
+#[test]
+fn bad_enumerated_values_are_refused_with_the_valid_values_named() {
+    let cases: [(&str, &[&str]); 8] = [
+        ("loss.map_reduce=median", &["`sum`", "`mean`", "`max`"]),
+        ("loss.norm=l3", &["`l2`", "`l1`", "`none`"]),
+        ("loss.distance=euclid", &["`code`", "`paper`"]),
+        ("loss.resize=nearest", &["`area`", "`bilinear`"]),
+        ("loss.gradient=hessian", &["`none`", "`jacobian`", "`symmetry`", "`transfer`"]),
+        ("optim.schedule=step", &["`multistep`", "`cosine`", "`constant`"]),
+        ("data.augment=mixup", &["`standard`", "`flip`", "`none`"]),
+        ("data.dataset=mnist", &["`fashion-mnist-subset`", "`cifar10`", "`imagenet-parquet`"]),
+    ];
+    for (set, valid) in cases {
+        let err = format!("{:#}", resolve(None, None, &[set.into()]).unwrap_err());
+        let (key, value) = set.split_once('=').unwrap();
+        let field = key.rsplit('.').next().unwrap();
+        assert!(err.contains(&format!("unknown variant `{value}`")), "{set}: {err}");
+        assert!(err.contains(field), "{set}: the error names the key: {err}");
+        for v in valid {
+            assert!(err.contains(v), "{set}: the error names {v}: {err}");
+        }
+    }
+}
+
+/// Numbers outside their range are refused before any work, naming key, value and range.
+#[test]
+fn numbers_out_of_range_are_refused_with_key_value_and_range() {
+    let cases = [
+        ("optim.lr=-1", "optim.lr must be a finite number > 0, not -1"),
+        ("optim.lr=0", "optim.lr must be a finite number > 0, not 0"),
+        ("optim.momentum=1.5", "optim.momentum must be a number in [0, 1), not 1.5"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be a finite number >= 0"),
+        ("loss.beta=nan", "loss.beta must be a finite number >= 0, not NaN"),
+        ("loss.alpha=2", "loss.alpha must be a number in [0, 1], not 2"),
+        ("loss.temperature=0", "loss.temperature must be a finite number > 0"),
+        ("loss.map_p=inf", "loss.map_p must be a finite number > 0, not inf"),
+        ("loss.distance_p=0.5", "loss.distance_p must be a finite number >= 1"),
+    ];
+    for (set, want) in cases {
+        let err = format!("{:#}", resolve(None, None, &[set.into()]).unwrap_err());
+        assert!(err.contains(want), "{set}: {err}");
+    }
 }

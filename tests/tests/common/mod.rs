@@ -5,7 +5,9 @@
 use std::io::Write;
 use std::path::Path;
 
-use at_train::config::{DataConfig, OptimConfig, RunConfig};
+use at_train::config::{
+    Augmentation, DataConfig, DatasetName, OptimConfig, RunConfig, ScheduleKind,
+};
 use at_train::train::{RunOptions, read_metrics};
 
 /// 28x28 images of four classes: one bright quadrant each, on noise.
@@ -49,12 +51,12 @@ pub fn config(data: &Path) -> RunConfig {
     RunConfig {
         student: "wrn-16-1".into(),
         data: DataConfig {
-            dataset: "fashion-mnist".into(),
+            dataset: DatasetName::FashionMnist,
             root: data.to_path_buf(),
-            augment: "none".into(),
+            augment: Augmentation::None,
             ..DataConfig::default()
         },
-        optim: OptimConfig { lr: 0.05, schedule: "constant".into(), ..OptimConfig::default() },
+        optim: OptimConfig { lr: 0.05, schedule: ScheduleKind::Constant, ..OptimConfig::default() },
         epochs: 2,
         batch_size: 32,
         seed: 11,
