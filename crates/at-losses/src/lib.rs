@@ -12,7 +12,7 @@
 pub mod gradient;
 pub mod second_order;
 
-use at_ops::{AtConfig, at_loss, at_loss_from_maps, raw_attention_map};
+use at_ops::{AtConfig, at_loss, at_loss_from_maps};
 use candle_core::{DType, Result, Tensor, bail};
 use candle_nn::ops::log_softmax;
 
@@ -102,9 +102,8 @@ pub fn student_loss(
     student_loss_with_maps(logits, labels, groups, teacher, config, GroupMaps::default())
 }
 
-/// Attention maps that the models computed with their own kernels (`at_models::Output::maps`,
-/// as `at_train::train::fused_maps` computes them): per group, `mean_c A_c^2` before
-/// normalisation (`[B, H, W]`); empty, or `None` for a group without one.
+/// Attention maps the networks made themselves (`at_models::Output::maps`): per group,
+/// `mean_c A_c^2` before normalisation (`[B, H, W]`); empty, or `None` for a group without one.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GroupMaps<'a> {
     /// The student's, by group.
@@ -165,9 +164,8 @@ pub fn student_loss_with_maps(
             at.push(match (given(maps.student, s), given(maps.teacher, t)) {
                 (None, None) => at_loss(gs, gt, &config.at)?,
                 (map_s, map_t) => {
-                    let map_s = map_s.map_or_else(|| raw_attention_map(gs, &config.at.map), Ok)?;
-                    let map_t = map_t
-                        .map_or_else(|| raw_attention_map(&gt.detach(), &config.at.map), Ok)?;
+                    let map_s = map_s.map_or_else(|| config.at.raw_map(gs), Ok)?;
+                    let map_t = map_t.map_or_else(|| config.at.raw_map(&gt.detach()), Ok)?;
                     at_loss_from_maps(&map_s, &map_t, &config.at)?.to_dtype(gs.dtype())?
                 }
             });

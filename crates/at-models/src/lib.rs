@@ -30,6 +30,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod maps;
 pub mod nin;
 pub mod nn;
 pub mod resnet;
@@ -49,67 +50,17 @@ pub struct Output {
     pub logits: Tensor,
     /// The activations at the attention points, from the input side: `[B, C_g, H_g, W_g]` each.
     pub groups: Vec<Tensor>,
-    /// For each group, where the network made it so (WRN in training on at-kernels' fused ops):
-    /// its attention map with the backward done by the group's next op; empty or `None` where
-    /// not. See [`FusedMap`].
-    pub maps: Vec<Option<FusedMap>>,
+    /// The attention maps asked of [`AttentionModel::forward_with_maps`] that the network made
+    /// itself, by group: `mean_c A_c^2` before normalisation (at-ops' default map), `[B, H, W]`,
+    /// equal in value and gradient to the map of the activation, cheaper (see [`maps`]).
+    /// Empty, or `None` for a group, where it made none.
+    pub maps: Vec<Option<Tensor>>,
 }
 
 impl Output {
-    /// The logits and the group activations, without fused maps.
+    /// The logits and the group activations, without maps.
     pub fn new(logits: Tensor, groups: Vec<Tensor>) -> Self {
         Self { logits, groups, maps: vec![] }
-    }
-}
-
-/// A group's attention map `mean_c A_c^2` before normalisation (at-ops' default map, `p = 2`
-/// and the channel mean) as `[B, H, W]`, made by the network's own kernels. Equal in value and
-/// gradient to the map computed from the activation, and cheaper:
-/// - in training, its gradient is added to the activation's by the network's next op (the next
-///   group, or the final batch norm) in the pass that writes that gradient anyway
-///   (`at_kernels::channel_power_deferred`), instead of two more passes over the activation;
-/// - in evaluation (a teacher), it is taken from each image's output while the block computes
-///   it (`at_kernels::preact_block_eval_map`): a constant.
-#[derive(Clone, Debug)]
-pub struct FusedMap(Source);
-
-#[derive(Clone, Debug)]
-enum Source {
-    Deferred {
-        activation: Tensor,
-        /// The logits: computed from the next op's output.
-        anchor: Tensor,
-        slot: at_kernels::MapGradient,
-    },
-    Computed(Tensor),
-}
-
-impl FusedMap {
-    /// The map of `activation` whose gradient goes to `slot`, taken by the op that consumed
-    /// `activation`, from whose output `anchor` was computed.
-    pub(crate) fn deferred(
-        activation: Tensor,
-        anchor: Tensor,
-        slot: at_kernels::MapGradient,
-    ) -> Self {
-        Self(Source::Deferred { activation, anchor, slot })
-    }
-
-    /// A map computed with its activation (no gradient).
-    pub(crate) fn computed(map: Tensor) -> Self {
-        Self(Source::Computed(map))
-    }
-
-    /// The map; in training a new op each call (the gradients of several add up). `None`
-    /// where the kernel does not apply here (a thread with second-order gradients).
-    pub fn compute(&self) -> Result<Option<Tensor>> {
-        match &self.0 {
-            Source::Deferred { activation, anchor, slot } => {
-                let c = activation.dim(1)?;
-                at_kernels::channel_power_deferred(activation, 1.0 / c as f64, anchor, slot)
-            }
-            Source::Computed(map) => Ok(Some(map.clone())),
-        }
     }
 }
 
@@ -118,6 +69,17 @@ pub trait AttentionModel: Send + Sync {
     /// Runs the network; `train` selects batch statistics (and updates the running ones) in
     /// batch norm.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output>;
+
+    /// [`forward_t`](Self::forward_t), and the attention maps `mean_c A^2` of the groups
+    /// `maps`, where the network makes them itself (WRN); others leave
+    /// [`Output::maps`] empty, and the caller computes the maps from the activations.
+    fn forward_with_maps(&self, x: &Tensor, train: bool, maps: &[usize]) -> Result<Output> {
+        let _ = maps;
+        self.forward_t(x, train)
+    }
+
+    /// The number of attention points (groups) [`forward_t`](Self::forward_t) returns.
+    fn group_count(&self) -> usize;
 }
 
 /// Options shared by every registered model.

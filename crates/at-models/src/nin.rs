@@ -130,6 +130,10 @@ impl Nin {
 }
 
 impl AttentionModel for Nin {
+    fn group_count(&self) -> usize {
+        self.blocks.len()
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
         let mut o = x.clone();
         let mut groups = Vec::with_capacity(3);

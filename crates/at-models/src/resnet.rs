@@ -148,6 +148,10 @@ impl ResNet {
 }
 
 impl AttentionModel for ResNet {
+    fn group_count(&self) -> usize {
+        self.layers.len()
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
         // The frozen first group runs as in evaluation and is cut from the graph after layer1.
         let first_train = train && !self.freeze_first_group;

@@ -12,10 +12,11 @@ use candle_nn::VarBuilder;
 
 use at_kernels::{MapGradient, PreactBlock, preact_blocks_train_with};
 
+use crate::maps::MapTaps;
 use crate::nn::{
     BN_EPS, Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool,
 };
-use crate::{AttentionModel, FusedMap, Output};
+use crate::{AttentionModel, Output};
 
 /// The shape of a WRN-d-k.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,35 +162,64 @@ impl Block {
     }
 }
 
-/// A group's blocks as one kernel (training mode): one candle graph edge for the group instead
-/// of one per block. `None` where the kernel does not apply.
-/// `map_grad`: the gradient of attention maps of `x` (see [`FusedMap`]).
-fn group_fused(
-    blocks: &[Block],
-    x: &Tensor,
-    train: bool,
-    map_grad: Option<&MapGradient>,
-) -> Result<Option<Tensor>> {
-    let Some(fused) = blocks.iter().map(|b| b.fused(train)).collect::<Option<Vec<_>>>() else {
-        return Ok(None);
-    };
-    let Some((y, stats)) = preact_blocks_train_with(x, &fused, map_grad)? else {
-        return Ok(None);
-    };
-    for (block, [stats0, stats1]) in blocks.iter().zip(&stats) {
-        block.bn0.update_running_from(stats0)?;
-        block.bn1.update_running_from(stats1)?;
+/// A group of blocks, `group{g}` in the authors' names.
+#[derive(Clone, Debug)]
+struct Group {
+    blocks: Vec<Block>,
+}
+
+impl Group {
+    /// The group's output. `taps`: the attention maps asked for; in training this group's
+    /// kernel takes the gradient of the previous group's map (group `g - 1`: its input), in
+    /// evaluation its last block makes group `g`'s map.
+    fn forward(&self, x: &Tensor, train: bool, g: usize, taps: &mut MapTaps) -> Result<Tensor> {
+        if train {
+            let slot = g.checked_sub(1).and_then(|prev| taps.gradient_slot(prev));
+            if let Some(y) = self.fused(x, slot.as_ref())? {
+                if slot.is_some() {
+                    taps.took(g - 1);
+                }
+                return Ok(y);
+            }
+        }
+        let (last, first) = self.blocks.split_last().expect("a group has blocks");
+        let o = first.iter().try_fold(x.clone(), |o, block| block.forward_t(&o, train))?;
+        if taps.wants_made(g)
+            && let Some((y, map)) = last.eval_fused_map(&o)?
+        {
+            taps.made(g, map);
+            return Ok(y);
+        }
+        last.forward_t(&o, train)
     }
-    Ok(Some(y))
+
+    /// The blocks as one kernel (training mode): one candle graph edge for the group instead of
+    /// one per block; its backward adds the map gradient left in `map_grad`, if any. `None`
+    /// where the kernel does not apply.
+    fn fused(&self, x: &Tensor, map_grad: Option<&MapGradient>) -> Result<Option<Tensor>> {
+        let blocks = &self.blocks;
+        let Some(fused) = blocks.iter().map(|b| b.fused(true)).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        let Some((y, stats)) = preact_blocks_train_with(x, &fused, map_grad)? else {
+            return Ok(None);
+        };
+        for (block, [stats0, stats1]) in blocks.iter().zip(&stats) {
+            block.bn0.update_running_from(stats0)?;
+            block.bn1.update_running_from(stats1)?;
+        }
+        Ok(Some(y))
+    }
 }
 
 /// A WRN-d-k; see the module documentation.
 #[derive(Clone, Debug)]
 pub struct Wrn {
     conv0: Conv2d,
-    groups: Vec<Vec<Block>>,
+    groups: Vec<Group>,
     bn: BatchNorm2d,
     fc: Linear,
+    backend: Backend,
 }
 
 impl Wrn {
@@ -210,63 +240,51 @@ impl Wrn {
                 blocks.push(Block::new(c_in, c_out, stride, config, vb_block)?);
                 c_in = c_out;
             }
-            groups.push(blocks);
+            groups.push(Group { blocks });
         }
         let bn = BatchNorm2d::new(c_in, config.init, false, vb.pp("bn"))?.on(config.backend);
         let fc = Linear::new(c_in, config.num_classes, vb.pp("fc"))?;
-        Ok(Self { conv0, groups, bn, fc })
+        Ok(Self { conv0, groups, bn, fc, backend: config.backend })
     }
 }
 
 impl AttentionModel for Wrn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
-        let n = self.groups.len();
+        self.forward_with_maps(x, train, &[])
+    }
+
+    /// The authors' `f`: conv0, the three groups, BN-ReLU, average pool, fc; `taps` carries the
+    /// attention maps asked for (see [`crate::maps`]).
+    fn forward_with_maps(&self, x: &Tensor, train: bool, maps: &[usize]) -> Result<Output> {
+        let mut taps = MapTaps::new(train, self.backend, self.groups.len(), maps);
         let mut o = self.conv0.forward(x)?;
-        let mut groups = Vec::with_capacity(n);
-        let mut maps: Vec<Option<FusedMap>> = vec![None; n];
-        // In training, each group output's next op (the next group, the final batch norm) is
-        // made to take the gradient of the output's attention maps (see `FusedMap`):
-        // `slots[g]` where it took it; the maps are made once the logits exist.
-        let mut slots: Vec<Option<MapGradient>> = vec![None; n];
-        for (g, blocks) in self.groups.iter().enumerate() {
-            let slot = (train && g > 0).then(MapGradient::new);
-            o = match group_fused(blocks, &o, train, slot.as_ref())? {
-                Some(y) => {
-                    if let Some(slot) = slot {
-                        slots[g - 1] = Some(slot);
-                    }
-                    y
-                }
-                None => {
-                    let (last, first) = blocks.split_last().expect("a group has blocks");
-                    let o = first.iter().try_fold(o, |o, block| block.forward_t(&o, train))?;
-                    // In evaluation, the last block's output and its map in one pass.
-                    match if train { None } else { last.eval_fused_map(&o)? } {
-                        Some((y, map)) => {
-                            maps[g] = Some(FusedMap::computed(map));
-                            y
-                        }
-                        None => last.forward_t(&o, train)?,
-                    }
-                }
-            };
+        let mut groups = Vec::with_capacity(self.groups.len());
+        for (g, group) in self.groups.iter().enumerate() {
+            o = group.forward(&o, train, g, &mut taps)?;
             groups.push(o.clone());
         }
-        let slot = MapGradient::new();
-        let fused = if train { self.bn.forward_relu_train_with(&o, &slot)? } else { None };
-        let o = match fused {
-            Some(y) => {
-                slots[n - 1] = Some(slot);
-                y
-            }
-            None => self.bn.forward_relu_t(&o, train)?,
-        };
+        let o = self.final_bn_relu(&o, train, &mut taps)?;
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
-        for ((map, slot), activation) in maps.iter_mut().zip(slots).zip(&groups) {
-            if let Some(slot) = slot {
-                *map = Some(FusedMap::deferred(activation.clone(), logits.clone(), slot));
+        let maps = taps.finish(&groups, &logits)?;
+        Ok(Output { logits, groups, maps })
+    }
+
+    fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+impl Wrn {
+    /// `relu(bn(x))` after the last group; in training its kernel takes the gradient of the last
+    /// group's map, if asked for.
+    fn final_bn_relu(&self, x: &Tensor, train: bool, taps: &mut MapTaps) -> Result<Tensor> {
+        let last = self.groups.len() - 1;
+        if train && let Some(slot) = taps.gradient_slot(last) {
+            if let Some(y) = self.bn.forward_relu_train_with(x, &slot)? {
+                taps.took(last);
+                return Ok(y);
             }
         }
-        Ok(Output { logits, groups, maps })
+        self.bn.forward_relu_t(x, train)
     }
 }

@@ -50,7 +50,7 @@ fn input_size(name: &str) -> usize {
 }
 
 #[test]
-fn every_model_runs_forward_and_backward_with_finite_gradients_and_right_group_shapes() {
+fn every_model_runs_forward_and_backward_with_finite_gradients_and_right_group_shapes_and_count() {
     for spec in registry() {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -83,6 +83,7 @@ fn every_model_runs_forward_and_backward_with_finite_gradients_and_right_group_s
             other => panic!("no expected group shapes for {other}"),
         };
         assert_eq!(shapes, expected, "{}", spec.name);
+        assert_eq!(model.group_count(), out.groups.len(), "{}: group_count", spec.name);
 
         // A loss that touches the logits and every group, so every parameter gets a gradient.
         let mut loss = out.logits.sqr().unwrap().mean_all().unwrap();

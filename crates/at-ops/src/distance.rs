@@ -40,6 +40,14 @@ pub struct AtConfig {
     pub backend: AtBackend,
 }
 
+impl AtConfig {
+    /// The map of `activation` (`[B, C, H, W]`) before normalisation, `F(A)` as `[B, H, W]`,
+    /// with this config's map and backend: what [`at_loss_from_maps`] takes.
+    pub fn raw_map(&self, activation: &Tensor) -> Result<Tensor> {
+        raw_map(activation, &self.map, self.backend)
+    }
+}
+
 /// The attention-transfer distance between a student activation `[B, Cs, Hs, Ws]` and a teacher
 /// activation `[B, Ct, Ht, Wt]`: a scalar in the student's dtype.
 ///

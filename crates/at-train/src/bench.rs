@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use at_losses::{LossConfig, student_loss_with_maps};
+use at_losses::{GroupMaps, LossConfig, student_loss_with_maps};
 use at_models::{AttentionModel, Backend, ModelOptions};
 use at_ops::{AtBackend, AtConfig};
 use candle_core::{DType, Device, Tensor};
@@ -120,19 +120,17 @@ pub fn time_steps(
             let t = teacher.as_ref().expect("a teacher").forward_t(&x, false)?;
             t.logits.to_vec2::<f32>()?;
         } else {
-            let out = student.forward_t(&x, true)?;
+            let (maps_s, maps_t) = crate::train::wanted_maps(&loss, teacher.is_some());
+            let out = student.forward_with_maps(&x, true, &maps_s)?;
             phases.forward = started.elapsed();
-            let teacher_out = teacher.as_ref().map(|t| t.forward_t(&x, false)).transpose()?;
+            let teacher_out =
+                teacher.as_ref().map(|t| t.forward_with_maps(&x, false, &maps_t)).transpose()?;
             let t = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
-            let maps = crate::train::fused_maps(&out, teacher_out.as_ref(), &loss)?;
-            let parts = student_loss_with_maps(
-                &out.logits,
-                &labels,
-                &out.groups,
-                t,
-                &loss,
-                maps.as_group_maps(),
-            )?;
+            let maps = GroupMaps {
+                student: &out.maps,
+                teacher: teacher_out.as_ref().map_or(&[], |t| &t.maps),
+            };
+            let parts = student_loss_with_maps(&out.logits, &labels, &out.groups, t, &loss, maps)?;
             phases.loss = started.elapsed() - phases.forward;
             let grads = parts.total.backward()?;
             phases.backward = started.elapsed() - phases.forward - phases.loss;

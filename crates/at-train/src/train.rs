@@ -20,7 +20,7 @@ use at_losses::gradient::{
 };
 use at_losses::second_order::SecondOrder;
 use at_losses::{GroupMaps, LossConfig, LossParts, student_loss_with_maps};
-use at_models::{AttentionModel, ModelOptions, Output};
+use at_models::{AttentionModel, ModelOptions};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -223,11 +223,7 @@ impl Run {
         // takes a forward pass of each network, so it is done only when it is needed.
         let pairs = match &teacher {
             Some(t) if config.loss.pairs.is_empty() && config.loss.beta > 0.0 => {
-                let n = count_groups(student.as_ref(), &data, &device)?.min(count_groups(
-                    t.as_ref(),
-                    &data,
-                    &device,
-                )?);
+                let n = student.group_count().min(t.group_count());
                 (0..n).map(|i| (i, i)).collect()
             }
             _ => config.loss.pairs.iter().map(|p| (p[0], p[1])).collect(),
@@ -415,22 +411,26 @@ impl Run {
                 )?
             }
             None => {
-                let out = self.student.forward_t(images, true)?;
+                let (maps_s, maps_t) = wanted_maps(&self.loss, self.teacher.is_some());
+                let out = self.student.forward_with_maps(images, true, &maps_s)?;
                 let teacher_out = match &self.teacher {
                     Some(t) if self.loss.alpha > 0.0 || self.loss.beta > 0.0 => {
-                        Some(t.forward_t(images, false)?)
+                        Some(t.forward_with_maps(images, false, &maps_t)?)
                     }
                     _ => None,
                 };
                 let teacher = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
-                let maps = fused_maps(&out, teacher_out.as_ref(), &self.loss)?;
+                let maps = GroupMaps {
+                    student: &out.maps,
+                    teacher: teacher_out.as_ref().map_or(&[], |t| &t.maps),
+                };
                 let parts = student_loss_with_maps(
                     &out.logits,
                     labels,
                     &out.groups,
                     teacher,
                     &self.loss,
-                    maps.as_group_maps(),
+                    maps,
                 )?;
                 let grads = parts.total.backward()?;
                 (parts, grads)
@@ -581,17 +581,6 @@ pub fn load_teacher(
         .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
         .collect();
     Ok(at_models::build(model, options, VarBuilder::from_tensors(tensors, DType::F32, device))?)
-}
-
-fn count_groups(model: &dyn AttentionModel, data: &Data, device: &Device) -> Result<usize> {
-    let (image, _) = data.test.get(0)?;
-    let pipeline = &data.test_pipeline;
-    let image = pipeline
-        .augment(&image, &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0));
-    let mut values = vec![0f32; image.data.len()];
-    pipeline.normalize_into(&image, &mut values);
-    let x = Tensor::from_vec(values, (1, image.channels, image.height, image.width), device)?;
-    Ok(model.forward_t(&x, false)?.groups.len())
 }
 
 /// (top-1, top-5) correct predictions of `logits` against `labels`.
@@ -759,54 +748,14 @@ pub fn evaluate_run(dir: &Path) -> Result<(f64, f64, f64)> {
     RunModel::open(RunConfig::load(&dir.join("config.toml"))?, dir)?.evaluate()
 }
 
-/// The fused attention maps (`at_models::FusedMap`) of the student's and the teacher's groups
-/// that `loss` transfers, for [`student_loss_with_maps`]; none without a teacher, attention
-/// transfer, or with a map other than the one they are (`p = 2`, channel mean).
-pub fn fused_maps(
-    student: &Output,
-    teacher: Option<&Output>,
-    loss: &LossConfig,
-) -> Result<FusedMaps> {
-    let Some(teacher) = teacher else { return Ok(FusedMaps::default()) };
-    if loss.beta <= 0.0 || !loss.at.map.is_mean_square() {
-        return Ok(FusedMaps::default());
+/// The groups whose attention maps the networks should make themselves for `loss`, as
+/// `(student's, teacher's)`: the paired ones, with a teacher and attention transfer, when the
+/// map is the one they make (`p = 2`, channel mean); none otherwise.
+pub fn wanted_maps(loss: &LossConfig, teacher: bool) -> (Vec<usize>, Vec<usize>) {
+    if !teacher || loss.beta <= 0.0 || !loss.at.map.is_mean_square() {
+        return (vec![], vec![]);
     }
-    let pick = |out: &Output, groups: &mut dyn Iterator<Item = usize>| {
-        let mut maps = vec![None; out.groups.len()];
-        for g in groups {
-            if let (Some(slot), Some(Some(fused))) = (maps.get_mut(g), out.maps.get(g))
-                && slot.is_none()
-            {
-                *slot = fused.compute()?;
-            }
-        }
-        Ok::<_, anyhow::Error>(maps)
-    };
-    Ok(FusedMaps {
-        student: pick(student, &mut loss.pairs.iter().map(|p| p.0))?,
-        teacher: pick(teacher, &mut loss.pairs.iter().map(|p| p.1))?,
-    })
-}
-
-/// What [`fused_maps`] found, by group (empty where none).
-#[derive(Clone, Debug, Default)]
-pub struct FusedMaps {
-    /// The student's.
-    pub student: Vec<Option<Tensor>>,
-    /// The teacher's.
-    pub teacher: Vec<Option<Tensor>>,
-}
-
-impl FusedMaps {
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.student.is_empty() && self.teacher.is_empty()
-    }
-
-    /// As [`student_loss_with_maps`] takes them.
-    pub fn as_group_maps(&self) -> GroupMaps<'_> {
-        GroupMaps { student: &self.student, teacher: &self.teacher }
-    }
+    loss.pairs.iter().map(|&(s, t)| (s, t)).unzip()
 }
 
 /// The loss and gradients of one step with a gradient-based penalty (`loss.gradient`): the

@@ -1,14 +1,15 @@
-//! Fused attention maps (`at_models::FusedMap`: the student's with their backward done by the op
-//! after the group, the teacher's taken from its blocks' outputs in the same pass) against maps
-//! computed from the group activations: the same loss and the same gradient for every parameter
-//! of a WRN, with attention transfer on all three groups (the first two maps' gradients go
-//! through the next group's fused blocks, the last one's through the final batch norm).
+//! The attention maps a WRN makes itself (`forward_with_maps`: the student's with their backward
+//! done by the op after the group, the teacher's taken from its blocks' outputs in the same
+//! pass) against maps computed from the group activations: the same loss and the same gradient
+//! for every parameter, with attention transfer on all three groups (the first two maps'
+//! gradients go through the next group's fused blocks, the last one's through the final batch
+//! norm). A consumer that dropped a map's gradient, or a gradient on one side only, fails it.
 
-use at_losses::{LossConfig, student_loss, student_loss_with_maps};
+use at_losses::{GroupMaps, LossConfig, student_loss, student_loss_with_maps};
 use at_models::AttentionModel;
 use at_models::{ModelOptions, build};
 use at_train::init::seeded_var_builder;
-use at_train::train::fused_maps;
+use at_train::train::wanted_maps;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
@@ -39,7 +40,7 @@ fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
     let teacher = frozen("wrn-16-2", 2, &device);
     let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &device).unwrap();
     let labels = Tensor::new(&[1u32, 3, 5, 7], &device).unwrap();
-    let t = teacher.forward_t(&x, false).unwrap();
+    let t = teacher.forward_with_maps(&x, false, &[0, 1, 2]).unwrap();
     let loss = LossConfig {
         beta: 1e3,
         pairs: vec![(0, 0), (1, 1), (2, 2)],
@@ -47,15 +48,13 @@ fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
         ..Default::default()
     };
 
-    let out = student.forward_t(&x, true).unwrap();
-    let maps = fused_maps(&out, Some(&t), &loss).unwrap();
-    assert_eq!(maps.student.iter().flatten().count(), 3, "every student group has a fused map");
-    assert_eq!(maps.teacher.iter().flatten().count(), 3, "every teacher group has a fused map");
+    let out = student.forward_with_maps(&x, true, &[0, 1, 2]).unwrap();
+    assert_eq!(out.maps.iter().flatten().count(), 3, "every student group has its map");
+    assert_eq!(t.maps.iter().flatten().count(), 3, "every teacher group has its map");
     let teacher_parts = Some((&t.logits, &t.groups[..]));
     let (logits, groups) = (&out.logits, &out.groups);
-    let ours =
-        student_loss_with_maps(logits, &labels, groups, teacher_parts, &loss, maps.as_group_maps())
-            .unwrap();
+    let maps = GroupMaps { student: &out.maps, teacher: &t.maps };
+    let ours = student_loss_with_maps(logits, &labels, groups, teacher_parts, &loss, maps).unwrap();
     let grads_ours = ours.total.backward().unwrap();
 
     let out = student.forward_t(&x, true).unwrap();
@@ -92,28 +91,29 @@ fn fused_maps_give_the_loss_and_gradients_of_plain_maps() {
     assert!(checked > 30, "checked {checked} gradients");
 }
 
-/// Fused maps are taken only for the paired groups, with a teacher, attention transfer and the
-/// map they are (p = 2, channel mean).
+/// The networks make the maps asked for and no others; the trainer asks for the paired groups
+/// only, with a teacher, attention transfer and the map they make (p = 2, channel mean).
 #[test]
-fn fused_maps_only_for_paired_groups_and_the_default_map() {
+fn maps_only_for_the_groups_asked_and_the_default_map() {
     let device = Device::Cpu;
     let varmap = VarMap::new();
     let student =
         build("wrn-16-1", &ModelOptions::default(), seeded_var_builder(&varmap, 1, &device))
             .unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &device).unwrap();
-    let out = student.forward_t(&x, true).unwrap();
-    let eval = frozen("wrn-16-1", 2, &device).forward_t(&x, false).unwrap();
+    let some = |maps: &[Option<Tensor>]| maps.iter().map(Option::is_some).collect::<Vec<_>>();
+    let out = student.forward_with_maps(&x, true, &[1]).unwrap();
+    assert_eq!(some(&out.maps), [false, true, false], "only the student group asked for");
+    let eval = frozen("wrn-16-1", 2, &device).forward_with_maps(&x, false, &[2]).unwrap();
+    assert_eq!(some(&eval.maps), [false, false, true], "only the teacher group asked for");
+    assert!(student.forward_t(&x, true).unwrap().maps.iter().all(Option::is_none));
+
     let at = LossConfig { beta: 1e3, pairs: vec![(1, 2)], at: kernels_at(), ..Default::default() };
-    let maps = fused_maps(&out, Some(&eval), &at).unwrap();
-    let (s, t) = (&maps.student, &maps.teacher);
-    assert!(s[1].is_some() && s[0].is_none() && s[2].is_none(), "only the paired student group");
-    assert!(t[2].is_some() && t[0].is_none() && t[1].is_none(), "only the paired teacher group");
-    let none = |maps: at_train::train::FusedMaps| maps.is_empty();
-    assert!(none(fused_maps(&out, None, &at).unwrap()), "no teacher");
+    assert_eq!(wanted_maps(&at, true), (vec![1], vec![2]));
+    assert_eq!(wanted_maps(&at, false), (vec![], vec![]), "no teacher");
     let mut p4 = at.clone();
     p4.at.map = at_ops::MapSpec::sum_pow(4.0);
-    assert!(none(fused_maps(&out, Some(&eval), &p4).unwrap()), "another map");
+    assert_eq!(wanted_maps(&p4, true), (vec![], vec![]), "another map");
     let plain = LossConfig { beta: 0.0, ..at.clone() };
-    assert!(none(fused_maps(&out, Some(&eval), &plain).unwrap()), "no attention transfer");
+    assert_eq!(wanted_maps(&plain, true), (vec![], vec![]), "no attention transfer");
 }
