@@ -334,16 +334,17 @@ fn block_backward(
     let take_sums = |image: usize, d_o2: &[f32]| bn1_sums.take(image, d_o2);
     let d_o2 = conv::input_grad_same3x3(&d1, g, &p[o.w1..o.wd], &take_sums);
     let bn1_sums = bn1_sums.into_sums();
-    let (d_y0, dg1, db1) = norm::train_backward(
-        (y0, &d_o2, None),
-        (n, o.c_out, d0.p()),
-        o.bn1(p),
-        &stats[1],
+    let bn1_backward = norm::Backward {
+        dims: (n, o.c_out, d0.p()),
+        affine: o.bn1(p),
+        stats: &stats[1],
         eps,
-        true,
-        Some(&bn1_sums),
-        None,
-    );
+        relu: true,
+        precomputed: Some(&bn1_sums),
+        residual: None,
+        map_grad: None,
+    };
+    let (d_y0, dg1, db1) = norm::train_backward(y0, &d_o2, &bn1_backward);
     drop(d_o2);
     dp[o.g1..o.g1 + o.c_out].copy_from_slice(&dg1);
     dp[o.g1 + o.c_out..o.w1].copy_from_slice(&db1);
@@ -372,16 +373,17 @@ fn block_backward(
         dp[o.wd..].copy_from_slice(&conv::weight_grad(&dd, o1, g));
         add_into(&mut d_o1, &conv::input_grad(&dd, g, &p[o.wd..]));
     }
-    let (dx, dg0, db0) = norm::train_backward(
-        (x, &d_o1, (!o.projection()).then_some(g)),
-        (n, o.c_in, h * w),
-        o.bn0(p),
-        &stats[0],
+    let bn0_backward = norm::Backward {
+        dims: (n, o.c_in, h * w),
+        affine: o.bn0(p),
+        stats: &stats[0],
         eps,
-        true,
-        bn0_sums.as_deref(),
+        relu: true,
+        precomputed: bn0_sums.as_deref(),
+        residual: (!o.projection()).then_some(g),
         map_grad,
-    );
+    };
+    let (dx, dg0, db0) = norm::train_backward(x, &d_o1, &bn0_backward);
 
     dp[..o.c_in].copy_from_slice(&dg0);
     dp[o.c_in..o.w0].copy_from_slice(&db0);

@@ -257,24 +257,43 @@ pub(crate) fn plane_grad_sums(
     )
 }
 
+/// What [`train_backward`] needs besides the input and the output's gradient.
+pub(crate) struct Backward<'a> {
+    /// `(n, c, h * w)` of the input.
+    pub(crate) dims: (usize, usize, usize),
+    /// Gamma and beta.
+    pub(crate) affine: (&'a [f32], &'a [f32]),
+    /// The forward pass's batch statistics.
+    pub(crate) stats: &'a BatchStats,
+    /// The variance epsilon.
+    pub(crate) eps: f64,
+    /// Whether a ReLU followed the normalisation.
+    pub(crate) relu: bool,
+    /// The first pass's [`plane_grad_sums`] of every plane (`[i * c + ch]`), if a kernel took
+    /// them already.
+    pub(crate) precomputed: Option<&'a [(f64, f64)]>,
+    /// A residual gradient added to `dx` in the same pass (the identity shortcut of a residual
+    /// block), `[n, c, hw]`.
+    pub(crate) residual: Option<&'a [f32]>,
+    /// An attention map's gradient (`[n, hw]`), already times `2 * scale`, whose term
+    /// `map_grad * x` (broadcast over channels) is added in the same pass (see
+    /// [`crate::attention::MapGradient`]).
+    pub(crate) map_grad: Option<&'a [f32]>,
+}
+
 /// The gradients `(dx, dgamma, dbeta)` of [`train_forward`] from its input `x` and the output's
-/// gradient `g`, in two passes (the ReLU mask is recomputed from `x`). `dx + residual` when a
-/// residual gradient is given (the identity shortcut of a residual block), in the same pass.
-/// `precomputed`: the first pass's [`plane_grad_sums`] of every plane (`[i * c + ch]`), if a
-/// kernel took them already. `map_grad` (`[n, hw]`): an attention map's gradient, already
-/// times `2 * scale`, whose term `map_grad * x` (broadcast over channels) is added in the same
-/// pass (see [`crate::attention::MapGradient`]).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn train_backward(
-    (x, g, residual): (&[f32], &[f32], Option<&[f32]>),
-    (n, c, hw): (usize, usize, usize),
-    (gamma, beta): (&[f32], &[f32]),
-    stats: &BatchStats,
-    eps: f64,
-    relu: bool,
-    precomputed: Option<&[(f64, f64)]>,
-    map_grad: Option<&[f32]>,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// gradient `g`, in two passes (the ReLU mask is recomputed from `x`); the rest is in `b`.
+pub(crate) fn train_backward(x: &[f32], g: &[f32], b: &Backward) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Backward {
+        dims: (n, c, hw),
+        affine: (gamma, beta),
+        stats,
+        eps,
+        relu,
+        precomputed,
+        residual,
+        map_grad,
+    } = *b;
     let invstd = invstd(&stats.var, eps);
     let coefficients = |ch| affine((gamma, beta), (&stats.mean, &invstd), ch);
     // Per channel: sum of the masked gradient, and of it times x-hat, from the planes' sums in
@@ -389,16 +408,17 @@ impl CustomOp3 for Op {
         let x = contiguous(xs, x_layout)?;
         let g = contiguous(gs, g_layout)?;
         let (gamma_v, beta_v) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
-        let (dx, dgamma, dbeta) = train_backward(
-            (x, g, None),
-            (n, c, hw),
-            (&gamma_v, &beta_v),
-            &stats,
-            self.eps,
-            self.relu,
-            None,
-            map_grad.as_deref(),
-        );
+        let backward = Backward {
+            dims: (n, c, hw),
+            affine: (&gamma_v, &beta_v),
+            stats: &stats,
+            eps: self.eps,
+            relu: self.relu,
+            precomputed: None,
+            residual: None,
+            map_grad: map_grad.as_deref(),
+        };
+        let (dx, dgamma, dbeta) = train_backward(x, g, &backward);
         let device = gamma.device();
         let dx = Tensor::from_vec(dx, (n, c, h, w), device)?;
         Ok((

@@ -138,6 +138,59 @@ config_enum! {
     }
 }
 
+/// The device a run trains on, written `cpu`, `cuda:N` (`cuda` is `cuda:0`) or `metal`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    /// The CPU.
+    Cpu,
+    /// The CUDA device of this ordinal.
+    Cuda(usize),
+    /// The Metal device.
+    Metal,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let unknown = || format!("unknown device `{s}`, expected one of `cpu`, `cuda:N`, `metal`");
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "metal" => Ok(Self::Metal),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(unknown()),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Metal => f.write_str("metal"),
+        }
+    }
+}
+
 /// Everything a training run needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -160,7 +213,7 @@ pub struct RunConfig {
     /// The seed of the initialisation, the data order and the augmentations.
     pub seed: u64,
     /// `cpu`, `cuda:N` or `metal`.
-    pub device: String,
+    pub device: DeviceSpec,
     /// Loader threads (0: as many as the machine has).
     pub threads: usize,
     /// Fine-tuning: start the student from these weights (e.g. timm's ResNet-18
@@ -272,7 +325,7 @@ impl Default for RunConfig {
             epochs: 200,
             batch_size: 128,
             seed: 0,
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             threads: 0,
             pretrained: PathBuf::new(),
             pretrained_skip: vec!["fc.".into()],
@@ -282,57 +335,160 @@ impl Default for RunConfig {
     }
 }
 
-/// The named starting points `--preset` accepts, with what each is.
-pub const PRESETS: &[(&str, &str)] = &[
-    (
-        "cifar",
-        "CIFAR-10 recipe of the authors' cifar.py: WRN-16-1, 200 epochs, SGD 0.1, x0.2 at 60/120/160",
-    ),
-    ("cifar-at", "cifar + attention transfer from a WRN-16-2 teacher (beta 1e3, all three groups)"),
-    ("cifar-kd", "cifar + knowledge distillation from a WRN-16-2 teacher (alpha 0.9, T 4)"),
-    ("cifar-at-kd", "cifar + both (Table 1's AT+KD column)"),
-    ("finetune-cub", "Table 4: ResNet-18 from ImageNet weights on CUB, frozen BN and first group"),
-    ("finetune-scenes", "Table 4: the same on MIT Indoor 67"),
-    (
-        "finetune-cub-at",
-        "Table 4: finetune-cub + AT from a fine-tuned ResNet-34 on the last two groups",
-    ),
-    (
-        "finetune-scenes-at",
-        "Table 4: finetune-scenes + AT from a fine-tuned ResNet-34 on the last two groups",
-    ),
-    ("imagenet", "Table 5: ResNet-18, batch 256, lr 0.1, wd 1e-4, 100 epochs, x0.1 at 30/60/90"),
-    ("imagenet-at", "Table 5: imagenet + AT from a ResNet-34 on the last two groups (beta 1e3)"),
-    (
-        "nin",
-        "Table 3 baseline: NIN-thin without BN on CIFAR-10, flips only, no weight decay, seed 1",
-    ),
-    ("nin-jacobian", "Table 3 `min`: nin + the input gradient's L2 norm (double backprop)"),
-    ("nin-symmetry", "Table 3 `symmetry norm`: nin + gradients of image and mirror agree"),
-    (
-        "nin-gradient-at",
-        "Table 3 `AT-NIN-wide`: nin + gradient attention transfer from a NIN-wide teacher",
-    ),
-    ("nin-kd", "Table 3 `KD`: nin + distillation from the NIN-wide teacher (alpha 0.9, T 4)"),
-    (
-        "quick",
-        "the README's quick look: Fashion-MNIST subset, 2000 images, 2 epochs, cosine lr 0.05",
-    ),
+/// A named starting point for `--preset`: what it is, and its config.
+pub struct Preset {
+    /// The name `--preset` takes.
+    pub name: &'static str,
+    /// One line about it.
+    pub about: &'static str,
+    build: fn() -> RunConfig,
+}
+
+/// The presets: the one table of their names, descriptions and configs. Teacher checkpoints and
+/// pretrained weights point to conventional places (`runs/...`, `weights/...`); override them
+/// with `--set`.
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "cifar",
+        about: "CIFAR-10 recipe of the authors' cifar.py: WRN-16-1, 200 epochs, SGD 0.1, x0.2 at 60/120/160",
+        build: recipes::cifar,
+    },
+    Preset {
+        name: "cifar-at",
+        about: "cifar + attention transfer from a WRN-16-2 teacher (beta 1e3, all three groups)",
+        build: || recipes::cifar_with(LossSection { beta: 1e3, ..LossSection::default() }),
+    },
+    Preset {
+        name: "cifar-kd",
+        about: "cifar + knowledge distillation from a WRN-16-2 teacher (alpha 0.9, T 4)",
+        build: || recipes::cifar_with(LossSection { alpha: 0.9, ..LossSection::default() }),
+    },
+    Preset {
+        name: "cifar-at-kd",
+        about: "cifar + both (Table 1's AT+KD column)",
+        build: || {
+            recipes::cifar_with(LossSection { alpha: 0.9, beta: 1e3, ..LossSection::default() })
+        },
+    },
+    Preset {
+        name: "finetune-cub",
+        about: "Table 4: ResNet-18 from ImageNet weights on CUB, frozen BN and first group",
+        build: || recipes::finetune(DatasetName::Cub),
+    },
+    Preset {
+        name: "finetune-scenes",
+        about: "Table 4: the same on MIT Indoor 67",
+        build: || recipes::finetune(DatasetName::Scenes),
+    },
+    Preset {
+        name: "finetune-cub-at",
+        about: "Table 4: finetune-cub + AT from a fine-tuned ResNet-34 on the last two groups",
+        build: || {
+            recipes::resnet_at(
+                recipes::finetune(DatasetName::Cub),
+                "runs/cub-resnet34/model.safetensors",
+            )
+        },
+    },
+    Preset {
+        name: "finetune-scenes-at",
+        about: "Table 4: finetune-scenes + AT from a fine-tuned ResNet-34 on the last two groups",
+        build: || {
+            recipes::resnet_at(
+                recipes::finetune(DatasetName::Scenes),
+                "runs/scenes-resnet34/model.safetensors",
+            )
+        },
+    },
+    Preset {
+        name: "imagenet",
+        about: "Table 5: ResNet-18, batch 256, lr 0.1, wd 1e-4, 100 epochs, x0.1 at 30/60/90",
+        build: recipes::imagenet,
+    },
+    Preset {
+        name: "imagenet-at",
+        about: "Table 5: imagenet + AT from a ResNet-34 on the last two groups (beta 1e3)",
+        build: || {
+            recipes::resnet_at(recipes::imagenet(), "weights/resnet34.tv_in1k/model.safetensors")
+        },
+    },
+    Preset {
+        name: "nin",
+        about: "Table 3 baseline: NIN-thin without BN on CIFAR-10, flips only, no weight decay, seed 1",
+        build: recipes::nin,
+    },
+    Preset {
+        name: "nin-jacobian",
+        about: "Table 3 `min`: nin + the input gradient's L2 norm (double backprop)",
+        build: || recipes::nin_gradient(GradientKind::Jacobian, 1e3, 2),
+    },
+    Preset {
+        name: "nin-symmetry",
+        about: "Table 3 `symmetry norm`: nin + gradients of image and mirror agree",
+        build: || recipes::nin_gradient(GradientKind::Symmetry, 0.1, 4),
+    },
+    Preset {
+        name: "nin-gradient-at",
+        about: "Table 3 `AT-NIN-wide`: nin + gradient attention transfer from a NIN-wide teacher",
+        build: || RunConfig {
+            teacher: recipes::nin_teacher(),
+            ..recipes::nin_gradient(GradientKind::Transfer, 1e3, 2)
+        },
+    },
+    Preset {
+        name: "nin-kd",
+        about: "Table 3 `KD`: nin + distillation from the NIN-wide teacher (alpha 0.9, T 4)",
+        build: || RunConfig {
+            teacher: recipes::nin_teacher(),
+            loss: LossSection { alpha: 0.9, ..LossSection::default() },
+            ..recipes::nin()
+        },
+    },
+    Preset {
+        name: "quick",
+        about: "the README's quick look: Fashion-MNIST subset, 2000 images, 2 epochs, cosine lr 0.05",
+        build: recipes::quick,
+    },
 ];
 
 impl RunConfig {
-    /// The config of a preset from [`PRESETS`]. Teacher checkpoints and pretrained weights point
-    /// to conventional places (`runs/...`, `weights/...`); override them with `--set`.
+    /// The config of the preset called `name` (see [`PRESETS`]), or an error that lists them.
     pub fn preset(name: &str) -> Result<Self> {
-        let cifar = Self {
-            data: DataConfig { dataset: DatasetName::Cifar10, ..DataConfig::default() },
-            ..Self::default()
-        };
-        let teacher = Some(TeacherConfig {
+        match PRESETS.iter().find(|p| p.name == name) {
+            Some(preset) => Ok((preset.build)()),
+            None => {
+                let known: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+                bail!("unknown preset `{name}`; known presets: {}", known.join(", "))
+            }
+        }
+    }
+}
+
+/// The paper's recipes the presets are made of.
+mod recipes {
+    use super::*;
+
+    /// The WRN-16-2 teacher of the CIFAR presets.
+    fn cifar_teacher() -> Option<TeacherConfig> {
+        Some(TeacherConfig {
             model: "wrn-16-2".into(),
             checkpoint: "runs/cifar-wrn-16-2/model.safetensors".into(),
-        });
-        let finetune = |dataset: DatasetName| Self {
+        })
+    }
+
+    pub(super) fn cifar() -> RunConfig {
+        RunConfig {
+            data: DataConfig { dataset: DatasetName::Cifar10, ..DataConfig::default() },
+            ..RunConfig::default()
+        }
+    }
+
+    pub(super) fn cifar_with(loss: LossSection) -> RunConfig {
+        RunConfig { teacher: cifar_teacher(), loss, ..cifar() }
+    }
+
+    pub(super) fn finetune(dataset: DatasetName) -> RunConfig {
+        RunConfig {
             student: "resnet18".into(),
             data: DataConfig { dataset, ..DataConfig::default() },
             optim: OptimConfig {
@@ -347,18 +503,24 @@ impl RunConfig {
             pretrained: "weights/resnet18.tv_in1k/model.safetensors".into(),
             freeze_bn: true,
             freeze_first_group: true,
-            ..Self::default()
-        };
-        // Attention transfer on the last two of ResNet's four groups, from a ResNet-34.
-        let resnet_at = |base: Self, teacher_checkpoint: &str| Self {
+            ..RunConfig::default()
+        }
+    }
+
+    /// Attention transfer on the last two of ResNet's four groups, from a ResNet-34.
+    pub(super) fn resnet_at(base: RunConfig, teacher_checkpoint: &str) -> RunConfig {
+        RunConfig {
             teacher: Some(TeacherConfig {
                 model: "resnet34".into(),
                 checkpoint: teacher_checkpoint.into(),
             }),
             loss: LossSection { beta: 1e3, pairs: vec![[2, 2], [3, 3]], ..LossSection::default() },
             ..base
-        };
-        let imagenet = Self {
+        }
+    }
+
+    pub(super) fn imagenet() -> RunConfig {
+        RunConfig {
             student: "resnet18".into(),
             data: DataConfig { dataset: DatasetName::Imagenet, ..DataConfig::default() },
             optim: OptimConfig {
@@ -369,13 +531,16 @@ impl RunConfig {
             },
             epochs: 100,
             batch_size: 256,
-            ..Self::default()
-        };
-        // Table 3 (section 4.1.1): NIN-thin, horizontal flips only, no weight decay, fixed seed.
-        // The paper gives neither the learning rate nor the penalty weights: lr 0.02 is what
-        // trained NIN without batch norm stably here, and each gradient_beta puts its penalty
-        // at roughly a tenth of the cross-entropy at initialisation (docs/results/README.md).
-        let nin = Self {
+            ..RunConfig::default()
+        }
+    }
+
+    /// Table 3 (section 4.1.1): NIN-thin, horizontal flips only, no weight decay, fixed seed.
+    /// The paper gives neither the learning rate nor the penalty weights: lr 0.02 is what
+    /// trained NIN without batch norm stably here, and each gradient_beta puts its penalty at
+    /// roughly a tenth of the cross-entropy at initialisation (docs/results/README.md).
+    pub(super) fn nin() -> RunConfig {
+        RunConfig {
             student: "nin-thin-nobn".into(),
             data: DataConfig {
                 dataset: DatasetName::Cifar10,
@@ -384,72 +549,43 @@ impl RunConfig {
             },
             optim: OptimConfig { lr: 0.02, weight_decay: 0.0, ..OptimConfig::default() },
             seed: 1,
-            ..Self::default()
-        };
-        let nin_teacher = Some(TeacherConfig {
+            ..RunConfig::default()
+        }
+    }
+
+    pub(super) fn nin_teacher() -> Option<TeacherConfig> {
+        Some(TeacherConfig {
             model: "nin-wide-nobn".into(),
             checkpoint: "runs/cifar-nin-wide/model.safetensors".into(),
-        });
-        // Chunks of 64 (32 for the symmetry norm, which runs the network twice) keep the
-        // double-backpropagation step at batch 128 under 4 GB (docs/benchmarks.md).
-        let nin_gradient = |gradient: GradientKind, gradient_beta: f64, gradient_chunks: usize| {
-            LossSection { gradient, gradient_beta, gradient_chunks, ..LossSection::default() }
-        };
-        Ok(match name {
-            "nin" => nin,
-            "nin-jacobian" => Self { loss: nin_gradient(GradientKind::Jacobian, 1e3, 2), ..nin },
-            "nin-symmetry" => Self { loss: nin_gradient(GradientKind::Symmetry, 0.1, 4), ..nin },
-            "nin-gradient-at" => Self {
-                teacher: nin_teacher,
-                loss: nin_gradient(GradientKind::Transfer, 1e3, 2),
-                ..nin
-            },
-            "nin-kd" => Self {
-                teacher: nin_teacher,
-                loss: LossSection { alpha: 0.9, ..LossSection::default() },
-                ..nin
-            },
-            "cifar" => cifar,
-            "cifar-at" => {
-                Self { teacher, loss: LossSection { beta: 1e3, ..LossSection::default() }, ..cifar }
-            }
-            "cifar-kd" => Self {
-                teacher,
-                loss: LossSection { alpha: 0.9, ..LossSection::default() },
-                ..cifar
-            },
-            "cifar-at-kd" => Self {
-                teacher,
-                loss: LossSection { alpha: 0.9, beta: 1e3, ..LossSection::default() },
-                ..cifar
-            },
-            "finetune-cub" => finetune(DatasetName::Cub),
-            "finetune-scenes" => finetune(DatasetName::Scenes),
-            "finetune-cub-at" => {
-                resnet_at(finetune(DatasetName::Cub), "runs/cub-resnet34/model.safetensors")
-            }
-            "finetune-scenes-at" => {
-                resnet_at(finetune(DatasetName::Scenes), "runs/scenes-resnet34/model.safetensors")
-            }
-            "imagenet" => imagenet,
-            "imagenet-at" => resnet_at(imagenet, "weights/resnet34.tv_in1k/model.safetensors"),
-            "quick" => Self {
-                data: DataConfig { train_limit: 2000, test_limit: 1000, ..DataConfig::default() },
-                optim: OptimConfig {
-                    schedule: ScheduleKind::Cosine,
-                    lr: 0.05,
-                    ..OptimConfig::default()
-                },
-                epochs: 2,
-                batch_size: 64,
-                seed: 1,
-                ..Self::default()
-            },
-            other => {
-                let known: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
-                bail!("unknown preset `{other}`; known presets: {}", known.join(", "))
-            }
         })
+    }
+
+    /// Chunks of 64 (32 for the symmetry norm, which runs the network twice) keep the
+    /// double-backpropagation step at batch 128 under 4 GB (docs/benchmarks.md).
+    pub(super) fn nin_gradient(
+        gradient: GradientKind,
+        gradient_beta: f64,
+        gradient_chunks: usize,
+    ) -> RunConfig {
+        let loss =
+            LossSection { gradient, gradient_beta, gradient_chunks, ..LossSection::default() };
+        RunConfig { loss, ..nin() }
+    }
+
+    /// The README's main job: the quick job's scale lives here only.
+    pub(super) fn quick() -> RunConfig {
+        RunConfig {
+            data: DataConfig { train_limit: 2000, test_limit: 1000, ..DataConfig::default() },
+            optim: OptimConfig {
+                schedule: ScheduleKind::Cosine,
+                lr: 0.05,
+                ..OptimConfig::default()
+            },
+            epochs: 2,
+            batch_size: 64,
+            seed: 1,
+            ..RunConfig::default()
+        }
     }
 }
 

@@ -122,7 +122,7 @@ enum Command {
         steps: usize,
         /// cpu, cuda:N or metal.
         #[arg(long, default_value = "cpu")]
-        device: String,
+        device: config::DeviceSpec,
     },
     /// Download a dataset from the Hugging Face Hub into its cache (HF_TOKEN, HF_ENDPOINT and
     /// HF_HUB_OFFLINE are honoured).
@@ -221,7 +221,7 @@ fn run(cli: Cli, second_order: std::sync::Arc<SecondOrder>) -> anyhow::Result<()
             );
         }
         Command::Config { list_presets: true, .. } => {
-            for (name, about) in config::PRESETS {
+            for config::Preset { name, about, .. } in config::PRESETS {
                 println!("{name:<16} {about}");
             }
         }
@@ -241,7 +241,7 @@ fn run(cli: Cli, second_order: std::sync::Arc<SecondOrder>) -> anyhow::Result<()
         }
         Command::BenchStep { student, step, teacher, batch, warmup, steps, device } => {
             let kind = at_train::bench::Step::parse(&step)?;
-            let dev = train::device(&device)?;
+            let dev = train::device(device)?;
             let times = at_train::bench::time_steps(
                 (&student, kind, &teacher),
                 batch,
@@ -251,7 +251,14 @@ fn run(cli: Cli, second_order: std::sync::Arc<SecondOrder>) -> anyhow::Result<()
             )?;
             println!(
                 "{}",
-                at_train::bench::json_line(&student, kind, &teacher, batch, &device, &times)
+                at_train::bench::json_line(
+                    &student,
+                    kind,
+                    &teacher,
+                    batch,
+                    &device.to_string(),
+                    &times
+                )
             );
         }
         Command::Download { dataset, repo, files, offline } => {

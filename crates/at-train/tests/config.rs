@@ -6,7 +6,8 @@ use at_train::config::{LossSection, PRESETS, RunConfig, resolve};
 
 #[test]
 fn every_preset_is_a_valid_config_and_round_trips_through_toml() {
-    for (name, _) in PRESETS {
+    for preset in PRESETS {
+        let name = preset.name;
         let config = RunConfig::preset(name).unwrap();
         config.validate().unwrap_or_else(|e| panic!("preset {name}: {e:#}"));
         let dir = tempfile::tempdir().unwrap();
@@ -123,7 +124,8 @@ fn gradient_penalty_keys_are_checked() {
 /// names the key and every valid value, before any work.
 #[test]
 fn bad_enumerated_values_are_refused_with_the_valid_values_named() {
-    let cases: [(&str, &[&str]); 8] = [
+    let cases: [(&str, &[&str]); 9] = [
+        ("device=gpu", &["`cpu`", "`cuda:N`", "`metal`"]),
         ("loss.map_reduce=median", &["`sum`", "`mean`", "`max`"]),
         ("loss.norm=l3", &["`l2`", "`l1`", "`none`"]),
         ("loss.distance=euclid", &["`code`", "`paper`"]),
@@ -137,7 +139,8 @@ fn bad_enumerated_values_are_refused_with_the_valid_values_named() {
         let err = format!("{:#}", resolve(None, None, &[set.into()]).unwrap_err());
         let (key, value) = set.split_once('=').unwrap();
         let field = key.rsplit('.').next().unwrap();
-        assert!(err.contains(&format!("unknown variant `{value}`")), "{set}: {err}");
+        let unknown = [format!("unknown variant `{value}`"), format!("unknown device `{value}`")];
+        assert!(unknown.iter().any(|u| err.contains(u)), "{set}: {err}");
         assert!(err.contains(field), "{set}: the error names the key: {err}");
         for v in valid {
             assert!(err.contains(v), "{set}: the error names {v}: {err}");
@@ -163,4 +166,19 @@ fn numbers_out_of_range_are_refused_with_key_value_and_range() {
         let err = format!("{:#}", resolve(None, None, &[set.into()]).unwrap_err());
         assert!(err.contains(want), "{set}: {err}");
     }
+}
+
+#[test]
+fn devices_parse_and_print_as_written() {
+    use at_train::config::DeviceSpec;
+    for (text, device) in
+        [("cpu", DeviceSpec::Cpu), ("cuda:1", DeviceSpec::Cuda(1)), ("metal", DeviceSpec::Metal)]
+    {
+        assert_eq!(text.parse::<DeviceSpec>().unwrap(), device);
+        assert_eq!(device.to_string(), text);
+    }
+    assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+    let config = resolve(None, None, &["device=\"cuda:2\"".into()]).unwrap();
+    assert_eq!(config.device, DeviceSpec::Cuda(2));
+    assert!(config.to_toml().contains("device = \"cuda:2\""));
 }

@@ -1,32 +1,11 @@
-//! 2-D convolution (square stride and padding, no dilation, one group) on the CPU as a GEMM per
-//! image, the batch split across rayon's threads. A "same" 3x3 convolution (stride 1, padding 1,
-//! most of a WRN) skips im2col: three shifted copies of the image (see `shift3`), whose rows are
-//! the im2col rows of every kernel tap. With AVX-512 (f32) the GEMMs are the gather GEMM of
-//! `gather.rs`, which reads those rows where they are, and the weight gradient takes its
-//! input pixel by pixel (`weight_grad_pixels`); elsewhere they run on `gemm`, three per image.
-//! Off the CPU, [`conv2d`] is candle's with a backward made of convolutions (`conv2d_by_candle`).
-//!
-//! Three candle custom ops form a family closed under differentiation, so a convolution can be
-//! differentiated any number of times (double backpropagation included):
-//!
-//! - `Fwd(x, w) = y`, the convolution;
-//! - `Dx(dy, w)`, the adjoint of `x -> Fwd(x, w)`: the gradient with respect to the input;
-//! - `Dw(x, dy)`, the adjoint of `w -> Fwd(x, w)`: the gradient with respect to the weight.
-//!
-//! From `<Fwd(x, w), dy> = <x, Dx(dy, w)> = <w, Dw(x, dy)>` every partial derivative of each op
-//! is one of the three: for `Dx(dy, w)` with incoming gradient `g`, `d/d dy = Fwd(g, w)` and
-//! `d/dw = Dw(g, dy)`; for `Dw(x, dy)`, `d/dx = Dx(dy, g)` and `d/d dy = Fwd(x, g)`.
-//!
-//! The weight gradient sums over the batch in a fixed order (one accumulator per contiguous
-//! chunk of images, the chunks added in order), so results do not depend on thread scheduling.
+//! The lowering of a convolution to GEMMs on the CPU: sizes (`Dims`), im2col and its adjoint,
+//! the shifted copies of a "same" 3x3 convolution, the input maps and epilogues the fused
+//! blocks use, and the forward, input-gradient and weight-gradient paths on the gather GEMM
+//! (AVX-512) or `gemm`.
 
 use std::mem::MaybeUninit;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
-    bail,
-};
+use candle_core::{Result, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -82,16 +61,16 @@ impl Element for f64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Dims {
     pub(crate) n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
     pub(crate) o: usize,
-    kh: usize,
-    kw: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
     pub(crate) ho: usize,
     pub(crate) wo: usize,
-    stride: usize,
-    pad: usize,
+    pub(crate) stride: usize,
+    pub(crate) pad: usize,
     /// Whether the GEMMs run on the gather kernel (f32 where the CPU has AVX-512, the
     /// default) or on `gemm` (what other CPUs run; the tests set it to compare the two).
     pub(crate) gather: bool,
@@ -119,7 +98,7 @@ impl Dims {
     }
 
     /// Rows of the im2col matrix.
-    fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.c * self.kh * self.kw
     }
 
@@ -129,7 +108,7 @@ impl Dims {
     }
 
     /// A 1x1 convolution with stride 1 and no padding: the image itself is the im2col matrix.
-    fn pointwise(&self) -> bool {
+    pub(crate) fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
 
@@ -140,12 +119,12 @@ impl Dims {
     }
 
     /// The length of one plane of [`shift3`]'s buffer: the image with a zero row above and below.
-    fn padded_plane(&self) -> usize {
+    pub(crate) fn padded_plane(&self) -> usize {
         (self.h + 2) * self.w
     }
 
     /// The range of output columns `ox` whose input column `ox * stride + kj - pad` is inside.
-    fn valid(&self, k: usize, out: usize, input: usize) -> (usize, usize) {
+    pub(crate) fn valid(&self, k: usize, out: usize, input: usize) -> (usize, usize) {
         let s = self.stride;
         let lo = self.pad.saturating_sub(k).div_ceil(s).min(out);
         let hi = (input + self.pad).saturating_sub(k).div_ceil(s).min(out);
@@ -156,7 +135,7 @@ impl Dims {
 /// `dst (m x n, row-major with row stride dst_rs) (+)= a (m x k) * b (k x n)`, `a` and `b`
 /// given by row and column strides, on this thread.
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: Element>(
+pub(super) fn matmul<T: Element>(
     dims: (usize, usize, usize),
     (dst, dst_rs): (&mut [T], usize),
     accumulate: bool,
@@ -172,7 +151,7 @@ fn matmul<T: Element>(
 
 /// `dst = a * b` as [`matmul`], into memory that need not be initialised (gemm writes every
 /// element of the `m x n` window when it does not accumulate).
-fn matmul_uninit<T: Element>(
+pub(super) fn matmul_uninit<T: Element>(
     dims: (usize, usize, usize),
     dst: (&mut [MaybeUninit<T>], usize),
     a: &[T],
@@ -185,7 +164,7 @@ fn matmul_uninit<T: Element>(
 
 /// The one call into gemm; `dst` must be initialised where `accumulate` reads it.
 #[allow(clippy::too_many_arguments)]
-fn gemm_into<T: Element>(
+pub(super) fn gemm_into<T: Element>(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (&mut [MaybeUninit<T>], usize),
     accumulate: bool,
@@ -229,7 +208,7 @@ fn gemm_into<T: Element>(
 /// `stride` phases: [`im2col`] splits each row into its phases once (phase `b` of row `iy` at
 /// `(b * h + iy) * len`, `len = ceil(w / stride)`), so that every kernel column is a contiguous
 /// copy instead of a strided gather (and [`col2im`] adds into the phases, then interleaves).
-struct Phases {
+pub(super) struct Phases {
     stride: usize,
     len: usize,
     h: usize,
@@ -292,7 +271,7 @@ impl Phases {
 }
 
 /// The im2col matrix (`k x p`) of one image (`c x h x w`).
-fn im2col<T: Element>(d: &Dims, x: &[T], col: &mut [T]) {
+pub(super) fn im2col<T: Element>(d: &Dims, x: &[T], col: &mut [T]) {
     let p = d.p();
     let phases = Phases::new(d);
     let mut split = vec![T::default(); if d.stride > 1 { d.stride * d.h * phases.len } else { 0 }];
@@ -347,7 +326,7 @@ fn im2col<T: Element>(d: &Dims, x: &[T], col: &mut [T]) {
 /// The adjoint of [`im2col`]: adds each column entry back to the pixel it came from, into `x`,
 /// which starts at zero. Entries that came from padding are discarded (for a "same" convolution,
 /// by zeroing them in `col`).
-fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
+pub(super) fn col2im<T: Element>(d: &Dims, col: &mut [T], x: &mut [T]) {
     let p = d.p();
     let phases = Phases::new(d);
     let mut split = vec![T::default(); if d.stride > 1 { d.stride * d.h * phases.len } else { 0 }];
@@ -436,7 +415,7 @@ impl<T: Element> InputMap<T> for Plain {
 /// the convolution is three GEMMs over the weights of kernel row `ki` (see [`kernel_rows`]),
 /// from a copy three times the image instead of im2col's nine. The image is read through `map`
 /// (padding stays zero).
-fn shift3<T: Element>(d: &Dims, x: &[T], buf: &mut [T], map: &impl InputMap<T>) {
+pub(super) fn shift3<T: Element>(d: &Dims, x: &[T], buf: &mut [T], map: &impl InputMap<T>) {
     let (w, hw, plane) = (d.w, d.h * d.w, d.padded_plane());
     let zero = T::default();
     for (c, rows) in buf.chunks_exact_mut(3 * plane).take(d.c).enumerate() {
@@ -462,7 +441,7 @@ fn shift3<T: Element>(d: &Dims, x: &[T], buf: &mut [T], map: &impl InputMap<T>) 
 /// The adjoint of [`shift3`]: `dx[c][y][x] = g[c, 1][1 + y, x] + g[c, 0][1 + y, x + 1] +
 /// g[c, 2][1 + y, x - 1]` (the terms that exist), the padding rows dropped: row `(c, kj)` of `g`
 /// starts at `(c * 3 + kj) * stride`, and its image part at `start` within it.
-fn unshift3<T: Element>(
+pub(super) fn unshift3<T: Element>(
     d: &Dims,
     (g, stride, start): (&[T], usize, usize),
     dx: &mut [MaybeUninit<T>],
@@ -495,7 +474,7 @@ fn unshift3<T: Element>(
 
 /// The weights (`o x c x 3 x 3`) as three `o x 3c` matrices, one per kernel row `ki`, columns
 /// ordered `(c, kj)` as the rows of [`shift3`]'s buffer.
-fn kernel_rows<T: Element>(d: &Dims, w: &[T]) -> Vec<T> {
+pub(super) fn kernel_rows<T: Element>(d: &Dims, w: &[T]) -> Vec<T> {
     let (o, c) = (d.o, d.c);
     let mut rows = vec![T::default(); 3 * o * 3 * c];
     for ki in 0..3 {
@@ -536,7 +515,7 @@ pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
 /// For [`dense_gemm`]: `a` (`m x k` row-major, or the transpose of a `k x m` one) packed for
 /// the gather GEMM, and the offsets of the `k` rows of a dense `k x n` right operand, where the
 /// gather GEMM runs (f32 on AVX-512).
-fn dense_gather<T: Element>(
+pub(super) fn dense_gather<T: Element>(
     on: bool,
     a: &[T],
     (m, k, n): (usize, usize, usize),
@@ -554,7 +533,7 @@ fn dense_gather<T: Element>(
 /// `dst = a * b` (`m x n`, row stride `dst_rs`) for a dense `b` (`k x n`): the gather GEMM with
 /// the packing of `a` made by [`dense_gather`] where there is one, `gemm` on `a` (given by its
 /// strides) otherwise.
-fn dense_gemm<T: Element>(
+pub(super) fn dense_gemm<T: Element>(
     gather: &Option<(gather::Lhs, Vec<usize>)>,
     (m, n, k): (usize, usize, usize),
     dst: (&mut [MaybeUninit<T>], usize),
@@ -721,7 +700,7 @@ pub(crate) fn weight_grad_same3x3<T: Element>(
 
 /// Whether [`weight_grad_pixels`] takes this convolution: 3x3 with padding 1 or 1x1 without,
 /// any stride.
-fn pixel_weight_grad(d: &Dims) -> bool {
+pub(super) fn pixel_weight_grad(d: &Dims) -> bool {
     d.kh == d.kw && d.kh == 2 * d.pad + 1 && d.pad <= 1
 }
 
@@ -733,7 +712,12 @@ fn pixel_weight_grad(d: &Dims) -> bool {
 /// pixel left of column 0 is the zero column of the row above, the pixel right of column
 /// `w - 1` this row's). The output gradient is the left operand as it is (rows of `p`); no
 /// shifted copies, no im2col.
-fn weight_grad_pixels<T: Element>(d: &Dims, x: &[T], dy: &[f32], map: &impl InputMap<T>) -> Vec<T> {
+pub(super) fn weight_grad_pixels<T: Element>(
+    d: &Dims,
+    x: &[T],
+    dy: &[f32],
+    map: &impl InputMap<T>,
+) -> Vec<T> {
     assert!(pixel_weight_grad(d), "weight_grad_pixels takes 3x3 (padding 1) or 1x1 (padding 0)");
     let (p, hw, image, (kh, kw)) = (d.p(), d.h * d.w, d.c * d.h * d.w, (d.kh, d.kw));
     let c3 = kw * d.c;
@@ -855,7 +839,7 @@ pub(crate) fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
 /// The sum over the batch of what `image(scratch, acc, n)` adds into `acc` (`len` values) for
 /// each image `n`, in a fixed order: one contiguous chunk of images per thread, each into its own
 /// accumulator, the chunks added in order. So the result does not depend on thread scheduling.
-fn sum_over_images<T: Element, S>(
+pub(super) fn sum_over_images<T: Element, S>(
     n: usize,
     len: usize,
     scratch: impl Fn() -> S + Sync + Send,
@@ -880,505 +864,4 @@ fn sum_over_images<T: Element, S>(
         }
     }
     total
-}
-
-fn dims4(layout: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
-    match *layout.dims() {
-        [a, b, c, d] => Ok((a, b, c, d)),
-        ref dims => bail!("conv2d: {what} must be 4-dimensional, got {dims:?}"),
-    }
-}
-
-fn operand<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    crate::contiguous(data, layout, &format!("conv2d: {what}"))
-}
-
-/// Runs `f` on the two operands as slices of one float type.
-fn dispatch(
-    (s1, l1, what1): (&CpuStorage, &Layout, &str),
-    (s2, l2, what2): (&CpuStorage, &Layout, &str),
-    f32: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
-    f64: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
-) -> Result<CpuStorage> {
-    Ok(match (s1, s2) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-            CpuStorage::F32(f32(operand(a, l1, what1)?, operand(b, l2, what2)?))
-        }
-        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-            CpuStorage::F64(f64(operand(a, l1, what1)?, operand(b, l2, what2)?))
-        }
-        (a, b) => bail!("conv2d kernels take f32 or f64, got {:?} and {:?}", a.dtype(), b.dtype()),
-    })
-}
-
-struct Fwd {
-    stride: usize,
-    pad: usize,
-}
-
-impl CustomOp2 for Fwd {
-    fn name(&self) -> &'static str {
-        "at-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d =
-            Dims::new(dims4(l1, "the input")?, dims4(l2, "the weight")?, self.stride, self.pad)?;
-        let y = dispatch(
-            (s1, l1, "the input"),
-            (s2, l2, "the weight"),
-            |x, w| forward(&d, x, w),
-            |x, w| forward(&d, x, w),
-        )?;
-        Ok((y, Shape::from((d.n, d.o, d.ho, d.wo))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, _, h, width) = x.dims4()?;
-        let (_, _, kh, kw) = w.dims4()?;
-        // An input that is not tracked (the images, for the first layer) takes no gradient.
-        let dx = if x.track_op() {
-            Some(conv2d_input_grad(dy, w, self.stride, self.pad, (h, width))?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            Some(conv2d_weight_grad(x, dy, self.stride, self.pad, (kh, kw))?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
-    }
-}
-
-struct Dx {
-    stride: usize,
-    pad: usize,
-    h: usize,
-    w: usize,
-}
-
-impl CustomOp2 for Dx {
-    fn name(&self) -> &'static str {
-        "at-conv2d-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, o, ho, wo) = dims4(l1, "the output gradient")?;
-        let weight = dims4(l2, "the weight")?;
-        let d = Dims::new((n, weight.1, self.h, self.w), weight, self.stride, self.pad)?;
-        if (d.o, d.ho, d.wo) != (o, ho, wo) {
-            bail!("conv2d input gradient: the output gradient has shape {:?}", l1.dims())
-        }
-        let dx = dispatch(
-            (s1, l1, "the output gradient"),
-            (s2, l2, "the weight"),
-            |dy, w| input_grad(&d, dy, w),
-            |dy, w| input_grad(&d, dy, w),
-        )?;
-        Ok((dx, Shape::from((d.n, d.c, d.h, d.w))))
-    }
-
-    fn bwd(
-        &self,
-        dy: &Tensor,
-        w: &Tensor,
-        _dx: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, _, kh, kw) = w.dims4()?;
-        let d_dy = conv2d(g, w, self.stride, self.pad)?;
-        let d_w = conv2d_weight_grad(g, dy, self.stride, self.pad, (kh, kw))?;
-        Ok((Some(d_dy), Some(d_w)))
-    }
-}
-
-struct Dw {
-    stride: usize,
-    pad: usize,
-    kh: usize,
-    kw: usize,
-}
-
-impl CustomOp2 for Dw {
-    fn name(&self) -> &'static str {
-        "at-conv2d-weight-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = dims4(l1, "the input")?;
-        let (n, o, ho, wo) = dims4(l2, "the output gradient")?;
-        let d = Dims::new(x, (o, x.1, self.kh, self.kw), self.stride, self.pad)?;
-        if (d.n, d.ho, d.wo) != (n, ho, wo) {
-            bail!("conv2d weight gradient: the output gradient has shape {:?}", l2.dims())
-        }
-        let dw = dispatch(
-            (s1, l1, "the input"),
-            (s2, l2, "the output gradient"),
-            |x, dy| weight_grad(&d, x, dy),
-            |x, dy| weight_grad(&d, x, dy),
-        )?;
-        Ok((dw, Shape::from((d.o, d.c, d.kh, d.kw))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        dy: &Tensor,
-        _dw: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, _, h, w) = x.dims4()?;
-        let d_x = conv2d_input_grad(dy, g, self.stride, self.pad, (h, w))?;
-        let d_dy = conv2d(x, g, self.stride, self.pad)?;
-        Ok((Some(d_x), Some(d_dy)))
-    }
-}
-
-/// Whether the kernels can take these operands: f32 or f64 on the CPU.
-fn supported(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu()
-        && x.dtype() == w.dtype()
-        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-}
-
-/// `conv2d(x, w)` with square `stride` and `padding` (`x`: `[N, C, H, W]`, `w`: `[O, C, kh, kw]`):
-/// the fast kernels on the CPU in f32 and f64,
-/// candle's `conv2d` elsewhere. Differentiable to any order.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if supported(x, w) {
-        x.contiguous()?.apply_op2(&w.contiguous()?, Fwd { stride, pad: padding })
-    } else if !x.device().is_cpu() {
-        conv2d_by_candle(x, w, stride, padding)
-    } else {
-        x.conv2d(w, padding, stride, 1, 1)
-    }
-}
-
-/// The gradient of `sum(conv2d(x, w) * dy)` with respect to `x`, for an input of `size` (H, W).
-pub fn conv2d_input_grad(
-    dy: &Tensor,
-    w: &Tensor,
-    stride: usize,
-    padding: usize,
-    (h, width): (usize, usize),
-) -> Result<Tensor> {
-    if !supported(dy, w) {
-        return input_grad_by_conv(dy, w, stride, padding, (h, width));
-    }
-    dy.contiguous()?.apply_op2(&w.contiguous()?, Dx { stride, pad: padding, h, w: width })
-}
-
-/// The gradient of `sum(conv2d(x, w) * dy)` with respect to `w`, for a `kernel` (kh, kw).
-pub fn conv2d_weight_grad(
-    x: &Tensor,
-    dy: &Tensor,
-    stride: usize,
-    padding: usize,
-    (kh, kw): (usize, usize),
-) -> Result<Tensor> {
-    if !supported(x, dy) {
-        return weight_grad_by_conv(x, dy, stride, padding, (kh, kw));
-    }
-    x.contiguous()?.apply_op2(&dy.contiguous()?, Dw { stride, pad: padding, kh, kw })
-}
-
-/// [`conv2d`] off the CPU (CUDA, Metal): candle's `conv2d` for the value (cuDNN with the
-/// `cudnn` feature), tied to `x` and `w` by an op whose backward pass is again made of
-/// convolutions ([`input_grad_by_conv`], [`weight_grad_by_conv`]), so that cuDNN runs the
-/// backward pass too: candle's own backward of `conv2d` takes the input gradient from
-/// `conv_transpose2d`, its own kernel. Differentiable to any order (the gradients are candle ops).
-pub(crate) fn conv2d_by_candle(
-    x: &Tensor,
-    w: &Tensor,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
-    let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
-    y.apply_op3(x, w, Tie { stride, pad: padding })
-}
-
-/// `Tie(y, x, w) = y`, with the gradients of `conv2d(x, w)` (none for `y`, a detached copy of
-/// that convolution).
-struct Tie {
-    stride: usize,
-    pad: usize,
-}
-
-impl Tie {
-    /// The value: `y` itself, a fresh contiguous tensor.
-    fn copy<S: BackendStorage>(y: &S, layout: &Layout) -> Result<(S, Shape)> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            bail!("conv2d on a device: the convolution's output must be contiguous")
-        }
-        Ok((y.try_clone(layout)?, layout.shape().clone()))
-    }
-}
-
-impl CustomOp3 for Tie {
-    fn name(&self) -> &'static str {
-        "at-conv2d-device"
-    }
-
-    fn cpu_fwd(
-        &self,
-        y: &CpuStorage,
-        l: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::copy(y, l)
-    }
-
-    fn cuda_fwd(
-        &self,
-        y: &CudaStorage,
-        l: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        Self::copy(y, l)
-    }
-
-    fn metal_fwd(
-        &self,
-        y: &MetalStorage,
-        l: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        Self::copy(y, l)
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, _, h, width) = x.dims4()?;
-        let (_, _, kh, kw) = w.dims4()?;
-        let dx = match x.track_op() {
-            true => Some(input_grad_by_conv(g, w, self.stride, self.pad, (h, width))?),
-            false => None,
-        };
-        let dw = match w.track_op() {
-            true => Some(weight_grad_by_conv(x, g, self.stride, self.pad, (kh, kw))?),
-            false => None,
-        };
-        Ok((None, dx, dw))
-    }
-}
-
-/// The input gradient of `conv2d(x, w)` as one candle convolution (any device): `dy` with
-/// `stride - 1` zeros between its pixels (and, where the forward pass left input rows or columns
-/// unread at the far edge, that many more), convolved with the kernel flipped and its channel
-/// axes swapped at padding `k - 1 - padding`. Square kernels whose padding is below their size;
-/// others take candle's `conv_transpose2d`.
-pub(crate) fn input_grad_by_conv(
-    dy: &Tensor,
-    w: &Tensor,
-    stride: usize,
-    padding: usize,
-    (h, width): (usize, usize),
-) -> Result<Tensor> {
-    let (_, _, ho, wo) = dy.dims4()?;
-    let (_, _, kh, kw) = w.dims4()?;
-    if ho == 0 || wo == 0 || h + 2 * padding < kh || width + 2 * padding < kw {
-        bail!("conv2d input gradient: {h}x{width} does not fit a {kh}x{kw} kernel")
-    }
-    // The input rows and columns past the last window (`(h + 2p - k) mod stride`).
-    let (rest_h, rest_w) = (
-        (h + 2 * padding - kh) - (ho - 1) * stride,
-        (width + 2 * padding - kw) - (wo - 1) * stride,
-    );
-    if kh != kw || padding >= kh {
-        return dy.conv_transpose2d(w, padding, rest_h.min(rest_w), stride, 1);
-    }
-    // `len` entries along `dim` with `stride - 1` zeros after each but the last.
-    let dilate = |t: Tensor, dim: usize, len: usize| -> Result<Tensor> {
-        if stride == 1 {
-            return Ok(t);
-        }
-        t.unsqueeze(dim + 1)?.pad_with_zeros(dim + 1, 0, stride - 1)?.flatten(dim, dim + 1)?.narrow(
-            dim,
-            0,
-            (len - 1) * stride + 1,
-        )
-    };
-    let spread = dilate(dilate(dy.clone(), 2, ho)?, 3, wo)?;
-    let spread = spread.pad_with_zeros(2, 0, rest_h)?.pad_with_zeros(3, 0, rest_w)?;
-    let flipped = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-    spread.contiguous()?.conv2d(&flipped, kh - 1 - padding, 1, 1, 1)
-}
-
-/// The weight gradient of `conv2d(x, w)` as one candle convolution (any device): the batch as
-/// the channels, `x^T (c, n, h, w)` convolved with `dy^T (o, n, ho, wo)` dilated by the stride,
-/// cut to the kernel's size.
-pub(crate) fn weight_grad_by_conv(
-    x: &Tensor,
-    dy: &Tensor,
-    stride: usize,
-    padding: usize,
-    (kh, kw): (usize, usize),
-) -> Result<Tensor> {
-    let xt = x.transpose(0, 1)?.contiguous()?;
-    let dyt = dy.transpose(0, 1)?.contiguous()?;
-    let g = xt.conv2d(&dyt, padding, 1, stride, 1)?.transpose(0, 1)?;
-    g.narrow(2, 0, kh)?.narrow(3, 0, kw)?.contiguous()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len).map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0).collect()
-    }
-
-    fn assert_close(a: &[f32], b: &[f32], what: &str) {
-        assert_eq!(a.len(), b.len(), "{what}");
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what} at {i}: {x} vs {y}");
-        }
-    }
-
-    /// Convolution geometries with ragged channel counts, a non-square image, "same" 3x3
-    /// convolutions and the im2col path (stride 2, 1x1 projections).
-    const GEOMETRIES: [Geometry; 8] = [
-        ((3, 5, 9, 7), (7, 5, 3, 3), 1, 1),
-        ((2, 16, 8, 8), (32, 16, 3, 3), 1, 1),
-        ((2, 32, 4, 16), (16, 32, 3, 3), 1, 1),
-        ((2, 6, 9, 8), (13, 6, 3, 3), 2, 1),
-        ((2, 6, 9, 8), (13, 6, 1, 1), 2, 0),
-        ((2, 16, 8, 8), (32, 16, 3, 3), 2, 1),
-        ((2, 16, 8, 8), (32, 16, 1, 1), 2, 0),
-        ((2, 16, 8, 8), (32, 16, 1, 1), 1, 0),
-    ];
-
-    type Geometry = ((usize, usize, usize, usize), (usize, usize, usize, usize), usize, usize);
-
-    /// The forward pass, the input gradient and the weight gradient of geometry `i` with
-    /// `gather` on or off, on fixed values; and the values `(x, w, dy)`.
-    fn paths(i: usize, gather: bool) -> ([Vec<f32>; 3], [Vec<f32>; 3]) {
-        let (x, w, stride, pad) = GEOMETRIES[i];
-        let d = Dims { gather, ..Dims::new(x, w, stride, pad).unwrap() };
-        let xs = values(x.0 * x.1 * x.2 * x.3, i);
-        let ws = values(w.0 * w.1 * w.2 * w.3, i + 10);
-        let dy = values(d.n * d.o * d.p(), i + 20);
-        let out = [forward(&d, &xs, &ws), input_grad(&d, &dy, &ws), weight_grad(&d, &xs, &dy)];
-        (out, [xs, ws, dy])
-    }
-
-    /// The portable `gemm` path (what CPUs without AVX-512 run) against candle's own
-    /// convolutions, on every CPU: the forward pass and both gradients.
-    #[test]
-    fn portable_path_matches_candle_on_forward_and_both_gradients() {
-        use candle_core::{Device, Var};
-        for (i, &(x, w, stride, pad)) in GEOMETRIES.iter().enumerate() {
-            let ([y, dx, dw], [xs, ws, dy]) = paths(i, false);
-            let xv = Var::from_vec(xs, x, &Device::Cpu).unwrap();
-            let wv = Var::from_vec(ws, w, &Device::Cpu).unwrap();
-            // candle's convolution, with the backward as candle's convolutions again
-            // (`conv2d_by_candle`): candle's own backward fails on geometries whose strided
-            // windows leave input columns unread.
-            let theirs = conv2d_by_candle(xv.as_tensor(), wv.as_tensor(), stride, pad).unwrap();
-            let dyt = Tensor::from_vec(dy, theirs.shape(), &Device::Cpu).unwrap();
-            let grads = (&theirs * &dyt).unwrap().sum_all().unwrap().backward().unwrap();
-            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_close(&y, &flat(&theirs), &format!("forward, geometry {i}"));
-            assert_close(&dx, &flat(grads.get(&xv).unwrap()), &format!("input grad, geometry {i}"));
-            assert_close(
-                &dw,
-                &flat(grads.get(&wv).unwrap()),
-                &format!("weight grad, geometry {i}"),
-            );
-        }
-    }
-
-    /// The gather GEMM (AVX-512) and the portable `gemm` path give the same forward pass and
-    /// gradients on every geometry.
-    #[test]
-    #[cfg_attr(at_no_avx512, ignore = "no AVX-512F on this CPU: the gather kernel cannot run")]
-    fn gather_and_portable_paths_agree_on_forward_and_both_gradients() {
-        crate::assert_avx512_here();
-        for i in 0..GEOMETRIES.len() {
-            let (fast, portable) = (paths(i, true).0, paths(i, false).0);
-            for (what, (a, b)) in ["forward", "input gradient", "weight gradient"]
-                .iter()
-                .zip(fast.iter().zip(&portable))
-            {
-                assert_close(a, b, &format!("{what}, geometry {i}"));
-            }
-        }
-    }
-
-    /// The device path (`conv2d_by_candle`: candle's convolution tied to a backward made of
-    /// convolutions, what CUDA and Metal run), here on the CPU: the value and both gradients
-    /// against the CPU kernels, on geometries with strides, padding, 1x1 kernels and input rows
-    /// the strided windows leave unread.
-    #[test]
-    fn device_path_matches_the_kernels_in_value_and_gradients() {
-        use candle_core::{Device, Var};
-        let geometries = [
-            ((2, 3, 7, 6), (4, 3, 3, 3), 1, 1),
-            ((2, 3, 8, 8), (5, 3, 3, 3), 2, 1),
-            ((2, 3, 9, 7), (5, 3, 3, 3), 2, 1),
-            ((2, 4, 9, 8), (6, 4, 1, 1), 2, 0),
-            ((1, 2, 10, 10), (3, 2, 3, 3), 3, 1),
-        ];
-        for (i, &(xs, ws, stride, pad)) in geometries.iter().enumerate() {
-            let var = |shape: (usize, usize, usize, usize), seed: usize| {
-                let n = shape.0 * shape.1 * shape.2 * shape.3;
-                Var::from_vec(values(n, seed), shape, &Device::Cpu).unwrap()
-            };
-            let (x, w) = (var(xs, i), var(ws, i + 10));
-            let ours = conv2d_by_candle(x.as_tensor(), w.as_tensor(), stride, pad).unwrap();
-            let theirs = conv2d(x.as_tensor(), w.as_tensor(), stride, pad).unwrap();
-            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_close(&flat(&ours), &flat(&theirs), &format!("value, geometry {i}"));
-            let r =
-                Tensor::from_vec(values(theirs.elem_count(), i + 20), theirs.shape(), &Device::Cpu)
-                    .unwrap();
-            let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_theirs = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, v) in [("input", &x), ("weight", &w)] {
-                let (a, b) = (g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
-                assert_eq!(a.dims(), b.dims(), "{name} gradient shape, geometry {i}");
-                assert_close(&flat(a), &flat(b), &format!("{name} gradient, geometry {i}"));
-            }
-        }
-    }
 }

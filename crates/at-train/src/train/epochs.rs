@@ -1,0 +1,112 @@
+//! The epoch loop: batches, the schedule, stops (Ctrl-C, the test options), the metrics line,
+//! a checkpoint after each epoch, and the final weights and `result.json`.
+
+use std::time::Instant;
+
+use super::checkpoint::previous_seconds;
+use super::metrics::Sums;
+use super::progress::Progress;
+use super::*;
+
+impl Run {
+    pub(super) fn go(mut self, mut position: Position, options: &RunOptions) -> Result<RunResult> {
+        self.second_order = options.second_order.clone();
+        if self.gradient.is_some() && self.second_order.is_none() {
+            bail!(
+                "loss.gradient = \"{}\" needs second-order gradients: the caller must pass \
+                 RunOptions::second_order (SecondOrder::start, first thing in main)",
+                self.config.loss.gradient
+            )
+        }
+        let (train_loader, test_loader) = self.loaders()?;
+        let schedule = self.config.schedule()?;
+        let epochs = self.config.epochs;
+        let mut batches_this_call = 0usize;
+        let mut total_seconds = previous_seconds(&self.dir)?;
+        let mut last: Option<EpochMetrics> = None;
+        while position.epoch < epochs {
+            let epoch = position.epoch;
+            let lr = schedule.lr(self.config.optim.lr, epoch);
+            self.sgd.set_lr(lr);
+            let n_batches = train_loader.batches_per_epoch();
+            let progress =
+                Progress::new(epoch + 1, epochs, n_batches, position.batch, options.quiet);
+            let started = Instant::now();
+            let mut sums = std::mem::take(&mut position.sums);
+            for batch in train_loader.epoch_from(epoch as u64, position.batch, &self.device) {
+                let batch = batch?;
+                self.step(&batch.images, &batch.labels, &mut sums)?;
+                position.batch += 1;
+                batches_this_call += 1;
+                progress.update(position.batch, &sums);
+                let stop_here = options.stop_after_batches == Some(batches_this_call)
+                    && position.batch < n_batches;
+                if INTERRUPTED.load(Ordering::SeqCst) || stop_here {
+                    sums.seconds += started.elapsed().as_secs_f64();
+                    position.sums = sums;
+                    self.checkpoint(&position)?;
+                    progress.finish();
+                    eprintln!(
+                        "stopped at epoch {}, batch {}: continue with `at-train train --resume {}`",
+                        epoch + 1,
+                        position.batch,
+                        self.dir.display()
+                    );
+                    return self.result(last.as_ref(), total_seconds, true);
+                }
+            }
+            progress.finish();
+            let (test_loss, test_top1, test_top5) =
+                evaluate(self.student.as_ref(), &test_loader, &self.device)?;
+            sums.seconds += started.elapsed().as_secs_f64();
+            let seen = sums.seen.max(1) as f64;
+            let metrics = EpochMetrics {
+                epoch: epoch + 1,
+                lr,
+                train_loss: sums.loss / seen,
+                train_ce: sums.ce / seen,
+                train_kd: (self.loss.alpha > 0.0).then(|| sums.kd / seen),
+                train_at: sums.at.iter().map(|a| a / seen).collect(),
+                train_gradient: self.gradient.is_some().then(|| sums.gradient / seen),
+                train_top1: 100.0 * sums.correct as f64 / seen,
+                test_loss,
+                test_top1,
+                test_top5,
+                seconds: sums.seconds,
+                images_per_second: sums.seen as f64 / sums.seconds.max(1e-9),
+            };
+            total_seconds += sums.seconds;
+            println!(
+                "epoch {}/{epochs}: lr {lr:.4}, train loss {:.4}, train top-1 {:.2}%, test top-1 {:.2}%, top-5 {:.2}%, {:.0} images/s",
+                metrics.epoch,
+                metrics.train_loss,
+                metrics.train_top1,
+                metrics.test_top1,
+                metrics.test_top5,
+                metrics.images_per_second
+            );
+            position = Position { epoch: epoch + 1, batch: 0, sums: Sums::default() };
+            self.append_metrics(&metrics)?;
+            self.checkpoint(&position)?;
+            last = Some(metrics);
+            if options.stop_after_epochs == Some(position.epoch) && position.epoch < epochs
+                || INTERRUPTED.load(Ordering::SeqCst)
+            {
+                return self.result(last.as_ref(), total_seconds, true);
+            }
+        }
+        let last = match last {
+            Some(m) => m,
+            None => read_metrics(&self.dir)?
+                .pop()
+                .context("the run has no metrics: was it trained at all?")?,
+        };
+        at_models::save(&self.varmap, &self.dir.join("model.safetensors"))?;
+        let result = self.result(Some(&last), total_seconds, false)?;
+        write_atomically(
+            &self.dir.join("result.json"),
+            serde_json::to_string_pretty(&result)?.as_bytes(),
+        )?;
+        Ok(result)
+    }
+}

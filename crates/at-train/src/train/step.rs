@@ -1,0 +1,179 @@
+//! One training step: the forward passes, the loss (with the attention maps the networks make
+//! themselves), the backward pass and SGD; and the step with a gradient-based penalty, whose
+//! loss is built on the second-order thread.
+
+use anyhow::{Context, Result, bail};
+use at_losses::gradient::{
+    GradientConfig, GradientPenalty, TeacherBatch, gradient_student_loss, teacher_outputs,
+};
+use at_losses::second_order::SecondOrder;
+use at_losses::{GroupMaps, LossConfig, LossParts, student_loss_with_maps};
+use at_models::AttentionModel;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+
+use super::Run;
+use super::evaluate::top_k_correct;
+use super::metrics::Sums;
+
+impl Run {
+    pub(super) fn step(&mut self, images: &Tensor, labels: &Tensor, sums: &mut Sums) -> Result<()> {
+        let (parts, grads) = match &self.gradient {
+            Some(config) => {
+                let second_order =
+                    self.second_order.as_deref().context("checked when the run started")?;
+                gradient_step(
+                    self.student.as_ref(),
+                    self.teacher.as_deref(),
+                    (images, labels),
+                    config,
+                    self.config.loss.gradient_chunks,
+                    second_order,
+                )?
+            }
+            None => {
+                let (maps_s, maps_t) = wanted_maps(&self.loss, self.teacher.is_some());
+                let out = self.student.forward_with_maps(images, true, &maps_s)?;
+                let teacher_out = match &self.teacher {
+                    Some(t) if self.loss.alpha > 0.0 || self.loss.beta > 0.0 => {
+                        Some(t.forward_with_maps(images, false, &maps_t)?)
+                    }
+                    _ => None,
+                };
+                let teacher = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
+                let maps = GroupMaps {
+                    student: &out.maps,
+                    teacher: teacher_out.as_ref().map_or(&[], |t| &t.maps),
+                };
+                let parts = student_loss_with_maps(
+                    &out.logits,
+                    labels,
+                    &out.groups,
+                    teacher,
+                    &self.loss,
+                    maps,
+                )?;
+                let grads = parts.total.backward()?;
+                (parts, grads)
+            }
+        };
+        self.sgd.step(&grads)?;
+
+        let n = labels.dim(0)?;
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        sums.loss += scalar(&parts.total)? * n as f64;
+        sums.ce += scalar(&parts.ce)? * n as f64;
+        if let Some(kd) = &parts.kd {
+            sums.kd += scalar(kd)? * n as f64;
+        }
+        sums.at.resize(parts.at.len(), 0.0);
+        for (sum, at) in sums.at.iter_mut().zip(&parts.at) {
+            *sum += scalar(at)? * n as f64;
+        }
+        if let Some(penalty) = &parts.gradient {
+            sums.gradient += scalar(penalty)? * n as f64;
+        }
+        let (top1, _) = top_k_correct(&parts.logits, labels)?;
+        sums.correct += top1;
+        sums.seen += n;
+        if !sums.loss.is_finite() {
+            bail!(
+                "the training loss is not finite (NaN or infinite): lower the learning rate or beta"
+            )
+        }
+        Ok(())
+    }
+}
+
+/// The groups whose attention maps the networks should make themselves for `loss`, as
+/// `(student's, teacher's)`: the paired ones, with a teacher and attention transfer, when the
+/// map is the one they make (`p = 2`, channel mean); none otherwise.
+pub fn wanted_maps(loss: &LossConfig, teacher: bool) -> (Vec<usize>, Vec<usize>) {
+    if !teacher || loss.beta <= 0.0 || !loss.at.map.is_mean_square() {
+        return (vec![], vec![]);
+    }
+    loss.pairs.iter().map(|&(s, t)| (s, t)).unzip()
+}
+
+/// The loss and gradients of one step with a gradient-based penalty (`loss.gradient`): the
+/// teacher's logits and input gradient on this thread (first-order, and only when distillation
+/// or gradient transfer needs them), the student's double-backpropagation graph on a
+/// second-order one, and its `backward` back on this thread, where gradients are detached as
+/// they are built (no third graph). With `chunks > 1` the batch is processed in chunks whose
+/// gradients are summed (exact for a student without batch norm).
+pub fn gradient_step(
+    student: &dyn AttentionModel,
+    teacher: Option<&dyn AttentionModel>,
+    (images, labels): (&Tensor, &Tensor),
+    config: &GradientConfig,
+    chunks: usize,
+    second_order: &SecondOrder,
+) -> Result<(LossParts, GradStore)> {
+    let teacher_out = match teacher {
+        Some(t) if config.alpha > 0.0 || config.penalty == GradientPenalty::Transfer => {
+            let forward = |x: &Tensor| Ok(t.forward_t(x, false)?.logits);
+            Some(teacher_outputs(&forward, images, labels)?)
+        }
+        _ => None,
+    };
+    let batch = images.dim(0)?;
+    let size = batch.div_ceil(chunks.clamp(1, batch));
+    let value = |t: &Tensor| -> Result<f64> {
+        Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
+    };
+    let (mut total, mut ce, mut kd, mut penalty) = (0f64, 0f64, 0f64, 0f64);
+    let mut logits = vec![];
+    let mut grads: Option<GradStore> = None;
+    for start in (0..batch).step_by(size) {
+        let len = size.min(batch - start);
+        let x = images.narrow(0, start, len)?;
+        let y = labels.narrow(0, start, len)?;
+        let chunk = match &teacher_out {
+            Some((l, j)) => Some((l.narrow(0, start, len)?, j.narrow(0, start, len)?)),
+            None => None,
+        };
+        let teacher = chunk.as_ref().map(|(logits, jacobian)| TeacherBatch { logits, jacobian });
+        let parts = second_order.run(|| {
+            let forward = |x: &Tensor| Ok(student.forward_t(x, true)?.logits);
+            gradient_student_loss(&forward, &x, &y, teacher, config, batch)
+        })?;
+        // Detached: a weight's gradient (the weight-gradient op of a convolution, say) refers
+        // to the chunk's activations, and would keep the whole chunk's graph alive.
+        let chunk_grads = detach_all(parts.total.backward()?)?;
+        match &mut grads {
+            Some(sum) => sum.extend(chunk_grads)?,
+            None => grads = Some(chunk_grads),
+        }
+        let share = len as f64 / batch as f64;
+        total += value(&parts.total)?;
+        ce += value(&parts.ce)? * share;
+        if let Some(k) = &parts.kd {
+            kd += value(k)? * share;
+        }
+        if let Some(p) = &parts.gradient {
+            penalty += value(p)?;
+        }
+        logits.push(parts.logits.detach());
+    }
+    let device = images.device();
+    let parts = LossParts {
+        total: Tensor::new(total, device)?,
+        ce: Tensor::new(ce, device)?,
+        kd: (config.alpha > 0.0).then(|| Tensor::new(kd, device)).transpose()?,
+        at: vec![],
+        gradient: Some(Tensor::new(penalty, device)?),
+        logits: Tensor::cat(&logits, 0)?,
+    };
+    Ok((parts, grads.expect("a batch has at least one chunk")))
+}
+
+/// The same gradients without the graphs they were computed through.
+pub fn detach_all(mut grads: GradStore) -> candle_core::Result<GradStore> {
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        let detached = grads.get_id(id).expect("listed").detach();
+        grads.insert_id(id, detached);
+    }
+    Ok(grads)
+}
