@@ -57,3 +57,18 @@ fn at_ops_gives_identical_bits_before_and_after_at_kernels_is_used() {
         assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
     }
 }
+
+/// The teacher side of an attention-transfer loss is a constant: a teacher that is a variable
+/// gets no gradient, with candle's ops or the kernels.
+#[test]
+fn the_teacher_side_of_an_at_loss_gets_no_gradient() {
+    let dev = Device::Cpu;
+    let s = Var::randn(0f32, 1.0, (2, 4, 5, 5), &dev).unwrap();
+    let t = Var::randn(0f32, 1.0, (2, 6, 5, 5), &dev).unwrap();
+    for backend in [AtBackend::Candle, AtBackend::Kernels(&AT_OPS_KERNELS)] {
+        let config = AtConfig { backend, ..AtConfig::default() };
+        let grads = at_loss(s.as_tensor(), t.as_tensor(), &config).unwrap().backward().unwrap();
+        assert!(grads.get(&s).is_some(), "{backend:?}: the student gets a gradient");
+        assert!(grads.get(&t).is_none(), "{backend:?}: the teacher gets none");
+    }
+}

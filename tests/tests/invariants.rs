@@ -98,3 +98,37 @@ fn only_the_data_crate_and_xtask_touch_the_network() {
         assert!(network.is_empty(), "{} depends on network crates {network:?}", name(&package));
     }
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Libraries take a `&Device`; a device is opened in one place only, the trainer's `device`
+/// (at-train's `train/mod.rs`), which the binary calls.
+#[test]
+fn a_device_is_opened_in_one_place_only() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut files = vec![];
+    for krate in std::fs::read_dir(root.join("crates")).unwrap() {
+        sources(&krate.unwrap().path().join("src"), &mut files);
+    }
+    let opening: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).unwrap();
+            ["Device::new_cuda", "Device::new_metal", "Device::cuda_if_available"]
+                .iter()
+                .any(|call| text.contains(call))
+        })
+        .map(|f| f.strip_prefix(root).unwrap().display().to_string())
+        .collect();
+    assert_eq!(opening, ["crates/at-train/src/train/mod.rs"], "files that open a device");
+}
