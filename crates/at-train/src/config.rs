@@ -823,6 +823,11 @@ pub fn resolve(file: Option<&Path>, preset: Option<&str>, sets: &[String]) -> Re
                     })?;
             }
         }
+        // Each override is checked as it is applied, so that an error names it (the document
+        // parsed here is generated, its line numbers would mean nothing to the user).
+        if let Err(e) = toml::from_str::<RunConfig>(&toml::to_string(&table)?) {
+            bail!("--set {set}: {}", e.message().trim())
+        }
     }
     let config: RunConfig = toml::from_str(&toml::to_string(&table)?)
         .context("the overrides do not make a valid config")?;

@@ -141,6 +141,8 @@ fn bad_enumerated_values_are_refused_with_the_valid_values_named() {
         let field = key.rsplit('.').next().unwrap();
         let unknown = [format!("unknown variant `{value}`"), format!("unknown device `{value}`")];
         assert!(unknown.iter().any(|u| err.contains(u)), "{set}: {err}");
+        assert!(err.starts_with(&format!("--set {set}: ")), "{set}: names the override: {err}");
+        assert!(!err.contains("error at line"), "{set}: no line of a generated document: {err}");
         assert!(err.contains(field), "{set}: the error names the key: {err}");
         for v in valid {
             assert!(err.contains(v), "{set}: the error names {v}: {err}");
