@@ -162,3 +162,19 @@ fn a_teacher_checkpoint_of_another_architecture_names_the_tensor() {
         "{err}"
     );
 }
+
+/// `loss.at_start_epoch` (Table 5 adds AT at epoch 60 of 100): no attention term before it,
+/// every group's after.
+#[test]
+fn attention_transfer_starts_at_its_epoch() {
+    let config = RunConfig {
+        loss: LossSection { beta: 1e3, at_start_epoch: 1, ..LossSection::default() },
+        epochs: 2,
+        ..at_kd()
+    };
+    let dir = run_dir("at-late");
+    train(&config, &dir, &quiet()).unwrap();
+    let m = read_metrics(&dir).unwrap();
+    assert!(m[0].train_at.is_empty(), "no AT in epoch 1: {:?}", m[0].train_at);
+    assert_eq!(m[1].train_at.len(), 3, "AT on every group from epoch 2");
+}

@@ -24,6 +24,11 @@ const TASKS: &[(&str, &str, Task)] = &[
         bench::bench,
     ),
     (
+        "repro",
+        "replay a table of the paper: repro <table1..table5|all|report> --profile <paper|fmnist|quick> [--dry-run]",
+        repro,
+    ),
+    (
         "download",
         "download a dataset from the Hugging Face Hub: cifar10, cub, scenes, imagenet",
         download,
@@ -92,6 +97,15 @@ fn download(args: &[String]) -> Result<()> {
     run(Command::new(cargo)
         .current_dir(root())
         .args(["run", "--release", "--quiet", "-p", "at-train", "--", "download"])
+        .args(args))
+}
+
+/// `at-train repro` in a release build (built here first, so a fresh clone needs nothing else).
+fn repro(args: &[String]) -> Result<()> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        .current_dir(root())
+        .args(["run", "--release", "--quiet", "-p", "at-train", "--", "repro"])
         .args(args))
 }
 

@@ -292,6 +292,10 @@ pub struct LossSection {
     /// several times a plain step's memory; the gradients are summed, so the step is the same.
     /// Only for students without batch norm (whose batch statistics chunks would change).
     pub gradient_chunks: usize,
+    /// The first epoch (from 0) with attention transfer: before it `beta` counts as 0 (Table 5
+    /// adds AT at epoch 60 of 100). 0: from the start.
+    #[serde(default)]
+    pub at_start_epoch: usize,
 }
 
 /// SGD and the learning-rate schedule.
@@ -617,6 +621,7 @@ impl Default for LossSection {
             gradient: GradientKind::None,
             gradient_beta: 0.0,
             gradient_chunks: 1,
+            at_start_epoch: 0,
         }
     }
 }

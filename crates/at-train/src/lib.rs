@@ -10,6 +10,7 @@ pub mod init;
 pub mod maps;
 pub mod optim;
 pub mod quick;
+pub mod repro;
 pub mod train;
 
 use at_models::{ModelOptions, parameter_count, registry};

@@ -50,6 +50,43 @@ enum Command {
         /// The run directory.
         run_dir: PathBuf,
     },
+    /// Replay a table of the paper: train (or resume, or reuse) every run it needs, then write
+    /// docs/results/<table>-<profile>.md and .csv beside the paper's numbers.
+    Repro {
+        /// table1 ... table5, all, or report (the report alone, from the finished runs).
+        what: String,
+        /// paper (the paper's recipes; for a GPU), fmnist (full Fashion-MNIST) or quick.
+        #[arg(long, default_value = "quick")]
+        profile: String,
+        /// Seeds per cell [default: the profile's: paper 5, fmnist and quick 3; Table 3: 1].
+        #[arg(long)]
+        seeds: Option<usize>,
+        /// Only this seed (spread cells over machines by hand).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Only the rows whose id starts with this (see --dry-run for the ids).
+        #[arg(long)]
+        only: Option<String>,
+        /// cpu, cuda:N or metal.
+        #[arg(long, default_value = "cpu")]
+        device: config::DeviceSpec,
+        /// Use the dataset files in this directory (e.g. Fashion-MNIST's IDX files).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where the runs go [default: runs/repro/<profile>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// With `report`: the table to report.
+        #[arg(long)]
+        table: Option<String>,
+        /// Where the reports go.
+        #[arg(long, default_value = "docs/results")]
+        report_dir: PathBuf,
+        /// Print every run, its config, the command that makes it by hand and the estimated
+        /// time (from step times measured here), and train nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// The short real experiment of the README: a WRN-16-2 teacher, then WRN-16-1 students with
     /// and without attention transfer, on the embedded Fashion-MNIST subset.
     Quick {
@@ -188,6 +225,60 @@ fn run(cli: Cli, second_order: std::sync::Arc<SecondOrder>) -> anyhow::Result<()
             };
             if !result.interrupted {
                 println!("{}", serde_json::to_string_pretty(&result)?);
+            }
+        }
+        Command::Repro {
+            what,
+            profile,
+            seeds,
+            seed,
+            only,
+            device,
+            data_dir,
+            out,
+            table,
+            report_dir,
+            dry_run,
+        } => {
+            use at_train::repro::{self, Options, Profile, Table};
+            let profile = Profile::parse(&profile)?;
+            let mut options =
+                Options { seeds, seed, only, device, data_dir, ..Options::new(profile) };
+            if let Some(out) = out {
+                options.out = out;
+            }
+            let tables: Vec<Table> = match (what.as_str(), table) {
+                ("report", Some(t)) => vec![Table::parse(&t)?],
+                ("report", None) => bail!("`repro report` needs --table TABLE"),
+                ("all", _) if profile == Profile::Paper => Table::ALL.to_vec(),
+                ("all", _) => vec![Table::Table1, Table::Table2, Table::Table3],
+                (name, _) => vec![Table::parse(name)?],
+            };
+            let provenance = repro::report::Provenance::here();
+            for table in tables {
+                let plan = repro::plan::plan(table, &options)?;
+                if dry_run {
+                    let mut timer = repro::StepTimer::new(train::device(device)?);
+                    print!("{}", repro::plan::dry_run(&plan, &mut |c| timer.seconds(c)));
+                    continue;
+                }
+                if what != "report" {
+                    set_interrupt_handler()?;
+                    let options = RunOptions {
+                        quiet: false,
+                        second_order: Some(second_order.clone()),
+                        ..RunOptions::default()
+                    };
+                    let finished = repro::execute(&plan, &options)?;
+                    let (md, _) = repro::report::write(&plan, &report_dir, &provenance)?;
+                    if !finished {
+                        println!("stopped; the report so far: {}", md.display());
+                        return Ok(());
+                    }
+                }
+                let (md, csv) = repro::report::write(&plan, &report_dir, &provenance)?;
+                println!("{}", std::fs::read_to_string(&md)?);
+                println!("written: {} and {}", md.display(), csv.display());
             }
         }
         Command::Quick { out, train_images, test_images, epochs } => {

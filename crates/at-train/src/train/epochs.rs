@@ -27,6 +27,9 @@ impl Run {
         while position.epoch < epochs {
             let epoch = position.epoch;
             let lr = schedule.lr(self.config.optim.lr, epoch);
+            // Attention transfer from `loss.at_start_epoch` on (Table 5 adds it at epoch 60).
+            self.loss.beta =
+                if epoch >= self.config.loss.at_start_epoch { self.config.loss.beta } else { 0.0 };
             self.sgd.set_lr(lr);
             let n_batches = train_loader.batches_per_epoch();
             let progress =

@@ -1,0 +1,495 @@
+//! From a table, a profile and options to the runs that fill it: one run per (row, seed), a
+//! teacher being the baseline run of its model under the same profile and seed, so a run that
+//! several rows need (a student baseline, a teacher) is planned and trained once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::tables::{MapFunction, Method, Row, Table, rows};
+use crate::config::{
+    Augmentation, DataConfig, DatasetName, DeviceSpec, GradientKind, LossSection, MapReduce,
+    OptimConfig, RunConfig, ScheduleKind, TeacherConfig,
+};
+
+/// How big the runs are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// The paper's datasets and recipes (CIFAR-10 200 epochs, 5 seeds; CUB, Scenes, ImageNet):
+    /// for a GPU.
+    Paper,
+    /// The same rows on the full Fashion-MNIST (60k/10k, padded to 32x32), fewer epochs, 3 seeds.
+    Fmnist,
+    /// The README's quick look: the embedded Fashion-MNIST subset, minutes on a CPU.
+    Quick,
+}
+
+impl Profile {
+    /// `paper`, `fmnist`, `quick`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Paper => "paper",
+            Profile::Fmnist => "fmnist",
+            Profile::Quick => "quick",
+        }
+    }
+
+    /// The profile named `name`, or an error listing them.
+    pub fn parse(name: &str) -> Result<Profile> {
+        match name {
+            "paper" => Ok(Profile::Paper),
+            "fmnist" => Ok(Profile::Fmnist),
+            "quick" => Ok(Profile::Quick),
+            other => bail!("unknown profile `{other}`, expected one of paper, fmnist, quick"),
+        }
+    }
+
+    /// Seeds when `--seeds` is not given (the paper reports the median of 5).
+    pub fn default_seeds(self) -> usize {
+        match self {
+            Profile::Paper => 5,
+            Profile::Fmnist | Profile::Quick => 3,
+        }
+    }
+}
+
+/// What `repro` was asked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// The profile.
+    pub profile: Profile,
+    /// Seeds per cell (`None`: the profile's).
+    pub seeds: Option<usize>,
+    /// One seed only (to spread cells over machines by hand).
+    pub seed: Option<u64>,
+    /// One row only (its id, or a prefix of it).
+    pub only: Option<String>,
+    /// The device every run trains on.
+    pub device: DeviceSpec,
+    /// Data already on disk (e.g. Fashion-MNIST's IDX folder), instead of the default place.
+    pub data_dir: Option<PathBuf>,
+    /// Where the runs go (`runs/repro/<profile>` by default).
+    pub out: PathBuf,
+}
+
+impl Options {
+    /// The defaults for `profile`.
+    pub fn new(profile: Profile) -> Self {
+        Self {
+            profile,
+            seeds: None,
+            seed: None,
+            only: None,
+            device: DeviceSpec::Cpu,
+            data_dir: None,
+            out: Path::new("runs/repro").join(profile.name()),
+        }
+    }
+}
+
+/// One training run of a plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedRun {
+    /// Its directory under the plan's `out`, which also names it (e.g.
+    /// `wrn-16-1/at-t-wrn-16-2/seed0`).
+    pub key: String,
+    /// Its config (the teacher checkpoint points into the teacher run's directory).
+    pub config: RunConfig,
+    /// The key of the run that trains its teacher.
+    pub teacher: Option<String>,
+}
+
+/// Everything `repro` will train for one table, teachers first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The table.
+    pub table: Table,
+    /// The profile.
+    pub profile: Profile,
+    /// The seeds of every cell.
+    pub seeds: Vec<u64>,
+    /// The rows planned (all, or `--only`'s), with the rows the profile leaves out.
+    pub rows: Vec<Row>,
+    /// Rows of the table this profile does not run, with why.
+    pub skipped: Vec<(Row, &'static str)>,
+    /// The runs, each once, a teacher before its students.
+    pub runs: Vec<PlannedRun>,
+    /// `(row id, seed) -> run key`.
+    pub cells: BTreeMap<(String, u64), String>,
+    /// Where the runs go.
+    pub out: PathBuf,
+}
+
+/// The plan for `table` under `options`.
+pub fn plan(table: Table, options: &Options) -> Result<Plan> {
+    let profile = options.profile;
+    if matches!(table, Table::Table4 | Table::Table5) && profile != Profile::Paper {
+        bail!(
+            "{} fine-tunes ImageNet-pretrained ResNets on CUB, Scenes or ImageNet: it has only the \
+             paper profile (run `cargo xtask repro {} --profile paper`)",
+            table.name(),
+            table.name()
+        )
+    }
+    let seeds: Vec<u64> = match (options.seed, table) {
+        (Some(seed), _) => vec![seed],
+        // Table 3: "deterministic algorithms and sampling with fixed seed ... single run".
+        (None, Table::Table3) => vec![1],
+        (None, _) => (0..options.seeds.unwrap_or(profile.default_seeds()) as u64).collect(),
+    };
+    let mut planned = vec![];
+    let mut skipped = vec![];
+    for row in rows(table) {
+        if let Some(only) = &options.only
+            && !row.id.starts_with(only.as_str())
+        {
+            continue;
+        }
+        match profile_skips(profile, table, &row) {
+            Some(why) => skipped.push((row, why)),
+            None => planned.push(row),
+        }
+    }
+    if planned.is_empty() {
+        let ids: Vec<String> = rows(table).into_iter().map(|r| r.id).collect();
+        bail!(
+            "no row of {} to run with {:?} in the {} profile; its rows: {}",
+            table.name(),
+            options.only,
+            profile.name(),
+            ids.join(", ")
+        )
+    }
+    let mut runs: Vec<PlannedRun> = vec![];
+    let mut cells = BTreeMap::new();
+    for row in &planned {
+        for &seed in &seeds {
+            let teacher = match row.teacher.filter(|_| row.method.needs_teacher()) {
+                Some(t) => {
+                    let teacher_row =
+                        Row { model: t, teacher: None, method: Method::Baseline, ..row.clone() };
+                    Some(add_run(&mut runs, table, &teacher_row, seed, None, options)?)
+                }
+                None => None,
+            };
+            let key = add_run(&mut runs, table, row, seed, teacher, options)?;
+            cells.insert((row.id.clone(), seed), key);
+        }
+    }
+    Ok(Plan {
+        table,
+        profile,
+        seeds,
+        rows: planned,
+        skipped,
+        runs,
+        cells,
+        out: options.out.clone(),
+    })
+}
+
+/// Rows a profile does not run, with why.
+fn profile_skips(profile: Profile, table: Table, row: &Row) -> Option<&'static str> {
+    match profile {
+        Profile::Quick if table == Table::Table1 && row.label != "WRN-16-1 <- WRN-16-2" => Some(
+            "the quick profile runs Table 1's WRN-16-1 <- WRN-16-2 pair only (10 minutes on a CPU)",
+        ),
+        _ => None,
+    }
+}
+
+/// Adds the run of `row` at `seed` (once) and returns its key.
+fn add_run(
+    runs: &mut Vec<PlannedRun>,
+    table: Table,
+    row: &Row,
+    seed: u64,
+    teacher: Option<String>,
+    options: &Options,
+) -> Result<String> {
+    let dataset = dataset_tag(table, row);
+    let method = match row.at_start_epoch {
+        0 => row.method.slug(),
+        e => format!("{}-from-epoch-{e}", row.method.slug()),
+    };
+    let method = match row.teacher.filter(|_| row.method.needs_teacher()) {
+        Some(t) => format!("{method}-t-{t}"),
+        None => method,
+    };
+    let key = match dataset {
+        Some(d) => format!("{d}/{}/{method}/seed{seed}", row.model),
+        None => format!("{}/{method}/seed{seed}", row.model),
+    };
+    if runs.iter().any(|r| r.key == key) {
+        return Ok(key);
+    }
+    let mut config = base_config(options.profile, table, row, options)?;
+    config.seed = seed;
+    config.device = options.device;
+    apply_method(&mut config, table, row);
+    if let Some(t) = &teacher {
+        config.teacher = Some(TeacherConfig {
+            model: row.teacher.expect("a teacher run has a teacher").into(),
+            checkpoint: options.out.join(t).join("model.safetensors"),
+        });
+    }
+    runs.push(PlannedRun { key: key.clone(), config, teacher });
+    Ok(key)
+}
+
+/// Table 4's dataset (its rows' ids start with it).
+fn dataset_tag(table: Table, row: &Row) -> Option<&'static str> {
+    match table {
+        Table::Table4 if row.label.contains("CUB") => Some("cub"),
+        Table::Table4 => Some("scenes"),
+        _ => None,
+    }
+}
+
+/// The recipe of `row`'s network under `profile`, before its method.
+fn base_config(profile: Profile, table: Table, row: &Row, options: &Options) -> Result<RunConfig> {
+    let gradient_table = table == Table::Table3;
+    let mut config = match (profile, table) {
+        (Profile::Paper, Table::Table1 | Table::Table2) => RunConfig::preset("cifar")?,
+        (Profile::Paper, Table::Table3) => RunConfig::preset("nin")?,
+        (Profile::Paper, Table::Table4) => {
+            let mut c = RunConfig::preset(match dataset_tag(table, row) {
+                Some("cub") => "finetune-cub",
+                _ => "finetune-scenes",
+            })?;
+            c.pretrained = format!("weights/{}.tv_in1k/model.safetensors", row.model).into();
+            c
+        }
+        (Profile::Paper, Table::Table5) => RunConfig::preset("imagenet")?,
+        (Profile::Fmnist, _) => RunConfig {
+            data: DataConfig {
+                dataset: DatasetName::FashionMnist,
+                augment: if gradient_table { Augmentation::Flip } else { Augmentation::Standard },
+                ..DataConfig::default()
+            },
+            optim: OptimConfig {
+                schedule: ScheduleKind::Cosine,
+                lr: if gradient_table { 0.02 } else { 0.1 },
+                weight_decay: if gradient_table { 0.0 } else { 5e-4 },
+                ..OptimConfig::default()
+            },
+            epochs: 15,
+            ..RunConfig::default()
+        },
+        (Profile::Quick, _) => {
+            let quick = RunConfig::preset("quick")?;
+            RunConfig {
+                data: DataConfig {
+                    train_limit: QUICK_TRAIN_IMAGES,
+                    test_limit: 0,
+                    augment: if gradient_table {
+                        Augmentation::Flip
+                    } else {
+                        Augmentation::Standard
+                    },
+                    ..quick.data.clone()
+                },
+                optim: OptimConfig {
+                    lr: if gradient_table { 0.02 } else { quick.optim.lr },
+                    weight_decay: if gradient_table { 0.0 } else { quick.optim.weight_decay },
+                    ..quick.optim.clone()
+                },
+                epochs: QUICK_EPOCHS,
+                ..quick
+            }
+        }
+    };
+    config.student = row.model.into();
+    config.teacher = None;
+    if let Some(dir) = &options.data_dir {
+        config.data.root = dir.clone();
+    }
+    Ok(config)
+}
+
+/// The quick profile's scale: training images (of the embedded subset's 10,000) and epochs.
+pub const QUICK_TRAIN_IMAGES: usize = 4000;
+/// See [`QUICK_TRAIN_IMAGES`].
+pub const QUICK_EPOCHS: usize = 4;
+
+/// The loss of `row`'s method.
+fn apply_method(config: &mut RunConfig, table: Table, row: &Row) {
+    let resnet = matches!(table, Table::Table4 | Table::Table5);
+    let at_pairs = if resnet { vec![[2, 2], [3, 3]] } else { vec![] };
+    let kd = |loss: &mut LossSection| {
+        loss.alpha = 0.9;
+        loss.temperature = 4.0;
+    };
+    let loss = &mut config.loss;
+    match row.method {
+        Method::Baseline => {}
+        Method::Kd => kd(loss),
+        Method::AtKd => {
+            kd(loss);
+            loss.beta = 1e3;
+            loss.pairs = at_pairs;
+        }
+        Method::At { map, group } => {
+            loss.beta = 1e3;
+            loss.pairs = match group {
+                Some(g) => vec![[g, g]],
+                None => at_pairs,
+            };
+            (loss.map_reduce, loss.map_p) = match map {
+                // The authors' mean: the same map as the sum after normalisation.
+                MapFunction::Sum { p } if p == 2.0 => (MapReduce::Mean, 2.0),
+                MapFunction::Sum { p } => (MapReduce::Sum, p),
+                MapFunction::Max { p } => (MapReduce::Max, p),
+            };
+        }
+        Method::Gradient { kind } => {
+            // The presets' weights (the paper gives none; config.rs says why these).
+            let (beta, chunks) = match kind {
+                GradientKind::Symmetry => (0.1, 4),
+                _ => (1e3, 2),
+            };
+            loss.gradient = kind;
+            loss.gradient_beta = beta;
+            loss.gradient_chunks = chunks;
+        }
+    }
+    loss.at_start_epoch = row.at_start_epoch;
+}
+
+/// Training images of the dataset `config` trains on, where the size is known without reading
+/// it (for the time estimate).
+pub fn train_images(config: &RunConfig) -> Option<usize> {
+    let full = match config.data.dataset {
+        DatasetName::FashionMnistSubset => 10_000,
+        DatasetName::FashionMnist => 60_000,
+        DatasetName::Cifar10 | DatasetName::Cifar10Parquet => 50_000,
+        DatasetName::Cub => 5_994,
+        DatasetName::Scenes => 5_360,
+        DatasetName::Imagenet | DatasetName::ImagenetParquet => 1_281_167,
+    };
+    Some(match config.data.train_limit {
+        0 => full,
+        n => n.min(full),
+    })
+}
+
+/// The command that makes `run` by hand: `at-train train` with the keys that differ from the
+/// default config.
+pub fn command(out: &Path, run: &PlannedRun) -> String {
+    let flat = |config: &RunConfig| {
+        let table: toml::Table = toml::from_str(&config.to_toml()).expect("a config round-trips");
+        let mut keys = BTreeMap::new();
+        flatten("", &toml::Value::Table(table), &mut keys);
+        keys
+    };
+    let (default, ours) = (flat(&RunConfig::default()), flat(&run.config));
+    let mut cmd = format!("at-train train --run-dir {}", out.join(&run.key).display());
+    for (key, value) in &ours {
+        if default.get(key) != Some(value) {
+            let _ = std::fmt::Write::write_fmt(&mut cmd, format_args!(" --set '{key}={value}'"));
+        }
+    }
+    cmd
+}
+
+fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        v => {
+            out.insert(prefix.to_owned(), v.to_string());
+        }
+    }
+}
+
+/// A one-line summary of a run's method.
+fn summary(run: &PlannedRun) -> String {
+    let c = &run.config;
+    let mut parts = vec![format!("{} on {}", c.student, c.data.dataset)];
+    if let Some(t) = &c.teacher {
+        parts.push(format!("teacher {}", t.model));
+    }
+    if c.loss.beta > 0.0 {
+        let from = match c.loss.at_start_epoch {
+            0 => String::new(),
+            e => format!(" from epoch {e}"),
+        };
+        parts.push(format!(
+            "AT beta {} ({} p={}){from}",
+            c.loss.beta, c.loss.map_reduce, c.loss.map_p
+        ));
+    }
+    if c.loss.alpha > 0.0 {
+        parts.push(format!("KD alpha {} T {}", c.loss.alpha, c.loss.temperature));
+    }
+    if c.loss.gradient != GradientKind::None {
+        parts.push(format!("{} penalty {}", c.loss.gradient, c.loss.gradient_beta));
+    }
+    parts.push(format!("{} epochs, batch {}, seed {}", c.epochs, c.batch_size, c.seed));
+    parts.join(", ")
+}
+
+/// The dry run: every run, its config in a line, the command that makes it by hand, and the
+/// time it would take from `step_seconds(config)` (seconds per training step, measured by the
+/// caller; `None` where it has no measurement), with the total.
+pub fn dry_run(plan: &Plan, step_seconds: &mut dyn FnMut(&RunConfig) -> Option<f64>) -> String {
+    let mut text = format!(
+        "{} — profile {}, seeds {:?}: {} runs in {}\n",
+        plan.table.title(),
+        plan.profile.name(),
+        plan.seeds,
+        plan.runs.len(),
+        plan.out.display()
+    );
+    let mut labels: Vec<(&str, &str)> =
+        plan.skipped.iter().map(|(r, why)| (r.label, *why)).collect();
+    labels.dedup();
+    for (label, why) in labels {
+        text.push_str(&format!("  not run: {label} ({why})\n"));
+    }
+    let (mut total, mut unknown) = (0.0, 0);
+    for (i, run) in plan.runs.iter().enumerate() {
+        let estimate = match (step_seconds(&run.config), train_images(&run.config)) {
+            (Some(step), Some(images)) => {
+                let steps = images.div_ceil(run.config.batch_size) * run.config.epochs;
+                let seconds = step * steps as f64;
+                total += seconds;
+                format!("~{}", duration(seconds))
+            }
+            _ => {
+                unknown += 1;
+                "time not estimated".into()
+            }
+        };
+        text.push_str(&format!(
+            "[{}/{}] {} ({estimate})\n    {}\n    {}\n",
+            i + 1,
+            plan.runs.len(),
+            run.key,
+            summary(run),
+            command(&plan.out, run)
+        ));
+    }
+    text.push_str(&format!("estimated training time here: ~{}", duration(total)));
+    if unknown > 0 {
+        text.push_str(&format!(" for the runs estimated ({unknown} not estimated)"));
+    }
+    text.push_str(" (steps only; evaluation and data loading add to it)\n");
+    text
+}
+
+fn duration(seconds: f64) -> String {
+    match seconds {
+        s if s < 120.0 => format!("{s:.0} s"),
+        s if s < 7200.0 => format!("{:.0} min", s / 60.0),
+        s if s < 3.0 * 86_400.0 => format!("{:.1} h", s / 3600.0),
+        s => format!("{:.1} days", s / 86_400.0),
+    }
+}

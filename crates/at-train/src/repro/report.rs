@@ -1,0 +1,332 @@
+//! The report of a table: for each cell the median test error over the finished seeds with min
+//! and max, how many seeds finished, the paper's number and the difference; missing cells shown
+//! as missing; whether each method's difference from the student is larger than the seeds'
+//! spread; the machine, device, date and wall time. Markdown for people, CSV for tools; each
+//! number links to its runs' `result.json` and `config.toml`.
+
+use std::fmt::Write as _;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use super::plan::Plan;
+use super::tables::{Method, Row};
+use crate::train::RunResult;
+
+/// One cell: a row and what its finished runs measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    /// The row.
+    pub row: Row,
+    /// `(seed, test error %, run key)` of each finished run.
+    pub finished: Vec<(u64, f64, String)>,
+    /// Seeds planned.
+    pub planned: usize,
+    /// Wall-clock seconds of the finished runs.
+    pub seconds: f64,
+}
+
+impl Cell {
+    /// The median over the finished seeds (the paper's statistic), if any finished.
+    pub fn median(&self) -> Option<f64> {
+        let mut e: Vec<f64> = self.finished.iter().map(|f| f.1).collect();
+        if e.is_empty() {
+            return None;
+        }
+        e.sort_by(f64::total_cmp);
+        let n = e.len();
+        Some(if n % 2 == 1 { e[n / 2] } else { (e[n / 2 - 1] + e[n / 2]) / 2.0 })
+    }
+
+    /// `(min, max)` over the finished seeds.
+    pub fn range(&self) -> Option<(f64, f64)> {
+        let e = self.finished.iter().map(|f| f.1);
+        let min = e.clone().reduce(f64::min)?;
+        Some((min, e.reduce(f64::max)?))
+    }
+}
+
+/// The cells of `plan` from the `result.json` of its finished runs (missing ones are left out).
+pub fn collect(plan: &Plan) -> Result<Vec<Cell>> {
+    let mut cells = vec![];
+    for row in &plan.rows {
+        let mut cell =
+            Cell { row: row.clone(), finished: vec![], planned: plan.seeds.len(), seconds: 0.0 };
+        for &seed in &plan.seeds {
+            let key = &plan.cells[&(row.id.clone(), seed)];
+            let path = plan.out.join(key).join("result.json");
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            let result: RunResult = serde_json::from_str(&text)
+                .with_context(|| format!("{} is damaged", path.display()))?;
+            cell.finished.push((seed, result.test_error, key.clone()));
+            cell.seconds += result.seconds;
+        }
+        cells.push(cell);
+    }
+    Ok(cells)
+}
+
+/// Where and when the report was made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Provenance {
+    /// The machine (CPU model and core count).
+    pub machine: String,
+    /// The date, `YYYY-MM-DD` (UTC).
+    pub date: String,
+}
+
+impl Provenance {
+    /// This machine, today.
+    pub fn here() -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_owned())
+            })
+            .unwrap_or_else(|| std::env::consts::ARCH.into());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let days = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 86_400) as i64;
+        Self { machine: format!("{cpu}, {cores} cores"), date: civil_date(days) }
+    }
+}
+
+/// `YYYY-MM-DD` of the day `days` after 1970-01-01 (Howard Hinnant's civil-from-days).
+fn civil_date(days: i64) -> String {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The markdown report of `cells`, its links relative to `report_dir`.
+pub fn markdown(plan: &Plan, cells: &[Cell], provenance: &Provenance, report_dir: &Path) -> String {
+    let mut md = String::new();
+    let profile = plan.profile.name();
+    let _ = writeln!(md, "# {} — profile `{profile}`\n", plan.table.title());
+    let _ = writeln!(
+        md,
+        "Made by `cargo xtask repro {} --profile {profile}` (runs in `{}`). Test error %, the \
+         median over the finished seeds, min-max in brackets; `paper` is the paper's number and \
+         `diff` ours minus the paper's. A missing cell has not finished; nothing is filled in.\n",
+        plan.table.name(),
+        plan.out.display()
+    );
+    md.push_str("| row | column | ours (median) | min-max | seeds | paper | diff | runs |\n");
+    md.push_str("|---|---|---:|---:|---:|---:|---:|---|\n");
+    for cell in cells {
+        let row = &cell.row;
+        let paper = row.paper.map_or("-".into(), |p| format!("{p:.2}"));
+        let seeds = format!("{}/{}", cell.finished.len(), cell.planned);
+        let runs: Vec<String> = cell
+            .finished
+            .iter()
+            .map(|(seed, _, key)| {
+                let dir = relative(report_dir, &plan.out.join(key));
+                format!("[{seed}]({}/result.json) ([config]({}/config.toml))", dir, dir)
+            })
+            .collect();
+        match (cell.median(), cell.range()) {
+            (Some(median), Some((min, max))) => {
+                let diff = row.paper.map_or("-".into(), |p| format!("{:+.2}", median - p));
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {median:.2} | {min:.2}-{max:.2} | {seeds} | {paper} | {diff} | {} |",
+                    row.label,
+                    row.column,
+                    runs.join(" ")
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | missing | - | {seeds} | {paper} | - | - |",
+                    row.label, row.column
+                );
+            }
+        }
+    }
+    let notes: Vec<String> = cells
+        .iter()
+        .filter_map(|c| c.row.note.map(|n| format!("- {} / {}: {n}.", c.row.label, c.row.column)))
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(md, "\n{}", notes.join("\n"));
+    }
+    if !plan.skipped.is_empty() {
+        let mut why: Vec<&str> = plan.skipped.iter().map(|s| s.1).collect();
+        why.dedup();
+        let _ = writeln!(md, "\nNot run in this profile: {}.", why.join("; "));
+    }
+    let _ = writeln!(md, "\n## What this measures\n");
+    for line in findings(cells) {
+        let _ = writeln!(md, "- {line}");
+    }
+    let devices: Vec<String> = {
+        let mut d: Vec<String> = plan.runs.iter().map(|r| r.config.device.to_string()).collect();
+        d.sort();
+        d.dedup();
+        d
+    };
+    let seconds: f64 = cells_seconds(plan, cells);
+    let _ = writeln!(
+        md,
+        "\nMachine: {}; device: {}; date: {}; wall time of the finished runs: {:.1} minutes.",
+        provenance.machine,
+        devices.join(", "),
+        provenance.date,
+        seconds / 60.0
+    );
+    md
+}
+
+/// Seconds of the distinct finished runs (a run several cells share counts once).
+fn cells_seconds(plan: &Plan, cells: &[Cell]) -> f64 {
+    let mut keys: Vec<&String> =
+        cells.iter().flat_map(|c| c.finished.iter().map(|f| &f.2)).collect();
+    keys.sort();
+    keys.dedup();
+    keys.iter()
+        .filter_map(|k| std::fs::read_to_string(plan.out.join(k).join("result.json")).ok())
+        .filter_map(|t| serde_json::from_str::<RunResult>(&t).ok())
+        .map(|r| r.seconds)
+        .sum()
+}
+
+/// Plain sentences on what the numbers show: whether each method's difference from its student
+/// is larger than the seeds' spread, and whether the teacher beats the student at all.
+pub fn findings(cells: &[Cell]) -> Vec<String> {
+    let mut lines = vec![];
+    let is_student = |c: &Cell| c.row.method == Method::Baseline && c.row.column != "teacher";
+    for student in cells.iter().filter(|c| is_student(c)) {
+        let label = student.row.label;
+        let Some(s) = student.median() else { continue };
+        let spread = |c: &Cell| c.range().map(|(a, b)| b - a);
+        if let Some(teacher) =
+            cells.iter().find(|c| c.row.label == label && c.row.column == "teacher")
+            && let Some(t) = teacher.median()
+            && t >= s
+        {
+            lines.push(format!(
+                "{label}: the teacher's error ({t:.2}) is not below the student's ({s:.2}): this \
+                 is a broken experiment (the teacher is too weak at this scale), not a result."
+            ));
+        }
+        for other in cells.iter().filter(|c| {
+            c.row.label == label
+                && c.row.model == student.row.model
+                && !is_student(c)
+                && c.row.method != Method::Baseline
+        }) {
+            let Some(m) = other.median() else { continue };
+            let diff = m - s;
+            let line = match (spread(student), spread(other)) {
+                (Some(a), Some(b)) if student.finished.len() > 1 && other.finished.len() > 1 => {
+                    let spread = a.max(b);
+                    let verdict = if diff.abs() > spread {
+                        "larger than the seeds' spread: an effect at this scale"
+                    } else {
+                        "not larger than the seeds' spread: no effect can be read from it"
+                    };
+                    format!(
+                        "{label}, {} - student: {diff:+.2} points; the spread (max - min over \
+                         seeds) is {spread:.2}: {verdict}.",
+                        other.row.column
+                    )
+                }
+                _ => format!(
+                    "{label}, {} - student: {diff:+.2} points, from one seed: no spread to compare \
+                     it with.",
+                    other.row.column
+                ),
+            };
+            lines.push(line);
+        }
+    }
+    if lines.is_empty() {
+        lines.push("Nothing to compare yet: no student cell has finished.".into());
+    }
+    lines
+}
+
+/// The CSV of `cells`: one line per finished run, and one per missing cell.
+pub fn csv(plan: &Plan, cells: &[Cell]) -> String {
+    let mut out =
+        String::from("table,profile,row,column,model,teacher,method,seed,test_error,paper,run\n");
+    for cell in cells {
+        let r = &cell.row;
+        let paper = r.paper.map_or(String::new(), |p| p.to_string());
+        let teacher = r.teacher.filter(|_| r.method.needs_teacher()).unwrap_or("");
+        let head = format!(
+            "{},{},{},{},{},{teacher},{}",
+            plan.table.name(),
+            plan.profile.name(),
+            quote(r.label),
+            quote(r.column),
+            r.model,
+            r.method.slug()
+        );
+        if cell.finished.is_empty() {
+            let _ = writeln!(out, "{head},,,{paper},");
+        }
+        for (seed, error, key) in &cell.finished {
+            let _ = writeln!(out, "{head},{seed},{error},{paper},{key}");
+        }
+    }
+    out
+}
+
+fn quote(s: &str) -> String {
+    if s.contains([',', '"']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.into() }
+}
+
+/// Writes `<dir>/<table>-<profile>.md` and `.csv` and returns their paths.
+pub fn write(plan: &Plan, dir: &Path, provenance: &Provenance) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let cells = collect(plan)?;
+    let stem = format!("{}-{}", plan.table.name(), plan.profile.name());
+    let (md, csv_path) = (dir.join(format!("{stem}.md")), dir.join(format!("{stem}.csv")));
+    crate::train::write_atomically(&md, markdown(plan, &cells, provenance, dir).as_bytes())?;
+    crate::train::write_atomically(&csv_path, csv(plan, &cells).as_bytes())?;
+    Ok((md, csv_path))
+}
+
+/// `to` relative to the directory `from` (both made absolute), with `/` separators.
+fn relative(from: &Path, to: &Path) -> String {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let (from, to) = (abs(from), abs(to));
+    let (a, b): (Vec<Component>, Vec<Component>) =
+        (from.components().collect(), to.components().collect());
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut parts: Vec<String> = vec!["..".into(); a.len() - common];
+    parts.extend(b[common..].iter().map(|c| c.as_os_str().to_string_lossy().into_owned()));
+    parts.join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_are_right_around_leap_years() {
+        assert_eq!(civil_date(0), "1970-01-01");
+        assert_eq!(civil_date(11_016), "2000-02-29");
+        assert_eq!(civil_date(20_789), "2026-12-02");
+    }
+
+    #[test]
+    fn relative_links_climb_out_of_the_report_directory() {
+        assert_eq!(relative(Path::new("/a/docs/results"), Path::new("/a/runs/x")), "../../runs/x");
+        assert_eq!(relative(Path::new("/a"), Path::new("/a/b")), "b");
+    }
+}
