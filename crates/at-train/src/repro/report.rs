@@ -50,10 +50,15 @@ impl Cell {
 pub fn collect(plan: &Plan) -> Result<Vec<Cell>> {
     let mut cells = vec![];
     for row in &plan.rows {
+        let keys: Vec<(u64, &String)> = plan
+            .cells
+            .iter()
+            .filter(|((id, _), _)| id == &row.id)
+            .map(|((_, seed), key)| (*seed, key))
+            .collect();
         let mut cell =
-            Cell { row: row.clone(), finished: vec![], planned: plan.seeds.len(), seconds: 0.0 };
-        for &seed in &plan.seeds {
-            let key = &plan.cells[&(row.id.clone(), seed)];
+            Cell { row: row.clone(), finished: vec![], planned: keys.len(), seconds: 0.0 };
+        for (seed, key) in keys {
             let path = plan.out.join(key).join("result.json");
             let Ok(text) = std::fs::read_to_string(&path) else { continue };
             let result: RunResult = serde_json::from_str(&text)
@@ -109,8 +114,15 @@ fn civil_date(days: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// The markdown report of `cells`, its links relative to `report_dir`.
-pub fn markdown(plan: &Plan, cells: &[Cell], provenance: &Provenance, report_dir: &Path) -> String {
+/// The markdown report of `cells`, its links (to the runs' files under `runs_dir`, laid out as
+/// under `plan.out`) relative to `report_dir`.
+pub fn markdown(
+    plan: &Plan,
+    cells: &[Cell],
+    provenance: &Provenance,
+    report_dir: &Path,
+    runs_dir: &Path,
+) -> String {
     let mut md = String::new();
     let profile = plan.profile.name();
     let _ = writeln!(md, "# {} — profile `{profile}`\n", plan.table.title());
@@ -132,7 +144,7 @@ pub fn markdown(plan: &Plan, cells: &[Cell], provenance: &Provenance, report_dir
             .finished
             .iter()
             .map(|(seed, _, key)| {
-                let dir = relative(report_dir, &plan.out.join(key));
+                let dir = relative(report_dir, &runs_dir.join(key));
                 format!("[{seed}]({}/result.json) ([config]({}/config.toml))", dir, dir)
             })
             .collect();
@@ -164,8 +176,12 @@ pub fn markdown(plan: &Plan, cells: &[Cell], provenance: &Provenance, report_dir
         let _ = writeln!(md, "\n{}", notes.join("\n"));
     }
     if !plan.skipped.is_empty() {
-        let mut why: Vec<&str> = plan.skipped.iter().map(|s| s.1).collect();
-        why.dedup();
+        let mut why: Vec<&str> = vec![];
+        for (_, w) in &plan.skipped {
+            if !why.contains(w) {
+                why.push(w);
+            }
+        }
         let _ = writeln!(md, "\nNot run in this profile: {}.", why.join("; "));
     }
     let _ = writeln!(md, "\n## What this measures\n");
@@ -280,7 +296,7 @@ pub fn csv(plan: &Plan, cells: &[Cell]) -> String {
             let _ = writeln!(out, "{head},,,{paper},");
         }
         for (seed, error, key) in &cell.finished {
-            let _ = writeln!(out, "{head},{seed},{error},{paper},{key}");
+            let _ = writeln!(out, "{head},{seed},{error:.2},{paper},{key}");
         }
     }
     out
@@ -290,13 +306,29 @@ fn quote(s: &str) -> String {
     if s.contains([',', '"']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.into() }
 }
 
-/// Writes `<dir>/<table>-<profile>.md` and `.csv` and returns their paths.
+/// The files of a finished run a report keeps beside itself (small; the weights stay in the run).
+const KEPT: [&str; 3] = ["result.json", "config.toml", "metrics.jsonl"];
+
+/// Writes `<dir>/<table>-<profile>.md` and `.csv`, with a copy of each finished run's
+/// `result.json`, `config.toml` and `metrics.jsonl` under `<dir>/runs/<profile>/` that the
+/// report links to (so that a committed report's links hold), and returns the two paths.
 pub fn write(plan: &Plan, dir: &Path, provenance: &Provenance) -> Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cells = collect(plan)?;
+    let runs_dir = dir.join("runs").join(plan.profile.name());
+    for (_, _, key) in cells.iter().flat_map(|c| &c.finished) {
+        let to = runs_dir.join(key);
+        std::fs::create_dir_all(&to).with_context(|| format!("cannot create {}", to.display()))?;
+        for file in KEPT {
+            let from = plan.out.join(key).join(file);
+            std::fs::copy(&from, to.join(file))
+                .with_context(|| format!("cannot copy {} into {}", from.display(), to.display()))?;
+        }
+    }
     let stem = format!("{}-{}", plan.table.name(), plan.profile.name());
     let (md, csv_path) = (dir.join(format!("{stem}.md")), dir.join(format!("{stem}.csv")));
-    crate::train::write_atomically(&md, markdown(plan, &cells, provenance, dir).as_bytes())?;
+    let text = markdown(plan, &cells, provenance, dir, &runs_dir);
+    crate::train::write_atomically(&md, text.as_bytes())?;
     crate::train::write_atomically(&csv_path, csv(plan, &cells).as_bytes())?;
     Ok((md, csv_path))
 }
