@@ -450,7 +450,7 @@ pub const PRESETS: &[Preset] = &[
     },
     Preset {
         name: "quick",
-        about: "the README's quick look: Fashion-MNIST subset, 2000 images, 2 epochs, cosine lr 0.05",
+        about: "the quick profile's recipe (`at-train quick`): Fashion-MNIST subset, 3000 images, 4 epochs",
         build: recipes::quick,
     },
 ];
@@ -576,16 +576,16 @@ mod recipes {
         RunConfig { loss, ..nin() }
     }
 
-    /// The README's main job: the quick job's scale lives here only.
+    /// The recipe of `repro`'s quick profile (the README's main job): its scale lives here only.
     pub(super) fn quick() -> RunConfig {
         RunConfig {
-            data: DataConfig { train_limit: 2000, test_limit: 1000, ..DataConfig::default() },
+            data: DataConfig { train_limit: 3000, test_limit: 0, ..DataConfig::default() },
             optim: OptimConfig {
                 schedule: ScheduleKind::Cosine,
                 lr: 0.05,
                 ..OptimConfig::default()
             },
-            epochs: 2,
+            epochs: 4,
             batch_size: 64,
             seed: 1,
             ..RunConfig::default()

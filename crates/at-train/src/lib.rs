@@ -9,7 +9,6 @@ pub mod data;
 pub mod init;
 pub mod maps;
 pub mod optim;
-pub mod quick;
 pub mod repro;
 pub mod train;
 

@@ -1,6 +1,6 @@
 //! `at-train`: train, evaluate and inspect attention-transfer models.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
@@ -87,21 +87,13 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// The short real experiment of the README: a WRN-16-2 teacher, then WRN-16-1 students with
-    /// and without attention transfer, on the embedded Fashion-MNIST subset.
+    /// The README's main job, `repro table1 --profile quick` by another name: Table 1's
+    /// WRN-16-1 <- WRN-16-2 pair on the embedded Fashion-MNIST subset, 3 seeds, about 8 minutes
+    /// on a 2-core CPU, reported in docs/results/table1-quick.md.
     Quick {
-        /// Where the three runs go; finished runs are reused, interrupted ones resumed.
-        #[arg(long, default_value = "runs/quick")]
+        /// Where the runs go; finished runs are reused, interrupted ones resumed.
+        #[arg(long, default_value = "runs/repro/quick")]
         out: PathBuf,
-        /// Training images per run (of 10,000) [default: the `quick` preset's].
-        #[arg(long)]
-        train_images: Option<usize>,
-        /// Test images (of 2,000) [default: the `quick` preset's].
-        #[arg(long)]
-        test_images: Option<usize>,
-        /// Epochs per run [default: the `quick` preset's].
-        #[arg(long)]
-        epochs: Option<usize>,
     },
     /// Write the attention maps of a run's model, each group's beside its image, as PNGs.
     Maps {
@@ -240,56 +232,23 @@ fn run(cli: Cli, second_order: std::sync::Arc<SecondOrder>) -> anyhow::Result<()
             report_dir,
             dry_run,
         } => {
-            use at_train::repro::{self, Options, Profile, Table};
-            let profile = Profile::parse(&profile)?;
-            let mut options =
-                Options { seeds, seed, only, device, data_dir, ..Options::new(profile) };
-            if let Some(out) = out {
-                options.out = out;
-            }
-            let tables: Vec<Table> = match (what.as_str(), table) {
-                ("report", Some(t)) => vec![Table::parse(&t)?],
-                ("report", None) => bail!("`repro report` needs --table TABLE"),
-                ("all", _) if profile == Profile::Paper => Table::ALL.to_vec(),
-                ("all", _) => vec![Table::Table1, Table::Table2, Table::Table3],
-                (name, _) => vec![Table::parse(name)?],
+            let profile = at_train::repro::Profile::parse(&profile)?;
+            let options = at_train::repro::Options {
+                seeds,
+                seed,
+                only,
+                device,
+                data_dir,
+                out: out.unwrap_or_else(|| at_train::repro::Options::new(profile).out),
+                ..at_train::repro::Options::new(profile)
             };
-            let provenance = repro::report::Provenance::here();
-            for table in tables {
-                let plan = repro::plan::plan(table, &options)?;
-                if dry_run {
-                    let mut timer = repro::StepTimer::new(train::device(device)?);
-                    print!("{}", repro::plan::dry_run(&plan, &mut |c| timer.seconds(c)));
-                    continue;
-                }
-                if what != "report" {
-                    set_interrupt_handler()?;
-                    let options = RunOptions {
-                        quiet: false,
-                        second_order: Some(second_order.clone()),
-                        ..RunOptions::default()
-                    };
-                    let finished = repro::execute(&plan, &options)?;
-                    let (md, _) = repro::report::write(&plan, &report_dir, &provenance)?;
-                    if !finished {
-                        println!("stopped; the report so far: {}", md.display());
-                        return Ok(());
-                    }
-                }
-                let (md, csv) = repro::report::write(&plan, &report_dir, &provenance)?;
-                println!("{}", std::fs::read_to_string(&md)?);
-                println!("written: {} and {}", md.display(), csv.display());
-            }
+            repro(&what, table, options, &report_dir, dry_run, second_order)?
         }
-        Command::Quick { out, train_images, test_images, epochs } => {
-            set_interrupt_handler()?;
-            let preset = at_train::quick::QuickScale::default();
-            let scale = at_train::quick::QuickScale {
-                train_images: train_images.unwrap_or(preset.train_images),
-                test_images: test_images.unwrap_or(preset.test_images),
-                epochs: epochs.unwrap_or(preset.epochs),
-            };
-            println!("{}", at_train::quick::quick_experiment(&out, scale)?);
+        Command::Quick { out } => {
+            let profile = at_train::repro::Profile::Quick;
+            let options =
+                at_train::repro::Options { out, ..at_train::repro::Options::new(profile) };
+            repro("table1", None, options, Path::new("docs/results"), false, second_order)?
         }
         Command::Maps { run_dir, images, test_items, out } => {
             let source = if !images.is_empty() {
@@ -388,6 +347,50 @@ fn download(
     let fetched =
         hub::fetch(&source, &options, |file| eprintln!("fetching {file} from {}", source.repo))?;
     println!("{}", fetched.unpacked.as_ref().unwrap_or(&fetched.snapshot).display());
+    Ok(())
+}
+
+/// `at-train repro`: plans, trains and reports the tables `what` names.
+fn repro(
+    what: &str,
+    table: Option<String>,
+    options: at_train::repro::Options,
+    report_dir: &Path,
+    dry_run: bool,
+    second_order: std::sync::Arc<SecondOrder>,
+) -> anyhow::Result<()> {
+    use at_train::repro::{self, Profile, Table};
+    let profile = options.profile;
+    let tables: Vec<Table> = match (what, table) {
+        ("report", Some(t)) => vec![Table::parse(&t)?],
+        ("report", None) => bail!("`repro report` needs --table TABLE"),
+        ("all", _) if profile == Profile::Paper => Table::ALL.to_vec(),
+        ("all", _) => vec![Table::Table1, Table::Table2, Table::Table3],
+        (name, _) => vec![Table::parse(name)?],
+    };
+    let provenance = repro::report::Provenance::here();
+    for table in tables {
+        let plan = repro::plan::plan(table, &options)?;
+        if dry_run {
+            let mut timer = repro::StepTimer::new(train::device(options.device)?);
+            print!("{}", repro::plan::dry_run(&plan, &mut |c| timer.seconds(c)));
+            continue;
+        }
+        if what != "report" {
+            set_interrupt_handler()?;
+            let run_options =
+                RunOptions { second_order: Some(second_order.clone()), ..RunOptions::default() };
+            let finished = repro::execute(&plan, &run_options)?;
+            if !finished {
+                let (md, _) = repro::report::write(&plan, report_dir, &provenance)?;
+                println!("stopped; the report so far: {}", md.display());
+                return Ok(());
+            }
+        }
+        let (md, csv) = repro::report::write(&plan, report_dir, &provenance)?;
+        println!("{}", std::fs::read_to_string(&md)?);
+        println!("written: {} and {}", md.display(), csv.display());
+    }
     Ok(())
 }
 

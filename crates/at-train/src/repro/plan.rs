@@ -342,8 +342,6 @@ fn base_config(profile: Profile, table: Table, row: &Row, options: &Options) -> 
             let quick = RunConfig::preset("quick")?;
             RunConfig {
                 data: DataConfig {
-                    train_limit: QUICK_TRAIN_IMAGES,
-                    test_limit: 0,
                     augment: if gradient_table {
                         Augmentation::Flip
                     } else {
@@ -356,7 +354,6 @@ fn base_config(profile: Profile, table: Table, row: &Row, options: &Options) -> 
                     weight_decay: if gradient_table { 0.0 } else { quick.optim.weight_decay },
                     ..quick.optim.clone()
                 },
-                epochs: QUICK_EPOCHS,
                 ..quick
             }
         }
@@ -369,10 +366,6 @@ fn base_config(profile: Profile, table: Table, row: &Row, options: &Options) -> 
     Ok(config)
 }
 
-/// The quick profile's scale: training images (of the embedded subset's 10,000) and epochs.
-pub const QUICK_TRAIN_IMAGES: usize = 3000;
-/// See [`QUICK_TRAIN_IMAGES`].
-pub const QUICK_EPOCHS: usize = 4;
 /// The quick profile's teacher epochs (one teacher, seed 0; see [`Profile::teacher`]).
 pub const QUICK_TEACHER_EPOCHS: usize = 10;
 
