@@ -233,6 +233,23 @@ fn a_replay_interrupted_and_resumed_reports_as_an_uninterrupted_one() {
         assert!(docs.join(link).exists(), "a dead link {link} in {text}");
         assert!(link.starts_with("runs/quick/"), "links stay beside the report: {link}");
     }
+
+    // The figures: training curves as an SVG plot, attention maps as PNG grids of the expected
+    // size (4 test items; the image and the AT student's 3 groups; the image and 4 map
+    // functions), and their caption.
+    let figures = at_train::repro::figures::write(&resumed, &runs.path().join("figures")).unwrap();
+    let named = |end: &str| figures.iter().find(|f| f.to_string_lossy().ends_with(end)).unwrap();
+    let svg = std::fs::read_to_string(named("-curves.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("width=\"720\" height=\"440\""), "{svg}");
+    assert!(svg.trim_end().ends_with("</svg>") && svg.contains("AT, test"));
+    let size = |end: &str| {
+        let png = image::open(named(end)).unwrap();
+        (png.width(), png.height())
+    };
+    assert_eq!(size("-maps.png"), (128 * 4, 128 * 4));
+    assert_eq!(size("-map-functions.png"), (128 * 5, 128 * 4));
+    let caption = std::fs::read_to_string(named("-figures.md")).unwrap();
+    assert!(caption.contains("AT predicts") && caption.contains("F_max^2"), "{caption}");
 }
 
 #[test]

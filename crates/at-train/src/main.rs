@@ -53,7 +53,8 @@ enum Command {
     /// Replay a table of the paper: train (or resume, or reuse) every run it needs, then write
     /// docs/results/<table>-<profile>.md and .csv beside the paper's numbers.
     Repro {
-        /// table1 ... table5, all, or report (the report alone, from the finished runs).
+        /// table1 ... table5, all, report (the report alone, from the finished runs) or figures
+        /// (training curves and attention maps of the finished runs, into <report-dir>/figures).
         what: String,
         /// paper (the paper's recipes; for a GPU), fmnist (full Fashion-MNIST) or quick.
         #[arg(long, default_value = "quick")]
@@ -76,7 +77,7 @@ enum Command {
         /// Where the runs go [default: runs/repro/<profile>].
         #[arg(long)]
         out: Option<PathBuf>,
-        /// With `report`: the table to report.
+        /// With `report` or `figures`: the table.
         #[arg(long)]
         table: Option<String>,
         /// Where the reports go.
@@ -364,6 +365,9 @@ fn repro(
     let tables: Vec<Table> = match (what, table) {
         ("report", Some(t)) => vec![Table::parse(&t)?],
         ("report", None) => bail!("`repro report` needs --table TABLE"),
+        ("figures", Some(t)) => vec![Table::parse(&t)?],
+        ("figures", None) if profile == Profile::Paper => Table::ALL.to_vec(),
+        ("figures", None) => vec![Table::Table1, Table::Table2, Table::Table3],
         ("all", _) if profile == Profile::Paper => Table::ALL.to_vec(),
         ("all", _) => vec![Table::Table1, Table::Table2, Table::Table3],
         (name, _) => vec![Table::parse(name)?],
@@ -374,6 +378,13 @@ fn repro(
         if dry_run {
             let mut timer = repro::StepTimer::new(train::device(options.device)?);
             print!("{}", repro::plan::dry_run(&plan, &mut |c| timer.seconds(c)));
+            continue;
+        }
+        if what == "figures" {
+            let written = repro::figures::write(&plan, &report_dir.join("figures"))?;
+            for file in written {
+                println!("written: {}", file.display());
+            }
             continue;
         }
         if what != "report" {
@@ -390,6 +401,11 @@ fn repro(
         let (md, csv) = repro::report::write(&plan, report_dir, &provenance)?;
         println!("{}", std::fs::read_to_string(&md)?);
         println!("written: {} and {}", md.display(), csv.display());
+        if what == "all" {
+            for file in repro::figures::write(&plan, &report_dir.join("figures"))? {
+                println!("written: {}", file.display());
+            }
+        }
     }
     Ok(())
 }

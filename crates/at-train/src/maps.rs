@@ -14,7 +14,7 @@ use crate::config::RunConfig;
 use crate::train::RunModel;
 
 /// The side, in pixels, of each panel of a written figure.
-const PANEL: u32 = 128;
+pub(crate) const PANEL: u32 = 128;
 
 /// Where the pictures come from.
 pub enum Source {
@@ -93,7 +93,7 @@ fn fit(image: &Image, side: usize, channels: usize) -> Image {
     image.resize(side, side)
 }
 
-fn panel_of_image(image: &Image) -> RgbImage {
+pub(crate) fn panel_of_image(image: &Image) -> RgbImage {
     let c = image.channels;
     RgbImage::from_fn(PANEL, PANEL, |x, y| {
         let row = y as usize * image.height / PANEL as usize;
@@ -104,7 +104,7 @@ fn panel_of_image(image: &Image) -> RgbImage {
 }
 
 /// A map as a heat panel: dark blue (low) through red to yellow (high), scaled to its maximum.
-fn panel_of_map(map: &[Vec<f32>]) -> RgbImage {
+pub(crate) fn panel_of_map(map: &[Vec<f32>]) -> RgbImage {
     let (h, w) = (map.len(), map[0].len());
     let max = map.iter().flatten().fold(f32::MIN_POSITIVE, |m, &v| m.max(v));
     RgbImage::from_fn(PANEL, PANEL, |x, y| {
@@ -116,6 +116,13 @@ fn panel_of_map(map: &[Vec<f32>]) -> RgbImage {
             (255.0 * (1.0 - 2.0 * t).max(0.0) * 0.6) as u8,
         ])
     })
+}
+
+/// Copies `panel` into `figure` with its top-left corner at `(left, top)`.
+pub(crate) fn paste_at(figure: &mut RgbImage, (left, top): (u32, u32), panel: &RgbImage) {
+    for (x, y, px) in panel.enumerate_pixels() {
+        figure.put_pixel(left + x, top + y, *px);
+    }
 }
 
 fn paste(figure: &mut RgbImage, left: u32, panel: &RgbImage) {

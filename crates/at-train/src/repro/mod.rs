@@ -4,6 +4,7 @@
 //! interrupted one resumed: killing `repro` loses at most the batch in flight), and [`report`]
 //! writes the table beside the paper's numbers from whatever finished runs exist.
 
+pub mod figures;
 pub mod plan;
 pub mod report;
 pub mod tables;
