@@ -93,19 +93,20 @@ fn golden(_args: &[String]) -> Result<()> {
 
 /// Forwards to `at-train download`, so that xtask itself stays free of candle and hf-hub.
 fn download(args: &[String]) -> Result<()> {
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo)
-        .current_dir(root())
-        .args(["run", "--release", "--quiet", "-p", "at-train", "--", "download"])
-        .args(args))
+    at_train("download", args)
 }
 
 /// `at-train repro` in a release build (built here first, so a fresh clone needs nothing else).
 fn repro(args: &[String]) -> Result<()> {
+    at_train("repro", args)
+}
+
+/// Runs `at-train <command> <args>` from a release build that cargo makes first if needed.
+fn at_train(command: &str, args: &[String]) -> Result<()> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(Command::new(cargo)
         .current_dir(root())
-        .args(["run", "--release", "--quiet", "-p", "at-train", "--", "repro"])
+        .args(["run", "--release", "--quiet", "-p", "at-train", "--", command])
         .args(args))
 }
 
