@@ -168,9 +168,9 @@ pub fn plan(table: Table, options: &Options) -> Result<Plan> {
     if planned.is_empty() {
         let ids: Vec<String> = rows(table).into_iter().map(|r| r.id).collect();
         bail!(
-            "no row of {} to run with {:?} in the {} profile; its rows: {}",
+            "no row of {} to run with --only {} in the {} profile; its rows: {}",
             table.name(),
-            options.only,
+            options.only.as_deref().unwrap_or("(none)"),
             profile.name(),
             ids.join(", ")
         )
