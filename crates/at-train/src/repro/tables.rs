@@ -48,11 +48,15 @@ impl Table {
     /// The paper's caption, shortened.
     pub fn title(self) -> &'static str {
         match self {
-            Table::Table1 => "Table 1: activation attention transfer, test error % (median of 5)",
-            Table::Table2 => {
-                "Table 2: WRN-16-1 <- WRN-40-1, attention maps and groups, test error % (median of 5)"
+            Table::Table1 => {
+                "Table 1: activation attention transfer, test error % (the paper: median of 5 runs)"
             }
-            Table::Table3 => "Table 3: gradient-based attention, NIN-thin, test error % (one run)",
+            Table::Table2 => {
+                "Table 2: WRN-16-1 <- WRN-40-1, attention maps and groups, test error % (the paper: median of 5 runs)"
+            }
+            Table::Table3 => {
+                "Table 3: gradient-based attention, NIN-thin, test error % (the paper: one run)"
+            }
             Table::Table4 => "Table 4: fine-tuning ResNet-18 on CUB and Scenes, test error %",
             Table::Table5 => "Table 5: ImageNet, ResNet-18 <- ResNet-34, top-1 error %",
         }
