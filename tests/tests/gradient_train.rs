@@ -4,21 +4,15 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use at_losses::second_order::SecondOrder;
 use at_train::config::{GradientKind, LossSection, OptimConfig, RunConfig, TeacherConfig};
 use at_train::train::{RunOptions, read_metrics, resume, train};
 use common::{config, metrics, write_dataset};
 
-fn quiet() -> RunOptions {
-    common::quiet()
-}
-
 /// Table 3's losses in the trainer: the double-backpropagation step trains, reports its penalty,
 /// and resumes mid-epoch to the same weights; gradient transfer combines with distillation.
-fn gradient_penalties_train_and_resume_identically(so: &Arc<SecondOrder>) {
-    let quiet = || RunOptions { second_order: Some(so.clone()), ..quiet() };
+fn gradient_penalties_train_and_resume_identically(so: &SecondOrder) {
+    let quiet = || RunOptions { second_order: Some(so.clone()), ..common::quiet() };
     let data = tempfile::tempdir().unwrap();
     write_dataset(data.path(), "train", 96, 3);
     write_dataset(data.path(), "t10k", 32, 4);
@@ -94,7 +88,7 @@ fn gradient_penalties_train_and_resume_identically(so: &Arc<SecondOrder>) {
 
 /// Without the second-order thread a run with `loss.gradient` is refused before any work, with
 /// an error that names what to pass.
-fn a_gradient_run_without_the_second_order_thread_is_refused(_: &Arc<SecondOrder>) {
+fn a_gradient_run_without_the_second_order_thread_is_refused(_: &SecondOrder) {
     let data = tempfile::tempdir().unwrap();
     write_dataset(data.path(), "train", 8, 3);
     write_dataset(data.path(), "t10k", 8, 4);
@@ -108,7 +102,8 @@ fn a_gradient_run_without_the_second_order_thread_is_refused(_: &Arc<SecondOrder
         ..config(data.path())
     };
     let runs = tempfile::tempdir().unwrap();
-    let err = format!("{:#}", train(&config, &runs.path().join("r"), &quiet()).unwrap_err());
+    let err =
+        format!("{:#}", train(&config, &runs.path().join("r"), &common::quiet()).unwrap_err());
     assert!(
         err.contains("needs second-order gradients") && err.contains("RunOptions::second_order"),
         "{err}"
@@ -116,14 +111,7 @@ fn a_gradient_run_without_the_second_order_thread_is_refused(_: &Arc<SecondOrder
 }
 
 fn main() -> std::process::ExitCode {
-    let second_order = match SecondOrder::start() {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let tests: [(&str, fn(&Arc<SecondOrder>)); 2] = [
+    at_losses::second_order::run_tests(&[
         (
             "gradient_penalties_train_and_resume_identically",
             gradient_penalties_train_and_resume_identically,
@@ -132,18 +120,5 @@ fn main() -> std::process::ExitCode {
             "a_gradient_run_without_the_second_order_thread_is_refused",
             a_gradient_run_without_the_second_order_thread_is_refused,
         ),
-    ];
-    let mut failed = 0;
-    for (name, test) in tests {
-        let ok =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&second_order))).is_ok();
-        println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
-        failed += usize::from(!ok);
-    }
-    println!(
-        "\ntest result: {}. {} passed; {failed} failed\n",
-        if failed == 0 { "ok" } else { "FAILED" },
-        tests.len() - failed
-    );
-    if failed == 0 { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+    ])
 }

@@ -151,11 +151,16 @@ fn tiny_plan(data: &Path, out: &Path) -> at_train::repro::Plan {
     let mut plan = plan(Table::Table1, &options).unwrap();
     plan.rows.truncate(1); // AT only (the prefix also matches AT+KD)
     plan.cells.retain(|(row, _), _| row == "wrn-16-1<-wrn-16-2/at");
-    let keep: Vec<String> = plan.cells.values().cloned().collect();
-    plan.runs.retain(|r| {
-        keep.contains(&r.key)
-            || keep.iter().any(|k| k.contains("at-t-") && r.key.contains("baseline"))
-    });
+    // The AT row's runs and the teacher they learn from.
+    let mut keep: Vec<String> = plan.cells.values().cloned().collect();
+    let teachers: Vec<String> = plan
+        .runs
+        .iter()
+        .filter(|r| keep.contains(&r.key))
+        .filter_map(|r| r.teacher.clone())
+        .collect();
+    keep.extend(teachers);
+    plan.runs.retain(|r| keep.contains(&r.key));
     for run in &mut plan.runs {
         run.config = RunConfig {
             data: DataConfig {

@@ -22,8 +22,8 @@
 
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::Mutex;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use candle_core::{Device, Result, Var, bail};
@@ -62,12 +62,15 @@ pub fn is_second_order_thread() -> bool {
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// The process's second-order thread: closures given to [`run`](Self::run) execute on it, with
-/// candle's gradients differentiable. Start it first thing in `main`; dropping it stops the
-/// thread.
+/// candle's gradients differentiable. Start it first thing in `main`; it is a handle (clones
+/// share the thread), and dropping the last one stops the thread.
+#[derive(Clone, Debug)]
+pub struct SecondOrder(Arc<Worker>);
+
 #[derive(Debug)]
-pub struct SecondOrder {
+struct Worker {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    worker: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl SecondOrder {
@@ -124,7 +127,7 @@ impl SecondOrder {
             unsafe { std::env::remove_var(VARIABLE) };
         }
         let _ = go_tx.send(());
-        let this = Self { jobs: Mutex::new(Some(jobs_tx)), worker: Some(worker) };
+        let this = Self(Arc::new(Worker { jobs: Mutex::new(Some(jobs_tx)), thread: Some(worker) }));
         if !enabled {
             bail!("candle did not switch second-order gradients on for the worker thread")
         }
@@ -154,7 +157,7 @@ impl SecondOrder {
             )
         };
         {
-            let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let jobs = self.0.jobs.lock().unwrap_or_else(|e| e.into_inner());
             let sent = jobs.as_ref().map(|tx| tx.send(job));
             assert!(matches!(sent, Some(Ok(()))), "the second-order thread has stopped");
         }
@@ -166,11 +169,11 @@ impl SecondOrder {
     }
 }
 
-impl Drop for SecondOrder {
+impl Drop for Worker {
     fn drop(&mut self) {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

@@ -177,7 +177,7 @@ fn main() -> ExitCode {
     // at_kernels::second_order). Its thread waits idle unless a run asks for second-order
     // gradients (loss.gradient).
     let second_order = match SecondOrder::start() {
-        Ok(s) => std::sync::Arc::new(s),
+        Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
@@ -200,7 +200,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli, second_order: std::sync::Arc<SecondOrder>) -> anyhow::Result<()> {
+fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
     match cli.command {
         Command::Train { config, preset, sets, run_dir, resume } => {
             set_interrupt_handler()?;
@@ -358,25 +358,33 @@ fn repro(
     options: at_train::repro::Options,
     report_dir: &Path,
     dry_run: bool,
-    second_order: std::sync::Arc<SecondOrder>,
+    second_order: SecondOrder,
 ) -> anyhow::Result<()> {
     use at_train::repro::{self, Profile, Table};
     let profile = options.profile;
+    // Without a table, the tables the profile has (Tables 4 and 5 only in the paper's).
+    let profile_tables =
+        if profile == Profile::Paper { Table::ALL.to_vec() } else { Table::ALL[..3].to_vec() };
     let tables: Vec<Table> = match (what, table) {
-        ("report", Some(t)) => vec![Table::parse(&t)?],
+        ("report" | "figures", Some(t)) => vec![Table::parse(&t)?],
         ("report", None) => bail!("`repro report` needs --table TABLE"),
-        ("figures", Some(t)) => vec![Table::parse(&t)?],
-        ("figures", None) if profile == Profile::Paper => Table::ALL.to_vec(),
-        ("figures", None) => vec![Table::Table1, Table::Table2, Table::Table3],
-        ("all", _) if profile == Profile::Paper => Table::ALL.to_vec(),
-        ("all", _) => vec![Table::Table1, Table::Table2, Table::Table3],
+        ("figures", None) | ("all", _) => profile_tables,
         (name, _) => vec![Table::parse(name)?],
+    };
+    let trains = !dry_run && !matches!(what, "report" | "figures");
+    if trains {
+        // Once for the whole command: ctrlc takes one handler per process.
+        set_interrupt_handler()?;
+    }
+    // One timer for every table of a dry run, so that each step is measured once.
+    let mut timer = match dry_run {
+        true => Some(repro::StepTimer::new(train::device(options.device)?)),
+        false => None,
     };
     let provenance = repro::report::Provenance::here();
     for table in tables {
         let plan = repro::plan::plan(table, &options)?;
-        if dry_run {
-            let mut timer = repro::StepTimer::new(train::device(options.device)?);
+        if let Some(timer) = &mut timer {
             print!("{}", repro::plan::dry_run(&plan, &mut |c| timer.seconds(c)));
             continue;
         }
@@ -387,8 +395,7 @@ fn repro(
             }
             continue;
         }
-        if what != "report" {
-            set_interrupt_handler()?;
+        if trains {
             let run_options =
                 RunOptions { second_order: Some(second_order.clone()), ..RunOptions::default() };
             let finished = repro::execute(&plan, &run_options)?;

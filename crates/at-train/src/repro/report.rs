@@ -18,18 +18,29 @@ use crate::train::RunResult;
 pub struct Cell {
     /// The row.
     pub row: Row,
-    /// `(seed, test error %, run key)` of each finished run.
-    pub finished: Vec<(u64, f64, String)>,
+    /// Each finished run.
+    pub finished: Vec<Finished>,
     /// Seeds planned.
     pub planned: usize,
-    /// Wall-clock seconds of the finished runs.
+}
+
+/// A finished run of a cell, from its `result.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finished {
+    /// Its seed.
+    pub seed: u64,
+    /// Its final test error, %.
+    pub error: f64,
+    /// Its key (directory under the plan's `out`).
+    pub key: String,
+    /// Its wall-clock seconds.
     pub seconds: f64,
 }
 
 impl Cell {
     /// The median over the finished seeds (the paper's statistic), if any finished.
     pub fn median(&self) -> Option<f64> {
-        let mut e: Vec<f64> = self.finished.iter().map(|f| f.1).collect();
+        let mut e: Vec<f64> = self.finished.iter().map(|f| f.error).collect();
         if e.is_empty() {
             return None;
         }
@@ -40,7 +51,7 @@ impl Cell {
 
     /// `(min, max)` over the finished seeds.
     pub fn range(&self) -> Option<(f64, f64)> {
-        let e = self.finished.iter().map(|f| f.1);
+        let e = self.finished.iter().map(|f| f.error);
         let min = e.clone().reduce(f64::min)?;
         Some((min, e.reduce(f64::max)?))
     }
@@ -56,15 +67,18 @@ pub fn collect(plan: &Plan) -> Result<Vec<Cell>> {
             .filter(|((id, _), _)| id == &row.id)
             .map(|((_, seed), key)| (*seed, key))
             .collect();
-        let mut cell =
-            Cell { row: row.clone(), finished: vec![], planned: keys.len(), seconds: 0.0 };
+        let mut cell = Cell { row: row.clone(), finished: vec![], planned: keys.len() };
         for (seed, key) in keys {
             let path = plan.out.join(key).join("result.json");
             let Ok(text) = std::fs::read_to_string(&path) else { continue };
             let result: RunResult = serde_json::from_str(&text)
                 .with_context(|| format!("{} is damaged", path.display()))?;
-            cell.finished.push((seed, result.test_error, key.clone()));
-            cell.seconds += result.seconds;
+            cell.finished.push(Finished {
+                seed,
+                error: result.test_error,
+                key: key.clone(),
+                seconds: result.seconds,
+            });
         }
         cells.push(cell);
     }
@@ -143,7 +157,7 @@ pub fn markdown(
         let runs: Vec<String> = cell
             .finished
             .iter()
-            .map(|(seed, _, key)| {
+            .map(|Finished { seed, key, .. }| {
                 let dir = relative(report_dir, &runs_dir.join(key));
                 format!("[{seed}]({}/result.json) ([config]({}/config.toml))", dir, dir)
             })
@@ -194,7 +208,7 @@ pub fn markdown(
         d.dedup();
         d
     };
-    let seconds: f64 = cells_seconds(plan, cells);
+    let seconds: f64 = cells_seconds(cells);
     let _ = writeln!(
         md,
         "\nMachine: {}; device: {}; date: {}; wall time of the finished runs: {:.1} minutes.",
@@ -207,16 +221,12 @@ pub fn markdown(
 }
 
 /// Seconds of the distinct finished runs (a run several cells share counts once).
-fn cells_seconds(plan: &Plan, cells: &[Cell]) -> f64 {
-    let mut keys: Vec<&String> =
-        cells.iter().flat_map(|c| c.finished.iter().map(|f| &f.2)).collect();
-    keys.sort();
-    keys.dedup();
-    keys.iter()
-        .filter_map(|k| std::fs::read_to_string(plan.out.join(k).join("result.json")).ok())
-        .filter_map(|t| serde_json::from_str::<RunResult>(&t).ok())
-        .map(|r| r.seconds)
-        .sum()
+fn cells_seconds(cells: &[Cell]) -> f64 {
+    let mut runs: Vec<(&String, f64)> =
+        cells.iter().flat_map(|c| c.finished.iter().map(|f| (&f.key, f.seconds))).collect();
+    runs.sort_by(|a, b| a.0.cmp(b.0));
+    runs.dedup_by(|a, b| a.0 == b.0);
+    runs.iter().map(|r| r.1).sum()
 }
 
 /// Plain sentences on what the numbers show: whether each method's difference from its student
@@ -295,7 +305,7 @@ pub fn csv(plan: &Plan, cells: &[Cell]) -> String {
         if cell.finished.is_empty() {
             let _ = writeln!(out, "{head},,,{paper},");
         }
-        for (seed, error, key) in &cell.finished {
+        for Finished { seed, error, key, .. } in &cell.finished {
             let _ = writeln!(out, "{head},{seed},{error:.2},{paper},{key}");
         }
     }
@@ -316,7 +326,7 @@ pub fn write(plan: &Plan, dir: &Path, provenance: &Provenance) -> Result<(PathBu
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cells = collect(plan)?;
     let runs_dir = dir.join("runs").join(plan.profile.name());
-    for (_, _, key) in cells.iter().flat_map(|c| &c.finished) {
+    for key in cells.iter().flat_map(|c| c.finished.iter().map(|f| &f.key)) {
         let to = runs_dir.join(key);
         std::fs::create_dir_all(&to).with_context(|| format!("cannot create {}", to.display()))?;
         for file in KEPT {

@@ -70,7 +70,7 @@ pub struct RunOptions {
     pub quiet: bool,
     /// The process's second-order thread (`SecondOrder::start`, first thing in `main`), which
     /// a run with `loss.gradient` needs; `None` refuses such runs with an error that says so.
-    pub second_order: Option<std::sync::Arc<SecondOrder>>,
+    pub second_order: Option<SecondOrder>,
 }
 
 /// Trains `config` in `dir`, a new directory (created; an existing non-empty one is refused).
@@ -122,7 +122,7 @@ struct Run {
     loss: LossConfig,
     gradient: Option<GradientConfig>,
     /// From [`RunOptions::second_order`], for `loss.gradient`.
-    second_order: Option<std::sync::Arc<SecondOrder>>,
+    second_order: Option<SecondOrder>,
 }
 
 impl Run {

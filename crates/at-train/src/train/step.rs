@@ -21,7 +21,7 @@ impl Run {
         let (parts, grads) = match &self.gradient {
             Some(config) => {
                 let second_order =
-                    self.second_order.as_deref().context("checked when the run started")?;
+                    self.second_order.as_ref().context("checked when the run started")?;
                 gradient_step(
                     self.student.as_ref(),
                     self.teacher.as_deref(),
