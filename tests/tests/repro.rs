@@ -11,7 +11,6 @@ use at_train::repro::plan::{Options, Profile, dry_run, plan};
 use at_train::repro::report::{self, Provenance};
 use at_train::repro::tables::{Method, Table, rows};
 use at_train::repro::{Outcome, execute, execute_run};
-use at_train::train::RunOptions;
 use common::{quiet, write_dataset};
 
 fn error_of(table: Table, label: &str, column: &str) -> Option<f64> {
@@ -139,27 +138,21 @@ fn every_table_and_profile_plans_and_dry_runs_with_commands_and_times() {
     assert!(paper.runs.iter().all(|r| r.config.epochs == 200 && r.config.optim.lr == 0.1));
 }
 
-/// A tiny replay: Table 1's AT row, one seed, on generated data: the teacher's run, then the
-/// student's, which is interrupted after a batch and resumed by running the same plan again.
+/// A tiny replay: Table 1's AT and teacher rows, one seed, on generated data: the teacher's
+/// run (which the teacher row reports), then the AT student's.
 fn tiny_plan(data: &Path, out: &Path) -> at_train::repro::Plan {
     let options = Options {
         seeds: Some(1),
-        only: Some("wrn-16-1<-wrn-16-2/at".into()),
+        only: Some("wrn-16-1<-wrn-16-2/".into()),
         out: out.to_path_buf(),
         ..Options::new(Profile::Quick)
     };
     let mut plan = plan(Table::Table1, &options).unwrap();
-    plan.rows.truncate(1); // AT only (the prefix also matches AT+KD)
-    plan.cells.retain(|(row, _), _| row == "wrn-16-1<-wrn-16-2/at");
-    // The AT row's runs and the teacher they learn from.
-    let mut keep: Vec<String> = plan.cells.values().cloned().collect();
-    let teachers: Vec<String> = plan
-        .runs
-        .iter()
-        .filter(|r| keep.contains(&r.key))
-        .filter_map(|r| r.teacher.clone())
-        .collect();
-    keep.extend(teachers);
+    let wanted = ["wrn-16-1<-wrn-16-2/at", "wrn-16-1<-wrn-16-2/teacher"];
+    plan.rows.retain(|r| wanted.contains(&r.id.as_str()));
+    plan.cells.retain(|(row, _), _| wanted.contains(&row.as_str()));
+    assert_eq!(plan.rows.len(), 2);
+    let keep: Vec<String> = plan.cells.values().cloned().collect();
     plan.runs.retain(|r| keep.contains(&r.key));
     for run in &mut plan.runs {
         run.config = RunConfig {
@@ -170,7 +163,8 @@ fn tiny_plan(data: &Path, out: &Path) -> at_train::repro::Plan {
                 train_limit: 0,
                 test_limit: 0,
             },
-            epochs: 1,
+            // The student trains long enough (12 batches) to be stopped in the middle.
+            epochs: if run.teacher.is_some() { 4 } else { 1 },
             batch_size: 16,
             threads: 2,
             ..run.config.clone()
@@ -179,8 +173,19 @@ fn tiny_plan(data: &Path, out: &Path) -> at_train::repro::Plan {
     plan
 }
 
+/// Set in the child process of the replay test: `DATA_DIR|OUT_DIR` of the plan it executes.
+const CHILD: &str = "AT_TEST_REPRO_CHILD";
+
 #[test]
-fn a_replay_interrupted_and_resumed_reports_as_an_uninterrupted_one() {
+fn a_replay_killed_and_resumed_reports_as_an_uninterrupted_one() {
+    if let Ok(dirs) = std::env::var(CHILD) {
+        // The child: `repro` as the binary runs it, with its signal handler.
+        let (data, out) = dirs.split_once('|').unwrap();
+        at_train::train::install_interrupt_handler().unwrap();
+        let finished = execute(&tiny_plan(Path::new(data), Path::new(out)), &quiet()).unwrap();
+        println!("child finished: {finished}");
+        return;
+    }
     let data = tempfile::tempdir().unwrap();
     write_dataset(data.path(), "train", 48, 5);
     write_dataset(data.path(), "t10k", 16, 6);
@@ -195,20 +200,52 @@ fn a_replay_interrupted_and_resumed_reports_as_an_uninterrupted_one() {
     );
     assert!(execute(&straight, &quiet()).unwrap());
 
+    // The same plan in a child process, killed (SIGTERM, as `kill` sends) once its first run,
+    // the teacher, has finished: it stops after the batch in flight of the second.
     let resumed = tiny_plan(data.path(), &runs.path().join("resumed"));
-    // The teacher finishes, then the student is stopped after one batch ("killed").
-    assert!(matches!(
-        execute_run(&resumed.out, &resumed.runs[0], &quiet()).unwrap(),
-        Outcome::Trained(_)
-    ));
-    let stop = RunOptions { stop_after_batches: Some(1), ..quiet() };
-    assert_eq!(execute_run(&resumed.out, &resumed.runs[1], &stop).unwrap(), Outcome::Interrupted);
-    assert!(!execute(&resumed, &stop).unwrap(), "stopped again mid-run");
+    let (teacher, student) =
+        (resumed.out.join(&resumed.runs[0].key), resumed.out.join(&resumed.runs[1].key));
+    assert!(resumed.runs[1].teacher.is_some(), "the teacher runs first");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_replay_killed_and_resumed_reports_as_an_uninterrupted_one"])
+        .args(["--nocapture", "--test-threads=1"])
+        .env(CHILD, format!("{}|{}", data.path().display(), resumed.out.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while !teacher.join("result.json").exists() {
+        assert!(std::time::Instant::now() < deadline, "the child's teacher never finished");
+        assert!(child.try_wait().unwrap().is_none(), "the child ended before its teacher");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("child finished: false"), "stopped mid-plan: {stdout}");
+    assert!(!student.join("result.json").exists(), "the student was stopped before its end");
+    let latest = std::fs::read_to_string(student.join("checkpoints/latest")).unwrap();
+    assert!(
+        latest.starts_with("epoch-") && !latest.ends_with("batch-00000"),
+        "a checkpoint after the batch in flight: {latest}"
+    );
+
     assert!(execute(&resumed, &quiet()).unwrap(), "the same plan again finishes it");
     assert!(matches!(
         execute_run(&resumed.out, &resumed.runs[0], &quiet()).unwrap(),
         Outcome::Reused(_)
     ));
+
+    // `publish --table` finds the finished student, named after model, method and teacher.
+    let (targets, unfinished) = at_train::publish::plan_targets(&resumed, "someone");
+    assert!(unfinished.is_empty(), "{unfinished:?}");
+    let repos: Vec<&str> = targets.iter().map(|(_, repo)| repo.as_str()).collect();
+    assert_eq!(repos, ["someone/wrn-16-1-at-from-wrn-16-2-fashion-mnist-seed0-quick"]);
 
     let cells = |p: &at_train::repro::Plan| report::csv(p, &report::collect(p).unwrap());
     assert_eq!(cells(&resumed), cells(&straight), "the same errors, run for run");
@@ -220,6 +257,7 @@ fn a_replay_interrupted_and_resumed_reports_as_an_uninterrupted_one() {
         &resumed.out,
     );
     assert!(md.contains("| WRN-16-1 <- WRN-16-2 | AT |") && md.contains("| 8.43 |"), "{md}");
+    assert!(md.contains("| WRN-16-1 <- WRN-16-2 | teacher |") && md.contains("| 6.31 |"), "{md}");
     assert!(
         md.contains("result.json") && md.contains("config.toml"),
         "each number links its run: {md}"
@@ -240,8 +278,8 @@ fn a_replay_interrupted_and_resumed_reports_as_an_uninterrupted_one() {
     }
 
     // The figures: training curves as an SVG plot, attention maps as PNG grids of the expected
-    // size (4 test items; the image and the AT student's 3 groups; the image and 4 map
-    // functions), and their caption.
+    // size (4 test items; the image, the AT student's 3 groups and the teacher's 3; the image
+    // and 4 map functions), and their caption.
     let figures = at_train::repro::figures::write(&resumed, &runs.path().join("figures")).unwrap();
     let named = |end: &str| figures.iter().find(|f| f.to_string_lossy().ends_with(end)).unwrap();
     let svg = std::fs::read_to_string(named("-curves.svg")).unwrap();
@@ -251,7 +289,7 @@ fn a_replay_interrupted_and_resumed_reports_as_an_uninterrupted_one() {
         let png = image::open(named(end)).unwrap();
         (png.width(), png.height())
     };
-    assert_eq!(size("-maps.png"), (128 * 4, 128 * 4));
+    assert_eq!(size("-maps.png"), (128 * 7, 128 * 4));
     assert_eq!(size("-map-functions.png"), (128 * 5, 128 * 4));
     let caption = std::fs::read_to_string(named("-figures.md")).unwrap();
     assert!(caption.contains("AT predicts") && caption.contains("F_max^2"), "{caption}");

@@ -1,7 +1,8 @@
 //! End to end: a WRN-16-1 trained for two epochs on generated data in Fashion-MNIST's IDX format
 //! (trained once, shared by the tests of this binary). Each test names one property: the loss
 //! falls and accuracy beats chance, metrics.jsonl has its fields, a run interrupted after an epoch
-//! or mid-epoch and resumed ends with the same weights and metrics, a run directory is never
+//! or mid-epoch (or killed with SIGKILL after a periodic checkpoint) and resumed ends with the
+//! same weights and metrics, a run directory is never
 //! overwritten, the trained model teaches, its attention maps draw, a wrong teacher is named.
 
 mod common;
@@ -99,6 +100,50 @@ fn resuming_mid_epoch_gives_identical_weights_and_metrics() {
     // Stopped after 5 of 4 + 4 batches, then resumed.
     let dir = run_dir("mid-epoch");
     train(&b.config, &dir, &RunOptions { stop_after_batches: Some(5), ..quiet() }).unwrap();
+    resume(&dir, &quiet()).unwrap();
+    assert_eq!(metrics(&dir), metrics(&b.straight));
+    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), b.weights);
+}
+
+/// Set in the child process of the kill test: `DATA_DIR|RUN_DIR`.
+const CHILD: &str = "AT_TEST_TRAIN_CHILD";
+
+#[test]
+fn a_run_killed_without_warning_resumes_from_its_last_checkpoint_identically() {
+    if let Ok(dirs) = std::env::var(CHILD) {
+        // The child: a checkpoint after every batch, until it is killed.
+        let (data, dir) = dirs.split_once('|').unwrap();
+        let every = RunOptions { checkpoint_every: Some(std::time::Duration::ZERO), ..quiet() };
+        train(&config(std::path::Path::new(data)), std::path::Path::new(dir), &every).unwrap();
+        return;
+    }
+    let b = base();
+    let dir = run_dir("killed");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_run_killed_without_warning_resumes_from_its_last_checkpoint_identically",
+        ])
+        .args(["--nocapture", "--test-threads=1"])
+        .env(CHILD, format!("{}|{}", b.root.join("data").display(), dir.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // SIGKILL, which no handler sees, once a checkpoint inside the first epoch exists.
+    let latest = dir.join("checkpoints/latest");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let tag = std::fs::read_to_string(&latest).unwrap_or_default();
+        if tag.starts_with("epoch-0000-batch-") && !tag.ends_with("batch-00000") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint inside the epoch");
+        assert!(child.try_wait().unwrap().is_none(), "the child ended before it was killed");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!dir.join("result.json").exists(), "killed before the end");
     resume(&dir, &quiet()).unwrap();
     assert_eq!(metrics(&dir), metrics(&b.straight));
     assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), b.weights);

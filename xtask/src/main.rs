@@ -29,8 +29,13 @@ const TASKS: &[(&str, &str, Task)] = &[
         repro,
     ),
     (
+        "publish",
+        "publish a finished run to the Hugging Face Hub: publish RUN_DIR --repo owner/name [--dry-run], or --table table1 --profile paper --owner OWNER",
+        publish,
+    ),
+    (
         "download",
-        "download a dataset from the Hugging Face Hub: cifar10, cub, scenes, imagenet",
+        "download from the Hugging Face Hub: cifar10, fashion-mnist, cub, scenes, imagenet, resnet18-imagenet, resnet34-imagenet",
         download,
     ),
 ];
@@ -94,6 +99,11 @@ fn golden(_args: &[String]) -> Result<()> {
 /// Forwards to `at-train download`, so that xtask itself stays free of candle and hf-hub.
 fn download(args: &[String]) -> Result<()> {
     at_train("download", args)
+}
+
+/// Forwards to `at-train publish` (a release build, as `repro` uses).
+fn publish(args: &[String]) -> Result<()> {
+    at_train("publish", args)
 }
 
 /// `at-train repro` in a release build (built here first, so a fresh clone needs nothing else).

@@ -7,12 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
-
 use crate::dataset::InMemory;
 use crate::error::{Error, Result, read};
 use crate::image::Image;
-use crate::parquet::read_image_rows;
 
 /// The CIFAR-10 class names, in label order.
 pub const CLASSES: [&str; 10] =
@@ -118,37 +115,8 @@ pub fn load_parquet(root: &Path, split: Split) -> Result<InMemory> {
 
 /// Decodes every row of a CIFAR-10 parquet file (`img.bytes` PNG, `label`).
 pub fn parse_parquet(path: &Path) -> Result<InMemory> {
-    let rows = read_image_rows(path, "img", "label")?;
-    let decoded: Vec<Result<(Image, u8)>> = rows
-        .par_iter()
-        .enumerate()
-        .map(|(index, (bytes, label))| {
-            if !(0..CLASSES.len() as i64).contains(label) {
-                return Err(Error::BadLabel {
-                    path: path.into(),
-                    index,
-                    value: *label,
-                    classes: CLASSES.len(),
-                });
-            }
-            let origin = path.join(format!("row{index}"));
-            let image = Image::decode(bytes, &origin, false)?;
-            if (image.height, image.width) != (SIDE, SIDE) {
-                return Err(Error::format(
-                    &origin,
-                    format!("a {}x{} image, not 32x32", image.height, image.width),
-                ));
-            }
-            Ok((image, *label as u8))
-        })
-        .collect();
-    let mut pixels = Vec::with_capacity(rows.len() * (RECORD - 1));
-    let mut labels = Vec::with_capacity(rows.len());
-    for item in decoded {
-        let (image, label) = item?;
-        pixels.extend_from_slice(&image.data);
-        labels.push(label);
-    }
+    let (pixels, labels) =
+        crate::parquet::decode_images(path, ("img", "label"), (SIDE, false), CLASSES.len())?;
     let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(InMemory::new(name, (SIDE, SIDE, 3), CLASSES.len(), pixels, labels))
 }

@@ -3,6 +3,11 @@
 //!
 //! - CIFAR-10: `uoft-cs/cifar10`, the two parquet files of `plain_text/`; load the result with
 //!   [`crate::cifar::load_parquet`].
+//! - Fashion-MNIST: `zalando-datasets/fashion_mnist`, the two parquet files of `fashion_mnist/`;
+//!   [`crate::mnist::load`] reads them as it reads the IDX files.
+//! - The ImageNet-pretrained ResNet-18/34 of torchvision, as timm keeps them
+//!   (`timm/resnet18.tv_in1k`, `timm/resnet34.tv_in1k`): `model.safetensors` under torchvision's
+//!   names, which are at-models' names too, so they load as they are.
 //! - CUB-200-2011 and MIT Indoor 67 have no official copy on the Hub: [`Source::cub`] and
 //!   [`Source::scenes`] take the dataset repository of a mirror that holds the original archive
 //!   (`CUB_200_2011.tgz`; `indoorCVPR_09.tar` with `TrainImages.txt` and `TestImages.txt`), which
@@ -17,6 +22,10 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use hf_hub::progress::{DownloadEvent, FileStatus, ProgressEvent, ProgressHandler};
+use hf_hub::repository::RepoTypeAny;
 use hf_hub::{HFClientBuilder, HFError};
 
 use crate::error::{Error, Result};
@@ -32,19 +41,28 @@ pub struct HubOptions {
     pub cache_dir: Option<PathBuf>,
     /// Never touch the network: take files from the cache or fail.
     pub offline: bool,
-    /// Attempts per request (transient failures are retried).
+    /// Attempts per request, the first included (a transient failure, 5xx, 429 or a cut
+    /// connection, is retried until they are spent).
     pub attempts: usize,
 }
 
 impl HubOptions {
-    /// Options from `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE` (`1` or `true`).
+    /// Options from `HF_ENDPOINT`, `HF_HUB_OFFLINE` (`1` or `true`) and the token: `HF_TOKEN`,
+    /// else the file `HF_TOKEN_PATH` names, else `$HF_HOME/token` (where `hf auth login` writes
+    /// it).
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let offline = var("HF_HUB_OFFLINE")
             .is_some_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes"));
         Self {
             endpoint: var("HF_ENDPOINT"),
-            token: var("HF_TOKEN"),
+            token: var("HF_TOKEN").or_else(|| {
+                let path = var("HF_TOKEN_PATH")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| hf_hub::hf_home().join("token"));
+                let token = std::fs::read_to_string(path).ok()?;
+                Some(token.trim().to_owned()).filter(|t| !t.is_empty())
+            }),
             cache_dir: None,
             offline,
             attempts: 3,
@@ -52,13 +70,25 @@ impl HubOptions {
     }
 }
 
-/// A dataset on the Hub: a repository, the files to fetch, and what to do with them.
+/// What kind of repository a [`Source`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepoKind {
+    /// A dataset repository (`/datasets/owner/name`).
+    Dataset,
+    /// A model repository (`/owner/name`).
+    Model,
+}
+
+/// Files on the Hub: a repository, the files to fetch, and what to do with them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Source {
-    /// A short name for messages and for the unpack directory, e.g. `cifar10`.
+    /// A short name for messages and for the unpack directory, e.g. `cifar10`: the name
+    /// `cargo xtask download` takes.
     pub name: String,
-    /// The dataset repository, `owner/name`.
+    /// The repository, `owner/name`.
     pub repo: String,
+    /// A dataset or a model repository.
+    pub kind: RepoKind,
     /// Files to download, relative to the repository root.
     pub files: Vec<String>,
     /// Whether the repository is gated (a token is required).
@@ -73,6 +103,7 @@ impl Source {
         Self {
             name: "cifar10".into(),
             repo: "uoft-cs/cifar10".into(),
+            kind: RepoKind::Dataset,
             files: ["train", "test"]
                 .map(|s| format!("plain_text/{s}-00000-of-00001.parquet"))
                 .to_vec(),
@@ -81,11 +112,71 @@ impl Source {
         }
     }
 
+    /// Fashion-MNIST in parquet (`zalando-datasets/fashion_mnist`, 60,000 + 10,000 PNGs).
+    pub fn fashion_mnist() -> Self {
+        Self {
+            name: "fashion-mnist".into(),
+            repo: "zalando-datasets/fashion_mnist".into(),
+            kind: RepoKind::Dataset,
+            files: ["train", "test"]
+                .map(|s| format!("fashion_mnist/{s}-00000-of-00001.parquet"))
+                .to_vec(),
+            gated: false,
+            unpack: false,
+        }
+    }
+
+    /// torchvision's ImageNet-pretrained ResNet of `depth` (18 or 34) from timm's copy
+    /// (`timm/resnet18.tv_in1k`): `model.safetensors` and timm's `config.json`.
+    pub fn imagenet_resnet(depth: usize) -> Self {
+        Self {
+            name: format!("resnet{depth}-imagenet"),
+            repo: format!("timm/resnet{depth}.tv_in1k"),
+            kind: RepoKind::Model,
+            files: vec!["model.safetensors".into(), "config.json".into()],
+            gated: false,
+            unpack: false,
+        }
+    }
+
+    /// The `files` of the model repository `repo` (a published student, say).
+    pub fn model(repo: &str, files: &[&str]) -> Self {
+        Self {
+            name: repo.into(),
+            repo: repo.into(),
+            kind: RepoKind::Model,
+            files: files.iter().map(|f| f.to_string()).collect(),
+            gated: false,
+            unpack: false,
+        }
+    }
+
+    /// The source `cargo xtask download NAME` fetches, for the names that need no other
+    /// argument: `cifar10`, `fashion-mnist`, `resnet18-imagenet`, `resnet34-imagenet`.
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "cifar10" => Some(Self::cifar10()),
+            "fashion-mnist" => Some(Self::fashion_mnist()),
+            "resnet18-imagenet" => Some(Self::imagenet_resnet(18)),
+            "resnet34-imagenet" => Some(Self::imagenet_resnet(34)),
+            _ => None,
+        }
+    }
+
+    /// The repository's page on the Hub.
+    pub fn page(&self) -> String {
+        match self.kind {
+            RepoKind::Dataset => format!("https://huggingface.co/datasets/{}", self.repo),
+            RepoKind::Model => format!("https://huggingface.co/{}", self.repo),
+        }
+    }
+
     /// CUB-200-2011 from a mirror repository holding `CUB_200_2011.tgz`.
     pub fn cub(repo: &str) -> Self {
         Self {
             name: "cub".into(),
             repo: repo.into(),
+            kind: RepoKind::Dataset,
             files: vec!["CUB_200_2011.tgz".into()],
             gated: false,
             unpack: true,
@@ -97,7 +188,14 @@ impl Source {
     pub fn scenes(repo: &str) -> Self {
         let files =
             ["indoorCVPR_09.tar", "TrainImages.txt", "TestImages.txt"].map(String::from).to_vec();
-        Self { name: "scenes".into(), repo: repo.into(), files, gated: false, unpack: true }
+        Self {
+            name: "scenes".into(),
+            repo: repo.into(),
+            kind: RepoKind::Dataset,
+            files,
+            gated: false,
+            unpack: true,
+        }
     }
 
     /// ImageNet-1k (`ILSVRC/imagenet-1k`, gated): the given files, e.g. `data/val_images.tar.gz`.
@@ -105,6 +203,7 @@ impl Source {
         Self {
             name: "imagenet".into(),
             repo: "ILSVRC/imagenet-1k".into(),
+            kind: RepoKind::Dataset,
             files: files.iter().map(|f| f.to_string()).collect(),
             gated: true,
             unpack: false,
@@ -123,24 +222,26 @@ pub struct Fetched {
     pub unpacked: Option<PathBuf>,
 }
 
-/// Downloads (or finds in the cache) every file of `source`, checks its size, and unpacks
-/// archives when the source asks for it. `progress` is told each file as it starts.
-pub fn fetch(
-    source: &Source,
-    options: &HubOptions,
-    mut progress: impl FnMut(&str),
-) -> Result<Fetched> {
-    let page = format!("https://huggingface.co/datasets/{}", source.repo);
-    if source.gated && options.token.is_none() && !options.offline {
-        return Err(Error::Hub(format!(
-            "{} is gated: accept its terms on {page} with your account, then set HF_TOKEN to a token of that account",
-            source.repo
-        )));
+/// Told how a transfer goes: `(repository path, bytes so far, bytes in all)`. It is called
+/// with `(file, 0, 0)` as each file starts (found in the cache or not), then as bytes arrive.
+pub type OnProgress = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
+/// Forwards hf-hub's download events to an [`OnProgress`].
+struct Forward(OnProgress);
+
+impl ProgressHandler for Forward {
+    fn on_progress(&self, event: &ProgressEvent) {
+        if let ProgressEvent::Download(DownloadEvent::Progress { files }) = event {
+            for file in files.iter().filter(|f| f.status != FileStatus::Started) {
+                (self.0)(&file.filename, file.bytes_completed, file.total_bytes);
+            }
+        }
     }
-    let (owner, name) = source.repo.split_once('/').ok_or_else(|| {
-        Error::Hub(format!("a Hub repository is `owner/name`, got `{}`", source.repo))
-    })?;
-    let mut builder = HFClientBuilder::new().retry_max_attempts(options.attempts.max(1));
+}
+
+/// A client for `options`.
+fn client(options: &HubOptions) -> Result<hf_hub::HFClientSync> {
+    let mut builder = HFClientBuilder::new().retry_max_attempts(options.attempts.saturating_sub(1));
     if let Some(endpoint) = &options.endpoint {
         builder = builder.endpoint(endpoint.trim_end_matches('/'));
     }
@@ -150,14 +251,32 @@ pub fn fetch(
     if let Some(dir) = &options.cache_dir {
         builder = builder.cache_dir(dir);
     }
-    let client = builder
-        .build_sync()
-        .map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))?;
-    let repo = client.dataset(owner, name);
+    builder.build_sync().map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))
+}
+
+/// Downloads (or finds in the cache) every file of `source`, checks its size, and unpacks
+/// archives when the source asks for it. A file already in the cache is not fetched again; a
+/// file cut short is fetched again whole when the command is run again.
+pub fn fetch(source: &Source, options: &HubOptions, progress: OnProgress) -> Result<Fetched> {
+    let page = source.page();
+    if source.gated && options.token.is_none() && !options.offline {
+        return Err(Error::Hub(format!(
+            "{} is gated: accept its terms on {page} with your account, then set HF_TOKEN to a token of that account",
+            source.repo
+        )));
+    }
+    let (owner, name) = source.repo.split_once('/').ok_or_else(|| {
+        Error::Hub(format!("a Hub repository is `owner/name`, got `{}`", source.repo))
+    })?;
+    let kind = match source.kind {
+        RepoKind::Dataset => RepoTypeAny::Dataset,
+        RepoKind::Model => RepoTypeAny::Model,
+    };
+    let repo = client(options)?.repository(kind, owner, name);
 
     let mut files = Vec::with_capacity(source.files.len());
     for file in &source.files {
-        progress(file);
+        progress(file, 0, 0);
         let explain = |e: HFError| explain(e, source, file, &page);
         if options.offline {
             let path = repo
@@ -170,7 +289,12 @@ pub fn fetch(
             continue;
         }
         let expected = repo.get_file_metadata().filepath(file).send().map_err(explain)?.file_size;
-        let path = repo.download_file().filename(file).send().map_err(explain)?;
+        let path = repo
+            .download_file()
+            .filename(file)
+            .progress(Forward(progress.clone()))
+            .send()
+            .map_err(explain)?;
         let actual = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
         if expected > 0 && actual != expected {
             return Err(Error::Size { path, expected, actual });
@@ -181,6 +305,110 @@ pub fn fetch(
     let unpacked =
         if source.unpack { Some(unpack_archives(source, &files, &snapshot)?) } else { None };
     Ok(Fetched { snapshot, files, unpacked })
+}
+
+/// The snapshot directory of `source` if every one of its files is in the cache already (no
+/// request is made), else `None`.
+pub fn cached(source: &Source, options: &HubOptions) -> Option<PathBuf> {
+    let offline = HubOptions { offline: true, ..options.clone() };
+    fetch(source, &offline, Arc::new(|_: &str, _, _| {})).ok().map(|f| f.snapshot)
+}
+
+/// A commit to a model repository: what [`upload`] sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    /// The model repository, `owner/name`; created (private or not) if it does not exist.
+    pub repo: String,
+    /// Create the repository private.
+    pub private: bool,
+    /// The branch to commit to (created if missing); `None` is `main`.
+    pub revision: Option<String>,
+    /// The commit message.
+    pub message: String,
+    /// `(path in the repository, local file)`, all in one commit.
+    pub files: Vec<(String, PathBuf)>,
+}
+
+/// What the Hub answered to an [`upload`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The commit's page, when the Hub gives it.
+    pub url: Option<String>,
+    /// The commit's id, when the Hub gives it.
+    pub oid: Option<String>,
+}
+
+/// Creates the model repository of `upload` if it is missing and commits its files in one
+/// commit. It needs a token with write access (`options.token`), and says so before sending
+/// anything; a transient failure (5xx, 429, a cut connection) is retried `options.attempts`
+/// times. No message carries the token.
+pub fn upload(upload: &Upload, options: &HubOptions) -> Result<Committed> {
+    use hf_hub::repository::{AddSource, CommitOperation, RepoTypeModel};
+    let token = options.token.as_deref().filter(|t| !t.trim().is_empty());
+    let Some(token) = token else {
+        return Err(Error::Hub(format!(
+            "no Hugging Face token to publish {} with: set HF_TOKEN (or log in with `hf auth login`) \
+             to a token with write access, from https://huggingface.co/settings/tokens",
+            upload.repo
+        )));
+    };
+    if options.offline {
+        return Err(Error::Hub(format!(
+            "HF_HUB_OFFLINE is set: unset it to publish {}",
+            upload.repo
+        )));
+    }
+    let (owner, name) = upload.repo.split_once('/').ok_or_else(|| {
+        Error::Hub(format!("a Hub repository is `owner/name`, got `{}`", upload.repo))
+    })?;
+    // hf-hub's messages never hold the token; this makes sure of it.
+    let scrub = |e: HFError| -> Error {
+        let text = e.to_string().replace(token, "***");
+        Error::Hub(match e {
+            HFError::AuthRequired { .. } => format!(
+                "the Hub refused the token (401) for {}: HF_TOKEN (or the token file) is missing or \
+                 wrong; use a token with write access",
+                upload.repo
+            ),
+            HFError::Forbidden { .. } => format!(
+                "the Hub forbids writing to {} with this token (403): it needs write access to {owner}",
+                upload.repo
+            ),
+            _ => format!("cannot publish {}: {text}", upload.repo),
+        })
+    };
+    let client = client(options)?;
+    client
+        .create_repository()
+        .repo_id(&upload.repo)
+        .repo_type(RepoTypeModel)
+        .private(upload.private)
+        .exist_ok(true)
+        .send()
+        .map_err(scrub)?;
+    let repo = client.model(owner, name);
+    if let Some(branch) = upload.revision.as_deref().filter(|b| *b != "main") {
+        match repo.create_branch().branch(branch).send() {
+            Ok(()) | Err(HFError::Conflict { .. }) => {}
+            Err(e) => return Err(scrub(e)),
+        }
+    }
+    let operations = upload
+        .files
+        .iter()
+        .map(|(path, file)| CommitOperation::Add {
+            path_in_repo: path.clone(),
+            source: AddSource::File(file.clone()),
+        })
+        .collect();
+    let info = repo
+        .create_commit()
+        .operations(operations)
+        .commit_message(upload.message.clone())
+        .maybe_revision(upload.revision.clone())
+        .send()
+        .map_err(scrub)?;
+    Ok(Committed { url: info.commit_url, oid: info.commit_oid })
 }
 
 /// The snapshot directory of a downloaded `file` whose repository path is `repo_path`.
@@ -226,10 +454,14 @@ fn explain(e: HFError, source: &Source, file: &str, page: &str) -> Error {
         HFError::LocalEntryNotFound { .. } => Error::Missing {
             what: what.clone(),
             path: PathBuf::from(file),
-            hint: format!(
-                "offline and not in the Hugging Face cache: unset HF_HUB_OFFLINE and run `cargo xtask download {}`",
-                source.name
-            ),
+            hint: if source.name == source.repo {
+                "offline and not in the Hugging Face cache: unset HF_HUB_OFFLINE so that it can be downloaded".to_owned()
+            } else {
+                format!(
+                    "offline and not in the Hugging Face cache: unset HF_HUB_OFFLINE and run `cargo xtask download {}`",
+                    source.name
+                )
+            },
         },
         HFError::AuthRequired { .. } | HFError::Forbidden { .. } => Error::Hub(format!(
             "{what}: the Hub refused access; {}",
@@ -242,9 +474,14 @@ fn explain(e: HFError, source: &Source, file: &str, page: &str) -> Error {
                 "check HF_TOKEN".to_owned()
             }
         )),
-        HFError::RepoNotFound { .. } => {
-            Error::Hub(format!("{what}: no dataset repository {} on the Hub", source.repo))
-        }
+        HFError::RepoNotFound { .. } => Error::Hub(format!(
+            "{what}: no {} repository {} on the Hub (or it is private: set HF_TOKEN)",
+            match source.kind {
+                RepoKind::Dataset => "dataset",
+                RepoKind::Model => "model",
+            },
+            source.repo
+        )),
         HFError::EntryNotFound { .. } => {
             Error::Hub(format!("{what}: the repository has no such file (404)"))
         }

@@ -39,8 +39,21 @@ fn prefix(split: Split) -> &'static str {
     }
 }
 
-/// Loads a split from `dir`, accepting `train-images-idx3-ubyte` with or without `.gz`.
+/// The parquet file of a split in the Hub's layout (`zalando-datasets/fashion_mnist`), under a
+/// dataset snapshot directory.
+pub fn parquet_path(root: &Path, split: Split) -> PathBuf {
+    root.join("fashion_mnist").join(format!("{}-00000-of-00001.parquet", split.as_str()))
+}
+
+/// Loads a split from `dir`: the IDX files (`train-images-idx3-ubyte`, with or without `.gz`),
+/// or else the Hub's parquet layout (what `cargo xtask download fashion-mnist` fetches).
 pub fn load(dir: &Path, split: Split) -> Result<InMemory> {
+    let parquet = parquet_path(dir, split);
+    let images = dir.join(format!("{}-images-idx3-ubyte", prefix(split)));
+    let idx = images.is_file() || images.with_extension("gz").is_file();
+    if !idx && parquet.is_file() {
+        return parse_parquet(&parquet, split);
+    }
     let find = |kind: &str| -> Result<PathBuf> {
         let base = dir.join(format!("{}-{kind}-ubyte", prefix(split)));
         let gz = PathBuf::from(format!("{}.gz", base.display()));
@@ -52,7 +65,11 @@ pub fn load(dir: &Path, split: Split) -> Result<InMemory> {
             Err(Error::Missing {
                 what: format!("Fashion-MNIST {} {kind}", split.as_str()),
                 path: base,
-                hint: "install Debian's dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`) or use the embedded subset".into(),
+                hint: format!(
+                    "neither the IDX files nor {} are there: run `cargo xtask download fashion-mnist` \
+                     (or install Debian's dataset-fashion-mnist) and pass the folder it prints, or use the embedded subset",
+                    parquet_path(dir, split).display()
+                ),
             })
         }
     };
@@ -95,6 +112,14 @@ pub fn embedded(split: Split) -> Result<InMemory> {
         (images.0, &decompress(images.0, images.1)?),
         (labels.0, &decompress(labels.0, labels.1)?),
     )
+}
+
+/// Decodes a parquet file of the Hub's layout (`image.bytes` PNG, 28x28 grey, and `label`).
+pub fn parse_parquet(path: &Path, split: Split) -> Result<InMemory> {
+    let (pixels, labels) =
+        crate::parquet::decode_images(path, ("image", "label"), (SIDE, true), CLASSES.len())?;
+    let name = format!("fashion-mnist/{}", split.as_str());
+    Ok(InMemory::new(name, (SIDE, SIDE, 1), CLASSES.len(), pixels, labels))
 }
 
 /// Gunzips `bytes` when they start with the gzip magic; returns them as they are otherwise.

@@ -70,6 +70,46 @@ pub fn read_image_rows(path: &Path, image_col: &str, label_col: &str) -> Result<
     Ok(out)
 }
 
+/// Decodes every row of `path` (columns `(image, label)`) into `side`x`side` images, grey or
+/// RGB, checking each label against `classes`: the pixels one image after another, and the
+/// labels.
+pub fn decode_images(
+    path: &Path,
+    (image_col, label_col): (&str, &str),
+    (side, grey): (usize, bool),
+    classes: usize,
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    use rayon::prelude::*;
+    let rows = read_image_rows(path, image_col, label_col)?;
+    let decoded: Vec<Result<(Image, u8)>> = rows
+        .par_iter()
+        .enumerate()
+        .map(|(index, (bytes, label))| {
+            if !(0..classes as i64).contains(label) {
+                return Err(Error::BadLabel { path: path.into(), index, value: *label, classes });
+            }
+            let origin = path.join(format!("row{index}"));
+            let image = Image::decode(bytes, &origin, grey)?;
+            if (image.height, image.width) != (side, side) {
+                return Err(Error::format(
+                    &origin,
+                    format!("a {}x{} image, not {side}x{side}", image.height, image.width),
+                ));
+            }
+            Ok((image, *label as u8))
+        })
+        .collect();
+    let channels = if grey { 1 } else { 3 };
+    let mut pixels = Vec::with_capacity(rows.len() * side * side * channels);
+    let mut labels = Vec::with_capacity(rows.len());
+    for item in decoded {
+        let (image, label) = item?;
+        pixels.extend_from_slice(&image.data);
+        labels.push(label);
+    }
+    Ok((pixels, labels))
+}
+
 /// One row group of one file: where its rows sit in the dataset.
 #[derive(Clone, Debug)]
 struct Group {

@@ -150,12 +150,43 @@ fn fashion_mnist_idx_reads_gzipped_and_plain_files_alike() {
 }
 
 #[test]
+fn fashion_mnist_parquet_from_the_hub_reads_as_the_idx_files() {
+    let (idx_dir, hub_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let labels = [9u8, 0, 3];
+    mnist_files(idx_dir.path(), true, &labels);
+    let from_idx = mnist::load(idx_dir.path(), Split::Train).unwrap();
+    // The same images as PNGs in zalando-datasets/fashion_mnist's layout and schema.
+    let rows: Vec<(Vec<u8>, i64)> = (0..labels.len())
+        .map(|i| {
+            let pixels: Vec<u8> = (i * 784..(i + 1) * 784).map(|p| (p % 251) as u8).collect();
+            (png_grey(28, 28, &pixels), labels[i] as i64)
+        })
+        .collect();
+    let path = mnist::parquet_path(hub_dir.path(), Split::Train);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    write_parquet_with_column(&path, "image", &rows);
+    let from_hub = mnist::load(hub_dir.path(), Split::Train).unwrap();
+    assert_eq!(from_hub.labels(), from_idx.labels());
+    for i in 0..labels.len() {
+        assert_eq!(from_hub.get(i).unwrap(), from_idx.get(i).unwrap(), "image {i}");
+    }
+
+    write_parquet_with_column(&path, "image", &[(png_grey(28, 28, &[0; 784]), 10)]);
+    let err = mnist::load(hub_dir.path(), Split::Train).unwrap_err().to_string();
+    assert!(err.contains("label 10 of item 0"), "{err}");
+    write_parquet_with_column(&path, "image", &[(png_grey(32, 32, &[0; 1024]), 1)]);
+    let err = mnist::load(hub_dir.path(), Split::Train).unwrap_err().to_string();
+    assert!(err.contains("row0") && err.contains("not 28x28"), "{err}");
+}
+
+#[test]
 fn fashion_mnist_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let err = mnist::load(dir.path(), Split::Test).unwrap_err().to_string();
     assert!(
         err.contains("t10k-images-idx3-ubyte")
-            && err.contains("apt-get install dataset-fashion-mnist"),
+            && err.contains("cargo xtask download fashion-mnist")
+            && err.contains("dataset-fashion-mnist"),
         "{err}"
     );
 

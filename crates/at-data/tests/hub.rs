@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use at_data::Error;
-use at_data::hub::{HubOptions, Source, fetch};
+use at_data::hub::{HubOptions, OnProgress, Source, cached, fetch};
 
 /// How the fake Hub serves one file.
 #[derive(Clone)]
@@ -18,7 +18,8 @@ enum Serve {
     Truncated(Vec<u8>),
 }
 
-/// A tiny HTTP/1.1 server that answers hf-hub's `HEAD`/`GET /datasets/{repo}/resolve/{rev}/{path}`.
+/// A tiny HTTP/1.1 server that answers hf-hub's `HEAD`/`GET /{route}/resolve/{rev}/{path}`, the
+/// route being `datasets/owner/name` for a dataset and `owner/name` for a model.
 struct FakeHub {
     url: String,
     requests: Arc<AtomicUsize>,
@@ -27,13 +28,13 @@ struct FakeHub {
 }
 
 impl FakeHub {
-    fn start(repo: &str, files: HashMap<String, Serve>) -> Self {
+    fn start(route: &str, files: HashMap<String, Serve>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(AtomicUsize::new(0));
         let tokens = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let prefix = format!("/datasets/{repo}/resolve/main/");
+        let prefix = format!("/{route}/resolve/main/");
         let (r, t, s) = (requests.clone(), tokens.clone(), stop.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -104,6 +105,11 @@ impl FakeHub {
     }
 }
 
+/// A progress callback that does nothing.
+fn quiet() -> OnProgress {
+    Arc::new(|_: &str, _, _| {})
+}
+
 fn options(hub: &FakeHub, cache: &std::path::Path) -> HubOptions {
     HubOptions {
         endpoint: Some(hub.url.clone()),
@@ -121,13 +127,19 @@ fn a_download_lands_in_the_cache_and_is_reused_with_the_network_gone() {
         ("plain_text/test-00000-of-00001.parquet".to_owned(), Serve::Whole(vec![2; 3000])),
     ]
     .into();
-    let hub = FakeHub::start("uoft-cs/cifar10", files);
+    let hub = FakeHub::start("datasets/uoft-cs/cifar10", files);
     let cache = tempfile::tempdir().unwrap();
-    let mut announced = vec![];
-    let fetched =
-        fetch(&Source::cifar10(), &options(&hub, cache.path()), |f| announced.push(f.to_owned()))
-            .unwrap();
-    assert_eq!(announced.len(), 2);
+    let told = Arc::new(Mutex::new(Vec::<(String, u64, u64)>::new()));
+    let record = told.clone();
+    let progress: OnProgress =
+        Arc::new(move |f: &str, done, total| record.lock().unwrap().push((f.into(), done, total)));
+    assert_eq!(cached(&Source::cifar10(), &options(&hub, cache.path())), None);
+    let fetched = fetch(&Source::cifar10(), &options(&hub, cache.path()), progress).unwrap();
+    let told = told.lock().unwrap().clone();
+    let train = "plain_text/train-00000-of-00001.parquet";
+    assert_eq!(told[0], (train.to_owned(), 0, 0), "each file is announced as it starts");
+    assert!(told.contains(&(train.to_owned(), 5000, 5000)), "bytes are told: {told:?}");
+    assert!(told.iter().any(|(f, ..)| f.starts_with("plain_text/test")), "{told:?}");
     assert!(
         fetched.snapshot.starts_with(cache.path().join("datasets--uoft-cs--cifar10")),
         "{:?}",
@@ -143,22 +155,23 @@ fn a_download_lands_in_the_cache_and_is_reused_with_the_network_gone() {
     hub.shut_down();
     let before = hub.requests.load(Ordering::SeqCst);
     let offline = HubOptions { offline: true, ..options(&hub, cache.path()) };
-    let again = fetch(&Source::cifar10(), &offline, |_| {}).unwrap();
+    let again = fetch(&Source::cifar10(), &offline, quiet()).unwrap();
     assert_eq!(again.files, fetched.files);
+    assert_eq!(cached(&Source::cifar10(), &options(&hub, cache.path())), Some(again.snapshot));
     assert_eq!(hub.requests.load(Ordering::SeqCst), before, "offline means no request");
 
     let elsewhere = tempfile::tempdir().unwrap();
     let offline_empty = HubOptions { offline: true, ..options(&hub, elsewhere.path()) };
-    let err = fetch(&Source::cifar10(), &offline_empty, |_| {}).unwrap_err();
+    let err = fetch(&Source::cifar10(), &offline_empty, quiet()).unwrap_err();
     assert!(matches!(err, Error::Missing { .. }), "{err}");
     assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
 }
 
 #[test]
 fn a_missing_file_is_a_clear_error() {
-    let hub = FakeHub::start("someone/cub-mirror", HashMap::new());
+    let hub = FakeHub::start("datasets/someone/cub-mirror", HashMap::new());
     let cache = tempfile::tempdir().unwrap();
-    let err = fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), |_| {})
+    let err = fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), quiet())
         .unwrap_err()
         .to_string();
     assert!(err.contains("CUB_200_2011.tgz of someone/cub-mirror"), "{err}");
@@ -172,13 +185,13 @@ fn a_truncated_body_is_a_clear_error() {
         Serve::Truncated(vec![7; 100_000]),
     )]
     .into();
-    let hub = FakeHub::start("uoft-cs/cifar10", files);
+    let hub = FakeHub::start("datasets/uoft-cs/cifar10", files);
     let cache = tempfile::tempdir().unwrap();
     let source = Source {
         files: vec!["plain_text/train-00000-of-00001.parquet".into()],
         ..Source::cifar10()
     };
-    let err = fetch(&source, &options(&hub, cache.path()), |_| {}).unwrap_err().to_string();
+    let err = fetch(&source, &options(&hub, cache.path()), quiet()).unwrap_err().to_string();
     assert!(err.contains("train-00000-of-00001.parquet"), "{err}");
     assert!(
         err.contains("expected 100000 bytes, found 50000") || err.contains("cut short"),
@@ -202,12 +215,12 @@ fn archives_are_unpacked_beside_the_cache() {
         builder.into_inner().unwrap().finish().unwrap();
     }
     let hub = FakeHub::start(
-        "someone/cub-mirror",
+        "datasets/someone/cub-mirror",
         [("CUB_200_2011.tgz".to_owned(), Serve::Whole(tgz))].into(),
     );
     let cache = tempfile::tempdir().unwrap();
     let fetched =
-        fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), |_| {}).unwrap();
+        fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), quiet()).unwrap();
     let unpacked = fetched.unpacked.unwrap();
     let text = std::fs::read_to_string(unpacked.join("CUB_200_2011/images.txt")).unwrap();
     assert!(text.contains("Albatross"));
@@ -220,8 +233,47 @@ fn a_gated_dataset_without_a_token_says_how_to_get_access() {
         attempts: 1,
         ..HubOptions::default()
     };
-    let err = fetch(&Source::imagenet(&["data/val_images.tar.gz"]), &options, |_| {})
+    let err = fetch(&Source::imagenet(&["data/val_images.tar.gz"]), &options, quiet())
         .unwrap_err()
         .to_string();
     assert!(err.contains("ILSVRC/imagenet-1k is gated") && err.contains("HF_TOKEN"), "{err}");
+}
+
+#[test]
+fn pretrained_resnet_weights_come_from_timms_model_repository() {
+    let files: HashMap<String, Serve> = [
+        ("model.safetensors".to_owned(), Serve::Whole(vec![5; 4096])),
+        ("config.json".to_owned(), Serve::Whole(b"{\"architecture\": \"resnet18\"}".to_vec())),
+    ]
+    .into();
+    // A model repository: no `datasets/` in the route.
+    let hub = FakeHub::start("timm/resnet18.tv_in1k", files);
+    let cache = tempfile::tempdir().unwrap();
+    let source = Source::named("resnet18-imagenet").unwrap();
+    let fetched = fetch(&source, &options(&hub, cache.path()), quiet()).unwrap();
+    assert!(
+        fetched.snapshot.starts_with(cache.path().join("models--timm--resnet18.tv_in1k")),
+        "{:?}",
+        fetched.snapshot
+    );
+    assert_eq!(std::fs::read(fetched.snapshot.join("model.safetensors")).unwrap(), vec![5; 4096]);
+
+    let err = fetch(&Source::imagenet_resnet(34), &options(&hub, cache.path()), quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.safetensors of timm/resnet34.tv_in1k"), "{err}");
+}
+
+#[test]
+fn fashion_mnist_comes_from_zalandos_parquet_copy() {
+    let source = Source::named("fashion-mnist").unwrap();
+    assert_eq!(source.repo, "zalando-datasets/fashion_mnist");
+    let files: HashMap<String, Serve> =
+        source.files.iter().map(|f| (f.clone(), Serve::Whole(vec![3; 100]))).collect();
+    let hub = FakeHub::start("datasets/zalando-datasets/fashion_mnist", files);
+    let cache = tempfile::tempdir().unwrap();
+    let fetched = fetch(&source, &options(&hub, cache.path()), quiet()).unwrap();
+    for split in [at_data::Split::Train, at_data::Split::Test] {
+        assert!(at_data::mnist::parquet_path(&fetched.snapshot, split).is_file(), "{split:?}");
+    }
 }

@@ -80,6 +80,12 @@ pub trait AttentionModel: Send + Sync {
 
     /// The number of attention points (groups) [`forward_t`](Self::forward_t) returns.
     fn group_count(&self) -> usize;
+
+    /// The attention points' names, in order: the weight-name prefix of each group (`group0`
+    /// in the authors' WRN, `layer1` in torchvision's ResNet).
+    fn group_names(&self) -> Vec<String> {
+        (0..self.group_count()).map(|g| format!("group{g}")).collect()
+    }
 }
 
 /// Options shared by every registered model.

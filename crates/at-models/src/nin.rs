@@ -134,6 +134,10 @@ impl AttentionModel for Nin {
         self.blocks.len()
     }
 
+    fn group_names(&self) -> Vec<String> {
+        (0..self.blocks.len()).map(|b| format!("block{b}")).collect()
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
         let mut o = x.clone();
         let mut groups = Vec::with_capacity(3);

@@ -152,6 +152,10 @@ impl AttentionModel for ResNet {
         self.layers.len()
     }
 
+    fn group_names(&self) -> Vec<String> {
+        (1..=self.layers.len()).map(|l| format!("layer{l}")).collect()
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
         // The frozen first group runs as in evaluation and is cut from the graph after layer1.
         let first_train = train && !self.freeze_first_group;

@@ -69,8 +69,19 @@ pub struct Phases {
 /// chooses at-kernels' ops (what the trainer runs) or candle's own (the reference), for the
 /// models and the attention maps alike.
 pub fn time_steps(
-    (student_name, step, teacher_name): (&str, Step, &str),
+    names: (&str, Step, &str),
     batch: usize,
+    rounds: (usize, usize),
+    backend: Backend,
+    device: &Device,
+) -> Result<Vec<(Duration, Phases)>> {
+    time_steps_sized(names, (batch, 32), rounds, backend, device)
+}
+
+/// [`time_steps`] on `side`x`side` images (224 for the ImageNet-sized datasets).
+pub fn time_steps_sized(
+    (student_name, step, teacher_name): (&str, Step, &str),
+    (batch, side): (usize, usize),
     (warmup, steps): (usize, usize),
     backend: Backend,
     device: &Device,
@@ -109,9 +120,7 @@ pub fn time_steps(
         ..LossConfig::default()
     };
     let mut sgd = Sgd::new(&varmap, SgdConfig::default());
-    let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
-    let labels =
-        Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect::<Vec<_>>(), batch, device)?;
+    let (x, labels) = random_batch(batch, side, device)?;
     let mut times = vec![];
     for i in 0..warmup + steps {
         let started = Instant::now();
@@ -140,6 +149,57 @@ pub fn time_steps(
         }
         if i >= warmup {
             times.push((started.elapsed(), phases));
+        }
+    }
+    Ok(times)
+}
+
+/// A batch of random `side`x`side` RGB images and labels `0..10` in turn.
+fn random_batch(batch: usize, side: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, side, side), device)?;
+    let labels =
+        Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect::<Vec<_>>(), batch, device)?;
+    Ok((x, labels))
+}
+
+/// The wall-clock time of each of `steps` steps (after `warmup`) of a gradient-based penalty's
+/// step (`config`, in `chunks`), as the trainer takes it: `student` on 32x32 images at `batch`,
+/// learning from `teacher` when the penalty needs one, the double backpropagation on
+/// `second_order`'s thread.
+pub fn time_gradient_steps(
+    (student_name, teacher_name): (&str, Option<&str>),
+    (config, chunks): (&at_losses::gradient::GradientConfig, usize),
+    batch: usize,
+    (warmup, steps): (usize, usize),
+    (device, second_order): (&Device, &at_losses::second_order::SecondOrder),
+) -> Result<Vec<Duration>> {
+    let options = ModelOptions::default();
+    let varmap = VarMap::new();
+    let student = at_models::build(student_name, &options, seeded_var_builder(&varmap, 1, device))?;
+    let teacher_map = VarMap::new();
+    let teacher = match teacher_name {
+        Some(name) => {
+            Some(at_models::build(name, &options, seeded_var_builder(&teacher_map, 2, device))?)
+        }
+        None => None,
+    };
+    let mut sgd = Sgd::new(&varmap, SgdConfig::default());
+    let (x, labels) = random_batch(batch, 32, device)?;
+    let mut times = vec![];
+    for i in 0..warmup + steps {
+        let started = Instant::now();
+        let (parts, grads) = crate::train::gradient_step(
+            student.as_ref(),
+            teacher.as_deref(),
+            (&x, &labels),
+            config,
+            chunks,
+            second_order,
+        )?;
+        sgd.step(&grads)?;
+        parts.total.to_dtype(DType::F32)?.to_vec0::<f32>()?;
+        if i >= warmup {
+            times.push(started.elapsed());
         }
     }
     Ok(times)

@@ -216,8 +216,9 @@ pub struct RunConfig {
     pub device: DeviceSpec,
     /// Loader threads (0: as many as the machine has).
     pub threads: usize,
-    /// Fine-tuning: start the student from these weights (e.g. timm's ResNet-18
-    /// `model.safetensors`); empty for a fresh initialisation.
+    /// Fine-tuning: start the student from these weights: a `model.safetensors`, or
+    /// `hf://owner/name` for a Hub model repository's (e.g. `hf://timm/resnet18.tv_in1k`,
+    /// which `cargo xtask download resnet18-imagenet` caches); empty for a fresh initialisation.
     pub pretrained: PathBuf,
     /// Fine-tuning: tensor-name prefixes not taken from `pretrained` (a new classifier head).
     pub pretrained_skip: Vec<String>,
@@ -233,7 +234,8 @@ pub struct RunConfig {
 pub struct TeacherConfig {
     /// A registered model name.
     pub model: String,
-    /// Its weights: a `model.safetensors` (e.g. `RUN_DIR/model.safetensors` of a finished run).
+    /// Its weights: a `model.safetensors` (e.g. `RUN_DIR/model.safetensors` of a finished run),
+    /// or `hf://owner/name` for a Hub model repository's.
     pub checkpoint: PathBuf,
 }
 
@@ -349,8 +351,8 @@ pub struct Preset {
 }
 
 /// The presets: the one table of their names, descriptions and configs. Teacher checkpoints and
-/// pretrained weights point to conventional places (`runs/...`, `weights/...`); override them
-/// with `--set`.
+/// pretrained weights point to conventional places (`runs/...`, the Hub's `hf://timm/...`);
+/// override them with `--set`.
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "cifar",
@@ -412,9 +414,7 @@ pub const PRESETS: &[Preset] = &[
     Preset {
         name: "imagenet-at",
         about: "Table 5: imagenet + AT from a ResNet-34 on the last two groups (beta 1e3)",
-        build: || {
-            recipes::resnet_at(recipes::imagenet(), "weights/resnet34.tv_in1k/model.safetensors")
-        },
+        build: || recipes::resnet_at(recipes::imagenet(), "hf://timm/resnet34.tv_in1k"),
     },
     Preset {
         name: "nin",
@@ -504,7 +504,7 @@ mod recipes {
             },
             epochs: 60,
             batch_size: 64,
-            pretrained: "weights/resnet18.tv_in1k/model.safetensors".into(),
+            pretrained: "hf://timm/resnet18.tv_in1k".into(),
             freeze_bn: true,
             freeze_first_group: true,
             ..RunConfig::default()

@@ -1,6 +1,6 @@
 //! The datasets a run can use, with their pipelines.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -37,41 +37,41 @@ pub fn load(config: &DataConfig) -> Result<Data> {
     fn boxed<D: Dataset + 'static>(d: at_data::Result<D>) -> at_data::Result<Arc<dyn Dataset>> {
         d.map(|d| Arc::new(d) as Arc<dyn Dataset>)
     }
-    let fmnist = (Pipeline::fashion_mnist_train(), Pipeline::fashion_mnist_test(), 1);
-    let cifar = (Pipeline::cifar_train(), Pipeline::cifar_test(), 3);
-    let finetune = (Pipeline::finetune_train(), Pipeline::finetune_eval(), 3);
-    let imagenet = (Pipeline::imagenet_train(), Pipeline::imagenet_eval(), 3);
-    let ((train, test), (train_pipeline, test_pipeline, in_channels)) = match config.dataset {
-        DatasetName::FashionMnistSubset => (both(&|s| boxed(mnist::embedded(s)))?, fmnist),
+    let (train, test) = match config.dataset {
+        DatasetName::FashionMnistSubset => both(&|s| boxed(mnist::embedded(s)))?,
         DatasetName::FashionMnist => {
-            let dir = root(mnist::DEBIAN_DIR);
-            (both(&|s| boxed(mnist::load(&dir, s)))?, fmnist)
+            let dir = match config.root.as_os_str().is_empty() {
+                true => fashion_mnist_dir(),
+                false => config.root.clone(),
+            };
+            both(&|s| boxed(mnist::load(&dir, s)))?
         }
         DatasetName::Cifar10 => {
             let dir = root("data/cifar10");
-            (both(&|s| boxed(cifar::load_binary(&dir, s)))?, cifar)
+            both(&|s| boxed(cifar::load_binary(&dir, s)))?
         }
         DatasetName::Cifar10Parquet => {
             let dir = root("data/cifar10");
-            (both(&|s| boxed(cifar::load_parquet(&dir, s)))?, cifar)
+            both(&|s| boxed(cifar::load_parquet(&dir, s)))?
         }
         DatasetName::Cub => {
             let dir = root("data/cub");
-            (both(&|s| boxed(folder::cub(&dir, s)))?, finetune)
+            both(&|s| boxed(folder::cub(&dir, s)))?
         }
         DatasetName::Scenes => {
             let dir = root("data/scenes");
-            (both(&|s| boxed(folder::scenes(&dir, s)))?, finetune)
+            both(&|s| boxed(folder::scenes(&dir, s)))?
         }
         DatasetName::Imagenet => {
             let dir = root("data/imagenet");
-            (both(&|s| boxed(folder::imagenet(&dir, s)))?, imagenet)
+            both(&|s| boxed(folder::imagenet(&dir, s)))?
         }
         DatasetName::ImagenetParquet => {
             let dir = root("data/imagenet");
-            (both(&|s| boxed(folder::imagenet_parquet(&dir, s)))?, imagenet)
+            both(&|s| boxed(folder::imagenet_parquet(&dir, s)))?
         }
     };
+    let (train_pipeline, test_pipeline, in_channels) = pipelines(config.dataset);
     let train_pipeline = match config.augment {
         Augmentation::Standard => train_pipeline,
         Augmentation::Flip => Pipeline { augment: Augment::Flip, ..test_pipeline.clone() },
@@ -84,6 +84,47 @@ pub fn load(config: &DataConfig) -> Result<Data> {
         test_pipeline,
         in_channels,
     })
+}
+
+/// The training and evaluation pipelines of `dataset` before `data.augment` is applied, and
+/// its images' channels.
+pub fn pipelines(dataset: DatasetName) -> (Pipeline, Pipeline, usize) {
+    match dataset {
+        DatasetName::FashionMnistSubset | DatasetName::FashionMnist => {
+            (Pipeline::fashion_mnist_train(), Pipeline::fashion_mnist_test(), 1)
+        }
+        DatasetName::Cifar10 | DatasetName::Cifar10Parquet => {
+            (Pipeline::cifar_train(), Pipeline::cifar_test(), 3)
+        }
+        DatasetName::Cub | DatasetName::Scenes => {
+            (Pipeline::finetune_train(), Pipeline::finetune_eval(), 3)
+        }
+        DatasetName::Imagenet | DatasetName::ImagenetParquet => {
+            (Pipeline::imagenet_train(), Pipeline::imagenet_eval(), 3)
+        }
+    }
+}
+
+/// The class names of `dataset`, where they are fixed (CIFAR-10, Fashion-MNIST).
+pub fn class_names(dataset: DatasetName) -> Option<&'static [&'static str]> {
+    match dataset {
+        DatasetName::FashionMnistSubset | DatasetName::FashionMnist => Some(&mnist::CLASSES),
+        DatasetName::Cifar10 | DatasetName::Cifar10Parquet => Some(&cifar::CLASSES),
+        _ => None,
+    }
+}
+
+/// Where Fashion-MNIST is when no folder is given: Debian's package folder if it holds the
+/// files, else the Hub cache's copy if `cargo xtask download fashion-mnist` made one, else
+/// Debian's folder (whose error says both ways to get it).
+fn fashion_mnist_dir() -> PathBuf {
+    let debian = Path::new(mnist::DEBIAN_DIR);
+    if debian.join("train-images-idx3-ubyte.gz").is_file() {
+        return debian.to_path_buf();
+    }
+    let source = at_data::hub::Source::fashion_mnist();
+    at_data::hub::cached(&source, &at_data::hub::HubOptions::from_env())
+        .unwrap_or_else(|| debian.to_path_buf())
 }
 
 /// The first `n` items of a dataset (all when `n` is 0).

@@ -6,15 +6,32 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod hub;
 pub mod init;
 pub mod maps;
 pub mod optim;
+pub mod publish;
 pub mod repro;
 pub mod train;
 
 use at_models::{ModelOptions, parameter_count, registry};
 use candle_core::{DType, Device, Result};
 use candle_nn::{VarBuilder, VarMap};
+
+/// This machine in words: its CPU model and core count.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
 
 /// One row of the model table.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,17 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, bail};
-use at_data::hub::{self, HubOptions, Source};
+use at_data::hub::HubOptions;
 use at_losses::second_order::SecondOrder;
 use at_models::ModelOptions;
 use at_train::config;
 use at_train::train::{self, RunOptions};
 use clap::{Parser, Subcommand};
-
-static INTERRUPTED_TWICE: AtomicBool = AtomicBool::new(false);
 
 #[derive(Parser)]
 #[command(
@@ -47,8 +44,11 @@ enum Command {
     },
     /// Evaluate a finished run's model (or its last checkpoint) on its test set.
     Eval {
-        /// The run directory.
+        /// The run directory, or hf://owner/name for a published model.
         run_dir: PathBuf,
+        /// The dataset's folder, instead of the one in the run's config.
+        #[arg(long)]
+        data: Option<PathBuf>,
     },
     /// Replay a table of the paper: train (or resume, or reuse) every run it needs, then write
     /// docs/results/<table>-<profile>.md and .csv beside the paper's numbers.
@@ -98,8 +98,11 @@ enum Command {
     },
     /// Write the attention maps of a run's model, each group's beside its image, as PNGs.
     Maps {
-        /// The run directory.
+        /// The run directory, or hf://owner/name for a published model.
         run_dir: PathBuf,
+        /// The dataset's folder, instead of the one in the run's config.
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Image files (JPEG, PNG), resized to the training images' size.
         #[arg(long, num_args = 1..)]
         images: Vec<PathBuf>,
@@ -154,10 +157,44 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: config::DeviceSpec,
     },
-    /// Download a dataset from the Hugging Face Hub into its cache (HF_TOKEN, HF_ENDPOINT and
-    /// HF_HUB_OFFLINE are honoured).
+    /// Publish a finished run to the Hugging Face Hub as a model repository (weights,
+    /// config.json, a model card, the run's config and metrics), in one commit; the repository
+    /// is created if it is missing. The token comes from HF_TOKEN or `hf auth login`'s file.
+    Publish {
+        /// The finished run's directory (not with --table).
+        run_dir: Option<PathBuf>,
+        /// The model repository, owner/name.
+        #[arg(long)]
+        repo: Option<String>,
+        /// Create the repository private.
+        #[arg(long)]
+        private: bool,
+        /// Write the folder that would be uploaded and list its files; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The branch to commit to [default: main].
+        #[arg(long)]
+        revision: Option<String>,
+        /// Publish every finished student of this repro table (table1 ... table5), one
+        /// repository each, named after model, method and teacher.
+        #[arg(long)]
+        table: Option<String>,
+        /// The profile of --table's runs.
+        #[arg(long, default_value = "paper")]
+        profile: String,
+        /// The owner (user or organisation) of --table's repositories.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Where --table's runs are [default: runs/repro/<profile>].
+        #[arg(long)]
+        runs: Option<PathBuf>,
+    },
+    /// Download a dataset or pretrained weights from the Hugging Face Hub into its cache, and
+    /// print the folder they are in (HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE are honoured). A
+    /// file already in the cache is not fetched again.
     Download {
-        /// cifar10, cub, scenes or imagenet.
+        /// cifar10, fashion-mnist, cub, scenes, imagenet, resnet18-imagenet or
+        /// resnet34-imagenet.
         dataset: String,
         /// The dataset repository of a mirror (`owner/name`): required for cub and scenes, which
         /// have no official copy on the Hub.
@@ -203,7 +240,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
     match cli.command {
         Command::Train { config, preset, sets, run_dir, resume } => {
-            set_interrupt_handler()?;
+            train::install_interrupt_handler()?;
             let options = RunOptions { second_order: Some(second_order), ..RunOptions::default() };
             let result = match (resume, run_dir) {
                 (Some(dir), _) => train::resume(&dir, &options)?,
@@ -251,7 +288,7 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
                 at_train::repro::Options { out, ..at_train::repro::Options::new(profile) };
             repro("table1", None, options, Path::new("docs/results"), false, second_order)?
         }
-        Command::Maps { run_dir, images, test_items, out } => {
+        Command::Maps { run_dir, data, images, test_items, out } => {
             let source = if !images.is_empty() {
                 at_train::maps::Source::Files(images)
             } else if !test_items.is_empty() {
@@ -259,13 +296,19 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
             } else {
                 at_train::maps::Source::TestItems(vec![0, 1, 2, 3])
             };
-            let out = out.unwrap_or_else(|| run_dir.join("maps"));
-            for path in at_train::maps::write_maps(&run_dir, source, &out)? {
+            let out = match (out, at_train::hub::hub_repo(&run_dir)) {
+                (Some(out), _) => out,
+                (None, Some(repo)) => Path::new("maps").join(repo.replace('/', "--")),
+                (None, None) => run_dir.join("maps"),
+            };
+            let (config, dir) = at_train::hub::open_run(&run_dir, data.as_deref())?;
+            for path in at_train::maps::write_maps_of(config, &dir, source, &out)? {
                 println!("{}", path.display());
             }
         }
-        Command::Eval { run_dir } => {
-            let (loss, top1, top5) = train::evaluate_run(&run_dir)?;
+        Command::Eval { run_dir, data } => {
+            let (config, dir) = at_train::hub::open_run(&run_dir, data.as_deref())?;
+            let (loss, top1, top5) = train::RunModel::open(config, &dir)?.evaluate()?;
             println!(
                 "{}: test loss {loss:.4}, top-1 {top1:.2}%, top-5 {top5:.2}%",
                 run_dir.display()
@@ -312,9 +355,98 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
                 )
             );
         }
+        Command::Publish {
+            run_dir,
+            repo,
+            private,
+            dry_run,
+            revision,
+            table,
+            profile,
+            owner,
+            runs,
+        } => {
+            let targets = publish_targets(run_dir, repo, table, &profile, owner, runs)?;
+            let hub = HubOptions::from_env();
+            for (run_dir, repo) in targets {
+                publish(&run_dir, &repo, private, dry_run, revision.clone(), &hub)?;
+            }
+        }
         Command::Download { dataset, repo, files, offline } => {
             download(&dataset, repo, &files, offline)?
         }
+    }
+    Ok(())
+}
+
+/// The (run directory, repository) pairs a `publish` command names.
+fn publish_targets(
+    run_dir: Option<PathBuf>,
+    repo: Option<String>,
+    table: Option<String>,
+    profile: &str,
+    owner: Option<String>,
+    runs: Option<PathBuf>,
+) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    use at_train::repro::{self, Profile, Table};
+    let Some(table) = table else {
+        let run_dir = run_dir.context("name the run directory to publish, or --table")?;
+        let repo = repo.context("name the repository to publish to: --repo owner/name")?;
+        return Ok(vec![(run_dir, repo)]);
+    };
+    if run_dir.is_some() || repo.is_some() {
+        bail!("--table publishes a table's runs: give --owner, not a run directory or --repo")
+    }
+    let owner =
+        owner.context("--table needs --owner, the user or organisation to publish under")?;
+    let profile = Profile::parse(profile)?;
+    let mut options = repro::Options::new(profile);
+    if let Some(runs) = runs {
+        options.out = runs;
+    }
+    let plan = repro::plan::plan(Table::parse(&table)?, &options)?;
+    let (targets, unfinished) = at_train::publish::plan_targets(&plan, &owner);
+    for dir in unfinished {
+        eprintln!("not published: {} has not finished", dir.display());
+    }
+    if targets.is_empty() {
+        bail!(
+            "no finished student of {table} in {}: run `cargo xtask repro {table} --profile {}` first",
+            plan.out.display(),
+            profile.name()
+        )
+    }
+    Ok(targets)
+}
+
+/// Publishes `run_dir` to `repo`, or with `dry_run` writes and lists what it would send.
+fn publish(
+    run_dir: &Path,
+    repo: &str,
+    private: bool,
+    dry_run: bool,
+    revision: Option<String>,
+    hub: &HubOptions,
+) -> anyhow::Result<()> {
+    use at_train::publish::{self, PublishOptions};
+    let staging = publish::default_staging(run_dir);
+    let options =
+        PublishOptions { repo: repo.to_owned(), private, revision, dry_run, hub: hub.clone() };
+    let publication = publish::publish(run_dir, &options, &staging)?;
+    match publication.committed {
+        None => println!(
+            "dry run: would publish {} to {repo} (nothing sent); the folder is {}",
+            run_dir.display(),
+            staging.display()
+        ),
+        Some(commit) => println!(
+            "published {} to https://huggingface.co/{repo}{}",
+            run_dir.display(),
+            commit.url.map(|u| format!(" ({u})")).unwrap_or_default()
+        ),
+    }
+    for f in publication.files {
+        println!("  {:<40} {:>12} bytes  sha256 {}", f.path, f.size, f.sha256);
     }
     Ok(())
 }
@@ -325,29 +457,11 @@ fn download(
     files: &[String],
     offline: bool,
 ) -> anyhow::Result<()> {
-    let mirror = |name: &str, archive: &str| -> anyhow::Result<String> {
-        repo.clone().with_context(|| {
-            format!("{name} has no official copy on the Hugging Face Hub: pass --repo OWNER/NAME, a dataset repository holding {archive}")
-        })
-    };
-    let source = match dataset {
-        "cifar10" => Source::cifar10(),
-        "cub" => Source::cub(&mirror("CUB-200-2011", "CUB_200_2011.tgz")?),
-        "scenes" => Source::scenes(&mirror(
-            "MIT Indoor 67",
-            "indoorCVPR_09.tar, TrainImages.txt and TestImages.txt",
-        )?),
-        "imagenet" if files.is_empty() => bail!(
-            "name the ImageNet files to fetch with --files, e.g. --files data/val_images.tar.gz"
-        ),
-        "imagenet" => Source::imagenet(&files.iter().map(String::as_str).collect::<Vec<_>>()),
-        other => bail!("unknown dataset `{other}`; known: cifar10, cub, scenes, imagenet"),
-    };
+    let source = at_train::hub::source(dataset, repo.as_deref(), files)?;
     let options =
         HubOptions { offline: offline || HubOptions::from_env().offline, ..HubOptions::from_env() };
-    let fetched =
-        hub::fetch(&source, &options, |file| eprintln!("fetching {file} from {}", source.repo))?;
-    println!("{}", fetched.unpacked.as_ref().unwrap_or(&fetched.snapshot).display());
+    let path = at_train::hub::download(&source, &options)?;
+    println!("{}", path.display());
     Ok(())
 }
 
@@ -374,11 +488,13 @@ fn repro(
     let trains = !dry_run && !matches!(what, "report" | "figures");
     if trains {
         // Once for the whole command: ctrlc takes one handler per process.
-        set_interrupt_handler()?;
+        train::install_interrupt_handler()?;
     }
     // One timer for every table of a dry run, so that each step is measured once.
     let mut timer = match dry_run {
-        true => Some(repro::StepTimer::new(train::device(options.device)?)),
+        true => {
+            Some(repro::StepTimer::new(train::device(options.device)?, Some(second_order.clone())))
+        }
         false => None,
     };
     let provenance = repro::report::Provenance::here();
@@ -414,17 +530,5 @@ fn repro(
             }
         }
     }
-    Ok(())
-}
-
-/// Ctrl-C asks the training loop to checkpoint and stop; a second Ctrl-C aborts at once.
-fn set_interrupt_handler() -> anyhow::Result<()> {
-    ctrlc::set_handler(|| {
-        eprintln!("interrupted: writing a checkpoint after this batch (press again to abort)");
-        if INTERRUPTED_TWICE.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        train::interrupt();
-    })?;
     Ok(())
 }

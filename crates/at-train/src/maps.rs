@@ -28,7 +28,18 @@ pub enum Source {
 /// each group, upsampled to the same panel size. Returns the files written.
 pub fn write_maps(run_dir: &Path, source: Source, out: &Path) -> Result<Vec<PathBuf>> {
     let config = RunConfig::load(&run_dir.join("config.toml"))?;
-    let run = RunModel::open(config, run_dir)?;
+    write_maps_of(config, run_dir, source, out)
+}
+
+/// [`write_maps`] for the model in `dir` (its `model.safetensors`) trained by `config`: a run
+/// directory, or a published model's local copy.
+pub fn write_maps_of(
+    config: RunConfig,
+    dir: &Path,
+    source: Source,
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    let run = RunModel::open(config, dir)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let (side, channels) = run.input_shape()?;
     let items: Vec<(String, Image)> = match source {

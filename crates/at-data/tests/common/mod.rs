@@ -40,6 +40,14 @@ pub fn png(height: u32, width: u32, interleaved: &[u8]) -> Vec<u8> {
     out.into_inner()
 }
 
+/// PNG bytes of a grey image.
+pub fn png_grey(height: u32, width: u32, pixels: &[u8]) -> Vec<u8> {
+    let img = image::GrayImage::from_raw(width, height, pixels.to_vec()).unwrap();
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
 /// Writes a parquet file with the Hub's image-dataset schema: `img` a struct of `bytes` and
 /// `path`, `label` an int64, all optional as `datasets` writes them, snappy-compressed.
 pub fn write_image_parquet(path: &Path, rows: &[(Vec<u8>, i64)]) {

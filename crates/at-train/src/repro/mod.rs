@@ -79,56 +79,89 @@ pub fn execute(plan: &Plan, options: &RunOptions) -> Result<bool> {
 }
 
 /// Seconds per training step of `config` on `device`, measured here with the bench's step (two
-/// steps after one warm-up at the config's batch, up to 128, on CIFAR-sized inputs) and cached per
-/// (network, step, teacher). `None` where it would not mean much: 224-pixel datasets (CUB,
-/// Scenes, ImageNet) and gradient-based penalties.
+/// steps after one warm-up, on random images of the run's size) and cached per (network, step,
+/// teacher, batch). The step is timed at the run's batch up to a cap (128 on 32x32 images, 32
+/// for gradient-based penalties, 8 on 224x224 images) and scaled per image beyond it; a
+/// gradient-based penalty is timed only with a second-order thread.
 pub struct StepTimer {
     device: candle_core::Device,
-    cache: std::collections::HashMap<(String, String, String), Option<f64>>,
+    second_order: Option<at_losses::second_order::SecondOrder>,
+    cache: std::collections::HashMap<String, Option<f64>>,
 }
 
 impl StepTimer {
-    /// A timer on `device`.
-    pub fn new(device: candle_core::Device) -> Self {
-        Self { device, cache: Default::default() }
+    /// The caps on the timed batch: 32x32 images, gradient-based penalties, 224x224 images.
+    pub const BATCH_CAPS: (usize, usize, usize) = (128, 32, 8);
+
+    /// A timer on `device`; `second_order` times the runs with a gradient-based penalty.
+    pub fn new(
+        device: candle_core::Device,
+        second_order: Option<at_losses::second_order::SecondOrder>,
+    ) -> Self {
+        Self { device, second_order, cache: Default::default() }
     }
 
     /// See [`StepTimer`].
     pub fn seconds(&mut self, config: &crate::config::RunConfig) -> Option<f64> {
-        use crate::bench::{Step, time_steps};
-        use crate::config::{DatasetName, GradientKind};
-        let small = matches!(
-            config.data.dataset,
-            DatasetName::FashionMnistSubset
-                | DatasetName::FashionMnist
-                | DatasetName::Cifar10
-                | DatasetName::Cifar10Parquet
-        );
-        if !small || config.loss.gradient != GradientKind::None {
-            return None;
-        }
-        let teacher = config.teacher.as_ref().map_or(String::new(), |t| t.model.clone());
+        use crate::bench::{Step, time_gradient_steps, time_steps_sized};
+        use crate::config::DatasetName;
+        let side = match config.data.dataset {
+            DatasetName::Cub
+            | DatasetName::Scenes
+            | DatasetName::Imagenet
+            | DatasetName::ImagenetParquet => 224,
+            _ => 32,
+        };
+        let (small, gradient, large) = Self::BATCH_CAPS;
+        let gradient_config = config.gradient_config().ok()?;
+        let cap = match (&gradient_config, side) {
+            (Some(_), _) => gradient,
+            (None, 224) => large,
+            _ => small,
+        };
+        let batch = config.batch_size.clamp(1, cap);
+        let teacher = config.teacher.as_ref().map(|t| t.model.clone());
         let step = match (config.loss.beta > 0.0, config.loss.alpha > 0.0) {
             (false, false) => Step::Student,
             (true, false) => Step::At,
             // KD alone: the teacher's forward and the student's step, timed as AT+KD.
             (_, true) => Step::AtKd,
         };
-        // At the run's own batch (up to 128): a smaller one, scaled up, overestimated the step
-        // 2.6x (WRN-16-1 on Fashion-MNIST: 4.8 minutes an epoch estimated, 1.8 measured).
-        let batch = config.batch_size.clamp(1, 128);
-        let key = (config.student.clone(), step.name().to_owned(), format!("{teacher}@{batch}"));
+        let key = format!(
+            "{} {} {:?} {:?} @{batch}x{side}",
+            config.student,
+            step.name(),
+            teacher,
+            gradient_config.as_ref().map(|g| (g.penalty, config.loss.gradient_chunks))
+        );
         let device = self.device.clone();
+        let second_order = self.second_order.clone();
         let per_image = *self.cache.entry(key).or_insert_with(|| {
-            let times = time_steps(
-                (&config.student, step, &teacher),
-                batch,
-                (1, 2),
-                at_models::Backend::Kernels,
-                &device,
-            )
-            .ok()?;
-            let mut s: Vec<f64> = times.iter().map(|(d, _)| d.as_secs_f64()).collect();
+            let times: Vec<f64> = match &gradient_config {
+                Some(g) => time_gradient_steps(
+                    (&config.student, teacher.as_deref()),
+                    (g, config.loss.gradient_chunks),
+                    batch,
+                    (1, 2),
+                    (&device, second_order.as_ref()?),
+                )
+                .ok()?
+                .iter()
+                .map(|d| d.as_secs_f64())
+                .collect(),
+                None => time_steps_sized(
+                    (&config.student, step, teacher.as_deref().unwrap_or_default()),
+                    (batch, side),
+                    (1, 2),
+                    at_models::Backend::Kernels,
+                    &device,
+                )
+                .ok()?
+                .iter()
+                .map(|(d, _)| d.as_secs_f64())
+                .collect(),
+            };
+            let mut s = times;
             s.sort_by(f64::total_cmp);
             Some(s[s.len() / 2] / batch as f64)
         });

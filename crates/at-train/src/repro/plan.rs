@@ -319,7 +319,8 @@ fn base_config(profile: Profile, table: Table, row: &Row, options: &Options) -> 
                 Some("cub") => "finetune-cub",
                 _ => "finetune-scenes",
             })?;
-            c.pretrained = format!("weights/{}.tv_in1k/model.safetensors", row.model).into();
+            // torchvision's ImageNet weights (`cargo xtask download resnet18-imagenet`).
+            c.pretrained = format!("hf://timm/{}.tv_in1k", row.model).into();
             c
         }
         (Profile::Paper, Table::Table5) => RunConfig::preset("imagenet")?,
@@ -535,7 +536,11 @@ pub fn dry_run(plan: &Plan, step_seconds: &mut dyn FnMut(&RunConfig) -> Option<f
     if unknown > 0 {
         text.push_str(&format!(" for the runs estimated ({unknown} not estimated)"));
     }
-    text.push_str(" (steps only; evaluation and data loading add to it)\n");
+    text.push_str(
+        " (steps only; evaluation and data loading add to it; a step is timed at the run's batch \
+         up to 128 images of 32x32, 32 with a gradient penalty, 8 of 224x224, and scaled per image \
+         beyond)\n",
+    );
     text
 }
 

@@ -97,20 +97,10 @@ pub struct Provenance {
 impl Provenance {
     /// This machine, today.
     pub fn here() -> Self {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|m| m.trim().to_owned())
-            })
-            .unwrap_or_else(|| std::env::consts::ARCH.into());
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let days = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() / 86_400) as i64;
-        Self { machine: format!("{cpu}, {cores} cores"), date: civil_date(days) }
+        Self { machine: crate::machine(), date: civil_date(days) }
     }
 }
 

@@ -24,6 +24,8 @@ impl Run {
         let mut batches_this_call = 0usize;
         let mut total_seconds = previous_seconds(&self.dir)?;
         let mut last: Option<EpochMetrics> = None;
+        let every = options.checkpoint_every.unwrap_or(super::CHECKPOINT_EVERY);
+        let mut checkpointed = Instant::now();
         while position.epoch < epochs {
             let epoch = position.epoch;
             let lr = schedule.lr(self.config.optim.lr, epoch);
@@ -56,6 +58,12 @@ impl Run {
                         self.dir.display()
                     );
                     return self.result(last.as_ref(), total_seconds, true);
+                }
+                if checkpointed.elapsed() >= every && position.batch < n_batches {
+                    let mut sums = sums.clone();
+                    sums.seconds += started.elapsed().as_secs_f64();
+                    self.checkpoint(&Position { epoch, batch: position.batch, sums })?;
+                    checkpointed = Instant::now();
                 }
             }
             progress.finish();
@@ -91,6 +99,7 @@ impl Run {
             position = Position { epoch: epoch + 1, batch: 0, sums: Sums::default() };
             self.append_metrics(&metrics)?;
             self.checkpoint(&position)?;
+            checkpointed = Instant::now();
             last = Some(metrics);
             if options.stop_after_epochs == Some(position.epoch) && position.epoch < epochs
                 || INTERRUPTED.load(Ordering::SeqCst)

@@ -73,6 +73,9 @@ pub struct RunResult {
     pub seconds: f64,
     /// Whether the run stopped before its last epoch (Ctrl-C or a stop option).
     pub interrupted: bool,
+    /// The machine and device it trained on (empty in results written before this field).
+    #[serde(default)]
+    pub machine: String,
 }
 
 /// Every line of `dir/metrics.jsonl` (none when it does not exist).
@@ -115,6 +118,7 @@ impl Run {
             test_error: 100.0 - top1,
             seconds,
             interrupted,
+            machine: format!("{} ({})", crate::machine(), self.config.device),
         })
     }
 }

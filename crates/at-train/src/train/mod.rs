@@ -42,10 +42,25 @@ use checkpoint::Position;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Asks a running training loop to checkpoint and stop after its current batch (the Ctrl-C
-/// handler of the binary calls this).
+/// Asks a running training loop to checkpoint and stop after its current batch (the handler of
+/// [`install_interrupt_handler`] calls this).
 pub fn interrupt() {
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes Ctrl-C, `kill` (SIGTERM) and a closed terminal (SIGHUP) stop training after the batch
+/// in flight, with a checkpoint, so that running the same command again loses nothing else; a
+/// second signal exits at once. Once per process (the signal handler is process-wide).
+pub fn install_interrupt_handler() -> Result<()> {
+    static TWICE: AtomicBool = AtomicBool::new(false);
+    ctrlc::set_handler(|| {
+        eprintln!("interrupted: writing a checkpoint after this batch (press again to abort)");
+        if TWICE.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        interrupt();
+    })
+    .context("cannot install the interrupt handler")
 }
 
 /// Opens the device a config names: the one place a device is chosen.
@@ -59,6 +74,9 @@ pub fn device(spec: DeviceSpec) -> Result<Device> {
     }
 }
 
+/// How often a run checkpoints inside an epoch by default: 10 minutes.
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// What happens on top of training, for tests and the command line.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -68,6 +86,9 @@ pub struct RunOptions {
     pub stop_after_batches: Option<usize>,
     /// No progress bar, even on a terminal (tests, and runs started by another tool).
     pub quiet: bool,
+    /// A checkpoint inside an epoch this often, so that a crash or `kill -9` (which no
+    /// handler sees) loses at most this much training; `None` is [`CHECKPOINT_EVERY`].
+    pub checkpoint_every: Option<std::time::Duration>,
     /// The process's second-order thread (`SecondOrder::start`, first thing in `main`), which
     /// a run with `loss.gradient` needs; `None` refuses such runs with an error that says so.
     pub second_order: Option<SecondOrder>,
@@ -150,7 +171,8 @@ impl Run {
         )?;
         if training && !config.pretrained.as_os_str().is_empty() {
             let skip: Vec<&str> = config.pretrained_skip.iter().map(String::as_str).collect();
-            at_models::load(&varmap, &config.pretrained, &skip).with_context(|| {
+            let weights = crate::hub::weights_file(&config.pretrained)?;
+            at_models::load(&varmap, &weights, &skip).with_context(|| {
                 format!("cannot start {} from {}", config.student, config.pretrained.display())
             })?;
         }

@@ -8,8 +8,8 @@ use at_models::{AttentionModel, ModelOptions};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-/// Builds `model` and loads `checkpoint` into it strictly, then keeps its weights as constants
-/// (no gradient is ever tracked through the teacher).
+/// Builds `model` and loads `checkpoint` (a file, or `hf://owner/name`) into it strictly, then
+/// keeps its weights as constants (no gradient is ever tracked through the teacher).
 pub fn load_teacher(
     model: &str,
     checkpoint: &Path,
@@ -18,7 +18,8 @@ pub fn load_teacher(
 ) -> Result<Box<dyn AttentionModel>> {
     let varmap = VarMap::new();
     at_models::build(model, options, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-    at_models::load(&varmap, checkpoint, &[])
+    let weights = crate::hub::weights_file(checkpoint)?;
+    at_models::load(&varmap, &weights, &[])
         .with_context(|| format!("the teacher checkpoint does not fit a {model}"))?;
     let tensors: HashMap<String, Tensor> = varmap
         .data()
