@@ -31,6 +31,22 @@ fn tiny_run(root: &Path) -> (PathBuf, PathBuf) {
     (data, run)
 }
 
+/// A finished tiny run, a fake Hub and an empty cache, for one test.
+struct Setup {
+    root: tempfile::TempDir,
+    data: PathBuf,
+    run: PathBuf,
+    hub: FakeHub,
+    cache: PathBuf,
+}
+
+fn setup() -> Setup {
+    let root = tempfile::tempdir().unwrap();
+    let (data, run) = tiny_run(root.path());
+    let cache = root.path().join("cache");
+    Setup { data, run, hub: FakeHub::start(TOKEN), cache, root }
+}
+
 fn hub_options(hub: &FakeHub, cache: &Path, token: Option<&str>) -> HubOptions {
     HubOptions {
         endpoint: Some(hub.url.clone()),
@@ -61,10 +77,7 @@ fn tensors(path: &Path) -> HashMap<String, Tensor> {
 
 #[test]
 fn a_published_run_loads_back_identical_with_the_same_accuracy_and_a_card() {
-    let root = tempfile::tempdir().unwrap();
-    let (data, run) = tiny_run(root.path());
-    let hub = FakeHub::start(TOKEN);
-    let cache = root.path().join("cache");
+    let Setup { root, data, run, hub, cache } = setup();
     let repo = "someone/wrn-16-1-fmnist";
     let publication =
         publish(&run, &options(&hub, &cache, repo), &root.path().join("staged")).unwrap();
@@ -155,10 +168,7 @@ fn a_published_run_loads_back_identical_with_the_same_accuracy_and_a_card() {
 
 #[test]
 fn publishing_again_is_a_second_commit_and_a_dry_run_sends_nothing() {
-    let root = tempfile::tempdir().unwrap();
-    let (_, run) = tiny_run(root.path());
-    let hub = FakeHub::start(TOKEN);
-    let cache = root.path().join("cache");
+    let Setup { root, run, hub, cache, .. } = setup();
     let repo = "someone/again";
 
     let dry = PublishOptions { dry_run: true, ..options(&hub, &cache, repo) };
@@ -185,10 +195,7 @@ fn publishing_again_is_a_second_commit_and_a_dry_run_sends_nothing() {
 
 #[test]
 fn a_missing_or_wrong_token_is_named_and_never_printed() {
-    let root = tempfile::tempdir().unwrap();
-    let (_, run) = tiny_run(root.path());
-    let hub = FakeHub::start(TOKEN);
-    let cache = root.path().join("cache");
+    let Setup { root, run, hub, cache, .. } = setup();
 
     let none =
         PublishOptions { hub: hub_options(&hub, &cache, None), ..options(&hub, &cache, "a/b") };
@@ -208,10 +215,7 @@ fn a_missing_or_wrong_token_is_named_and_never_printed() {
 
 #[test]
 fn a_failing_hub_is_retried_a_bounded_number_of_times_then_reported() {
-    let root = tempfile::tempdir().unwrap();
-    let (_, run) = tiny_run(root.path());
-    let hub = FakeHub::start(TOKEN);
-    let cache = root.path().join("cache");
+    let Setup { root, run, hub, cache, .. } = setup();
     let count = |part: &str| {
         hub.state.lock().unwrap().requests.iter().filter(|r| r.path.contains(part)).count()
     };
@@ -233,11 +237,8 @@ fn a_failing_hub_is_retried_a_bounded_number_of_times_then_reported() {
 
 #[test]
 fn an_unfinished_run_is_refused_with_the_reason() {
-    let root = tempfile::tempdir().unwrap();
-    let (_, run) = tiny_run(root.path());
+    let Setup { root, run, hub, cache, .. } = setup();
     std::fs::remove_file(run.join("result.json")).unwrap();
-    let hub = FakeHub::start(TOKEN);
-    let cache = root.path().join("cache");
     let err = format!(
         "{:#}",
         publish(&run, &options(&hub, &cache, "a/b"), &root.path().join("s")).unwrap_err()
@@ -273,12 +274,9 @@ fn configs_and_commands_take_published_models_as_hf_names() {
         assert_eq!(maps.len(), 1);
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let (data, run) = tiny_run(root.path());
-    let hub = FakeHub::start(TOKEN);
+    let Setup { root, data, run, hub, cache } = setup();
     let repo = "someone/teacher";
-    publish(&run, &options(&hub, &root.path().join("cache"), repo), &root.path().join("s"))
-        .unwrap();
+    publish(&run, &options(&hub, &cache, repo), &root.path().join("s")).unwrap();
 
     let out = root.path().join("child");
     let child = std::process::Command::new(std::env::current_exe().unwrap())

@@ -239,6 +239,12 @@ impl ProgressHandler for Forward {
     }
 }
 
+/// `owner/name` split, or an error saying that is what a repository is.
+fn owner_name(repo: &str) -> Result<(&str, &str)> {
+    repo.split_once('/')
+        .ok_or_else(|| Error::Hub(format!("a Hub repository is `owner/name`, got `{repo}`")))
+}
+
 /// A client for `options`.
 fn client(options: &HubOptions) -> Result<hf_hub::HFClientSync> {
     let mut builder = HFClientBuilder::new().retry_max_attempts(options.attempts.saturating_sub(1));
@@ -265,9 +271,7 @@ pub fn fetch(source: &Source, options: &HubOptions, progress: OnProgress) -> Res
             source.repo
         )));
     }
-    let (owner, name) = source.repo.split_once('/').ok_or_else(|| {
-        Error::Hub(format!("a Hub repository is `owner/name`, got `{}`", source.repo))
-    })?;
+    let (owner, name) = owner_name(&source.repo)?;
     let kind = match source.kind {
         RepoKind::Dataset => RepoTypeAny::Dataset,
         RepoKind::Model => RepoTypeAny::Model,
@@ -358,9 +362,7 @@ pub fn upload(upload: &Upload, options: &HubOptions) -> Result<Committed> {
             upload.repo
         )));
     }
-    let (owner, name) = upload.repo.split_once('/').ok_or_else(|| {
-        Error::Hub(format!("a Hub repository is `owner/name`, got `{}`", upload.repo))
-    })?;
+    let (owner, name) = owner_name(&upload.repo)?;
     // hf-hub's messages never hold the token; this makes sure of it.
     let scrub = |e: HFError| -> Error {
         let text = e.to_string().replace(token, "***");

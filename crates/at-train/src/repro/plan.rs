@@ -181,8 +181,13 @@ pub fn plan(table: Table, options: &Options) -> Result<Plan> {
         for &seed in &seeds {
             let teacher = match row.teacher.filter(|_| row.method.needs_teacher()) {
                 Some(t) => {
-                    let teacher_row =
-                        Row { model: t, teacher: None, method: Method::Baseline, ..row.clone() };
+                    let teacher_row = Row {
+                        model: t,
+                        teacher: None,
+                        method: Method::Baseline,
+                        at_start_epoch: 0,
+                        ..row.clone()
+                    };
                     Some(add_teacher_run(&mut runs, table, &teacher_row, seed, options)?)
                 }
                 None => None,
