@@ -567,3 +567,83 @@ pub fn plan_targets(
 pub fn default_staging(run_dir: &Path) -> PathBuf {
     run_dir.join("hub")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DataConfig, TeacherConfig};
+
+    fn finetuned_resnet() -> RunConfig {
+        RunConfig {
+            student: "resnet18".into(),
+            data: DataConfig { dataset: DatasetName::Cub, ..DataConfig::default() },
+            pretrained: "hf://timm/resnet18.tv_in1k".into(),
+            teacher: Some(TeacherConfig {
+                model: "resnet34".into(),
+                checkpoint: "runs/cub-resnet34/model.safetensors".into(),
+            }),
+            ..RunConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_resnets_config_json_carries_timms_fields() {
+        let config = model_config(&finetuned_resnet()).unwrap();
+        assert_eq!(
+            (config.architecture.as_str(), config.at_model.as_str()),
+            ("resnet18", "resnet18")
+        );
+        assert_eq!(
+            (config.num_classes, config.in_chans, config.input_size),
+            (200, 3, [3, 224, 224])
+        );
+        assert_eq!(config.attention_points, ["layer1", "layer2", "layer3", "layer4"]);
+        assert_eq!(config.num_features, Some(512));
+        let cfg = config.pretrained_cfg.unwrap();
+        assert_eq!(cfg["num_classes"], 200);
+        assert_eq!(cfg["first_conv"], "conv1");
+        assert_eq!(cfg["classifier"], "fc");
+        assert_eq!(cfg["input_size"], serde_json::json!([3, 224, 224]));
+        assert!(config.label_names.is_empty(), "CUB's names are in its files, not here");
+    }
+
+    #[test]
+    fn a_finetuned_students_card_names_its_base_model_and_accuracy() {
+        let run = FinishedRun {
+            config: finetuned_resnet(),
+            result: RunResult {
+                student: "resnet18".into(),
+                teacher: Some("resnet34".into()),
+                epochs: 60,
+                test_top1: 72.987,
+                test_top5: 91.5,
+                test_error: 27.013,
+                seconds: 3600.0,
+                interrupted: false,
+                machine: "a test machine".into(),
+            },
+        };
+        let md = card("someone/resnet18-cub", Path::new("runs/x"), &run, &[]).unwrap();
+        let yaml = md.strip_prefix("---\n").unwrap().split("\n---\n").next().unwrap();
+        let front: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml).unwrap();
+        assert_eq!(front["base_model"].as_str(), Some("timm/resnet18.tv_in1k"));
+        assert_eq!(front["pipeline_tag"].as_str(), Some("image-classification"));
+        let result = &front["model-index"][0]["results"][0];
+        assert_eq!(result["metrics"][0]["value"].as_f64(), Some(72.99));
+        assert_eq!(result["dataset"]["name"].as_str(), Some("CUB-200-2011"));
+        let tags = front["tags"].as_sequence().unwrap();
+        assert!(tags.iter().any(|t| t.as_str() == Some("knowledge-distillation")));
+        assert!(md.contains("timm.create_model(\"hf_hub:someone/resnet18-cub\", pretrained=True)"));
+        assert!(md.contains("a test machine") && md.contains("60.0 minutes"), "{md}");
+    }
+
+    #[test]
+    fn repository_names_say_model_method_teacher_and_dataset() {
+        let config = RunConfig::default();
+        let name = repro_repo_name("me", "wrn-16-1/at-t-wrn-16-2/seed3", &config, "paper");
+        assert_eq!(name, format!("me/wrn-16-1-at-from-wrn-16-2-{}-seed3", config.data.dataset));
+        assert!(check_repo_name(&name).is_ok());
+        assert!(check_repo_name("no-owner").is_err());
+        assert!(check_repo_name("me/has space").is_err());
+    }
+}

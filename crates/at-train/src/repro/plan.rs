@@ -219,7 +219,7 @@ pub fn plan(table: Table, options: &Options) -> Result<Plan> {
 fn profile_skips(profile: Profile, table: Table, row: &Row) -> Option<&'static str> {
     match profile {
         Profile::Quick if table == Table::Table1 && row.label != "WRN-16-1 <- WRN-16-2" => Some(
-            "the quick profile runs Table 1's WRN-16-1 <- WRN-16-2 pair only (10 minutes on a CPU)",
+            "the quick profile runs Table 1's WRN-16-1 <- WRN-16-2 pair only (minutes on a CPU)",
         ),
         Profile::Quick if table == Table::Table1 && row.column == "KD" => {
             Some("the quick profile leaves out KD alone, which the paper's table does not print")

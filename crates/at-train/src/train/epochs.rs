@@ -24,7 +24,7 @@ impl Run {
         let mut batches_this_call = 0usize;
         let mut total_seconds = previous_seconds(&self.dir)?;
         let mut last: Option<EpochMetrics> = None;
-        let every = options.checkpoint_every.unwrap_or(super::CHECKPOINT_EVERY);
+        let every = options.checkpoint_every.unwrap_or(CHECKPOINT_EVERY);
         let mut checkpointed = Instant::now();
         while position.epoch < epochs {
             let epoch = position.epoch;
