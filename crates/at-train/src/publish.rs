@@ -209,7 +209,7 @@ pub fn stage(run_dir: &Path, repo: &str, out: &Path) -> Result<Vec<StagedFile>> 
         .iter()
         .filter_map(|f| f.strip_prefix(out).ok().map(|p| p.to_string_lossy().into_owned()))
         .collect();
-    std::fs::write(out.join("README.md"), card(repo, run_dir, &run, &figures)?)?;
+    std::fs::write(out.join("README.md"), card(repo, &run, &figures)?)?;
     list_files(out)
 }
 
@@ -318,7 +318,7 @@ pub fn check_repo_name(repo: &str) -> Result<()> {
 
 /// The model card: YAML front matter the Hub reads (tags, datasets, base model, the measured
 /// accuracy as a model-index), then how the model was trained.
-fn card(repo: &str, run_dir: &Path, run: &FinishedRun, figures: &[String]) -> Result<String> {
+fn card(repo: &str, run: &FinishedRun, figures: &[String]) -> Result<String> {
     let (config, result) = (&run.config, &run.result);
     let (_, _, hub_dataset, dataset_name) = dataset_facts(config.data.dataset);
     let name = repo.rsplit('/').next().unwrap_or(repo);
@@ -393,7 +393,7 @@ fn card(repo: &str, run_dir: &Path, run: &FinishedRun, figures: &[String]) -> Re
     if config.loss.beta > 0.0 {
         let _ = writeln!(
             md,
-            "- Attention transfer: beta {} ({} of |A|^{} over channels, {} distance){}.",
+            "- Attention transfer: beta {} (`{}` of |A|^{} over channels, `{}` distance){}.",
             config.loss.beta,
             config.loss.map_reduce,
             config.loss.map_p,
@@ -428,11 +428,19 @@ fn card(repo: &str, run_dir: &Path, run: &FinishedRun, figures: &[String]) -> Re
     let machine = if result.machine.is_empty() { "not recorded" } else { &result.machine };
     let _ =
         writeln!(md, "- Trained on: {machine}; wall time {:.1} minutes.", result.seconds / 60.0);
+    let teacher_note = match &config.teacher {
+        Some(t) => format!(
+            " (with the teacher's weights at `{}`, or `--set teacher.checkpoint=...` pointing \
+             at them, e.g. `hf://owner/name` of a published teacher)",
+            t.checkpoint.display()
+        ),
+        None => String::new(),
+    };
     let _ = writeln!(
         md,
-        "\nReproduce it with the config in `training/` (`training/metrics.jsonl` holds every \
-         epoch):\n\n```sh\nat-train train --config training/config.toml --run-dir {}\n```\n",
-        run_dir.display()
+        "\nReproduce it with the config in `training/`{teacher_note}; `training/metrics.jsonl` \
+         holds every epoch of the published run:\n\n```sh\nat-train train --config \
+         training/config.toml --run-dir runs/{name}\n```\n"
     );
     md.push_str(
         "## Use it\n\nIn Rust: `at_train::hub::from_hub(\"REPO\", &Device::Cpu)` builds the network \
@@ -623,7 +631,7 @@ mod tests {
                 machine: "a test machine".into(),
             },
         };
-        let md = card("someone/resnet18-cub", Path::new("runs/x"), &run, &[]).unwrap();
+        let md = card("someone/resnet18-cub", &run, &[]).unwrap();
         let yaml = md.strip_prefix("---\n").unwrap().split("\n---\n").next().unwrap();
         let front: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml).unwrap();
         assert_eq!(front["base_model"].as_str(), Some("timm/resnet18.tv_in1k"));
