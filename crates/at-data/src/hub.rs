@@ -226,6 +226,11 @@ pub struct Fetched {
 /// with `(file, 0, 0)` as each file starts (found in the cache or not), then as bytes arrive.
 pub type OnProgress = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 
+/// An [`OnProgress`] that tells no one.
+pub fn silent() -> OnProgress {
+    Arc::new(|_: &str, _, _| {})
+}
+
 /// Forwards hf-hub's download events to an [`OnProgress`].
 struct Forward(OnProgress);
 
@@ -315,7 +320,7 @@ pub fn fetch(source: &Source, options: &HubOptions, progress: OnProgress) -> Res
 /// request is made), else `None`.
 pub fn cached(source: &Source, options: &HubOptions) -> Option<PathBuf> {
     let offline = HubOptions { offline: true, ..options.clone() };
-    fetch(source, &offline, Arc::new(|_: &str, _, _| {})).ok().map(|f| f.snapshot)
+    fetch(source, &offline, silent()).ok().map(|f| f.snapshot)
 }
 
 /// A commit to a model repository: what [`upload`] sends.

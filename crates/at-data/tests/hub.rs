@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use at_data::Error;
-use at_data::hub::{HubOptions, OnProgress, Source, cached, fetch};
+use at_data::hub::{HubOptions, OnProgress, Source, cached, fetch, silent};
 
 /// How the fake Hub serves one file.
 #[derive(Clone)]
@@ -105,11 +105,6 @@ impl FakeHub {
     }
 }
 
-/// A progress callback that does nothing.
-fn quiet() -> OnProgress {
-    Arc::new(|_: &str, _, _| {})
-}
-
 fn options(hub: &FakeHub, cache: &std::path::Path) -> HubOptions {
     HubOptions {
         endpoint: Some(hub.url.clone()),
@@ -155,14 +150,14 @@ fn a_download_lands_in_the_cache_and_is_reused_with_the_network_gone() {
     hub.shut_down();
     let before = hub.requests.load(Ordering::SeqCst);
     let offline = HubOptions { offline: true, ..options(&hub, cache.path()) };
-    let again = fetch(&Source::cifar10(), &offline, quiet()).unwrap();
+    let again = fetch(&Source::cifar10(), &offline, silent()).unwrap();
     assert_eq!(again.files, fetched.files);
     assert_eq!(cached(&Source::cifar10(), &options(&hub, cache.path())), Some(again.snapshot));
     assert_eq!(hub.requests.load(Ordering::SeqCst), before, "offline means no request");
 
     let elsewhere = tempfile::tempdir().unwrap();
     let offline_empty = HubOptions { offline: true, ..options(&hub, elsewhere.path()) };
-    let err = fetch(&Source::cifar10(), &offline_empty, quiet()).unwrap_err();
+    let err = fetch(&Source::cifar10(), &offline_empty, silent()).unwrap_err();
     assert!(matches!(err, Error::Missing { .. }), "{err}");
     assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
 }
@@ -171,7 +166,7 @@ fn a_download_lands_in_the_cache_and_is_reused_with_the_network_gone() {
 fn a_missing_file_is_a_clear_error() {
     let hub = FakeHub::start("datasets/someone/cub-mirror", HashMap::new());
     let cache = tempfile::tempdir().unwrap();
-    let err = fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), quiet())
+    let err = fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), silent())
         .unwrap_err()
         .to_string();
     assert!(err.contains("CUB_200_2011.tgz of someone/cub-mirror"), "{err}");
@@ -191,7 +186,7 @@ fn a_truncated_body_is_a_clear_error() {
         files: vec!["plain_text/train-00000-of-00001.parquet".into()],
         ..Source::cifar10()
     };
-    let err = fetch(&source, &options(&hub, cache.path()), quiet()).unwrap_err().to_string();
+    let err = fetch(&source, &options(&hub, cache.path()), silent()).unwrap_err().to_string();
     assert!(err.contains("train-00000-of-00001.parquet"), "{err}");
     assert!(
         err.contains("expected 100000 bytes, found 50000") || err.contains("cut short"),
@@ -220,7 +215,7 @@ fn archives_are_unpacked_beside_the_cache() {
     );
     let cache = tempfile::tempdir().unwrap();
     let fetched =
-        fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), quiet()).unwrap();
+        fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), silent()).unwrap();
     let unpacked = fetched.unpacked.unwrap();
     let text = std::fs::read_to_string(unpacked.join("CUB_200_2011/images.txt")).unwrap();
     assert!(text.contains("Albatross"));
@@ -233,7 +228,7 @@ fn a_gated_dataset_without_a_token_says_how_to_get_access() {
         attempts: 1,
         ..HubOptions::default()
     };
-    let err = fetch(&Source::imagenet(&["data/val_images.tar.gz"]), &options, quiet())
+    let err = fetch(&Source::imagenet(&["data/val_images.tar.gz"]), &options, silent())
         .unwrap_err()
         .to_string();
     assert!(err.contains("ILSVRC/imagenet-1k is gated") && err.contains("HF_TOKEN"), "{err}");
@@ -250,7 +245,7 @@ fn pretrained_resnet_weights_come_from_timms_model_repository() {
     let hub = FakeHub::start("timm/resnet18.tv_in1k", files);
     let cache = tempfile::tempdir().unwrap();
     let source = Source::named("resnet18-imagenet").unwrap();
-    let fetched = fetch(&source, &options(&hub, cache.path()), quiet()).unwrap();
+    let fetched = fetch(&source, &options(&hub, cache.path()), silent()).unwrap();
     assert!(
         fetched.snapshot.starts_with(cache.path().join("models--timm--resnet18.tv_in1k")),
         "{:?}",
@@ -258,7 +253,7 @@ fn pretrained_resnet_weights_come_from_timms_model_repository() {
     );
     assert_eq!(std::fs::read(fetched.snapshot.join("model.safetensors")).unwrap(), vec![5; 4096]);
 
-    let err = fetch(&Source::imagenet_resnet(34), &options(&hub, cache.path()), quiet())
+    let err = fetch(&Source::imagenet_resnet(34), &options(&hub, cache.path()), silent())
         .unwrap_err()
         .to_string();
     assert!(err.contains("model.safetensors of timm/resnet34.tv_in1k"), "{err}");
@@ -272,7 +267,7 @@ fn fashion_mnist_comes_from_zalandos_parquet_copy() {
         source.files.iter().map(|f| (f.clone(), Serve::Whole(vec![3; 100]))).collect();
     let hub = FakeHub::start("datasets/zalando-datasets/fashion_mnist", files);
     let cache = tempfile::tempdir().unwrap();
-    let fetched = fetch(&source, &options(&hub, cache.path()), quiet()).unwrap();
+    let fetched = fetch(&source, &options(&hub, cache.path()), silent()).unwrap();
     for split in [at_data::Split::Train, at_data::Split::Test] {
         assert!(at_data::mnist::parquet_path(&fetched.snapshot, split).is_file(), "{split:?}");
     }

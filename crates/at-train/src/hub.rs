@@ -10,14 +10,14 @@ use anyhow::{Context, Result, bail};
 use at_data::hub::{self, HubOptions, OnProgress, Source};
 
 /// The names `at-train download` (and `cargo xtask download`) takes.
-pub const DOWNLOADS: &[(&str, &str)] = &[
-    ("cifar10", "CIFAR-10 in parquet (uoft-cs/cifar10, 120 MB)"),
-    ("fashion-mnist", "Fashion-MNIST in parquet (zalando-datasets/fashion_mnist, 36 MB)"),
-    ("cub", "CUB-200-2011 from a mirror repository (--repo), unpacked"),
-    ("scenes", "MIT Indoor 67 from a mirror repository (--repo), unpacked"),
-    ("imagenet", "ImageNet-1k files (ILSVRC/imagenet-1k, gated: HF_TOKEN; --files)"),
-    ("resnet18-imagenet", "torchvision's ResNet-18 ImageNet weights (timm/resnet18.tv_in1k)"),
-    ("resnet34-imagenet", "torchvision's ResNet-34 ImageNet weights (timm/resnet34.tv_in1k)"),
+pub const DOWNLOADS: &[&str] = &[
+    "cifar10",
+    "fashion-mnist",
+    "cub",
+    "scenes",
+    "imagenet",
+    "resnet18-imagenet",
+    "resnet34-imagenet",
 ];
 
 /// The source `name` downloads: `repo` is the mirror repository CUB and Scenes need, `files`
@@ -44,10 +44,7 @@ pub fn source(name: &str, repo: Option<&str>, files: &[String]) -> Result<Source
             "name the ImageNet files to fetch with --files, e.g. --files data/val_images.tar.gz"
         ),
         "imagenet" => Source::imagenet(&files.iter().map(String::as_str).collect::<Vec<_>>()),
-        other => bail!(
-            "unknown download `{other}`; known: {}",
-            DOWNLOADS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-        ),
+        other => bail!("unknown download `{other}`; known: {}", DOWNLOADS.join(", ")),
     })
 }
 
@@ -136,7 +133,7 @@ pub fn from_hub_with(
     device: &candle_core::Device,
 ) -> Result<Published> {
     let source = Source::model(repo, &["config.json", "model.safetensors"]);
-    let fetched = hub::fetch(&source, options, Arc::new(|_: &str, _, _| {}))
+    let fetched = hub::fetch(&source, options, hub::silent())
         .with_context(|| format!("cannot fetch {repo} from the Hub"))?;
     let config_path = &fetched.files[0];
     let text = std::fs::read_to_string(config_path)
@@ -166,7 +163,7 @@ pub fn published_run(
     data_root: Option<&Path>,
 ) -> Result<(crate::config::RunConfig, PathBuf)> {
     let source = Source::model(repo, &["model.safetensors", "training/config.toml"]);
-    let fetched = hub::fetch(&source, options, Arc::new(|_: &str, _, _| {}))
+    let fetched = hub::fetch(&source, options, hub::silent())
         .with_context(|| format!("cannot fetch {repo} from the Hub"))?;
     let mut config = crate::config::RunConfig::load(&fetched.files[1])?;
     config.device = crate::config::DeviceSpec::Cpu;

@@ -193,7 +193,8 @@ pub fn stage(run_dir: &Path, repo: &str, out: &Path) -> Result<Vec<StagedFile>> 
             std::fs::copy(&from, out.join("training").join(file))?;
         }
     }
-    let figures = match crate::maps::write_maps(
+    let figures = match crate::maps::write_maps_of(
+        run.config.clone(),
         run_dir,
         crate::maps::Source::TestItems(vec![0, 1, 2, 3]),
         &out.join("figures"),

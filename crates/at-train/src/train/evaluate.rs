@@ -100,8 +100,3 @@ impl RunModel {
         evaluate(self.model(), &test, &self.run.device)
     }
 }
-
-/// Evaluates the model of the run in `dir` on the run's test set: (loss, top-1 %, top-5 %).
-pub fn evaluate_run(dir: &Path) -> Result<(f64, f64, f64)> {
-    RunModel::open(RunConfig::load(&dir.join("config.toml"))?, dir)?.evaluate()
-}

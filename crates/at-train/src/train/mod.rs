@@ -33,7 +33,7 @@ use crate::init::seeded_var_builder;
 use crate::optim::Sgd;
 
 pub use checkpoint::write_atomically;
-pub use evaluate::{RunModel, evaluate, evaluate_run, top_k_correct};
+pub use evaluate::{RunModel, evaluate, top_k_correct};
 pub use metrics::{EpochMetrics, RunResult, read_metrics};
 pub use step::{detach_all, gradient_step, wanted_maps};
 pub use teacher::load_teacher;
