@@ -162,6 +162,7 @@ fn tiny_plan(data: &Path, out: &Path) -> at_train::repro::Plan {
                 augment: Augmentation::None,
                 train_limit: 0,
                 test_limit: 0,
+                side: 0,
             },
             // The student trains long enough (12 batches) to be stopped in the middle.
             epochs: if run.teacher.is_some() { 4 } else { 1 },

@@ -72,6 +72,12 @@ pub struct Pipeline {
     pub std: Vec<f32>,
 }
 
+/// The padding that brings Fashion-MNIST's 28x28 images to `side`.
+fn fashion_mnist_pad(side: usize) -> Option<usize> {
+    assert!(side >= 28, "Fashion-MNIST's images are 28x28: a side of {side} would crop them");
+    (side > 28).then_some(side)
+}
+
 impl Pipeline {
     /// CIFAR training: reflect-pad 4, random 32x32 crop, flip, the paper's mean and std.
     pub fn cifar_train() -> Self {
@@ -85,17 +91,32 @@ impl Pipeline {
 
     /// Fashion-MNIST for CIFAR networks, training: zero-pad 28 to 32, then as CIFAR.
     pub fn fashion_mnist_train() -> Self {
-        Self::new(
-            Some(32),
-            Augment::PadCropFlip { pad: 4, crop: 32 },
-            &FASHION_MNIST_MEAN,
-            &FASHION_MNIST_STD,
-        )
+        Self::fashion_mnist_train_at(32)
     }
 
     /// Fashion-MNIST evaluation: zero-pad 28 to 32, normalise.
     pub fn fashion_mnist_test() -> Self {
-        Self::new(Some(32), Augment::None, &FASHION_MNIST_MEAN, &FASHION_MNIST_STD)
+        Self::fashion_mnist_test_at(32)
+    }
+
+    /// Fashion-MNIST training at `side` (28: the images as they are; more: zero-padded to it):
+    /// reflect-pad 4, random `side x side` crop, flip.
+    ///
+    /// # Panics
+    ///
+    /// If `side` is under 28.
+    pub fn fashion_mnist_train_at(side: usize) -> Self {
+        let crop = Augment::PadCropFlip { pad: 4, crop: side };
+        Self::new(fashion_mnist_pad(side), crop, &FASHION_MNIST_MEAN, &FASHION_MNIST_STD)
+    }
+
+    /// Fashion-MNIST evaluation at `side` (see [`Pipeline::fashion_mnist_train_at`]).
+    ///
+    /// # Panics
+    ///
+    /// If `side` is under 28.
+    pub fn fashion_mnist_test_at(side: usize) -> Self {
+        Self::new(fashion_mnist_pad(side), Augment::None, &FASHION_MNIST_MEAN, &FASHION_MNIST_STD)
     }
 
     /// ImageNet training: random-resized crop 224 (scale 0.08-1, ratio 3/4-4/3) and flip.

@@ -92,6 +92,29 @@ fn batches_have_the_network_layout_and_dtype() {
     assert!(first_row.iter().all(|v| (v - background).abs() < 1e-6));
 }
 
+/// At side 28 the images are used as they are: batches of 28x28 for training (padded by 4,
+/// cropped back to 28) and evaluation, the evaluation images equal to the stored pixels
+/// normalised.
+#[test]
+fn fashion_mnist_at_its_own_side_is_not_padded() {
+    let config =
+        LoaderConfig { batch_size: 8, threads: 1, shuffle: false, ..LoaderConfig::default() };
+    let data = Arc::new(mnist::embedded(Split::Test).unwrap());
+    for pipeline in [Pipeline::fashion_mnist_train_at(28), Pipeline::fashion_mnist_test_at(28)] {
+        let l = Loader::new(data.clone(), pipeline, config.clone()).unwrap();
+        let batch = l.epoch(0, &Device::Cpu).next().unwrap().unwrap();
+        assert_eq!(batch.images.dims(), &[8, 1, 28, 28]);
+    }
+    let l = Loader::new(data.clone(), Pipeline::fashion_mnist_test_at(28), config).unwrap();
+    let batch = l.epoch(0, &Device::Cpu).next().unwrap().unwrap();
+    let got: Vec<f32> = batch.images.get(0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let (image, _) = data.get(0).unwrap();
+    let (mean, std) = (transform::FASHION_MNIST_MEAN[0], transform::FASHION_MNIST_STD[0]);
+    let want: Vec<f32> = image.data.iter().map(|&v| (v as f32 / 255.0 - mean) / std).collect();
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "pixels moved or scaled");
+}
+
 #[test]
 fn a_batch_of_unequal_images_is_an_error_that_reaches_the_consumer() {
     let pipeline = Pipeline { augment: Augment::None, ..Pipeline::imagenet_eval() };

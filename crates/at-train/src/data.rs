@@ -71,7 +71,7 @@ pub fn load(config: &DataConfig) -> Result<Data> {
             both(&|s| boxed(folder::imagenet_parquet(&dir, s)))?
         }
     };
-    let (train_pipeline, test_pipeline, in_channels) = pipelines(config.dataset);
+    let (train_pipeline, test_pipeline, in_channels) = pipelines(config);
     let train_pipeline = match config.augment {
         Augmentation::Standard => train_pipeline,
         Augmentation::Flip => Pipeline { augment: Augment::Flip, ..test_pipeline.clone() },
@@ -86,12 +86,13 @@ pub fn load(config: &DataConfig) -> Result<Data> {
     })
 }
 
-/// The training and evaluation pipelines of `dataset` before `data.augment` is applied, and
-/// its images' channels.
-pub fn pipelines(dataset: DatasetName) -> (Pipeline, Pipeline, usize) {
-    match dataset {
+/// The training and evaluation pipelines of `data`'s dataset at its size (`data.side`) before
+/// `data.augment` is applied, and its images' channels.
+pub fn pipelines(data: &DataConfig) -> (Pipeline, Pipeline, usize) {
+    match data.dataset {
         DatasetName::FashionMnistSubset | DatasetName::FashionMnist => {
-            (Pipeline::fashion_mnist_train(), Pipeline::fashion_mnist_test(), 1)
+            let side = if data.side == 0 { 32 } else { data.side.max(28) };
+            (Pipeline::fashion_mnist_train_at(side), Pipeline::fashion_mnist_test_at(side), 1)
         }
         DatasetName::Cifar10 | DatasetName::Cifar10Parquet => {
             (Pipeline::cifar_train(), Pipeline::cifar_test(), 3)

@@ -89,8 +89,8 @@ enum Command {
         dry_run: bool,
     },
     /// The README's main job, `repro table1 --profile quick` by another name: Table 1's
-    /// WRN-16-1 <- WRN-16-2 pair on the embedded Fashion-MNIST subset, 3 seeds, about 8 minutes
-    /// on a 2-core CPU, reported in docs/results/table1-quick.md.
+    /// WRN-16-1 <- WRN-16-2 pair on the embedded Fashion-MNIST subset, 3 seeds, 7.8 minutes on
+    /// a 2-core AMD EPYC, reported in docs/results/table1-quick.md.
     Quick {
         /// Where the runs go; finished runs are reused, interrupted ones resumed.
         #[arg(long, default_value = "runs/repro/quick")]

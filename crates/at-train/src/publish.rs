@@ -79,7 +79,9 @@ pub fn dataset_facts(dataset: DatasetName) -> (usize, usize, &'static str, &'sta
 /// The `config.json` of a model trained by `config`.
 pub fn model_config(config: &RunConfig) -> Result<ModelConfig> {
     let (num_classes, side, _, _) = dataset_facts(config.data.dataset);
-    let (_, test, in_chans) = crate::data::pipelines(config.data.dataset);
+    // Fashion-MNIST's side is the config's where it sets one (`data.side`).
+    let side = if config.data.side == 0 { side } else { config.data.side };
+    let (_, test, in_chans) = crate::data::pipelines(&config.data);
     let options = ModelOptions { num_classes, in_channels: in_chans, ..ModelOptions::default() };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);

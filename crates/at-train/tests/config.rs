@@ -170,6 +170,32 @@ fn numbers_out_of_range_are_refused_with_key_value_and_range() {
     }
 }
 
+/// `data.side` is Fashion-MNIST's: a side that would crop its images, or any side on another
+/// dataset, is refused naming the key; 28 and 32 are taken.
+#[test]
+fn an_input_side_is_for_fashion_mnist_and_never_crops_it() {
+    let cases = [
+        (vec!["data.side=20"], Some("data.side = 20 would crop Fashion-MNIST's 28x28 images")),
+        (
+            vec!["data.side=32", "data.dataset=\"cifar10\""],
+            Some("data.side = 32 is for Fashion-MNIST"),
+        ),
+        (vec!["data.side=28"], None),
+        (vec!["data.side=32", "data.dataset=\"fashion-mnist\""], None),
+    ];
+    for (sets, want) in cases {
+        let sets: Vec<String> = sets.into_iter().map(String::from).collect();
+        let config = resolve(None, None, &sets).and_then(|c| c.validate().map(|()| c));
+        match want {
+            Some(want) => {
+                let err = format!("{:#}", config.unwrap_err());
+                assert!(err.contains(want), "{sets:?}: {err}");
+            }
+            None => assert!(config.is_ok(), "{sets:?}: {:#}", config.unwrap_err()),
+        }
+    }
+}
+
 #[test]
 fn devices_parse_and_print_as_written() {
     use at_train::config::DeviceSpec;

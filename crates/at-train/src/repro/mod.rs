@@ -11,7 +11,7 @@ pub mod tables;
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 pub use plan::{Options, Plan, PlannedRun, Profile};
 pub use tables::{Method, Row, Table};
@@ -32,6 +32,7 @@ pub enum Outcome {
 /// Trains, resumes or reuses one run of a plan.
 pub fn execute_run(out: &Path, run: &PlannedRun, options: &RunOptions) -> Result<Outcome> {
     let dir = out.join(&run.key);
+    same_config(&dir, &run.config)?;
     let result = dir.join("result.json");
     if result.exists() {
         let text = std::fs::read_to_string(&result)?;
@@ -46,6 +47,37 @@ pub fn execute_run(out: &Path, run: &PlannedRun, options: &RunOptions) -> Result
     }
     .with_context(|| format!("run {} ({})", run.key, dir.display()))?;
     Ok(if trained.interrupted { Outcome::Interrupted } else { Outcome::Trained(trained) })
+}
+
+/// Fails, naming the keys that differ, where `dir` holds a run made by another config than
+/// `planned` (a plan changed by an update, or `--out` pointed at another profile's runs): its
+/// result would otherwise be reported as this plan's.
+fn same_config(dir: &Path, planned: &crate::config::RunConfig) -> Result<()> {
+    let path = dir.join("config.toml");
+    if !path.exists() {
+        return Ok(());
+    }
+    let stored = crate::config::RunConfig::load(&path)?;
+    if &stored == planned {
+        return Ok(());
+    }
+    let (stored, planned) = (plan::flat_config(&stored), plan::flat_config(planned));
+    let absent = "(absent)".to_string();
+    let keys: std::collections::BTreeSet<&String> = stored.keys().chain(planned.keys()).collect();
+    let differ: Vec<String> = keys
+        .into_iter()
+        .filter_map(|key| {
+            let (there, here) =
+                (stored.get(key).unwrap_or(&absent), planned.get(key).unwrap_or(&absent));
+            (there != here).then(|| format!("{key} = {there} there, {here} in this plan"))
+        })
+        .collect();
+    bail!(
+        "{} was made by another config than this plan's ({}): its result is not this plan's. \
+         Move or delete that directory to train it again, or give another --out",
+        dir.display(),
+        differ.join("; ")
+    )
 }
 
 /// Trains every run of `plan` in order (teachers first), printing a line per run; stops at the
@@ -110,6 +142,7 @@ impl StepTimer {
             | DatasetName::Scenes
             | DatasetName::Imagenet
             | DatasetName::ImagenetParquet => 224,
+            _ if config.data.side != 0 => config.data.side,
             _ => 32,
         };
         let (small, gradient, large) = Self::BATCH_CAPS;
@@ -166,5 +199,43 @@ impl StepTimer {
             Some(s[s.len() / 2] / batch as f64)
         });
         per_image.map(|p| p * config.batch_size as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunConfig;
+
+    /// A run directory made by another config (an older plan, another profile's `--out`) is
+    /// refused before its result is reused, the differing keys named with both values; the
+    /// plan's own config passes.
+    #[test]
+    fn a_run_made_by_another_config_is_refused_naming_the_keys_that_differ() {
+        let out = tempfile::tempdir().unwrap();
+        let planned = RunConfig::preset("quick").unwrap();
+        let run = PlannedRun {
+            key: "wrn-16-1/baseline/seed0".into(),
+            config: planned.clone(),
+            teacher: None,
+        };
+        let dir = out.path().join(&run.key);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut older = planned.clone();
+        (older.optim.lr, older.epochs) = (0.2, 9);
+        std::fs::write(dir.join("config.toml"), older.to_toml()).unwrap();
+        std::fs::write(dir.join("result.json"), "{}").unwrap();
+        let err =
+            format!("{:#}", execute_run(out.path(), &run, &RunOptions::default()).unwrap_err());
+        for want in [
+            "was made by another config than this plan's",
+            "epochs = 9 there, 4 in this plan",
+            "optim.lr = 0.2 there, 0.05 in this plan",
+            "Move or delete that directory",
+        ] {
+            assert!(err.contains(want), "missing `{want}`: {err}");
+        }
+        std::fs::write(dir.join("config.toml"), planned.to_toml()).unwrap();
+        assert!(same_config(&dir, &planned).is_ok());
     }
 }
