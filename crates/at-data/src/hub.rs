@@ -17,7 +17,13 @@
 //!
 //! [`HubOptions::from_env`] honours `HF_TOKEN`, `HF_ENDPOINT` and `HF_HUB_OFFLINE`; offline, files
 //! come from the cache or not at all. Every downloaded file is checked against the size the Hub
-//! announces.
+//! announces, and against its SHA-256 where the Hub's ETag is one (files in LFS or Xet storage).
+//! A download is resumable to the byte: a file is fetched in byte ranges of
+//! [`HubOptions::chunk_bytes`] into `blobs/<etag>.part` beside hf-hub's blobs, each range
+//! written and synced before the next is asked for, so a download cut short (a killed command,
+//! a dropped connection) goes on from the bytes it has when the command is run again. The
+//! finished file becomes the cache's blob, which hf-hub then links into the snapshot as if it
+//! had fetched it itself.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -25,8 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hf_hub::progress::{DownloadEvent, FileStatus, ProgressEvent, ProgressHandler};
-use hf_hub::repository::RepoTypeAny;
-use hf_hub::{HFClientBuilder, HFError};
+use hf_hub::{HFClientBuilder, HFError, HFRepositorySync, RepoType};
 
 use crate::error::{Error, Result};
 
@@ -44,7 +49,14 @@ pub struct HubOptions {
     /// Attempts per request, the first included (a transient failure, 5xx, 429 or a cut
     /// connection, is retried until they are spent).
     pub attempts: usize,
+    /// Bytes per range request of a download, the most a cut-short download loses; 0 is
+    /// [`CHUNK_BYTES`].
+    pub chunk_bytes: u64,
 }
+
+/// The default [`HubOptions::chunk_bytes`]: 16 MiB, so that a file of a few hundred megabytes
+/// takes tens of requests and a kill loses seconds of transfer.
+pub const CHUNK_BYTES: u64 = 16 << 20;
 
 impl HubOptions {
     /// Options from `HF_ENDPOINT`, `HF_HUB_OFFLINE` (`1` or `true`) and the token: `HF_TOKEN`,
@@ -66,6 +78,7 @@ impl HubOptions {
             cache_dir: None,
             offline,
             attempts: 3,
+            chunk_bytes: CHUNK_BYTES,
         }
     }
 }
@@ -250,8 +263,8 @@ fn owner_name(repo: &str) -> Result<(&str, &str)> {
         .ok_or_else(|| Error::Hub(format!("a Hub repository is `owner/name`, got `{repo}`")))
 }
 
-/// A client for `options`.
-fn client(options: &HubOptions) -> Result<hf_hub::HFClientSync> {
+/// A client for `options`, and the cache directory it uses.
+fn client(options: &HubOptions) -> Result<(hf_hub::HFClientSync, PathBuf)> {
     let mut builder = HFClientBuilder::new().retry_max_attempts(options.attempts.saturating_sub(1));
     if let Some(endpoint) = &options.endpoint {
         builder = builder.endpoint(endpoint.trim_end_matches('/'));
@@ -262,12 +275,16 @@ fn client(options: &HubOptions) -> Result<hf_hub::HFClientSync> {
     if let Some(dir) = &options.cache_dir {
         builder = builder.cache_dir(dir);
     }
-    builder.build_sync().map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))
+    let setup = |e: HFError| Error::Hub(format!("cannot set up the Hub client: {e}"));
+    let client = builder.build().map_err(setup)?;
+    let cache = client.cache_dir().to_path_buf();
+    Ok((hf_hub::HFClientSync::from_inner(client).map_err(setup)?, cache))
 }
 
-/// Downloads (or finds in the cache) every file of `source`, checks its size, and unpacks
-/// archives when the source asks for it. A file already in the cache is not fetched again; a
-/// file cut short is fetched again whole when the command is run again.
+/// Downloads (or finds in the cache) every file of `source`, checks its size (and SHA-256 where
+/// the Hub gives one), and unpacks archives when the source asks for it. A file already in the
+/// cache is not fetched again; a file cut short goes on from the bytes it has when the command
+/// is run again (see the module's documentation).
 pub fn fetch(source: &Source, options: &HubOptions, progress: OnProgress) -> Result<Fetched> {
     let page = source.page();
     if source.gated && options.token.is_none() && !options.offline {
@@ -277,12 +294,33 @@ pub fn fetch(source: &Source, options: &HubOptions, progress: OnProgress) -> Res
         )));
     }
     let (owner, name) = owner_name(&source.repo)?;
-    let kind = match source.kind {
-        RepoKind::Dataset => RepoTypeAny::Dataset,
-        RepoKind::Model => RepoTypeAny::Model,
+    let (client, cache) = client(options)?;
+    // Typed handles: hf-hub's `RepoTypeAny` asks a dataset's file size at the model's address.
+    let files = match source.kind {
+        RepoKind::Dataset => {
+            let blobs = cache.join(format!("datasets--{owner}--{name}")).join("blobs");
+            fetch_files(&client.dataset(owner, name), source, options, &blobs, &progress)?
+        }
+        RepoKind::Model => {
+            let blobs = cache.join(format!("models--{owner}--{name}")).join("blobs");
+            fetch_files(&client.model(owner, name), source, options, &blobs, &progress)?
+        }
     };
-    let repo = client(options)?.repository(kind, owner, name);
+    let snapshot = snapshot_dir(&files[0], &source.files[0]);
+    let unpacked =
+        if source.unpack { Some(unpack_archives(source, &files, &snapshot)?) } else { None };
+    Ok(Fetched { snapshot, files, unpacked })
+}
 
+/// The files of `source` from `repo`, whose cache keeps its blobs in `blobs`: see [`fetch`].
+fn fetch_files<T: RepoType>(
+    repo: &HFRepositorySync<T>,
+    source: &Source,
+    options: &HubOptions,
+    blobs: &Path,
+    progress: &OnProgress,
+) -> Result<Vec<PathBuf>> {
+    let page = source.page();
     let mut files = Vec::with_capacity(source.files.len());
     for file in &source.files {
         progress(file, 0, 0);
@@ -297,7 +335,18 @@ pub fn fetch(source: &Source, options: &HubOptions, progress: OnProgress) -> Res
             files.push(path);
             continue;
         }
-        let expected = repo.get_file_metadata().filepath(file).send().map_err(explain)?.file_size;
+        let meta = repo.get_file_metadata().filepath(file).send().map_err(explain)?;
+        let expected = meta.file_size;
+        if expected > 0 {
+            let chunk = if options.chunk_bytes == 0 { CHUNK_BYTES } else { options.chunk_bytes };
+            let ranges = Ranges { repo, file, meta: &meta, chunk };
+            ranges.write_blob(blobs, progress).map_err(|e| match e {
+                Fault::Hub(e) => explain(e),
+                Fault::Local(e) => e,
+            })?;
+        }
+        // The blob is there (or the size unknown): hf-hub links it into the snapshot, or
+        // fetches it whole.
         let path = repo
             .download_file()
             .filename(file)
@@ -310,10 +359,103 @@ pub fn fetch(source: &Source, options: &HubOptions, progress: OnProgress) -> Res
         }
         files.push(path);
     }
-    let snapshot = snapshot_dir(&files[0], &source.files[0]);
-    let unpacked =
-        if source.unpack { Some(unpack_archives(source, &files, &snapshot)?) } else { None };
-    Ok(Fetched { snapshot, files, unpacked })
+    Ok(files)
+}
+
+/// Why a ranged download stopped: the Hub's answer, or this machine's disk.
+enum Fault {
+    Hub(HFError),
+    Local(Error),
+}
+
+impl From<Error> for Fault {
+    fn from(e: Error) -> Self {
+        Fault::Local(e)
+    }
+}
+
+/// One file fetched in byte ranges, pinned to the commit its metadata came from.
+struct Ranges<'a, T: RepoType> {
+    repo: &'a HFRepositorySync<T>,
+    file: &'a str,
+    meta: &'a hf_hub::repository::FileMetadataInfo,
+    chunk: u64,
+}
+
+impl<T: RepoType> Ranges<'_, T> {
+    /// Makes `blobs/<etag>` (unless it is there): appends the missing ranges to
+    /// `blobs/<etag>.part`, syncing each, then checks the SHA-256 where the ETag is one and
+    /// renames the part into place.
+    fn write_blob(&self, blobs: &Path, progress: &OnProgress) -> std::result::Result<(), Fault> {
+        use std::io::Write;
+        let (size, etag) = (self.meta.file_size, self.meta.etag.as_str());
+        let blob = blobs.join(etag);
+        if etag.is_empty() || etag.contains(['/', '\\']) || blob.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(blobs).map_err(|e| Error::io(blobs, e))?;
+        let part = blobs.join(format!("{etag}.part"));
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part)
+            .map_err(|e| Error::io(&part, e))?;
+        let mut done = out.metadata().map_err(|e| Error::io(&part, e))?.len();
+        if done > size {
+            out.set_len(0).map_err(|e| Error::io(&part, e))?;
+            done = 0;
+        }
+        progress(self.file, done, size);
+        while done < size {
+            let end = (done + self.chunk).min(size);
+            let bytes = self
+                .repo
+                .download_file_to_bytes()
+                .filename(self.file)
+                .revision(self.meta.commit_hash.clone())
+                .range(done..end)
+                .send()
+                .map_err(Fault::Hub)?;
+            // A server that ignores the range sends the whole file.
+            let bytes = match bytes.len() as u64 {
+                n if n == end - done => &bytes[..],
+                n if n == size => &bytes[done as usize..end as usize],
+                n => {
+                    return Err(Fault::Local(Error::Hub(format!(
+                        "{}: asked for bytes {done}..{end}, the Hub sent {n}: the transfer was cut \
+                         short; run the command again to go on from byte {done}",
+                        self.file
+                    ))));
+                }
+            };
+            out.write_all(bytes).and_then(|()| out.sync_data()).map_err(|e| Error::io(&part, e))?;
+            done = end;
+            progress(self.file, done, size);
+        }
+        drop(out);
+        if etag.len() == 64 && etag.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let actual = sha256_hex(&part)?;
+            if !actual.eq_ignore_ascii_case(etag) {
+                let _ = std::fs::remove_file(&part);
+                return Err(Fault::Local(Error::Hub(format!(
+                    "{}: the downloaded bytes have SHA-256 {actual}, the Hub says {etag}; the \
+                     partial file was removed, run the command again to fetch it anew",
+                    self.file
+                ))));
+            }
+        }
+        std::fs::rename(&part, &blob).map_err(|e| Error::io(&blob, e))?;
+        Ok(())
+    }
+}
+
+/// The SHA-256 of the file at `path`, in lowercase hex.
+fn sha256_hex(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The snapshot directory of `source` if every one of its files is in the cache already (no
@@ -384,7 +526,7 @@ pub fn upload(upload: &Upload, options: &HubOptions) -> Result<Committed> {
             _ => format!("cannot publish {}: {text}", upload.repo),
         })
     };
-    let client = client(options)?;
+    let (client, _) = client(options)?;
     client
         .create_repository()
         .repo_id(&upload.repo)

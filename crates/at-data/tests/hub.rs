@@ -4,18 +4,34 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use at_data::Error;
 use at_data::hub::{HubOptions, OnProgress, Source, cached, fetch, silent};
 
-/// How the fake Hub serves one file.
+/// How the fake Hub serves one file. Its ETag is the SHA-256 of the bytes, as the Hub's is for
+/// files in LFS or Xet storage, and it answers byte ranges (`Range: bytes=a-b`) with 206.
 #[derive(Clone)]
 enum Serve {
     Whole(Vec<u8>),
-    /// Announces the whole length but sends only the first half, then hangs up.
+    /// Announces the whole length (of the file or range) but sends only the first half, then
+    /// hangs up.
     Truncated(Vec<u8>),
+    /// As `Whole`, but the first request for a range starting at or after `at` is cut as
+    /// `Truncated` cuts, once.
+    CutOnce {
+        bytes: Vec<u8>,
+        at: u64,
+        done: Arc<AtomicBool>,
+    },
+    /// Sends these bytes under the ETag of others.
+    WrongSha(Vec<u8>),
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A tiny HTTP/1.1 server that answers hf-hub's `HEAD`/`GET /{route}/resolve/{rev}/{path}`, the
@@ -23,8 +39,10 @@ enum Serve {
 struct FakeHub {
     url: String,
     requests: Arc<AtomicUsize>,
+    /// The byte ranges asked for by GET requests, in order.
+    ranges: Arc<Mutex<Vec<(u64, u64)>>>,
     tokens: Arc<Mutex<Vec<Option<String>>>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
 }
 
 impl FakeHub {
@@ -33,9 +51,10 @@ impl FakeHub {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(AtomicUsize::new(0));
         let tokens = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let prefix = format!("/{route}/resolve/main/");
-        let (r, t, s) = (requests.clone(), tokens.clone(), stop.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let prefix = format!("/{route}/resolve/");
+        let (r, t, s, g) = (requests.clone(), tokens.clone(), stop.clone(), ranges.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
@@ -46,22 +65,29 @@ impl FakeHub {
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
                 let mut line = String::new();
                 reader.read_line(&mut line).unwrap();
-                let mut token = None;
+                let (mut token, mut range) = (None, None);
                 loop {
                     let mut header = String::new();
                     if reader.read_line(&mut header).unwrap() == 0 || header == "\r\n" {
                         break;
                     }
-                    if let Some(v) =
-                        header.to_ascii_lowercase().strip_prefix("authorization: bearer ")
-                    {
+                    let lower = header.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("authorization: bearer ") {
                         token = Some(v.trim().to_owned());
+                    }
+                    if let Some(v) = lower.strip_prefix("range: bytes=") {
+                        let (a, b) = v.trim().split_once('-').unwrap();
+                        range = Some((a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap() + 1));
                     }
                 }
                 t.lock().unwrap().push(token);
                 let mut parts = line.split_whitespace();
                 let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let file = path.strip_prefix(&prefix).and_then(|f| files.get(f));
+                // Any revision: `main`, or the commit a ranged download pins.
+                let file = path
+                    .strip_prefix(&prefix)
+                    .and_then(|rest| rest.split_once('/'))
+                    .and_then(|(_, f)| files.get(f));
                 let Some(serve) = file else {
                     let body = b"{\"error\":\"Entry not found\"}";
                     let head = format!(
@@ -74,28 +100,43 @@ impl FakeHub {
                     }
                     continue;
                 };
-                let (Serve::Whole(bytes) | Serve::Truncated(bytes)) = serve;
-                let etag = format!(
-                    "{:016x}{:016x}",
-                    bytes.len(),
-                    bytes.iter().map(|&b| b as u64).sum::<u64>()
-                );
+                let (Serve::Whole(bytes)
+                | Serve::Truncated(bytes)
+                | Serve::CutOnce { bytes, .. }
+                | Serve::WrongSha(bytes)) = serve;
+                let etag = match serve {
+                    Serve::WrongSha(b) => sha256_hex(&[&b[..], b"other"].concat()),
+                    _ => sha256_hex(bytes),
+                };
+                let (start, end) = range.unwrap_or((0, bytes.len() as u64));
+                let (status, span) = match range {
+                    Some(_) => (
+                        "206 Partial Content",
+                        format!("Content-Range: bytes {start}-{}/{}\r\n", end - 1, bytes.len()),
+                    ),
+                    None => ("200 OK", String::new()),
+                };
                 let head = format!(
-                    "HTTP/1.1 200 OK\r\nETag: \"{etag}\"\r\nX-Repo-Commit: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 {status}\r\nETag: \"{etag}\"\r\nX-Repo-Commit: {}\r\n{span}Content-Length: {}\r\nConnection: close\r\n\r\n",
                     "a".repeat(40),
-                    bytes.len()
+                    end - start
                 );
                 let _ = stream.write_all(head.as_bytes());
                 if method == "GET" {
-                    let sent = match serve {
-                        Serve::Whole(b) => &b[..],
-                        Serve::Truncated(b) => &b[..b.len() / 2],
+                    g.lock().unwrap().push((start, end));
+                    let body = &bytes[start as usize..end as usize];
+                    let cut = match serve {
+                        Serve::Truncated(_) => true,
+                        Serve::CutOnce { at, done, .. } => {
+                            start >= *at && !done.swap(true, Ordering::SeqCst)
+                        }
+                        _ => false,
                     };
-                    let _ = stream.write_all(sent);
+                    let _ = stream.write_all(if cut { &body[..body.len() / 2] } else { body });
                 }
             }
         });
-        Self { url, requests, tokens, stop }
+        Self { url, requests, ranges, tokens, stop }
     }
 
     /// Stops answering: later connections are refused.
@@ -112,6 +153,7 @@ fn options(hub: &FakeHub, cache: &std::path::Path) -> HubOptions {
         cache_dir: Some(cache.to_path_buf()),
         offline: false,
         attempts: 1,
+        chunk_bytes: 4096,
     }
 }
 
@@ -271,4 +313,50 @@ fn fashion_mnist_comes_from_zalandos_parquet_copy() {
     for split in [at_data::Split::Train, at_data::Split::Test] {
         assert!(at_data::mnist::parquet_path(&fetched.snapshot, split).is_file(), "{split:?}");
     }
+}
+
+/// A download cut in the middle keeps the ranges it wrote: run again, it asks only for the
+/// rest, and the file is whole, checked against its SHA-256 and linked into the snapshot.
+#[test]
+fn a_download_cut_short_goes_on_from_the_bytes_it_has() {
+    let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let file = "CUB_200_2011.tgz";
+    let done = Arc::new(AtomicBool::new(false));
+    let serve = Serve::CutOnce { bytes: bytes.clone(), at: 8192, done };
+    let hub = FakeHub::start("datasets/someone/cub-mirror", [(file.to_owned(), serve)].into());
+    let cache = tempfile::tempdir().unwrap();
+    let source = Source { unpack: false, ..Source::cub("someone/cub-mirror") };
+    let err = fetch(&source, &options(&hub, cache.path()), silent()).unwrap_err().to_string();
+    assert!(err.contains("cut short"), "{err}");
+    assert_eq!(*hub.ranges.lock().unwrap(), [(0, 4096), (4096, 8192), (8192, 10_000)]);
+    let blobs = cache.path().join("datasets--someone--cub-mirror/blobs");
+    let part = blobs.join(format!("{}.part", sha256_hex(&bytes)));
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), 8192, "the two whole ranges are kept");
+
+    hub.ranges.lock().unwrap().clear();
+    let fetched = fetch(&source, &options(&hub, cache.path()), silent()).unwrap();
+    assert_eq!(
+        *hub.ranges.lock().unwrap(),
+        [(8192, 10_000)],
+        "only the missing range is asked for"
+    );
+    assert_eq!(std::fs::read(fetched.snapshot.join(file)).unwrap(), bytes);
+    assert!(!part.exists(), "the part became the blob");
+    assert_eq!(cached(&source, &options(&hub, cache.path())), Some(fetched.snapshot));
+}
+
+/// Bytes whose SHA-256 is not the Hub's ETag are refused, and the partial file goes, so that
+/// the next run fetches the file anew.
+#[test]
+fn bytes_that_do_not_hash_to_the_etag_are_refused_and_dropped() {
+    let file = "CUB_200_2011.tgz";
+    let serve = Serve::WrongSha(vec![9; 5000]);
+    let hub = FakeHub::start("datasets/someone/cub-mirror", [(file.to_owned(), serve)].into());
+    let cache = tempfile::tempdir().unwrap();
+    let source = Source { unpack: false, ..Source::cub("someone/cub-mirror") };
+    let err = fetch(&source, &options(&hub, cache.path()), silent()).unwrap_err().to_string();
+    assert!(err.contains("SHA-256") && err.contains("run the command again"), "{err}");
+    let blobs = cache.path().join("datasets--someone--cub-mirror/blobs");
+    let left: Vec<_> = std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "nothing is left to be taken for the file: {left:?}");
 }
