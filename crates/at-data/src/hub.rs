@@ -247,6 +247,25 @@ pub fn silent() -> OnProgress {
 /// Forwards hf-hub's download events to an [`OnProgress`].
 struct Forward(OnProgress);
 
+/// Forwards the events of one byte range starting at `at` of a `total`-byte file, as the
+/// file's bytes so far.
+struct InRange {
+    to: OnProgress,
+    at: u64,
+    total: u64,
+}
+
+impl ProgressHandler for InRange {
+    fn on_progress(&self, event: &ProgressEvent) {
+        if let ProgressEvent::Download(DownloadEvent::Progress { files }) = event {
+            for file in files.iter().filter(|f| f.status != FileStatus::Started) {
+                let done = (self.at + file.bytes_completed).min(self.total);
+                (self.to)(&file.filename, done, self.total);
+            }
+        }
+    }
+}
+
 impl ProgressHandler for Forward {
     fn on_progress(&self, event: &ProgressEvent) {
         if let ProgressEvent::Download(DownloadEvent::Progress { files }) = event {
@@ -414,6 +433,7 @@ impl<T: RepoType> Ranges<'_, T> {
                 .filename(self.file)
                 .revision(self.meta.commit_hash.clone())
                 .range(done..end)
+                .progress(InRange { to: progress.clone(), at: done, total: size })
                 .send()
                 .map_err(Fault::Hub)?;
             // A server that ignores the range sends the whole file.
