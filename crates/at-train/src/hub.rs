@@ -59,22 +59,32 @@ pub fn download(source: &Source, options: &HubOptions) -> Result<PathBuf> {
 pub fn progress_display(repo: &str) -> OnProgress {
     let terminal = std::io::stderr().is_terminal();
     let repo = repo.to_owned();
-    let current: Mutex<Option<(String, Option<indicatif::ProgressBar>)>> = Mutex::new(None);
+    // The file being fetched, its bar (on a terminal), and whether its first bytes were told.
+    type Current = Option<(String, Option<indicatif::ProgressBar>, bool)>;
+    let current: Mutex<Current> = Mutex::new(None);
     Arc::new(move |file: &str, done: u64, total: u64| {
         let mut current = current.lock().expect("the progress lock is not poisoned");
-        if current.as_ref().is_none_or(|(name, _)| name != file) {
-            if let Some((_, Some(bar))) = current.take() {
+        if current.as_ref().is_none_or(|(name, ..)| name != file) {
+            if let Some((_, Some(bar), _)) = current.take() {
                 bar.finish();
             }
             eprintln!("fetching {file} from {repo}");
-            *current = Some((file.to_owned(), None));
+            *current = Some((file.to_owned(), None, false));
         }
-        let Some((_, bar)) = current.as_mut() else { return };
-        if total == 0 || !terminal {
+        let Some((_, bar, started)) = current.as_mut() else { return };
+        if total == 0 {
+            return;
+        }
+        if !std::mem::replace(started, true) && done > 0 && done < total {
+            // A download cut short before goes on from the bytes it has.
+            let (done, total) = (indicatif::HumanBytes(done), indicatif::HumanBytes(total));
+            eprintln!("  going on from the {done} of {total} already here");
+        }
+        if !terminal {
             return;
         }
         let bar = bar.get_or_insert_with(|| {
-            let bar = indicatif::ProgressBar::new(total);
+            let bar = indicatif::ProgressBar::new(total).with_position(done);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "  [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ({eta} left)",
