@@ -244,33 +244,22 @@ pub fn silent() -> OnProgress {
     Arc::new(|_: &str, _, _| {})
 }
 
-/// Forwards hf-hub's download events to an [`OnProgress`].
-struct Forward(OnProgress);
-
-/// Forwards the events of one byte range starting at `at` of a `total`-byte file, as the
-/// file's bytes so far.
-struct InRange {
+/// Forwards hf-hub's download events to an [`OnProgress`]: of a whole file (`range: None`), or
+/// of one byte range starting at `at` of a `total`-byte file, told as the file's bytes so far.
+struct Forward {
     to: OnProgress,
-    at: u64,
-    total: u64,
-}
-
-impl ProgressHandler for InRange {
-    fn on_progress(&self, event: &ProgressEvent) {
-        if let ProgressEvent::Download(DownloadEvent::Progress { files }) = event {
-            for file in files.iter().filter(|f| f.status != FileStatus::Started) {
-                let done = (self.at + file.bytes_completed).min(self.total);
-                (self.to)(&file.filename, done, self.total);
-            }
-        }
-    }
+    range: Option<(u64, u64)>,
 }
 
 impl ProgressHandler for Forward {
     fn on_progress(&self, event: &ProgressEvent) {
         if let ProgressEvent::Download(DownloadEvent::Progress { files }) = event {
             for file in files.iter().filter(|f| f.status != FileStatus::Started) {
-                (self.0)(&file.filename, file.bytes_completed, file.total_bytes);
+                let (done, total) = match self.range {
+                    None => (file.bytes_completed, file.total_bytes),
+                    Some((at, total)) => ((at + file.bytes_completed).min(total), total),
+                };
+                (self.to)(&file.filename, done, total);
             }
         }
     }
@@ -369,7 +358,7 @@ fn fetch_files<T: RepoType>(
         let path = repo
             .download_file()
             .filename(file)
-            .progress(Forward(progress.clone()))
+            .progress(Forward { to: progress.clone(), range: None })
             .send()
             .map_err(explain)?;
         let actual = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
@@ -433,7 +422,7 @@ impl<T: RepoType> Ranges<'_, T> {
                 .filename(self.file)
                 .revision(self.meta.commit_hash.clone())
                 .range(done..end)
-                .progress(InRange { to: progress.clone(), at: done, total: size })
+                .progress(Forward { to: progress.clone(), range: Some((done, size)) })
                 .send()
                 .map_err(Fault::Hub)?;
             // A server that ignores the range sends the whole file.
