@@ -51,7 +51,9 @@ pub fn execute_run(out: &Path, run: &PlannedRun, options: &RunOptions) -> Result
 
 /// Fails, naming the keys that differ, where `dir` holds a run made by another config than
 /// `planned` (a plan changed by an update, or `--out` pointed at another profile's runs): its
-/// result would otherwise be reported as this plan's.
+/// result would otherwise be reported as this plan's. Where things are and what runs them
+/// ([`LOCATION_KEYS`]: the data folder, the teacher's file under `--out`, device, threads) may
+/// differ: the same experiment moved to another folder or machine is still the same.
 fn same_config(dir: &Path, planned: &crate::config::RunConfig) -> Result<()> {
     let path = dir.join("config.toml");
     if !path.exists() {
@@ -69,9 +71,14 @@ fn same_config(dir: &Path, planned: &crate::config::RunConfig) -> Result<()> {
         .filter_map(|key| {
             let (there, here) =
                 (stored.get(key).unwrap_or(&absent), planned.get(key).unwrap_or(&absent));
-            (there != here).then(|| format!("{key} = {there} there, {here} in this plan"))
+            let location = LOCATION_KEYS.contains(&key.as_str());
+            (there != here && !location)
+                .then(|| format!("{key} = {there} there, {here} in this plan"))
         })
         .collect();
+    if differ.is_empty() {
+        return Ok(());
+    }
     bail!(
         "{} was made by another config than this plan's ({}): its result is not this plan's. \
          Move or delete that directory to train it again, or give another --out",
@@ -79,6 +86,9 @@ fn same_config(dir: &Path, planned: &crate::config::RunConfig) -> Result<()> {
         differ.join("; ")
     )
 }
+
+/// The config keys that say where a run's inputs are and what runs it, not what it is.
+const LOCATION_KEYS: [&str; 4] = ["data.root", "teacher.checkpoint", "device", "threads"];
 
 /// Trains every run of `plan` in order (teachers first), printing a line per run; stops at the
 /// first interrupted one. Returns whether every run finished.
@@ -237,5 +247,9 @@ mod tests {
         }
         std::fs::write(dir.join("config.toml"), planned.to_toml()).unwrap();
         assert!(same_config(&dir, &planned).is_ok());
+        // The same experiment with its data elsewhere and another thread count is the same.
+        let mut moved = planned.clone();
+        (moved.data.root, moved.threads) = ("/elsewhere/fashion-mnist".into(), 7);
+        assert!(same_config(&dir, &moved).is_ok());
     }
 }
