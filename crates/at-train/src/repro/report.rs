@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::plan::Plan;
+use super::plan::{Plan, Profile};
 use super::tables::{Method, Row};
 use crate::train::RunResult;
 
@@ -138,6 +138,14 @@ pub fn markdown(
         plan.table.name(),
         plan.out.display()
     );
+    if plan.profile != Profile::Paper {
+        let _ = writeln!(
+            md,
+            "This profile trains on other data than the paper's, for fewer epochs: `paper` and \
+             `diff` show where the numbers sit, not how far a replication is off. Read the \
+             columns against each other.\n"
+        );
+    }
     md.push_str("| row | column | ours (median) | min-max | seeds | paper | diff | runs |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---|\n");
     for cell in cells {
