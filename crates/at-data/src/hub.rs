@@ -347,11 +347,7 @@ fn fetch_files<T: RepoType>(
         let expected = meta.file_size;
         if expected > 0 {
             let chunk = if options.chunk_bytes == 0 { CHUNK_BYTES } else { options.chunk_bytes };
-            let ranges = Ranges { repo, file, meta: &meta, chunk };
-            ranges.write_blob(blobs, progress).map_err(|e| match e {
-                Fault::Hub(e) => explain(e),
-                Fault::Local(e) => e,
-            })?;
+            Ranges { repo, file, meta: &meta, chunk }.write_blob(blobs, progress, &explain)?;
         }
         // The blob is there (or the size unknown): hf-hub links it into the snapshot, or
         // fetches it whole.
@@ -370,18 +366,6 @@ fn fetch_files<T: RepoType>(
     Ok(files)
 }
 
-/// Why a ranged download stopped: the Hub's answer, or this machine's disk.
-enum Fault {
-    Hub(HFError),
-    Local(Error),
-}
-
-impl From<Error> for Fault {
-    fn from(e: Error) -> Self {
-        Fault::Local(e)
-    }
-}
-
 /// One file fetched in byte ranges, pinned to the commit its metadata came from.
 struct Ranges<'a, T: RepoType> {
     repo: &'a HFRepositorySync<T>,
@@ -393,8 +377,13 @@ struct Ranges<'a, T: RepoType> {
 impl<T: RepoType> Ranges<'_, T> {
     /// Makes `blobs/<etag>` (unless it is there): appends the missing ranges to
     /// `blobs/<etag>.part`, syncing each, then checks the SHA-256 where the ETag is one and
-    /// renames the part into place.
-    fn write_blob(&self, blobs: &Path, progress: &OnProgress) -> std::result::Result<(), Fault> {
+    /// renames the part into place. The Hub's errors go through `explain`.
+    fn write_blob(
+        &self,
+        blobs: &Path,
+        progress: &OnProgress,
+        explain: &dyn Fn(HFError) -> Error,
+    ) -> Result<()> {
         use std::io::Write;
         let (size, etag) = (self.meta.file_size, self.meta.etag.as_str());
         let blob = blobs.join(etag);
@@ -424,17 +413,17 @@ impl<T: RepoType> Ranges<'_, T> {
                 .range(done..end)
                 .progress(Forward { to: progress.clone(), range: Some((done, size)) })
                 .send()
-                .map_err(Fault::Hub)?;
+                .map_err(explain)?;
             // A server that ignores the range sends the whole file.
             let bytes = match bytes.len() as u64 {
                 n if n == end - done => &bytes[..],
                 n if n == size => &bytes[done as usize..end as usize],
                 n => {
-                    return Err(Fault::Local(Error::Hub(format!(
+                    return Err(Error::Hub(format!(
                         "{}: asked for bytes {done}..{end}, the Hub sent {n}: the transfer was cut \
                          short; run the command again to go on from byte {done}",
                         self.file
-                    ))));
+                    )));
                 }
             };
             out.write_all(bytes).and_then(|()| out.sync_data()).map_err(|e| Error::io(&part, e))?;
@@ -446,11 +435,11 @@ impl<T: RepoType> Ranges<'_, T> {
             let actual = sha256_hex(&part)?;
             if !actual.eq_ignore_ascii_case(etag) {
                 let _ = std::fs::remove_file(&part);
-                return Err(Fault::Local(Error::Hub(format!(
+                return Err(Error::Hub(format!(
                     "{}: the downloaded bytes have SHA-256 {actual}, the Hub says {etag}; the \
                      partial file was removed, run the command again to fetch it anew",
                     self.file
-                ))));
+                )));
             }
         }
         std::fs::rename(&part, &blob).map_err(|e| Error::io(&blob, e))?;
@@ -458,8 +447,8 @@ impl<T: RepoType> Ranges<'_, T> {
     }
 }
 
-/// The SHA-256 of the file at `path`, in lowercase hex.
-fn sha256_hex(path: &Path) -> Result<String> {
+/// The SHA-256 of the file at `path`, in lowercase hex (read in pieces, not whole).
+pub fn sha256_hex(path: &Path) -> Result<String> {
     use sha2::Digest;
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut hasher = sha2::Sha256::new();

@@ -91,7 +91,7 @@ pub fn load(config: &DataConfig) -> Result<Data> {
 pub fn pipelines(data: &DataConfig) -> (Pipeline, Pipeline, usize) {
     match data.dataset {
         DatasetName::FashionMnistSubset | DatasetName::FashionMnist => {
-            let side = if data.side == 0 { 32 } else { data.side.max(28) };
+            let side = input_side(data);
             (Pipeline::fashion_mnist_train_at(side), Pipeline::fashion_mnist_test_at(side), 1)
         }
         DatasetName::Cifar10 | DatasetName::Cifar10Parquet => {
@@ -103,6 +103,25 @@ pub fn pipelines(data: &DataConfig) -> (Pipeline, Pipeline, usize) {
         DatasetName::Imagenet | DatasetName::ImagenetParquet => {
             (Pipeline::imagenet_train(), Pipeline::imagenet_eval(), 3)
         }
+    }
+}
+
+/// The side of the square images `data`'s pipelines give the network: Fashion-MNIST's
+/// `data.side` (32 when unset, padded as CIFAR), 32 for CIFAR-10, 224 for the ImageNet-sized
+/// datasets.
+pub fn input_side(data: &DataConfig) -> usize {
+    match data.dataset {
+        DatasetName::FashionMnistSubset | DatasetName::FashionMnist if data.side != 0 => {
+            data.side.max(28)
+        }
+        DatasetName::FashionMnistSubset
+        | DatasetName::FashionMnist
+        | DatasetName::Cifar10
+        | DatasetName::Cifar10Parquet => 32,
+        DatasetName::Cub
+        | DatasetName::Scenes
+        | DatasetName::Imagenet
+        | DatasetName::ImagenetParquet => 224,
     }
 }
 

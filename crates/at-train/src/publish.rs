@@ -15,7 +15,6 @@ use at_models::ModelOptions;
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::config::{DatasetName, RunConfig};
 use crate::train::RunResult;
@@ -57,30 +56,27 @@ pub struct ModelConfig {
     pub pretrained_cfg: Option<serde_json::Value>,
 }
 
-/// What a dataset is to a reader of the card: its number of classes, the side of the images
-/// the network sees, its Hub id and its name.
-pub fn dataset_facts(dataset: DatasetName) -> (usize, usize, &'static str, &'static str) {
+/// What a dataset is to a reader of the card: its number of classes, its Hub id and its name
+/// (the side of its images is `data::input_side`'s).
+pub fn dataset_facts(dataset: DatasetName) -> (usize, &'static str, &'static str) {
     match dataset {
         DatasetName::FashionMnistSubset => {
-            (10, 32, "zalando-datasets/fashion_mnist", "Fashion-MNIST (embedded subset)")
+            (10, "zalando-datasets/fashion_mnist", "Fashion-MNIST (embedded subset)")
         }
-        DatasetName::FashionMnist => (10, 32, "zalando-datasets/fashion_mnist", "Fashion-MNIST"),
-        DatasetName::Cifar10 | DatasetName::Cifar10Parquet => {
-            (10, 32, "uoft-cs/cifar10", "CIFAR-10")
-        }
-        DatasetName::Cub => (200, 224, "cub-200-2011", "CUB-200-2011"),
-        DatasetName::Scenes => (67, 224, "mit-indoor-67", "MIT Indoor 67"),
+        DatasetName::FashionMnist => (10, "zalando-datasets/fashion_mnist", "Fashion-MNIST"),
+        DatasetName::Cifar10 | DatasetName::Cifar10Parquet => (10, "uoft-cs/cifar10", "CIFAR-10"),
+        DatasetName::Cub => (200, "cub-200-2011", "CUB-200-2011"),
+        DatasetName::Scenes => (67, "mit-indoor-67", "MIT Indoor 67"),
         DatasetName::Imagenet | DatasetName::ImagenetParquet => {
-            (1000, 224, "ILSVRC/imagenet-1k", "ImageNet-1k")
+            (1000, "ILSVRC/imagenet-1k", "ImageNet-1k")
         }
     }
 }
 
 /// The `config.json` of a model trained by `config`.
 pub fn model_config(config: &RunConfig) -> Result<ModelConfig> {
-    let (num_classes, side, _, _) = dataset_facts(config.data.dataset);
-    // Fashion-MNIST's side is the config's where it sets one (`data.side`).
-    let side = if config.data.side == 0 { side } else { config.data.side };
+    let (num_classes, _, _) = dataset_facts(config.data.dataset);
+    let side = crate::data::input_side(&config.data);
     let (_, test, in_chans) = crate::data::pipelines(&config.data);
     let options = ModelOptions { num_classes, in_channels: in_chans, ..ModelOptions::default() };
     let varmap = VarMap::new();
@@ -225,12 +221,11 @@ pub fn list_files(dir: &Path) -> Result<Vec<StagedFile>> {
                 walk(root, &path, out)?;
                 continue;
             }
-            let bytes = std::fs::read(&path)?;
             let rel = path.strip_prefix(root).expect("under the root");
             out.push(StagedFile {
                 path: rel.to_string_lossy().replace('\\', "/"),
-                size: bytes.len() as u64,
-                sha256: hex(&Sha256::digest(&bytes)),
+                size: std::fs::metadata(&path)?.len(),
+                sha256: at_data::hub::sha256_hex(&path)?,
             });
         }
         Ok(())
@@ -239,13 +234,6 @@ pub fn list_files(dir: &Path) -> Result<Vec<StagedFile>> {
     walk(dir, dir, &mut files).with_context(|| format!("cannot list {}", dir.display()))?;
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// How to publish.
@@ -323,7 +311,7 @@ pub fn check_repo_name(repo: &str) -> Result<()> {
 /// accuracy as a model-index), then how the model was trained.
 fn card(repo: &str, run: &FinishedRun, figures: &[String]) -> Result<String> {
     let (config, result) = (&run.config, &run.result);
-    let (_, _, hub_dataset, dataset_name) = dataset_facts(config.data.dataset);
+    let (_, hub_dataset, dataset_name) = dataset_facts(config.data.dataset);
     let name = repo.rsplit('/').next().unwrap_or(repo);
     let base_model = crate::hub::hub_repo(&config.pretrained).map(str::to_owned);
     let mut tags = vec!["image-classification", "candle", "attention-transfer"];

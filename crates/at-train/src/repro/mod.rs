@@ -146,15 +146,7 @@ impl StepTimer {
     /// See [`StepTimer`].
     pub fn seconds(&mut self, config: &crate::config::RunConfig) -> Option<f64> {
         use crate::bench::{Step, time_gradient_steps, time_steps_sized};
-        use crate::config::DatasetName;
-        let side = match config.data.dataset {
-            DatasetName::Cub
-            | DatasetName::Scenes
-            | DatasetName::Imagenet
-            | DatasetName::ImagenetParquet => 224,
-            _ if config.data.side != 0 => config.data.side,
-            _ => 32,
-        };
+        let side = crate::data::input_side(&config.data);
         let (small, gradient, large) = Self::BATCH_CAPS;
         let gradient_config = config.gradient_config().ok()?;
         let cap = match (&gradient_config, side) {
