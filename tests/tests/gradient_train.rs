@@ -5,8 +5,8 @@
 mod common;
 
 use at_losses::second_order::SecondOrder;
-use at_train::config::{GradientKind, LossSection, OptimConfig, RunConfig, TeacherConfig};
-use at_train::train::{RunOptions, read_metrics, resume, train};
+use at_trainer::config::{GradientKind, LossSection, OptimConfig, RunConfig, TeacherConfig};
+use at_trainer::train::{RunOptions, read_metrics, resume, train};
 use common::{config, metrics, write_dataset};
 
 /// Table 3's losses in the trainer: the double-backpropagation step trains, reports its penalty,

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use at_data::hub::HubOptions;
-use at_train::publish::{PublishOptions, publish};
-use at_train::train::{RunModel, RunResult, train};
+use at_hub::publish::{PublishOptions, publish};
+use at_trainer::train::{RunModel, RunResult, train};
 use candle_core::{Device, Tensor};
 use common::{config, quiet, write_dataset};
 use fake_hub::FakeHub;
@@ -26,7 +26,7 @@ fn tiny_run(root: &Path) -> (PathBuf, PathBuf) {
     write_dataset(&data, "train", 64, 3);
     write_dataset(&data, "t10k", 32, 4);
     let run = root.join("run");
-    let config = at_train::config::RunConfig { epochs: 1, ..config(&data) };
+    let config = at_trainer::config::RunConfig { epochs: 1, ..config(&data) };
     train(&config, &run, &quiet()).unwrap();
     (data, run)
 }
@@ -110,7 +110,7 @@ fn a_published_run_loads_back_identical_with_the_same_accuracy_and_a_card() {
 
     // The weights come back byte for byte, in a model built from config.json.
     let loaded =
-        at_train::hub::from_hub_with(repo, &hub_options(&hub, &cache, None), &Device::Cpu).unwrap();
+        at_hub::from_hub_with(repo, &hub_options(&hub, &cache, None), &Device::Cpu).unwrap();
     assert_eq!(loaded.config.at_model, "wrn-16-1");
     assert_eq!((loaded.config.num_classes, loaded.config.in_chans), (10, 1));
     assert_eq!(loaded.config.attention_points, ["group0", "group1", "group2"]);
@@ -129,7 +129,7 @@ fn a_published_run_loads_back_identical_with_the_same_accuracy_and_a_card() {
 
     // The published run evaluates to the accuracy its result.json records.
     let (config, dir) =
-        at_train::hub::published_run(repo, &hub_options(&hub, &cache, None), Some(&data)).unwrap();
+        at_hub::published_run(repo, &hub_options(&hub, &cache, None), Some(&data)).unwrap();
     let (_, top1, top5) = RunModel::open(config, &dir).unwrap().evaluate().unwrap();
     let measured = result(&run);
     assert_eq!((top1, top5), (measured.test_top1, measured.test_top5));
@@ -163,7 +163,7 @@ fn a_published_run_loads_back_identical_with_the_same_accuracy_and_a_card() {
     // Offline, the cached copy is enough.
     let offline = HubOptions { offline: true, ..hub_options(&hub, &cache, None) };
     let before = hub.request_count();
-    at_train::hub::from_hub_with(repo, &offline, &Device::Cpu).unwrap();
+    at_hub::from_hub_with(repo, &offline, &Device::Cpu).unwrap();
     assert_eq!(hub.request_count(), before, "offline: no request");
 }
 
@@ -258,20 +258,26 @@ fn configs_and_commands_take_published_models_as_hf_names() {
         // user's environment would.
         let (data, out) = dirs.split_once('|').unwrap();
         let (data, out) = (Path::new(data), Path::new(out));
-        let mut student = at_train::config::RunConfig { epochs: 1, ..config(data) };
-        student.teacher = Some(at_train::config::TeacherConfig {
+        let mut student = at_trainer::config::RunConfig { epochs: 1, ..config(data) };
+        student.teacher = Some(at_trainer::config::TeacherConfig {
             model: "wrn-16-1".into(),
             checkpoint: "hf://someone/teacher".into(),
         });
         student.loss.beta = 1e3;
         student.pretrained = "hf://someone/teacher".into();
-        train(&student, &out.join("student"), &quiet()).unwrap();
+        // The binary hands the trainer at-hub's resolver; without it hf:// is refused.
+        let err = format!("{:#}", train(&student, &out.join("refused"), &quiet()).unwrap_err());
+        assert!(err.contains("pass RunOptions::resolve_weights"), "{err}");
+        let resolve = Some(at_hub::resolver(|_| at_data::hub::silent()));
+        let options = at_trainer::train::RunOptions { resolve_weights: resolve, ..quiet() };
+        train(&student, &out.join("student"), &options).unwrap();
         let name = Path::new("hf://someone/teacher");
-        let (config, dir) = at_train::hub::open_run(name, Some(data)).unwrap();
+        let (config, dir) = at_hub::open_run(name, Some(data)).unwrap();
         let (_, top1, _) = RunModel::open(config.clone(), &dir).unwrap().evaluate().unwrap();
         println!("child: evaluated top-1 {top1}");
-        let source = at_train::maps::Source::TestItems(vec![0]);
-        let maps = at_train::maps::write_maps_of(config, &dir, source, &out.join("maps")).unwrap();
+        let source = at_trainer::maps::Source::TestItems(vec![0]);
+        let maps =
+            at_trainer::maps::write_maps_of(config, &dir, source, &out.join("maps")).unwrap();
         assert_eq!(maps.len(), 1);
         return;
     }

@@ -6,17 +6,17 @@ mod common;
 
 use std::path::Path;
 
-use at_train::config::{Augmentation, DataConfig, DatasetName, RunConfig};
-use at_train::repro::plan::{Options, Profile, dry_run, plan};
-use at_train::repro::report::{self, Provenance};
-use at_train::repro::tables::{Method, Table, rows};
-use at_train::repro::{Outcome, execute, execute_run};
+use at_repro::plan::{Options, dry_run, plan};
+use at_repro::report::{self, Provenance};
+use at_repro::tables::{Column, Table, rows};
+use at_repro::{Outcome, PROFILES, Profile, execute, execute_run};
+use at_trainer::config::{Augmentation, DataConfig, DatasetName, RunConfig};
 use common::{quiet, write_dataset};
 
-fn error_of(table: Table, label: &str, column: &str) -> Option<f64> {
+fn error_of(table: Table, label: &str, header: &str) -> Option<f64> {
     let rows = rows(table);
-    let row = rows.iter().find(|r| r.label == label && r.column == column);
-    row.unwrap_or_else(|| panic!("{table:?} has no row {label} / {column}")).paper
+    let row = rows.iter().find(|r| r.label == label && r.header == header);
+    row.unwrap_or_else(|| panic!("{table:?} has no row {label} / {header}")).paper
 }
 
 #[test]
@@ -44,12 +44,12 @@ fn the_tables_hold_the_papers_rows_numbers_and_registered_models() {
     ] {
         assert_eq!(error_of(Table::Table2, t2, column), Some(want), "Table 2 {column}");
     }
-    let f_sum = rows(Table::Table2).into_iter().find(|r| r.column == "F_sum").unwrap();
+    let f_sum = rows(Table::Table2).into_iter().find(|r| r.header == "F_sum").unwrap();
     assert!(f_sum.note.is_some_and(|n| n.contains("5.58") && n.contains("teacher")));
-    let groups: Vec<Method> = rows(Table::Table2)
+    let groups: Vec<Column> = rows(Table::Table2)
         .into_iter()
-        .filter(|r| r.column.contains("only"))
-        .map(|r| r.method)
+        .filter(|r| r.header.contains("only"))
+        .map(|r| r.column)
         .collect();
     assert_eq!(groups.len(), 3, "the one-group ablation of section 4.1");
     let t3 = "NIN-thin (no BN)";
@@ -72,7 +72,7 @@ fn the_tables_hold_the_papers_rows_numbers_and_registered_models() {
     for (column, want) in [("ResNet-18", 30.4), ("AT", 29.7), ("ResNet-34", 26.1)] {
         assert_eq!(error_of(Table::Table5, "ImageNet", column), Some(want), "Table 5 {column}");
     }
-    let at = rows(Table::Table5).into_iter().find(|r| r.column == "AT").unwrap();
+    let at = rows(Table::Table5).into_iter().find(|r| r.header == "AT").unwrap();
     assert_eq!(at.at_start_epoch, 60, "Table 5 adds AT at epoch 60 of 100");
     for table in Table::ALL {
         let rows = rows(table);
@@ -82,8 +82,8 @@ fn the_tables_hold_the_papers_rows_numbers_and_registered_models() {
                 at_models::find(t).unwrap();
             }
             assert_eq!(
-                row.method.needs_teacher(),
-                row.teacher.is_some() && row.method.needs_teacher()
+                row.column.needs_teacher(),
+                row.teacher.is_some() && row.column.needs_teacher()
             );
         }
         let mut ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
@@ -96,17 +96,18 @@ fn the_tables_hold_the_papers_rows_numbers_and_registered_models() {
 #[test]
 fn every_table_and_profile_plans_and_dry_runs_with_commands_and_times() {
     for table in Table::ALL {
-        for profile in [Profile::Paper, Profile::Fmnist, Profile::Quick] {
+        for profile in PROFILES {
             let options = Options::new(profile);
             let plan = match plan(table, &options) {
                 Ok(plan) => plan,
                 Err(e) => {
                     let e = e.to_string();
                     assert!(
-                        matches!(table, Table::Table4 | Table::Table5) && profile != Profile::Paper,
-                        "{table:?} {profile:?}: {e}"
+                        matches!(table, Table::Table4 | Table::Table5) && profile.name != "paper",
+                        "{table:?} {}: {e}",
+                        profile.name
                     );
-                    assert!(e.contains("only the paper profile"), "{e}");
+                    assert!(e.contains("run it with --profile paper"), "{e}");
                     continue;
                 }
             };
@@ -119,19 +120,19 @@ fn every_table_and_profile_plans_and_dry_runs_with_commands_and_times() {
                     assert!(j < i, "{}: its teacher {t} runs first", run.key);
                 }
             }
-            let seeds = if table == Table::Table3 { 1 } else { profile.default_seeds() };
-            assert_eq!(plan.seeds.len(), seeds, "{table:?} {profile:?}");
+            let seeds = if table == Table::Table3 { 1 } else { profile.seeds };
+            assert_eq!(plan.seeds.len(), seeds, "{table:?} {}", profile.name);
             assert!(plan.cells.len() <= plan.rows.len() * seeds);
             let text = dry_run(&plan, &mut |_| Some(0.5));
             for run in &plan.runs {
-                assert!(text.contains(&run.key), "{table:?} {profile:?}: {} listed", run.key);
+                assert!(text.contains(&run.key), "{table:?} {}: {} listed", profile.name, run.key);
             }
             assert_eq!(text.matches("at-train train --run-dir").count(), plan.runs.len());
             assert!(text.contains("estimated training time here"), "{text}");
         }
     }
     // The paper profile is the paper's recipe: 200 CIFAR epochs, SGD 0.1, 5 seeds.
-    let paper = plan(Table::Table1, &Options::new(Profile::Paper)).unwrap();
+    let paper = plan(Table::Table1, &Options::new(Profile::named("paper").unwrap())).unwrap();
     // Six networks' baselines (a student's run serves two rows, a teacher's its pair) and
     // three methods per pair, five seeds each.
     assert_eq!(paper.runs.len(), 6 * 5 + 4 * 3 * 5, "each run planned once");
@@ -140,12 +141,12 @@ fn every_table_and_profile_plans_and_dry_runs_with_commands_and_times() {
 
 /// A tiny replay: Table 1's AT and teacher rows, one seed, on generated data: the teacher's
 /// run (which the teacher row reports), then the AT student's.
-fn tiny_plan(data: &Path, out: &Path) -> at_train::repro::Plan {
+fn tiny_plan(data: &Path, out: &Path) -> at_repro::Plan {
     let options = Options {
         seeds: Some(1),
         only: Some("wrn-16-1<-wrn-16-2/".into()),
         out: out.to_path_buf(),
-        ..Options::new(Profile::Quick)
+        ..Options::new(Profile::named("quick").unwrap())
     };
     let mut plan = plan(Table::Table1, &options).unwrap();
     let wanted = ["wrn-16-1<-wrn-16-2/at", "wrn-16-1<-wrn-16-2/teacher"];
@@ -182,8 +183,12 @@ fn a_replay_killed_and_resumed_reports_as_an_uninterrupted_one() {
     if let Ok(dirs) = std::env::var(CHILD) {
         // The child: `repro` as the binary runs it, with its signal handler.
         let (data, out) = dirs.split_once('|').unwrap();
-        at_train::train::install_interrupt_handler().unwrap();
-        let finished = execute(&tiny_plan(Path::new(data), Path::new(out)), &quiet()).unwrap();
+        // The binary's handler: a signal asks the run's interrupt handle to stop.
+        let interrupt = at_trainer::train::Interrupt::new();
+        let handle = interrupt.clone();
+        ctrlc::set_handler(move || handle.request()).unwrap();
+        let options = at_trainer::train::RunOptions { interrupt, ..quiet() };
+        let finished = execute(&tiny_plan(Path::new(data), Path::new(out)), &options).unwrap();
         println!("child finished: {finished}");
         return;
     }
@@ -242,13 +247,17 @@ fn a_replay_killed_and_resumed_reports_as_an_uninterrupted_one() {
         Outcome::Reused(_)
     ));
 
-    // `publish --table` finds the finished student, named after model, method and teacher.
-    let (targets, unfinished) = at_train::publish::plan_targets(&resumed, "someone");
+    // `publish --table` finds the finished student (not the teacher), named after model, method
+    // and teacher.
+    let (students, unfinished) = resumed.finished_students();
     assert!(unfinished.is_empty(), "{unfinished:?}");
-    let repos: Vec<&str> = targets.iter().map(|(_, repo)| repo.as_str()).collect();
+    let repos: Vec<String> = students
+        .iter()
+        .map(|r| at_hub::publish::repro_repo_name("someone", &r.key, &r.config, "quick"))
+        .collect();
     assert_eq!(repos, ["someone/wrn-16-1-at-from-wrn-16-2-fashion-mnist-seed0-quick"]);
 
-    let cells = |p: &at_train::repro::Plan| report::csv(p, &report::collect(p).unwrap());
+    let cells = |p: &at_repro::Plan| report::csv(p, &report::collect(p).unwrap());
     assert_eq!(cells(&resumed), cells(&straight), "the same errors, run for run");
     let md = report::markdown(
         &resumed,
@@ -257,8 +266,21 @@ fn a_replay_killed_and_resumed_reports_as_an_uninterrupted_one() {
         runs.path(),
         &resumed.out,
     );
-    assert!(md.contains("| WRN-16-1 <- WRN-16-2 | AT |") && md.contains("| 8.43 |"), "{md}");
-    assert!(md.contains("| WRN-16-1 <- WRN-16-2 | teacher |") && md.contains("| 6.31 |"), "{md}");
+    // Each row shows what its runs measured, the paper's number and their difference.
+    let cells = report::collect(&resumed).unwrap();
+    for (header, paper) in [("AT", 8.43), ("teacher", 6.31)] {
+        let cell = cells.iter().find(|c| c.row.header == header).unwrap();
+        let measured = cell.finished[0].error;
+        let line = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| WRN-16-1 <- WRN-16-2 | {header} |")))
+            .unwrap_or_else(|| panic!("no {header} row: {md}"));
+        let want = format!(
+            "| {header} | {measured:.2} | {measured:.2}-{measured:.2} | 1/1 | {paper:.2} | {:+.2} |",
+            measured - paper
+        );
+        assert!(line.contains(&want), "`{want}` in `{line}`");
+    }
     assert!(
         md.contains("result.json") && md.contains("config.toml"),
         "each number links its run: {md}"
@@ -281,7 +303,7 @@ fn a_replay_killed_and_resumed_reports_as_an_uninterrupted_one() {
     // The figures: training curves as an SVG plot, attention maps as PNG grids of the expected
     // size (4 test items; the image, the AT student's 3 groups and the teacher's 3; the image
     // and 4 map functions), and their caption.
-    let figures = at_train::repro::figures::write(&resumed, &runs.path().join("figures")).unwrap();
+    let figures = at_repro::figures::write(&resumed, &runs.path().join("figures")).unwrap();
     let named = |end: &str| figures.iter().find(|f| f.to_string_lossy().ends_with(end)).unwrap();
     let svg = std::fs::read_to_string(named("-curves.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("width=\"720\" height=\"440\""), "{svg}");
@@ -299,7 +321,8 @@ fn a_replay_killed_and_resumed_reports_as_an_uninterrupted_one() {
 #[test]
 fn the_report_shows_unfinished_cells_as_missing() {
     let out = tempfile::tempdir().unwrap();
-    let options = Options { out: out.path().to_path_buf(), ..Options::new(Profile::Quick) };
+    let options =
+        Options { out: out.path().to_path_buf(), ..Options::new(Profile::named("quick").unwrap()) };
     let plan = plan(Table::Table1, &options).unwrap();
     let cells = report::collect(&plan).unwrap();
     let md = report::markdown(&plan, &cells, &Provenance::here(), out.path(), &plan.out);
@@ -309,4 +332,56 @@ fn the_report_shows_unfinished_cells_as_missing() {
     assert!(md.contains("Nothing to compare yet"), "{md}");
     let csv = report::csv(&plan, &cells);
     assert_eq!(csv.lines().count(), 1 + plan.rows.len(), "a line per missing cell: {csv}");
+}
+
+/// Table 5 heads its teacher column "ResNet-34", not "teacher": the column's type says it is the
+/// teacher, so `publish --table` does not offer it as a student and the report checks that it
+/// beats the student.
+#[test]
+fn table5s_resnet34_column_is_the_teacher_for_publishing_and_for_the_reports_check() {
+    let out = tempfile::tempdir().unwrap();
+    let paper = Profile::named("paper").unwrap();
+    let options = Options { seeds: Some(1), out: out.path().to_path_buf(), ..Options::new(paper) };
+    let plan = plan(Table::Table5, &options).unwrap();
+    let resnet34 = plan.rows.iter().find(|r| r.header == "ResNet-34").unwrap();
+    assert_eq!(resnet34.column, Column::Teacher);
+    // Every run finished, the teacher worse than its student: a broken experiment.
+    for run in &plan.runs {
+        let dir = plan.out.join(&run.key);
+        std::fs::create_dir_all(&dir).unwrap();
+        let error = if run.config.student == "resnet34" { 35.0 } else { 30.0 };
+        let result = at_trainer::train::RunResult {
+            student: run.config.student.clone(),
+            teacher: run.config.teacher.as_ref().map(|t| t.model.clone()),
+            epochs: run.config.epochs,
+            test_top1: 100.0 - error,
+            test_top5: 90.0,
+            test_error: error,
+            seconds: 1.0,
+            interrupted: false,
+            machine: String::new(),
+        };
+        std::fs::write(dir.join("result.json"), serde_json::to_string(&result).unwrap()).unwrap();
+    }
+    let (students, unfinished) = plan.finished_students();
+    assert!(unfinished.is_empty(), "{unfinished:?}");
+    let offered: Vec<&str> = students.iter().map(|r| r.config.student.as_str()).collect();
+    assert_eq!(offered, ["resnet18"; 3], "the ResNet-18 cells, not the ResNet-34 teacher");
+    let findings = report::findings(&report::collect(&plan).unwrap());
+    assert!(
+        findings
+            .iter()
+            .any(|l| l.starts_with("ImageNet: the teacher's error (35.00) is not below")
+                && l.contains("broken experiment")),
+        "{findings:#?}"
+    );
+}
+
+#[test]
+fn zero_seeds_are_refused_before_any_work() {
+    let quick = Profile::named("quick").unwrap();
+    let err = plan(Table::Table1, &Options { seeds: Some(0), ..Options::new(quick) }).unwrap_err();
+    assert!(err.to_string().contains("--seeds 0 plans no run: give at least 1"), "{err}");
+    let err = Profile::named("huge").unwrap_err().to_string();
+    assert!(err.contains("unknown profile `huge`, expected one of paper, fmnist, quick"), "{err}");
 }

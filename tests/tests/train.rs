@@ -10,8 +10,8 @@ mod common;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use at_train::config::{LossSection, RunConfig, TeacherConfig};
-use at_train::train::{RunOptions, read_metrics, resume, train};
+use at_trainer::config::{LossSection, RunConfig, TeacherConfig};
+use at_trainer::train::{RunOptions, read_metrics, resume, train};
 use common::{config, metrics, quiet, write_dataset};
 
 /// The data, the config and the uninterrupted run every test compares with.
@@ -183,9 +183,9 @@ fn a_trained_model_teaches_with_attention_transfer_and_distillation() {
 
 #[test]
 fn attention_map_figures_have_the_image_and_one_panel_per_group() {
-    let maps = at_train::maps::write_maps(
+    let maps = at_trainer::maps::write_maps(
         &base().straight,
-        at_train::maps::Source::TestItems(vec![0, 5]),
+        at_trainer::maps::Source::TestItems(vec![0, 5]),
         &run_dir("maps"),
     )
     .unwrap();

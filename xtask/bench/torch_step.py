@@ -1,5 +1,5 @@
 """The PyTorch side of `cargo xtask bench`: the same training steps as
-`crates/at-train/examples/step_bench.rs`, on the same CPU, in eager PyTorch.
+`crates/at-trainer/examples/step_bench.rs`, on the same CPU, in eager PyTorch.
 
 Usage: python torch_step.py STUDENT STEP [TEACHER] [BATCH] [WARMUP] [STEPS] [THREADS] [DEVICE]
 

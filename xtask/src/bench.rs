@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the trainer's step (`crates/at-train/examples/step_bench.rs`) against the
+//! `cargo xtask bench`: the trainer's step (`crates/at-trainer/examples/step_bench.rs`) against the
 //! same step in eager PyTorch (`xtask/bench/torch_step.py`), on this CPU, alternating the two.
 //!
 //! Each round runs every configuration once on each side (`WARMUP` untimed steps, then `STEPS`
@@ -163,7 +163,7 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
     let o = options(args)?;
     let python = python()?;
     println!("building the Rust side (release)");
-    let ours_bin = build_example("at-train", "step_bench")?;
+    let ours_bin = build_example("at-trainer", "step_bench")?;
     let script = root().join("xtask/bench/torch_step.py");
     let configs: Vec<_> =
         CONFIGS.iter().filter(|c| !o.quick || c.0 == "wrn-16-1").copied().collect();

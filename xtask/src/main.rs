@@ -46,7 +46,7 @@ const GOLDEN_SCRIPTS: &[&str] = &[
     "crates/at-ops/tests/golden/make_golden.py",
     "crates/at-models/tests/golden/make_golden.py",
     "crates/at-losses/tests/golden/make_golden.py",
-    "crates/at-train/tests/golden/make_golden.py",
+    "crates/at-trainer/tests/golden/make_golden.py",
 ];
 
 fn main() -> ExitCode {

@@ -18,7 +18,7 @@
 //! computed from the consumer's output, so candle's reverse topological order runs the map's
 //! backward before the consumer's. A slot is handed to a deferred map only when the consumer's
 //! kernel took it; otherwise the map is computed with ordinary differentiable ops. Tested by
-//! at-train's `tests/fused_maps.rs` (a whole WRN step against maps from the activations, every
+//! at-trainer's `tests/fused_maps.rs` (a whole WRN step against maps from the activations, every
 //! gradient) and at-kernels' `tests/attention.rs`.
 
 use at_kernels::{Backend, MapGradient};

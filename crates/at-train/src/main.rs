@@ -1,15 +1,66 @@
-//! `at-train`: train, evaluate and inspect attention-transfer models.
+//! `at-train`: train, evaluate and inspect attention-transfer models, replay the paper's tables,
+//! publish to the Hub. The one program of the workspace: it alone parses arguments, installs the
+//! signal handler, sets up logging and draws progress; the libraries get those as values.
+
+mod models;
+mod progress;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use at_data::hub::HubOptions;
 use at_losses::second_order::SecondOrder;
 use at_models::ModelOptions;
-use at_train::config;
-use at_train::train::{self, RunOptions};
+use at_repro::{PROFILES, Profile, Table};
+use at_trainer::bench::Step;
+use at_trainer::config;
+use at_trainer::train::{self, Interrupt, RunOptions};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
+
+/// What `repro` is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum What {
+    /// Plan, train and report one table.
+    Table(Table),
+    /// Every table of the profile.
+    All,
+    /// The report alone, from the finished runs.
+    Report,
+    /// The figures alone, from the finished runs.
+    Figures,
+}
+
+/// `table1` ... `table5`, from at-repro's list (one place to add a table).
+fn table_parser() -> impl TypedValueParser<Value = Table> {
+    PossibleValuesParser::new(Table::ALL.map(Table::name))
+        .map(|name| Table::parse(&name).expect("a listed table"))
+}
+
+/// A table, `all`, `report` or `figures`.
+fn what_parser() -> impl TypedValueParser<Value = What> {
+    let names = Table::ALL.map(Table::name).into_iter().chain(["all", "report", "figures"]);
+    PossibleValuesParser::new(names).map(|name| match name.as_str() {
+        "all" => What::All,
+        "report" => What::Report,
+        "figures" => What::Figures,
+        table => What::Table(Table::parse(table).expect("a listed table")),
+    })
+}
+
+/// A profile of at-repro's table.
+fn profile_parser() -> impl TypedValueParser<Value = &'static Profile> {
+    PossibleValuesParser::new(PROFILES.iter().map(|p| p.name))
+        .map(|name| Profile::named(&name).expect("a listed profile"))
+}
+
+/// A step of the bench.
+fn step_parser() -> impl TypedValueParser<Value = Step> {
+    PossibleValuesParser::new(Step::ALL.map(Step::name))
+        .map(|name| Step::parse(&name).expect("a listed step"))
+}
 
 #[derive(Parser)]
 #[command(
@@ -53,17 +104,19 @@ enum Command {
     /// Replay a table of the paper: train (or resume, or reuse) every run it needs, then write
     /// docs/results/<table>-<profile>.md and .csv beside the paper's numbers.
     Repro {
-        /// table1 ... table5, all, report (the report alone, from the finished runs) or figures
-        /// (training curves and attention maps of the finished runs, into <report-dir>/figures).
-        what: String,
+        /// A table, all (the profile's tables), report (the report alone, from the finished runs)
+        /// or figures (training curves and attention maps of the finished runs, into
+        /// <report-dir>/figures).
+        #[arg(value_parser = what_parser())]
+        what: What,
         /// paper (the paper's recipes; for a GPU), fmnist (full Fashion-MNIST) or quick.
-        #[arg(long, default_value = "quick")]
-        profile: String,
+        #[arg(long, default_value = "quick", value_parser = profile_parser())]
+        profile: &'static Profile,
         /// Seeds per cell [default: the profile's: paper 5, fmnist and quick 3; Table 3: 1].
-        #[arg(long)]
-        seeds: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        seeds: Option<u64>,
         /// Only this seed (spread cells over machines by hand).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "seeds")]
         seed: Option<u64>,
         /// Only the rows whose id starts with this (see --dry-run for the ids).
         #[arg(long)]
@@ -78,11 +131,12 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// With `report` or `figures`: the table.
+        #[arg(long, value_parser = table_parser())]
+        table: Option<Table>,
+        /// Where the report goes [default: beside the runs, in --out]; `--report-dir
+        /// docs/results` refreshes the repository's committed one.
         #[arg(long)]
-        table: Option<String>,
-        /// Where the reports go.
-        #[arg(long, default_value = "docs/results")]
-        report_dir: PathBuf,
+        report_dir: Option<PathBuf>,
         /// Print every run, its config, the command that makes it by hand and the estimated
         /// time (from step times measured here), and train nothing.
         #[arg(long)]
@@ -90,11 +144,14 @@ enum Command {
     },
     /// The README's main job, `repro table1 --profile quick` by another name: Table 1's
     /// WRN-16-1 <- WRN-16-2 pair on the embedded Fashion-MNIST subset, 3 seeds, 7.8 minutes on
-    /// a 2-core AMD EPYC, reported in docs/results/table1-quick.md.
+    /// a 2-core AMD EPYC, reported in <out>/table1-quick.md.
     Quick {
-        /// Where the runs go; finished runs are reused, interrupted ones resumed.
+        /// Where the runs and the report go; finished runs are reused, interrupted ones resumed.
         #[arg(long, default_value = "runs/repro/quick")]
         out: PathBuf,
+        /// Where the report goes instead (`docs/results` refreshes the committed one).
+        #[arg(long)]
+        report_dir: Option<PathBuf>,
     },
     /// Write the attention maps of a run's model, each group's beside its image, as PNGs.
     Maps {
@@ -106,8 +163,8 @@ enum Command {
         /// Image files (JPEG, PNG), resized to the training images' size.
         #[arg(long, num_args = 1..)]
         images: Vec<PathBuf>,
-        /// Test-set items, by index (when no --images are given; default: the first 4).
-        #[arg(long, num_args = 1..)]
+        /// Test-set items, by index (default: the first 4).
+        #[arg(long, num_args = 1.., conflicts_with = "images")]
         test_items: Vec<usize>,
         /// Where the PNGs go (default: RUN_DIR/maps).
         #[arg(long)]
@@ -128,11 +185,11 @@ enum Command {
     /// List the registered models with their exact parameter counts.
     Models {
         /// Number of classes of the classifier head.
-        #[arg(long, default_value_t = 10)]
-        classes: usize,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        classes: u64,
         /// Input channels (3 for colour images, 1 for Fashion-MNIST).
-        #[arg(long, default_value_t = 3)]
-        in_channels: usize,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+        in_channels: u64,
     },
     /// Time training steps on random CIFAR-shaped batches, on any device (what `cargo xtask
     /// bench` measures on the CPU; `xtask/bench/gpu.sh` on a GPU). Prints one JSON line.
@@ -140,19 +197,20 @@ enum Command {
         /// The student model.
         student: String,
         /// student, teacher (its forward alone), at or at-kd.
-        step: String,
+        #[arg(value_parser = step_parser())]
+        step: Step,
         /// The teacher model (for teacher, at and at-kd).
         #[arg(long, default_value = "wrn-16-2")]
         teacher: String,
         /// Images per batch.
-        #[arg(long, default_value_t = 128)]
-        batch: usize,
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+        batch: u64,
         /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
         /// Timed steps.
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        steps: u64,
         /// cpu, cuda:N or metal.
         #[arg(long, default_value = "cpu")]
         device: config::DeviceSpec,
@@ -176,25 +234,25 @@ enum Command {
         #[arg(long)]
         revision: Option<String>,
         /// Publish every finished student of this repro table (table1 ... table5), one
-        /// repository each, named after model, method and teacher.
-        #[arg(long)]
-        table: Option<String>,
+        /// repository each, named after model, method and teacher (teachers are not published).
+        #[arg(long, value_parser = table_parser(), conflicts_with_all = ["run_dir", "repo"])]
+        table: Option<Table>,
         /// The profile of --table's runs.
-        #[arg(long, default_value = "paper")]
-        profile: String,
+        #[arg(long, default_value = "paper", value_parser = profile_parser(), requires = "table")]
+        profile: &'static Profile,
         /// The owner (user or organisation) of --table's repositories.
-        #[arg(long)]
+        #[arg(long, requires = "table")]
         owner: Option<String>,
         /// Where --table's runs are [default: runs/repro/<profile>].
-        #[arg(long)]
+        #[arg(long, requires = "table")]
         runs: Option<PathBuf>,
     },
     /// Download a dataset or pretrained weights from the Hugging Face Hub into its cache, and
     /// print the folder they are in (HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE are honoured). A
     /// file already in the cache is not fetched again.
     Download {
-        /// cifar10, fashion-mnist, cub, scenes, imagenet, resnet18-imagenet or
-        /// resnet34-imagenet.
+        /// What to download.
+        #[arg(value_parser = PossibleValuesParser::new(at_hub::DOWNLOADS))]
         dataset: String,
         /// The dataset repository of a mirror (`owner/name`): required for cub and scenes, which
         /// have no official copy on the Hub.
@@ -237,11 +295,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// Makes Ctrl-C, `kill` (SIGTERM) and a closed terminal (SIGHUP) ask the returned handle to stop
+/// training after the batch in flight, with a checkpoint, so that running the same command again
+/// loses nothing else; a second signal exits at once. Called once per command (ctrlc takes one
+/// handler per process).
+fn interrupt_on_signals() -> anyhow::Result<Interrupt> {
+    let interrupt = Interrupt::new();
+    let handle = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if handle.is_requested() {
+            std::process::exit(130);
+        }
+        eprintln!("interrupted: writing a checkpoint after this batch (press again to abort)");
+        handle.request();
+    })
+    .context("cannot install the interrupt handler")?;
+    Ok(interrupt)
+}
+
+/// The options every training command runs with: stops on signals, the progress display, the
+/// second-order thread and `hf://` weights from the Hub.
+fn run_options(second_order: &SecondOrder) -> anyhow::Result<RunOptions> {
+    Ok(RunOptions {
+        interrupt: interrupt_on_signals()?,
+        observer: Some(Arc::new(progress::TrainingBar::default())),
+        second_order: Some(second_order.clone()),
+        resolve_weights: Some(at_hub::resolver(progress::download_display)),
+        ..RunOptions::default()
+    })
+}
+
 fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
     match cli.command {
         Command::Train { config, preset, sets, run_dir, resume } => {
-            train::install_interrupt_handler()?;
-            let options = RunOptions { second_order: Some(second_order), ..RunOptions::default() };
+            let options = run_options(&second_order)?;
             let result = match (resume, run_dir) {
                 (Some(dir), _) => train::resume(&dir, &options)?,
                 (None, Some(dir)) => train::train(
@@ -270,44 +357,45 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
             report_dir,
             dry_run,
         } => {
-            let profile = at_train::repro::Profile::parse(&profile)?;
-            let options = at_train::repro::Options {
-                seeds,
+            let defaults = at_repro::Options::new(profile);
+            let options = at_repro::Options {
+                seeds: seeds.map(|n| n as usize),
                 seed,
                 only,
                 device,
                 data_dir,
-                out: out.unwrap_or_else(|| at_train::repro::Options::new(profile).out),
-                ..at_train::repro::Options::new(profile)
+                out: out.unwrap_or(defaults.out.clone()),
+                ..defaults
             };
-            repro(&what, table, options, &report_dir, dry_run, second_order)?
+            let report_dir = report_dir.unwrap_or_else(|| options.out.clone());
+            repro(what, table, options, &report_dir, dry_run, second_order)?
         }
-        Command::Quick { out } => {
-            let profile = at_train::repro::Profile::Quick;
-            let options =
-                at_train::repro::Options { out, ..at_train::repro::Options::new(profile) };
-            repro("table1", None, options, Path::new("docs/results"), false, second_order)?
+        Command::Quick { out, report_dir } => {
+            let profile = Profile::named("quick")?;
+            let report_dir = report_dir.unwrap_or_else(|| out.clone());
+            let options = at_repro::Options { out, ..at_repro::Options::new(profile) };
+            repro(What::Table(Table::Table1), None, options, &report_dir, false, second_order)?
         }
         Command::Maps { run_dir, data, images, test_items, out } => {
             let source = if !images.is_empty() {
-                at_train::maps::Source::Files(images)
+                at_trainer::maps::Source::Files(images)
             } else if !test_items.is_empty() {
-                at_train::maps::Source::TestItems(test_items)
+                at_trainer::maps::Source::TestItems(test_items)
             } else {
-                at_train::maps::Source::TestItems(vec![0, 1, 2, 3])
+                at_trainer::maps::Source::TestItems(vec![0, 1, 2, 3])
             };
-            let out = match (out, at_train::hub::hub_repo(&run_dir)) {
+            let out = match (out, at_hub::hub_repo(&run_dir)) {
                 (Some(out), _) => out,
                 (None, Some(repo)) => Path::new("maps").join(repo.replace('/', "--")),
                 (None, None) => run_dir.join("maps"),
             };
-            let (config, dir) = at_train::hub::open_run(&run_dir, data.as_deref())?;
-            for path in at_train::maps::write_maps_of(config, &dir, source, &out)? {
+            let (config, dir) = at_hub::open_run(&run_dir, data.as_deref())?;
+            for path in at_trainer::maps::write_maps_of(config, &dir, source, &out)? {
                 println!("{}", path.display());
             }
         }
         Command::Eval { run_dir, data } => {
-            let (config, dir) = at_train::hub::open_run(&run_dir, data.as_deref())?;
+            let (config, dir) = at_hub::open_run(&run_dir, data.as_deref())?;
             let (loss, top1, top5) = train::RunModel::open(config, &dir)?.evaluate()?;
             println!(
                 "{}: test loss {loss:.4}, top-1 {top1:.2}%, top-5 {top5:.2}%",
@@ -316,44 +404,37 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
         }
         Command::Config { list_presets: true, .. } => {
             for config::Preset { name, about, .. } in config::PRESETS {
-                println!("{name:<16} {about}");
+                println!("{name:<18} {about}");
             }
         }
         Command::Config { preset, sets, .. } => {
             print!("{}", config::resolve(None, preset.as_deref(), &sets)?.to_toml())
         }
         Command::Models { classes, in_channels } => {
-            if classes == 0 || in_channels == 0 {
-                bail!(
-                    "--classes and --in-channels must be at least 1, got {classes} and {in_channels}"
-                )
-            }
+            let (classes, in_channels) = (classes as usize, in_channels as usize);
             let options =
                 ModelOptions { num_classes: classes, in_channels, ..ModelOptions::default() };
-            let rows = at_train::model_rows(&options)?;
-            print!("{}", at_train::model_table(&rows, classes));
+            let rows = models::model_rows(&options)?;
+            print!("{}", models::model_table(&rows, classes));
         }
         Command::BenchStep { student, step, teacher, batch, warmup, steps, device } => {
-            let kind = at_train::bench::Step::parse(&step)?;
             let dev = train::device(device)?;
-            let times = at_train::bench::time_steps(
-                (&student, kind, &teacher),
-                batch,
-                (warmup, steps),
+            let times = at_trainer::bench::time_steps(
+                (&student, step, &teacher),
+                batch as usize,
+                (warmup, steps as usize),
                 at_models::Backend::Kernels,
                 &dev,
             )?;
-            println!(
-                "{}",
-                at_train::bench::json_line(
-                    &student,
-                    kind,
-                    &teacher,
-                    batch,
-                    &device.to_string(),
-                    &times
-                )
+            let line = at_trainer::bench::json_line(
+                &student,
+                step,
+                &teacher,
+                batch as usize,
+                &device.to_string(),
+                &times,
             );
+            println!("{line}");
         }
         Command::Publish {
             run_dir,
@@ -366,14 +447,19 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
             owner,
             runs,
         } => {
-            let targets = publish_targets(run_dir, repo, table, &profile, owner, runs)?;
+            let targets = publish_targets(run_dir, repo, table, profile, owner, runs)?;
             let hub = HubOptions::from_env();
             for (run_dir, repo) in targets {
                 publish(&run_dir, &repo, private, dry_run, revision.clone(), &hub)?;
             }
         }
         Command::Download { dataset, repo, files, offline } => {
-            download(&dataset, repo, &files, offline)?
+            let source = at_hub::source(&dataset, repo.as_deref(), &files)?;
+            let env = HubOptions::from_env();
+            let options = HubOptions { offline: offline || env.offline, ..env };
+            let path =
+                at_hub::download(&source, &options, progress::download_display(&source.repo))?;
+            println!("{}", path.display());
         }
     }
     Ok(())
@@ -383,40 +469,44 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
 fn publish_targets(
     run_dir: Option<PathBuf>,
     repo: Option<String>,
-    table: Option<String>,
-    profile: &str,
+    table: Option<Table>,
+    profile: &'static Profile,
     owner: Option<String>,
     runs: Option<PathBuf>,
 ) -> anyhow::Result<Vec<(PathBuf, String)>> {
-    use at_train::repro::{self, Profile, Table};
     let Some(table) = table else {
         let run_dir = run_dir.context("name the run directory to publish, or --table")?;
         let repo = repo.context("name the repository to publish to: --repo owner/name")?;
         return Ok(vec![(run_dir, repo)]);
     };
-    if run_dir.is_some() || repo.is_some() {
-        bail!("--table publishes a table's runs: give --owner, not a run directory or --repo")
-    }
     let owner =
         owner.context("--table needs --owner, the user or organisation to publish under")?;
-    let profile = Profile::parse(profile)?;
-    let mut options = repro::Options::new(profile);
+    let mut options = at_repro::Options::new(profile);
     if let Some(runs) = runs {
         options.out = runs;
     }
-    let plan = repro::plan::plan(Table::parse(&table)?, &options)?;
-    let (targets, unfinished) = at_train::publish::plan_targets(&plan, &owner);
+    let plan = at_repro::plan::plan(table, &options)?;
+    let (finished, unfinished) = plan.finished_students();
     for dir in unfinished {
         eprintln!("not published: {} has not finished", dir.display());
     }
-    if targets.is_empty() {
+    if finished.is_empty() {
         bail!(
-            "no finished student of {table} in {}: run `cargo xtask repro {table} --profile {}` first",
+            "no finished student of {} in {}: run `cargo xtask repro {} --profile {}` first",
+            table.name(),
             plan.out.display(),
-            profile.name()
+            table.name(),
+            profile.name
         )
     }
-    Ok(targets)
+    Ok(finished
+        .into_iter()
+        .map(|run| {
+            let repo =
+                at_hub::publish::repro_repo_name(&owner, &run.key, &run.config, profile.name);
+            (plan.out.join(&run.key), repo)
+        })
+        .collect())
 }
 
 /// Publishes `run_dir` to `repo`, or with `dry_run` writes and lists what it would send.
@@ -428,7 +518,7 @@ fn publish(
     revision: Option<String>,
     hub: &HubOptions,
 ) -> anyhow::Result<()> {
-    use at_train::publish::{self, PublishOptions};
+    use at_hub::publish::{self, PublishOptions};
     let staging = publish::default_staging(run_dir);
     let options =
         PublishOptions { repo: repo.to_owned(), private, revision, dry_run, hub: hub.clone() };
@@ -451,81 +541,63 @@ fn publish(
     Ok(())
 }
 
-fn download(
-    dataset: &str,
-    repo: Option<String>,
-    files: &[String],
-    offline: bool,
-) -> anyhow::Result<()> {
-    let source = at_train::hub::source(dataset, repo.as_deref(), files)?;
-    let options =
-        HubOptions { offline: offline || HubOptions::from_env().offline, ..HubOptions::from_env() };
-    let path = at_train::hub::download(&source, &options)?;
-    println!("{}", path.display());
-    Ok(())
-}
-
-/// `at-train repro`: plans, trains and reports the tables `what` names.
+/// `at-train repro`: plans, trains and reports the tables `what` names; the reports go into
+/// `report_dir`.
 fn repro(
-    what: &str,
-    table: Option<String>,
-    options: at_train::repro::Options,
+    what: What,
+    table: Option<Table>,
+    options: at_repro::Options,
     report_dir: &Path,
     dry_run: bool,
     second_order: SecondOrder,
 ) -> anyhow::Result<()> {
-    use at_train::repro::{self, Profile, Table};
+    use at_repro::report::{self, Provenance};
     let profile = options.profile;
-    // Without a table, the tables the profile has (Tables 4 and 5 only in the paper's).
-    let profile_tables =
-        if profile == Profile::Paper { Table::ALL.to_vec() } else { Table::ALL[..3].to_vec() };
     let tables: Vec<Table> = match (what, table) {
-        ("report" | "figures", Some(t)) => vec![Table::parse(&t)?],
-        ("report", None) => bail!("`repro report` needs --table TABLE"),
-        ("figures", None) | ("all", _) => profile_tables,
-        (name, _) => vec![Table::parse(name)?],
+        (What::Report | What::Figures, Some(t)) => vec![t],
+        (What::Report, None) => bail!("`repro report` needs --table TABLE"),
+        (What::Figures | What::All, None) => profile.tables.to_vec(),
+        (What::Table(t), None) => vec![t],
+        (What::Table(_) | What::All, Some(_)) => {
+            bail!("--table is for `repro report` and `repro figures`; name the table instead")
+        }
     };
-    let trains = !dry_run && !matches!(what, "report" | "figures");
-    if trains {
-        // Once for the whole command: ctrlc takes one handler per process.
-        train::install_interrupt_handler()?;
-    }
+    let trains = !dry_run && matches!(what, What::Table(_) | What::All);
+    let run_options = if trains { Some(run_options(&second_order)?) } else { None };
     // One timer for every table of a dry run, so that each step is measured once.
     let mut timer = match dry_run {
-        true => {
-            Some(repro::StepTimer::new(train::device(options.device)?, Some(second_order.clone())))
-        }
+        true => Some(at_repro::StepTimer::new(
+            train::device(options.device)?,
+            Some(second_order.clone()),
+        )),
         false => None,
     };
-    let provenance = repro::report::Provenance::here();
+    let provenance = Provenance::here();
     for table in tables {
-        let plan = repro::plan::plan(table, &options)?;
+        let plan = at_repro::plan::plan(table, &options)?;
         if let Some(timer) = &mut timer {
-            print!("{}", repro::plan::dry_run(&plan, &mut |c| timer.seconds(c)));
+            print!("{}", at_repro::plan::dry_run(&plan, &mut |c| timer.seconds(c)));
             continue;
         }
-        if what == "figures" {
-            let written = repro::figures::write(&plan, &report_dir.join("figures"))?;
-            for file in written {
+        if what == What::Figures {
+            for file in at_repro::figures::write(&plan, &report_dir.join("figures"))? {
                 println!("written: {}", file.display());
             }
             continue;
         }
-        if trains {
-            let run_options =
-                RunOptions { second_order: Some(second_order.clone()), ..RunOptions::default() };
-            let finished = repro::execute(&plan, &run_options)?;
+        if let Some(run_options) = &run_options {
+            let finished = at_repro::execute(&plan, run_options)?;
             if !finished {
-                let (md, _) = repro::report::write(&plan, report_dir, &provenance)?;
+                let (md, _) = report::write(&plan, report_dir, &provenance)?;
                 println!("stopped; the report so far: {}", md.display());
                 return Ok(());
             }
         }
-        let (md, csv) = repro::report::write(&plan, report_dir, &provenance)?;
+        let (md, csv) = report::write(&plan, report_dir, &provenance)?;
         println!("{}", std::fs::read_to_string(&md)?);
         println!("written: {} and {}", md.display(), csv.display());
-        if what == "all" {
-            for file in repro::figures::write(&plan, &report_dir.join("figures"))? {
+        if what == What::All {
+            for file in at_repro::figures::write(&plan, &report_dir.join("figures"))? {
                 println!("written: {}", file.display());
             }
         }

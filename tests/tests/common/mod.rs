@@ -5,10 +5,10 @@
 use std::io::Write;
 use std::path::Path;
 
-use at_train::config::{
+use at_trainer::config::{
     Augmentation, DataConfig, DatasetName, OptimConfig, RunConfig, ScheduleKind,
 };
-use at_train::train::{RunOptions, read_metrics};
+use at_trainer::train::{RunOptions, read_metrics};
 
 /// 28x28 images of four classes: one bright quadrant each, on noise.
 pub fn write_dataset(dir: &Path, prefix: &str, n: usize, seed: u64) {
@@ -66,7 +66,7 @@ pub fn config(data: &Path) -> RunConfig {
 }
 
 pub fn quiet() -> RunOptions {
-    RunOptions { quiet: true, ..RunOptions::default() }
+    RunOptions::default()
 }
 
 /// The run's metrics without the wall-clock fields, which differ from run to run.

@@ -1,13 +1,21 @@
-//! The trainer's side of the Hugging Face Hub: `at-train download` (datasets and the
-//! ImageNet-pretrained ResNets), and `hf://owner/name` references in configs. The network itself
-//! is reached through at-data's hub module only.
+//! Attention-transfer models on the Hugging Face Hub: the downloads `at-train download` offers
+//! (datasets and the ImageNet-pretrained ResNets), `hf://owner/name` weights in configs
+//! ([`resolver`], handed to the trainer as a value), models published by [`publish`] loaded
+//! back ([`from_hub`], [`open_run`]). The network itself is reached through at-data's hub
+//! module only; progress is told to callbacks, drawn by the binary.
+#![deny(missing_docs)]
 
-use std::io::IsTerminal;
+pub mod publish;
+
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use at_data::hub::{self, HubOptions, OnProgress, Source};
+use at_trainer::config::{DeviceSpec, RunConfig};
+pub use at_trainer::train::{HF_SCHEME, ResolveWeights, hub_repo};
+
+pub use publish::ModelConfig;
 
 /// The names `at-train download` (and `cargo xtask download`) takes.
 pub const DOWNLOADS: &[&str] = &[
@@ -48,73 +56,28 @@ pub fn source(name: &str, repo: Option<&str>, files: &[String]) -> Result<Source
     })
 }
 
-/// Downloads `source` into the Hub cache (or finds it there), with a progress bar per file on a
-/// terminal and a line per file otherwise; the folder to point `data.root` (or `--data-dir`) at.
-pub fn download(source: &Source, options: &HubOptions) -> Result<PathBuf> {
-    let fetched = hub::fetch(source, options, progress_display(&source.repo))?;
+/// Downloads `source` into the Hub cache (or finds it there), telling `progress` how each file
+/// goes; the folder to point `data.root` (or `--data-dir`) at.
+pub fn download(source: &Source, options: &HubOptions, progress: OnProgress) -> Result<PathBuf> {
+    let fetched = hub::fetch(source, options, progress)?;
     Ok(fetched.unpacked.unwrap_or(fetched.snapshot))
-}
-
-/// A progress display for the files of `repo`.
-pub fn progress_display(repo: &str) -> OnProgress {
-    let terminal = std::io::stderr().is_terminal();
-    let repo = repo.to_owned();
-    // The file being fetched, its bar (on a terminal), and whether its first bytes were told.
-    type Current = Option<(String, Option<indicatif::ProgressBar>, bool)>;
-    let current: Mutex<Current> = Mutex::new(None);
-    Arc::new(move |file: &str, done: u64, total: u64| {
-        let mut current = current.lock().expect("the progress lock is not poisoned");
-        if current.as_ref().is_none_or(|(name, ..)| name != file) {
-            if let Some((_, Some(bar), _)) = current.take() {
-                bar.finish();
-            }
-            eprintln!("fetching {file} from {repo}");
-            *current = Some((file.to_owned(), None, false));
-        }
-        let Some((_, bar, started)) = current.as_mut() else { return };
-        if total == 0 {
-            return;
-        }
-        if !std::mem::replace(started, true) && done > 0 && done < total {
-            // A download cut short before goes on from the bytes it has.
-            let (done, total) = (indicatif::HumanBytes(done), indicatif::HumanBytes(total));
-            eprintln!("  going on from the {done} of {total} already here");
-        }
-        if !terminal {
-            return;
-        }
-        let bar = bar.get_or_insert_with(|| {
-            let bar = indicatif::ProgressBar::new(total).with_position(done);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "  [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ({eta} left)",
-                )
-                .expect("a valid template")
-                .progress_chars("=> "),
-            );
-            bar
-        });
-        bar.set_position(done);
-    })
-}
-
-/// The scheme of a reference to a Hub model repository in a config (`hf://owner/name`).
-pub const HF_SCHEME: &str = "hf://";
-
-/// The repository `path` names when it is `hf://owner/name`.
-pub fn hub_repo(path: &Path) -> Option<&str> {
-    path.to_str()?.strip_prefix(HF_SCHEME).filter(|r| !r.is_empty())
 }
 
 /// The local weights file of `path`: itself, or for `hf://owner/name` the repository's
 /// `model.safetensors`, downloaded into the Hub cache (or found there; offline with
-/// `HF_HUB_OFFLINE=1`).
-pub fn weights_file(path: &Path) -> Result<PathBuf> {
+/// `HF_HUB_OFFLINE=1`), each file's progress told to `progress(repo)`.
+pub fn weights_file(path: &Path, progress: &dyn Fn(&str) -> OnProgress) -> Result<PathBuf> {
     let Some(repo) = hub_repo(path) else { return Ok(path.to_path_buf()) };
     let source = Source::model(repo, &["model.safetensors"]);
-    let fetched = hub::fetch(&source, &HubOptions::from_env(), progress_display(repo))
+    let fetched = hub::fetch(&source, &HubOptions::from_env(), progress(repo))
         .with_context(|| format!("cannot fetch the weights of {}", path.display()))?;
     Ok(fetched.files[0].clone())
+}
+
+/// The trainer's resolver of `hf://owner/name` weights ([`weights_file`]), for
+/// `RunOptions::resolve_weights`; `progress(repo)` makes the display of each repository's files.
+pub fn resolver(progress: fn(&str) -> OnProgress) -> ResolveWeights {
+    Arc::new(move |path: &Path| weights_file(path, &progress))
 }
 
 /// A model published with `at-train publish` (or `cargo xtask publish`), loaded from the Hub.
@@ -124,7 +87,7 @@ pub struct Published {
     /// Its weights.
     pub varmap: candle_nn::VarMap,
     /// Its `config.json`.
-    pub config: crate::publish::ModelConfig,
+    pub config: ModelConfig,
     /// The local copy of the repository (the Hub cache's snapshot).
     pub dir: PathBuf,
 }
@@ -148,7 +111,7 @@ pub fn from_hub_with(
     let config_path = &fetched.files[0];
     let text = std::fs::read_to_string(config_path)
         .with_context(|| format!("cannot read {}", config_path.display()))?;
-    let config: crate::publish::ModelConfig = serde_json::from_str(&text).with_context(|| {
+    let config: ModelConfig = serde_json::from_str(&text).with_context(|| {
         format!("{repo}'s config.json is not an attention-transfer model config")
     })?;
     let options = at_models::ModelOptions {
@@ -171,12 +134,12 @@ pub fn published_run(
     repo: &str,
     options: &HubOptions,
     data_root: Option<&Path>,
-) -> Result<(crate::config::RunConfig, PathBuf)> {
+) -> Result<(RunConfig, PathBuf)> {
     let source = Source::model(repo, &["model.safetensors", "training/config.toml"]);
     let fetched = hub::fetch(&source, options, hub::silent())
         .with_context(|| format!("cannot fetch {repo} from the Hub"))?;
-    let mut config = crate::config::RunConfig::load(&fetched.files[1])?;
-    config.device = crate::config::DeviceSpec::Cpu;
+    let mut config = RunConfig::load(&fetched.files[1])?;
+    config.device = DeviceSpec::Cpu;
     if let Some(root) = data_root {
         config.data.root = root.to_path_buf();
     }
@@ -186,14 +149,11 @@ pub fn published_run(
 /// The run `run` names, for evaluation or inspection: a run directory (its `config.toml`), or
 /// `hf://owner/name` for a published model ([`published_run`]); its data read from `data_root`
 /// when given.
-pub fn open_run(
-    run: &Path,
-    data_root: Option<&Path>,
-) -> Result<(crate::config::RunConfig, PathBuf)> {
+pub fn open_run(run: &Path, data_root: Option<&Path>) -> Result<(RunConfig, PathBuf)> {
     if let Some(repo) = hub_repo(run) {
         return published_run(repo, &HubOptions::from_env(), data_root);
     }
-    let mut config = crate::config::RunConfig::load(&run.join("config.toml"))?;
+    let mut config = RunConfig::load(&run.join("config.toml"))?;
     if let Some(root) = data_root {
         config.data.root = root.to_path_buf();
     }

@@ -16,11 +16,11 @@ use image::RgbImage;
 use plotters::prelude::*;
 use rand::SeedableRng;
 
-use super::plan::Plan;
-use super::tables::Method;
-use crate::config::RunConfig;
-use crate::maps::{PANEL, panel_of_image, panel_of_map, paste_at};
-use crate::train::{RunModel, read_metrics};
+use crate::plan::Plan;
+use crate::tables::{Column, Method};
+use at_trainer::config::RunConfig;
+use at_trainer::maps::{PANEL, panel_of_image, panel_of_map, paste_at};
+use at_trainer::train::{RunModel, read_metrics};
 
 /// Test items shown in the attention-map figures.
 const ITEMS: [usize; 4] = [0, 1, 2, 3];
@@ -35,7 +35,10 @@ struct Trio {
 fn trios(plan: &Plan) -> Vec<Trio> {
     let mut trios: Vec<Trio> = vec![];
     for row in &plan.rows {
-        let wanted = matches!(row.method, Method::Baseline) || row.method == Method::AT;
+        let wanted = match row.column {
+            Column::Student | Column::Teacher => true,
+            Column::Method(m) => m == Method::AT,
+        };
         if !wanted {
             continue;
         }
@@ -45,7 +48,7 @@ fn trios(plan: &Plan) -> Vec<Trio> {
             dir.join("result.json").exists().then_some(dir)
         });
         let Some(dir) = finished else { continue };
-        let entry = (row.column, dir, row.at_start_epoch);
+        let entry = (row.header, dir, row.at_start_epoch);
         match trios.iter_mut().find(|t| t.label == row.label) {
             Some(t) => t.runs.push(entry),
             None => trios.push(Trio { label: row.label, runs: vec![entry] }),
@@ -63,10 +66,10 @@ fn slug(label: &str) -> String {
 /// map-functions.png}` and `<table>-<profile>-figures.md`); returns the files written.
 pub fn write(plan: &Plan, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let stem = format!("{}-{}", plan.table.name(), plan.profile.name());
+    let stem = format!("{}-{}", plan.table.name(), plan.profile.name);
     let mut written = vec![];
     let mut caption =
-        format!("# Figures of {} — profile `{}`\n\n", plan.table.title(), plan.profile.name());
+        format!("# Figures of {} — profile `{}`\n\n", plan.table.title(), plan.profile.name);
     for trio in trios(plan) {
         let base = format!("{stem}-{}", slug(trio.label));
         let curves = dir.join(format!("{base}-curves.svg"));
@@ -103,7 +106,7 @@ pub fn write(plan: &Plan, dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     let md = dir.join(format!("{stem}-figures.md"));
-    crate::train::write_atomically(&md, caption.as_bytes())?;
+    at_trainer::train::write_atomically(&md, caption.as_bytes())?;
     written.push(md);
     Ok(written)
 }

@@ -11,11 +11,11 @@ mod checkpoint;
 mod epochs;
 mod evaluate;
 mod metrics;
-mod progress;
 mod step;
 mod teacher;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
@@ -40,27 +40,90 @@ pub use teacher::load_teacher;
 
 use checkpoint::Position;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// A request to stop training after the batch in flight, with a checkpoint, shared between the
+/// training loop and whoever asks (a signal handler, another thread, a test). Cloning shares it.
+/// A value, not a process-wide flag: two runs in one process stop independently.
+#[derive(Clone, Debug, Default)]
+pub struct Interrupt(Arc<AtomicBool>);
 
-/// Asks a running training loop to checkpoint and stop after its current batch (the handler of
-/// [`install_interrupt_handler`] calls this).
-pub fn interrupt() {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+impl Interrupt {
+    /// A handle nobody has set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks every loop holding this handle to checkpoint and stop after its current batch.
+    pub fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
-/// Makes Ctrl-C, `kill` (SIGTERM) and a closed terminal (SIGHUP) stop training after the batch
-/// in flight, with a checkpoint, so that running the same command again loses nothing else; a
-/// second signal exits at once. Once per process (the signal handler is process-wide).
-pub fn install_interrupt_handler() -> Result<()> {
-    static TWICE: AtomicBool = AtomicBool::new(false);
-    ctrlc::set_handler(|| {
-        eprintln!("interrupted: writing a checkpoint after this batch (press again to abort)");
-        if TWICE.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
+/// Where a run's progress goes: the `at-train` binary draws a bar on a terminal; the default
+/// ([`LogObserver`]) writes a few `tracing` lines. Every method has a default that does that.
+pub trait Observer: Send + Sync {
+    /// An epoch (from 1) of `epochs` starts, with `batches` batches, `start_batch` of them done
+    /// before (a resumed epoch).
+    fn epoch_started(&self, epoch: usize, epochs: usize, batches: usize, start_batch: usize) {
+        let _ = (epoch, epochs, batches, start_batch);
+    }
+
+    /// `done` batches of `batches` of epoch `epoch` are done; the epoch's mean loss so far and
+    /// the batches per second of this call.
+    fn batch_done(&self, epoch: usize, done: usize, batches: usize, loss: f64, rate: f64) {
+        if batches >= 10 && done.is_multiple_of((batches / 10).max(1)) {
+            tracing::info!(
+                "epoch {epoch}: batch {done}/{batches}, loss {loss:.4}, {rate:.2} batches/s"
+            );
         }
-        interrupt();
-    })
-    .context("cannot install the interrupt handler")
+    }
+
+    /// The epoch's batches are done (before its evaluation).
+    fn epoch_batches_done(&self) {}
+
+    /// An epoch finished and was evaluated; `epochs` is the run's total.
+    fn epoch_finished(&self, metrics: &EpochMetrics, epochs: usize) {
+        tracing::info!("{}", epoch_line(metrics, epochs));
+    }
+
+    /// The run stopped early (an [`Interrupt`] or a stop option) after `batch` batches of epoch
+    /// `epoch` (from 1), with a checkpoint in `dir`.
+    fn stopped(&self, epoch: usize, batch: usize, dir: &Path) {
+        tracing::warn!(
+            "stopped at epoch {epoch}, batch {batch}, checkpointed in {}",
+            dir.display()
+        );
+    }
+}
+
+/// The default [`Observer`]: `tracing` lines only.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogObserver;
+
+impl Observer for LogObserver {}
+
+/// An epoch's metrics in one line, as the binary prints them.
+pub fn epoch_line(m: &EpochMetrics, epochs: usize) -> String {
+    format!(
+        "epoch {}/{epochs}: lr {:.4}, train loss {:.4}, train top-1 {:.2}%, test top-1 {:.2}%, top-5 {:.2}%, {:.0} images/s",
+        m.epoch, m.lr, m.train_loss, m.train_top1, m.test_top1, m.test_top5, m.images_per_second
+    )
+}
+
+/// Turns a weights reference of a config (`pretrained`, `teacher.checkpoint`) into a local
+/// file: at-hub's resolver fetches `hf://owner/name`; without one such a reference is refused.
+pub type ResolveWeights = Arc<dyn Fn(&Path) -> Result<PathBuf> + Send + Sync>;
+
+/// The scheme of a reference to a Hub model repository in a config (`hf://owner/name`).
+pub const HF_SCHEME: &str = "hf://";
+
+/// The repository `path` names when it is `hf://owner/name`.
+pub fn hub_repo(path: &Path) -> Option<&str> {
+    path.to_str()?.strip_prefix(HF_SCHEME).filter(|r| !r.is_empty())
 }
 
 /// Opens the device a config names: the one place a device is chosen.
@@ -77,21 +140,58 @@ pub fn device(spec: DeviceSpec) -> Result<Device> {
 /// How often a run checkpoints inside an epoch by default: 10 minutes.
 pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// What happens on top of training, for tests and the command line.
-#[derive(Clone, Debug, Default)]
+/// What happens around training: stops, progress, checkpoints, the second-order thread and
+/// where `hf://` weights come from. The default is a quiet run that nothing interrupts.
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Stop (with a checkpoint, as Ctrl-C does) once this many epochs are complete.
     pub stop_after_epochs: Option<usize>,
     /// Stop (with a checkpoint) after this many batches of the first epoch run in this call.
     pub stop_after_batches: Option<usize>,
-    /// No progress bar, even on a terminal (tests, and runs started by another tool).
-    pub quiet: bool,
+    /// Set to stop after the batch in flight, with a checkpoint (the binary's signal handler
+    /// holds a clone).
+    pub interrupt: Interrupt,
+    /// Where progress goes; `None` is [`LogObserver`].
+    pub observer: Option<Arc<dyn Observer>>,
     /// A checkpoint inside an epoch this often, so that a crash or `kill -9` (which no
     /// handler sees) loses at most this much training; `None` is [`CHECKPOINT_EVERY`].
     pub checkpoint_every: Option<std::time::Duration>,
     /// The process's second-order thread (`SecondOrder::start`, first thing in `main`), which
     /// a run with `loss.gradient` needs; `None` refuses such runs with an error that says so.
     pub second_order: Option<SecondOrder>,
+    /// Fetches `hf://owner/name` weights (`at_hub::resolver()`); `None` refuses them.
+    pub resolve_weights: Option<ResolveWeights>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("stop_after_epochs", &self.stop_after_epochs)
+            .field("stop_after_batches", &self.stop_after_batches)
+            .field("interrupt", &self.interrupt)
+            .field("observer", &self.observer.is_some())
+            .field("checkpoint_every", &self.checkpoint_every)
+            .field("second_order", &self.second_order.is_some())
+            .field("resolve_weights", &self.resolve_weights.is_some())
+            .finish()
+    }
+}
+
+impl RunOptions {
+    /// The local file of a weights reference: itself, or for `hf://owner/name` what
+    /// [`RunOptions::resolve_weights`] fetched.
+    pub fn weights_file(&self, path: &Path) -> Result<PathBuf> {
+        match (hub_repo(path), &self.resolve_weights) {
+            (None, _) => Ok(path.to_path_buf()),
+            (Some(_), Some(resolve)) => resolve(path),
+            (Some(repo), None) => bail!(
+                "{} names the Hub repository {repo}, and this caller gives no way to fetch it: \
+                 pass RunOptions::resolve_weights (at_hub::resolver()), or download the weights \
+                 and name the file",
+                path.display()
+            ),
+        }
+    }
 }
 
 /// Trains `config` in `dir`, a new directory (created; an existing non-empty one is refused).
@@ -107,30 +207,31 @@ pub fn train(config: &RunConfig, dir: &Path, options: &RunOptions) -> Result<Run
     std::fs::create_dir_all(dir.join("checkpoints"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     write_atomically(&dir.join("config.toml"), config.to_toml().as_bytes())?;
-    Run::new(config.clone(), dir, Purpose::Train)?.go(Position::default(), options)
+    Run::new(config.clone(), dir, Purpose::Train(options))?.go(Position::default(), options)
 }
 
 /// Continues the run in `dir` from its last checkpoint, with the config it was started with.
 pub fn resume(dir: &Path, options: &RunOptions) -> Result<RunResult> {
     let config = RunConfig::load(&dir.join("config.toml"))?;
-    let mut run = Run::new(config, dir, Purpose::Train)?;
+    let mut run = Run::new(config, dir, Purpose::Train(options))?;
     let position = run.restore()?;
     run.go(position, options)
 }
 
 /// What a [`Run`] is built for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Purpose {
-    /// Training: the pretrained start and the teacher are read.
-    Train,
+#[derive(Clone, Copy, Debug)]
+enum Purpose<'a> {
+    /// Training: the pretrained start and the teacher are read (their `hf://` references
+    /// resolved by the options).
+    Train(&'a RunOptions),
     /// Evaluation or attention maps of trained weights, loaded next.
     Inspect,
 }
 
 /// A run's state: its config, data, networks, optimiser and losses. Its jobs live in the
 /// submodules: the epoch loop (`epochs`), one step (`step`), checkpoints (`checkpoint`),
-/// metrics (`metrics`), the progress display (`progress`), evaluation (`evaluate`) and the
-/// teacher (`teacher`).
+/// metrics (`metrics`), evaluation (`evaluate`) and the teacher (`teacher`); progress goes to
+/// the caller's [`Observer`].
 struct Run {
     config: RunConfig,
     dir: PathBuf,
@@ -150,7 +251,10 @@ impl Run {
     /// Builds the run. For [`Purpose::Inspect`] (evaluation, maps) the trained weights are
     /// loaded next, so neither the pretrained start nor the teacher is read.
     fn new(config: RunConfig, dir: &Path, purpose: Purpose) -> Result<Self> {
-        let training = purpose == Purpose::Train;
+        let training = match purpose {
+            Purpose::Train(options) => Some(options),
+            Purpose::Inspect => None,
+        };
         let device = device(config.device)?;
         let data = data::load(&config.data)?;
         let options = ModelOptions {
@@ -169,15 +273,23 @@ impl Run {
             &student_options,
             seeded_var_builder(&varmap, config.seed, &device),
         )?;
-        if training && !config.pretrained.as_os_str().is_empty() {
+        if let Some(options) = training
+            && !config.pretrained.as_os_str().is_empty()
+        {
             let skip: Vec<&str> = config.pretrained_skip.iter().map(String::as_str).collect();
-            let weights = crate::hub::weights_file(&config.pretrained)?;
+            let weights = options.weights_file(&config.pretrained)?;
             at_models::load(&varmap, &weights, &skip).with_context(|| {
                 format!("cannot start {} from {}", config.student, config.pretrained.display())
             })?;
         }
         let teacher = match &config.teacher {
-            Some(t) if training => Some(load_teacher(&t.model, &t.checkpoint, &options, &device)?),
+            Some(t) => match training {
+                Some(run_options) => {
+                    let weights = run_options.weights_file(&t.checkpoint)?;
+                    Some(load_teacher(&t.model, &weights, &options, &device)?)
+                }
+                None => None,
+            },
             _ => None,
         };
         // Without explicit pairs, every group is paired with its namesake; counting the groups
@@ -189,6 +301,20 @@ impl Run {
             }
             _ => config.loss.pairs.iter().map(|p| (p[0], p[1])).collect(),
         };
+        if let Some(t) = &teacher
+            && config.loss.beta > 0.0
+            && !config.loss.pairs.is_empty()
+        {
+            let (ns, nt) = (student.group_count(), t.group_count());
+            if let Some(&[s, g]) = config.loss.pairs.iter().find(|&&[s, g]| s >= ns || g >= nt) {
+                bail!(
+                    "loss.pairs has [{s}, {g}], but {} has groups 0..{ns} and the teacher {} \
+                     has 0..{nt}: pair groups that exist",
+                    config.student,
+                    config.teacher.as_ref().map_or("", |t| t.model.as_str())
+                )
+            }
+        }
         let loss = LossConfig {
             alpha: config.loss.alpha,
             temperature: config.loss.temperature,

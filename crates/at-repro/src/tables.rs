@@ -1,9 +1,10 @@
-//! The paper's tables as data: each a list of rows (student, teacher, method, the paper's number).
-//! Nothing here trains; [`super::plan`] turns rows into runs.
+//! The paper's tables as data: each a list of rows (a label, a typed column, the networks, the
+//! paper's number). A new table is a variant of [`Table`] and a function here.
+//! Nothing here trains; [`crate::plan`] turns rows into runs.
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::GradientKind;
+use at_trainer::config::GradientKind;
 
 /// A table of the paper.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -79,11 +80,9 @@ pub enum MapFunction {
     },
 }
 
-/// What a row trains.
+/// How a row's student is trained beyond its cross-entropy.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Method {
-    /// The network alone, cross-entropy (the "student" and "teacher" columns).
-    Baseline,
     /// Activation attention transfer (beta 1e3) with `map`, on `groups` (all paired groups when
     /// `None`, else that one group).
     At {
@@ -96,7 +95,7 @@ pub enum Method {
     Kd,
     /// Both (Table 1's AT+KD column; Table 2's "KD & F_sum^2").
     AtKd,
-    /// A gradient-based penalty or transfer (Table 3), with distillation when `kd`.
+    /// A gradient-based penalty or transfer (Table 3).
     Gradient {
         /// Which.
         kind: GradientKind,
@@ -110,7 +109,6 @@ impl Method {
     /// A short name for run directories and reports.
     pub fn slug(self) -> String {
         match self {
-            Method::Baseline => "baseline".into(),
             Method::Kd => "kd".into(),
             Method::AtKd => "at-kd".into(),
             Method::At { map, group } => {
@@ -129,28 +127,64 @@ impl Method {
     /// Whether the method needs a teacher.
     pub fn needs_teacher(self) -> bool {
         match self {
-            Method::Baseline => false,
             Method::Gradient { kind } => kind == GradientKind::Transfer,
             Method::At { .. } | Method::Kd | Method::AtKd => true,
         }
     }
 }
 
+/// What a column of a table is. The printed header is the row's [`Row::header`]; what the
+/// code does with a cell (train a student alone, train it with a method, train the teacher,
+/// compare, publish) follows from this type, never from the header's text.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Column {
+    /// The student network alone, cross-entropy only (Table 1's "student", Table 3's
+    /// "baseline", Table 5's "ResNet-18").
+    Student,
+    /// The student trained with a method, against the student column of its row label.
+    Method(Method),
+    /// The teacher network alone (Table 1's "teacher", Table 5's "ResNet-34"): the run that
+    /// teaches the row's methods; the report checks it is better than its student, and it is
+    /// not published as a student.
+    Teacher,
+}
+
+impl Column {
+    /// The method, for a [`Column::Method`] cell.
+    pub fn method(self) -> Option<Method> {
+        match self {
+            Column::Method(m) => Some(m),
+            Column::Student | Column::Teacher => None,
+        }
+    }
+
+    /// A short name of what the cell trains, for run directories: `baseline` for a network
+    /// alone, else the method's slug.
+    pub fn slug(self) -> String {
+        self.method().map_or_else(|| "baseline".into(), Method::slug)
+    }
+
+    /// Whether the cell's run learns from a teacher.
+    pub fn needs_teacher(self) -> bool {
+        self.method().is_some_and(Method::needs_teacher)
+    }
+}
+
 /// One cell of a table: a network trained one way, and the paper's number for it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Row {
-    /// Unique within the table, for `--only`: label and column (e.g. `wrn-16-1<-wrn-16-2/at`).
+    /// Unique within the table, for `--only`: label and header (e.g. `wrn-16-1<-wrn-16-2/at`).
     pub id: String,
     /// The row label as the paper prints it (e.g. `WRN-16-1 <- WRN-16-2`).
     pub label: &'static str,
-    /// The column (`student`, `AT`, `AT+KD`, `teacher`, ...).
-    pub column: &'static str,
+    /// The column header as the paper prints it (`student`, `AT`, `AT+KD`, `ResNet-34`, ...).
+    pub header: &'static str,
+    /// What the column is.
+    pub column: Column,
     /// The network trained.
     pub model: &'static str,
     /// The teacher, for the methods that need one.
     pub teacher: Option<&'static str>,
-    /// How.
-    pub method: Method,
     /// The paper's test error %, when it prints one.
     pub paper: Option<f64>,
     /// What to know when reading the number (e.g. Table 2's `F_sum` row).
@@ -159,16 +193,28 @@ pub struct Row {
     pub at_start_epoch: usize,
 }
 
+impl Row {
+    /// Whether this is the teacher column.
+    pub fn is_teacher(&self) -> bool {
+        self.column == Column::Teacher
+    }
+
+    /// Whether this is the student-alone column.
+    pub fn is_student(&self) -> bool {
+        self.column == Column::Student
+    }
+}
+
 fn row(
     label: &'static str,
-    column: &'static str,
+    header: &'static str,
+    column: Column,
     model: &'static str,
     teacher: Option<&'static str>,
-    method: Method,
     paper: Option<f64>,
 ) -> Row {
-    let id = format!("{}/{}", slug(label), slug(column));
-    Row { id, label, column, model, teacher, method, paper, note: None, at_start_epoch: 0 }
+    let id = format!("{}/{}", slug(label), slug(header));
+    Row { id, label, header, column, model, teacher, paper, note: None, at_start_epoch: 0 }
 }
 
 /// `label` lowercased, `<-` and `->` kept tight, other spaces as dashes: a row id's part.
@@ -197,12 +243,13 @@ fn table1() -> Vec<Row> {
     ];
     let mut rows = vec![];
     for (label, s, t, [student, at, at_kd, teacher]) in pairs {
-        rows.push(row(label, "student", s, None, Method::Baseline, Some(student)));
-        rows.push(row(label, "AT", s, Some(t), Method::AT, Some(at)));
-        rows.push(row(label, "AT+KD", s, Some(t), Method::AtKd, Some(at_kd)));
-        rows.push(row(label, "teacher", t, None, Method::Baseline, Some(teacher)));
+        let method = |m| Column::Method(m);
+        rows.push(row(label, "student", Column::Student, s, None, Some(student)));
+        rows.push(row(label, "AT", method(Method::AT), s, Some(t), Some(at)));
+        rows.push(row(label, "AT+KD", method(Method::AtKd), s, Some(t), Some(at_kd)));
+        rows.push(row(label, "teacher", Column::Teacher, t, None, Some(teacher)));
         // The text discusses KD alone; the table does not print it.
-        rows.push(row(label, "KD", s, Some(t), Method::Kd, None));
+        rows.push(row(label, "KD", method(Method::Kd), s, Some(t), None));
     }
     rows
 }
@@ -210,24 +257,24 @@ fn table1() -> Vec<Row> {
 fn table2() -> Vec<Row> {
     let (s, t) = ("wrn-16-1", "wrn-40-1");
     let label = "WRN-16-1 <- WRN-40-1";
-    let at = |map, group| Method::At { map, group };
+    let at = |map, group| Column::Method(Method::At { map, group });
     let mut rows = vec![
         Row {
             note: Some(
                 "the paper prints 5.58, better than its own teacher (6.58): very likely a misprint \
                  (8.58?); shown as printed",
             ),
-            ..row(label, "F_sum", s, Some(t), at(MapFunction::Sum { p: 1.0 }, None), Some(5.58))
+            ..row(label, "F_sum", at(MapFunction::Sum { p: 1.0 }, None), s, Some(t), Some(5.58))
         },
-        row(label, "F_sum^2", s, Some(t), Method::AT, Some(8.60)),
-        row(label, "F_sum^4", s, Some(t), at(MapFunction::Sum { p: 4.0 }, None), Some(8.58)),
-        row(label, "F_max^2", s, Some(t), at(MapFunction::Max { p: 2.0 }, None), Some(8.69)),
-        row(label, "KD", s, Some(t), Method::Kd, Some(8.46)),
-        row(label, "KD & F_sum^2", s, Some(t), Method::AtKd, Some(8.27)),
+        row(label, "F_sum^2", Column::Method(Method::AT), s, Some(t), Some(8.60)),
+        row(label, "F_sum^4", at(MapFunction::Sum { p: 4.0 }, None), s, Some(t), Some(8.58)),
+        row(label, "F_max^2", at(MapFunction::Max { p: 2.0 }, None), s, Some(t), Some(8.69)),
+        row(label, "KD", Column::Method(Method::Kd), s, Some(t), Some(8.46)),
+        row(label, "KD & F_sum^2", Column::Method(Method::AtKd), s, Some(t), Some(8.27)),
     ];
     // Section 4.1: one AT loss on one group at a time against all three (no numbers printed).
-    for (g, column) in [(0, "group1 only"), (1, "group2 only"), (2, "group3 only")] {
-        rows.push(row(label, column, s, Some(t), at(MapFunction::Sum { p: 2.0 }, Some(g)), None));
+    for (g, header) in [(0, "group1 only"), (1, "group2 only"), (2, "group3 only")] {
+        rows.push(row(label, header, at(MapFunction::Sum { p: 2.0 }, Some(g)), s, Some(t), None));
     }
     rows
 }
@@ -235,13 +282,13 @@ fn table2() -> Vec<Row> {
 fn table3() -> Vec<Row> {
     let (s, t) = ("nin-thin-nobn", "nin-wide-nobn");
     let label = "NIN-thin (no BN)";
-    let gradient = |kind| Method::Gradient { kind };
+    let gradient = |kind| Column::Method(Method::Gradient { kind });
     vec![
-        row(label, "baseline", s, None, Method::Baseline, Some(13.5)),
-        row(label, "min", s, None, gradient(GradientKind::Jacobian), Some(12.5)),
-        row(label, "symmetry norm", s, None, gradient(GradientKind::Symmetry), Some(11.8)),
-        row(label, "AT-NIN-wide", s, Some(t), gradient(GradientKind::Transfer), Some(12.1)),
-        row(label, "KD", s, Some(t), Method::Kd, Some(12.1)),
+        row(label, "baseline", Column::Student, s, None, Some(13.5)),
+        row(label, "min", gradient(GradientKind::Jacobian), s, None, Some(12.5)),
+        row(label, "symmetry norm", gradient(GradientKind::Symmetry), s, None, Some(11.8)),
+        row(label, "AT-NIN-wide", gradient(GradientKind::Transfer), s, Some(t), Some(12.1)),
+        row(label, "KD", Column::Method(Method::Kd), s, Some(t), Some(12.1)),
     ]
 }
 
@@ -250,26 +297,28 @@ fn table4() -> Vec<Row> {
     for (label, student, at, teacher) in
         [("ImageNet -> CUB", 28.5, 27.0, 26.5), ("ImageNet -> Scenes", 28.2, 27.1, 26.0)]
     {
-        rows.push(row(label, "student", "resnet18", None, Method::Baseline, Some(student)));
-        rows.push(row(label, "AT", "resnet18", Some("resnet34"), Method::AT, Some(at)));
-        rows.push(row(label, "teacher", "resnet34", None, Method::Baseline, Some(teacher)));
+        let at_column = Column::Method(Method::AT);
+        rows.push(row(label, "student", Column::Student, "resnet18", None, Some(student)));
+        rows.push(row(label, "AT", at_column, "resnet18", Some("resnet34"), Some(at)));
+        rows.push(row(label, "teacher", Column::Teacher, "resnet34", None, Some(teacher)));
     }
     rows
 }
 
 fn table5() -> Vec<Row> {
     let label = "ImageNet";
+    let at = Column::Method(Method::AT);
     vec![
-        row(label, "ResNet-18", "resnet18", None, Method::Baseline, Some(30.4)),
+        row(label, "ResNet-18", Column::Student, "resnet18", None, Some(30.4)),
         Row {
             note: Some("AT added at epoch 60 of 100, as the paper did (top-5 10.4)"),
             at_start_epoch: 60,
-            ..row(label, "AT", "resnet18", Some("resnet34"), Method::AT, Some(29.7))
+            ..row(label, "AT", at, "resnet18", Some("resnet34"), Some(29.7))
         },
         Row {
             note: Some("AT from the start: the authors' README reports 29.3 (top-5 10.0)"),
-            ..row(label, "AT from scratch", "resnet18", Some("resnet34"), Method::AT, Some(29.3))
+            ..row(label, "AT from scratch", at, "resnet18", Some("resnet34"), Some(29.3))
         },
-        row(label, "ResNet-34", "resnet34", None, Method::Baseline, Some(26.1)),
+        row(label, "ResNet-34", Column::Teacher, "resnet34", None, Some(26.1)),
     ]
 }

@@ -8,7 +8,7 @@ use at_models::{AttentionModel, ModelOptions};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-/// Builds `model` and loads `checkpoint` (a file, or `hf://owner/name`) into it strictly, then
+/// Builds `model` and loads `checkpoint` (a local file) into it strictly, then
 /// keeps its weights as constants (no gradient is ever tracked through the teacher).
 pub fn load_teacher(
     model: &str,
@@ -18,8 +18,7 @@ pub fn load_teacher(
 ) -> Result<Box<dyn AttentionModel>> {
     let varmap = VarMap::new();
     at_models::build(model, options, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-    let weights = crate::hub::weights_file(checkpoint)?;
-    at_models::load(&varmap, &weights, &[])
+    at_models::load(&varmap, checkpoint, &[])
         .with_context(|| format!("the teacher checkpoint does not fit a {model}"))?;
     let tensors: HashMap<String, Tensor> = varmap
         .data()

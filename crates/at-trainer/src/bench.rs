@@ -28,6 +28,9 @@ pub enum Step {
 }
 
 impl Step {
+    /// Every step.
+    pub const ALL: [Step; 4] = [Step::Student, Step::Teacher, Step::At, Step::AtKd];
+
     /// `student`, `teacher`, `at` or `at-kd`.
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
@@ -215,14 +218,18 @@ pub fn json_line(
     device: &str,
     times: &[(Duration, Phases)],
 ) -> String {
-    let list: Vec<String> =
-        times.iter().map(|(t, _)| format!("{:.1}", t.as_secs_f64() * 1e3)).collect();
+    // Milliseconds to a tenth, as the PyTorch side rounds them.
+    let ms: Vec<f64> = times.iter().map(|(t, _)| (t.as_secs_f64() * 1e4).round() / 10.0).collect();
     let teacher = if step == Step::Student { "" } else { teacher };
-    let step = step.name();
-    format!(
-        "{{\"model\":\"{student}\",\"step\":\"{step}\",\"teacher\":\"{teacher}\",\"batch\":{batch},\"device\":\"{device}\",\"ms\":[{}]}}",
-        list.join(",")
-    )
+    serde_json::json!({
+        "model": student,
+        "step": step.name(),
+        "teacher": teacher,
+        "batch": batch,
+        "device": device,
+        "ms": ms,
+    })
+    .to_string()
 }
 
 #[cfg(test)]
@@ -231,7 +238,7 @@ mod tests {
 
     #[test]
     fn step_names_parse_back_to_their_step() {
-        for step in [Step::Student, Step::Teacher, Step::At, Step::AtKd] {
+        for step in Step::ALL {
             assert_eq!(Step::parse(step.name()).unwrap(), step);
         }
         assert!(Step::parse("kd").unwrap_err().to_string().contains("unknown step `kd`"));

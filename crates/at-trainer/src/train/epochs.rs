@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use super::checkpoint::previous_seconds;
 use super::metrics::Sums;
-use super::progress::Progress;
 use super::*;
 
 impl Run {
@@ -19,6 +18,7 @@ impl Run {
             )
         }
         let (train_loader, test_loader) = self.loaders()?;
+        let observer: &dyn Observer = options.observer.as_deref().unwrap_or(&LogObserver);
         let schedule = self.config.schedule()?;
         let epochs = self.config.epochs;
         let mut batches_this_call = 0usize;
@@ -34,29 +34,27 @@ impl Run {
                 if epoch >= self.config.loss.at_start_epoch { self.config.loss.beta } else { 0.0 };
             self.sgd.set_lr(lr);
             let n_batches = train_loader.batches_per_epoch();
-            let progress =
-                Progress::new(epoch + 1, epochs, n_batches, position.batch, options.quiet);
+            observer.epoch_started(epoch + 1, epochs, n_batches, position.batch);
             let started = Instant::now();
+            let start_batch = position.batch;
             let mut sums = std::mem::take(&mut position.sums);
             for batch in train_loader.epoch_from(epoch as u64, position.batch, &self.device) {
                 let batch = batch?;
                 self.step(&batch.images, &batch.labels, &mut sums)?;
                 position.batch += 1;
                 batches_this_call += 1;
-                progress.update(position.batch, &sums);
+                let rate = (position.batch - start_batch) as f64
+                    / started.elapsed().as_secs_f64().max(1e-9);
+                let loss = sums.loss / sums.seen.max(1) as f64;
+                observer.batch_done(epoch + 1, position.batch, n_batches, loss, rate);
                 let stop_here = options.stop_after_batches == Some(batches_this_call)
                     && position.batch < n_batches;
-                if INTERRUPTED.load(Ordering::SeqCst) || stop_here {
+                if options.interrupt.is_requested() || stop_here {
                     sums.seconds += started.elapsed().as_secs_f64();
                     position.sums = sums;
                     self.checkpoint(&position)?;
-                    progress.finish();
-                    eprintln!(
-                        "stopped at epoch {}, batch {}: continue with `at-train train --resume {}`",
-                        epoch + 1,
-                        position.batch,
-                        self.dir.display()
-                    );
+                    observer.epoch_batches_done();
+                    observer.stopped(epoch + 1, position.batch, &self.dir);
                     return self.result(last.as_ref(), total_seconds, true);
                 }
                 if checkpointed.elapsed() >= every && position.batch < n_batches {
@@ -66,7 +64,7 @@ impl Run {
                     checkpointed = Instant::now();
                 }
             }
-            progress.finish();
+            observer.epoch_batches_done();
             let (test_loss, test_top1, test_top5) =
                 evaluate(self.student.as_ref(), &test_loader, &self.device)?;
             sums.seconds += started.elapsed().as_secs_f64();
@@ -87,22 +85,14 @@ impl Run {
                 images_per_second: sums.seen as f64 / sums.seconds.max(1e-9),
             };
             total_seconds += sums.seconds;
-            println!(
-                "epoch {}/{epochs}: lr {lr:.4}, train loss {:.4}, train top-1 {:.2}%, test top-1 {:.2}%, top-5 {:.2}%, {:.0} images/s",
-                metrics.epoch,
-                metrics.train_loss,
-                metrics.train_top1,
-                metrics.test_top1,
-                metrics.test_top5,
-                metrics.images_per_second
-            );
+            observer.epoch_finished(&metrics, epochs);
             position = Position { epoch: epoch + 1, batch: 0, sums: Sums::default() };
             self.append_metrics(&metrics)?;
             self.checkpoint(&position)?;
             checkpointed = Instant::now();
             last = Some(metrics);
             if options.stop_after_epochs == Some(position.epoch) && position.epoch < epochs
-                || INTERRUPTED.load(Ordering::SeqCst)
+                || options.interrupt.is_requested()
             {
                 return self.result(last.as_ref(), total_seconds, true);
             }

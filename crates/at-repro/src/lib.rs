@@ -1,11 +1,15 @@
-//! Replaying the paper's tables: [`tables`] holds them as data (rows with the paper's numbers),
-//! [`plan`] turns a table and a profile into runs (a teacher trained once per profile and seed
-//! and shared by every row that needs it), [`execute`] trains them (a finished run is reused, an
-//! interrupted one resumed: killing `repro` loses at most the batch in flight), and [`report`]
-//! writes the table beside the paper's numbers from whatever finished runs exist.
+//! Replaying the paper's tables: [`tables`] holds them as data (rows with typed columns and the
+//! paper's numbers), [`profiles`] how big their runs are, [`plan`] turns a table and a profile
+//! into runs (a teacher trained once per profile and seed and shared by every row that needs
+//! it), [`execute`] trains them through at-trainer (a finished run is reused, an interrupted one
+//! resumed: killing `repro` loses at most the batch in flight), [`report`] writes the table
+//! beside the paper's numbers from whatever finished runs exist, and [`figures`] draws their
+//! curves and attention maps.
+#![deny(missing_docs)]
 
 pub mod figures;
 pub mod plan;
+pub mod profiles;
 pub mod report;
 pub mod tables;
 
@@ -13,10 +17,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-pub use plan::{Options, Plan, PlannedRun, Profile};
-pub use tables::{Method, Row, Table};
+pub use plan::{Options, Plan, PlannedRun};
+pub use profiles::{PROFILES, Profile};
+pub use tables::{Column, Method, Row, Table};
 
-use crate::train::{RunOptions, RunResult, resume, train};
+use at_trainer::config::RunConfig;
+use at_trainer::train::{RunOptions, RunResult, resume, train};
 
 /// How a run of the plan ended in this call.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,12 +60,12 @@ pub fn execute_run(out: &Path, run: &PlannedRun, options: &RunOptions) -> Result
 /// result would otherwise be reported as this plan's. Where things are and what runs them
 /// ([`LOCATION_KEYS`]: the data folder, the teacher's file under `--out`, device, threads) may
 /// differ: the same experiment moved to another folder or machine is still the same.
-fn same_config(dir: &Path, planned: &crate::config::RunConfig) -> Result<()> {
+fn same_config(dir: &Path, planned: &RunConfig) -> Result<()> {
     let path = dir.join("config.toml");
     if !path.exists() {
         return Ok(());
     }
-    let stored = crate::config::RunConfig::load(&path)?;
+    let stored = RunConfig::load(&path)?;
     if &stored == planned {
         return Ok(());
     }
@@ -120,6 +126,31 @@ pub fn execute(plan: &Plan, options: &RunOptions) -> Result<bool> {
     Ok(true)
 }
 
+impl Plan {
+    /// The runs of the plan's student cells (every column but [`Column::Teacher`]), split into
+    /// the finished ones (with a `result.json`) and the directories of the others: what
+    /// `publish --table` offers. A network that is a teacher in one row and a student in
+    /// another (Table 1's WRN-16-2) is offered by its student cell.
+    pub fn finished_students(&self) -> (Vec<&PlannedRun>, Vec<std::path::PathBuf>) {
+        let students: std::collections::BTreeSet<&String> = self
+            .cells
+            .iter()
+            .filter(|((row, _), _)| self.rows.iter().any(|r| &r.id == row && !r.is_teacher()))
+            .map(|(_, key)| key)
+            .collect();
+        let (mut finished, mut unfinished) = (vec![], vec![]);
+        for run in self.runs.iter().filter(|r| students.contains(&r.key)) {
+            let dir = self.out.join(&run.key);
+            if dir.join("result.json").is_file() {
+                finished.push(run);
+            } else {
+                unfinished.push(dir);
+            }
+        }
+        (finished, unfinished)
+    }
+}
+
 /// Seconds per training step of `config` on `device`, measured here with the bench's step (two
 /// steps after one warm-up, on random images of the run's size) and cached per (network, step,
 /// teacher, batch). The step is timed at the run's batch up to a cap (128 on 32x32 images, 32
@@ -144,9 +175,9 @@ impl StepTimer {
     }
 
     /// See [`StepTimer`].
-    pub fn seconds(&mut self, config: &crate::config::RunConfig) -> Option<f64> {
-        use crate::bench::{Step, time_gradient_steps, time_steps_sized};
-        let side = crate::data::input_side(&config.data);
+    pub fn seconds(&mut self, config: &RunConfig) -> Option<f64> {
+        use at_trainer::bench::{Step, time_gradient_steps, time_steps_sized};
+        let side = at_trainer::data::input_side(&config.data);
         let (small, gradient, large) = Self::BATCH_CAPS;
         let gradient_config = config.gradient_config().ok()?;
         let cap = match (&gradient_config, side) {
@@ -207,7 +238,6 @@ impl StepTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RunConfig;
 
     /// A run directory made by another config (an older plan, another profile's `--out`) is
     /// refused before its result is reused, the differing keys named with both values; the

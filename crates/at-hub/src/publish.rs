@@ -16,8 +16,8 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DatasetName, RunConfig};
-use crate::train::RunResult;
+use at_trainer::config::{DatasetName, RunConfig};
+use at_trainer::train::RunResult;
 
 /// `config.json` of a published model: how to build the network and feed it. For the ResNets it
 /// also holds timm's fields (`architecture`, `num_features`, `global_pool`, `pretrained_cfg`),
@@ -76,8 +76,8 @@ pub fn dataset_facts(dataset: DatasetName) -> (usize, &'static str, &'static str
 /// The `config.json` of a model trained by `config`.
 pub fn model_config(config: &RunConfig) -> Result<ModelConfig> {
     let (num_classes, _, _) = dataset_facts(config.data.dataset);
-    let side = crate::data::input_side(&config.data);
-    let (_, test, in_chans) = crate::data::pipelines(&config.data);
+    let side = at_trainer::data::input_side(&config.data);
+    let (_, test, in_chans) = at_trainer::data::pipelines(&config.data);
     let options = ModelOptions { num_classes, in_channels: in_chans, ..ModelOptions::default() };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -109,7 +109,7 @@ pub fn model_config(config: &RunConfig) -> Result<ModelConfig> {
         input_size,
         mean: test.mean.clone(),
         std: test.std.clone(),
-        label_names: crate::data::class_names(config.data.dataset)
+        label_names: at_trainer::data::class_names(config.data.dataset)
             .map(|names| names.iter().map(|n| n.to_string()).collect())
             .unwrap_or_default(),
         attention_points: model.group_names(),
@@ -191,10 +191,10 @@ pub fn stage(run_dir: &Path, repo: &str, out: &Path) -> Result<Vec<StagedFile>> 
             std::fs::copy(&from, out.join("training").join(file))?;
         }
     }
-    let figures = match crate::maps::write_maps_of(
+    let figures = match at_trainer::maps::write_maps_of(
         run.config.clone(),
         run_dir,
-        crate::maps::Source::TestItems(vec![0, 1, 2, 3]),
+        at_trainer::maps::Source::TestItems(vec![0, 1, 2, 3]),
         &out.join("figures"),
     ) {
         Ok(files) => files,
@@ -214,24 +214,19 @@ pub fn stage(run_dir: &Path, repo: &str, out: &Path) -> Result<Vec<StagedFile>> 
 
 /// Every file under `dir` with its size and SHA-256, sorted by path.
 pub fn list_files(dir: &Path) -> Result<Vec<StagedFile>> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<StagedFile>) -> Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                walk(root, &path, out)?;
-                continue;
-            }
-            let rel = path.strip_prefix(root).expect("under the root");
-            out.push(StagedFile {
-                path: rel.to_string_lossy().replace('\\', "/"),
-                size: std::fs::metadata(&path)?.len(),
-                sha256: at_data::hub::sha256_hex(&path)?,
-            });
-        }
-        Ok(())
-    }
     let mut files = vec![];
-    walk(dir, dir, &mut files).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(dir).expect("walkdir stays under its root");
+        files.push(StagedFile {
+            path: rel.to_string_lossy().replace('\\', "/"),
+            size: entry.metadata()?.len(),
+            sha256: at_data::hub::sha256_hex(entry.path())?,
+        });
+    }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)
 }
@@ -313,7 +308,7 @@ fn card(repo: &str, run: &FinishedRun, figures: &[String]) -> Result<String> {
     let (config, result) = (&run.config, &run.result);
     let (_, hub_dataset, dataset_name) = dataset_facts(config.data.dataset);
     let name = repo.rsplit('/').next().unwrap_or(repo);
-    let base_model = crate::hub::hub_repo(&config.pretrained).map(str::to_owned);
+    let base_model = crate::hub_repo(&config.pretrained).map(str::to_owned);
     let mut tags = vec!["image-classification", "candle", "attention-transfer"];
     if config.loss.alpha > 0.0 || config.teacher.is_some() {
         tags.push("knowledge-distillation");
@@ -434,7 +429,7 @@ fn card(repo: &str, run: &FinishedRun, figures: &[String]) -> Result<String> {
          training/config.toml --run-dir runs/{name}\n```\n"
     );
     md.push_str(
-        "## Use it\n\nIn Rust: `at_train::hub::from_hub(\"REPO\", &Device::Cpu)` builds the network \
+        "## Use it\n\nIn Rust: `at_hub::from_hub(\"REPO\", &Device::Cpu)` builds the network \
          from `config.json` and loads `model.safetensors` strictly. The weights carry PyTorch \
          state-dict names"
             .replace("REPO", repo)
@@ -536,32 +531,6 @@ pub fn repro_repo_name(owner: &str, key: &str, config: &RunConfig, profile: &str
     format!("{owner}/{name}")
 }
 
-/// The finished students of a repro plan (the runs of its cells other than the teacher
-/// column's), each with the repository [`repro_repo_name`] gives it under `owner`; and the
-/// students' directories that have not finished.
-pub fn plan_targets(
-    plan: &crate::repro::Plan,
-    owner: &str,
-) -> (Vec<(PathBuf, String)>, Vec<PathBuf>) {
-    let students: std::collections::BTreeSet<&String> = plan
-        .cells
-        .iter()
-        .filter(|((row, _), _)| plan.rows.iter().any(|r| &r.id == row && r.column != "teacher"))
-        .map(|(_, key)| key)
-        .collect();
-    let (mut targets, mut unfinished) = (vec![], vec![]);
-    for run in plan.runs.iter().filter(|r| students.contains(&r.key)) {
-        let dir = plan.out.join(&run.key);
-        if dir.join("result.json").is_file() {
-            let repo = repro_repo_name(owner, &run.key, &run.config, plan.profile.name());
-            targets.push((dir, repo));
-        } else {
-            unfinished.push(dir);
-        }
-    }
-    (targets, unfinished)
-}
-
 /// Where [`publish`] writes the folder by default: `RUN_DIR/hub`.
 pub fn default_staging(run_dir: &Path) -> PathBuf {
     run_dir.join("hub")
@@ -570,7 +539,7 @@ pub fn default_staging(run_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DataConfig, TeacherConfig};
+    use at_trainer::config::{DataConfig, TeacherConfig};
 
     fn finetuned_resnet() -> RunConfig {
         RunConfig {

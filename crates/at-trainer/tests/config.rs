@@ -1,8 +1,8 @@
 //! Run configs: every preset is valid, the TOML round-trips with every key, and unknown keys or
 //! values are errors that say what is known.
 
-use at_train::config::GradientKind;
-use at_train::config::{LossSection, PRESETS, RunConfig, resolve};
+use at_trainer::config::GradientKind;
+use at_trainer::config::{LossSection, PRESETS, RunConfig, resolve};
 
 #[test]
 fn every_preset_is_a_valid_config_and_round_trips_through_toml() {
@@ -198,7 +198,7 @@ fn an_input_side_is_for_fashion_mnist_and_never_crops_it() {
 
 #[test]
 fn devices_parse_and_print_as_written() {
-    use at_train::config::DeviceSpec;
+    use at_trainer::config::DeviceSpec;
     for (text, device) in
         [("cpu", DeviceSpec::Cpu), ("cuda:1", DeviceSpec::Cuda(1)), ("metal", DeviceSpec::Metal)]
     {
@@ -209,4 +209,37 @@ fn devices_parse_and_print_as_written() {
     let config = resolve(None, None, &["device=\"cuda:2\"".into()]).unwrap();
     assert_eq!(config.device, DeviceSpec::Cuda(2));
     assert!(config.to_toml().contains("device = \"cuda:2\""));
+}
+
+/// Values that parse and are in range but cannot mean anything are refused before any work,
+/// each with its reason.
+#[test]
+fn settings_that_cannot_take_effect_are_refused_with_the_reason() {
+    let at = RunConfig::preset("cifar-at").unwrap();
+    for (sets, want) in [
+        (
+            vec!["epochs=1", "loss.at_start_epoch=99"],
+            "loss.at_start_epoch = 99 (from 0) is not before the run's end (epochs = 1): \
+             attention transfer would never start",
+        ),
+        (vec!["epochs=5", "loss.at_start_epoch=5"], "would never start; use a value below 5"),
+        (
+            vec!["loss.beta=0", "loss.at_start_epoch=3"],
+            "loss.at_start_epoch = 3 starts attention transfer, but loss.beta = 0",
+        ),
+        (vec!["optim.milestones=[60, 60, 160]"], "optim.milestones must increase"),
+    ] {
+        let sets: Vec<String> = sets.into_iter().map(String::from).collect();
+        let err = format!("{:#}", resolve(None, Some("cifar-at"), &sets).unwrap_err());
+        assert!(err.contains(want), "{sets:?}: `{want}` in `{err}`");
+    }
+    let fine = RunConfig {
+        epochs: 100,
+        loss: LossSection { at_start_epoch: 60, ..at.loss.clone() },
+        ..at
+    };
+    fine.validate().unwrap();
+    let chunks = vec!["batch_size=2".to_owned(), "loss.gradient_chunks=4".to_owned()];
+    let err = format!("{:#}", resolve(None, Some("nin-jacobian"), &chunks).unwrap_err());
+    assert!(err.contains("loss.gradient_chunks = 4 splits a batch of 2 images"), "{err}");
 }

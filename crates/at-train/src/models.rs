@@ -1,41 +1,13 @@
-//! The attention-transfer trainer: a run described by a TOML config ([`config`]), trained with
-//! the losses of at-losses and SGD ([`optim`]), observed through `metrics.jsonl`, checkpointed
-//! atomically and resumable exactly ([`train`]).
-#![deny(missing_docs)]
-
-pub mod bench;
-pub mod config;
-pub mod data;
-pub mod hub;
-pub mod init;
-pub mod maps;
-pub mod optim;
-pub mod publish;
-pub mod repro;
-pub mod train;
+//! `at-train models`: the registered models with their exact parameter counts, as a table to
+//! paste.
 
 use at_models::{ModelOptions, parameter_count, registry};
 use candle_core::{DType, Device, Result};
 use candle_nn::{VarBuilder, VarMap};
 
-/// This machine in words: its CPU model and core count.
-pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores")
-}
-
 /// One row of the model table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModelRow {
+pub(crate) struct ModelRow {
     /// The registered name.
     pub name: &'static str,
     /// Trainable parameters (batch-norm statistics excluded).
@@ -45,7 +17,7 @@ pub struct ModelRow {
 }
 
 /// Every registered model with its exact parameter count under `options`, built on the CPU.
-pub fn model_rows(options: &ModelOptions) -> Result<Vec<ModelRow>> {
+pub(crate) fn model_rows(options: &ModelOptions) -> Result<Vec<ModelRow>> {
     registry()
         .iter()
         .map(|spec| {
@@ -61,7 +33,7 @@ pub fn model_rows(options: &ModelOptions) -> Result<Vec<ModelRow>> {
 }
 
 /// The rows as a Markdown table, ready to paste.
-pub fn model_table(rows: &[ModelRow], num_classes: usize) -> String {
+pub(crate) fn model_table(rows: &[ModelRow], num_classes: usize) -> String {
     let mut out =
         format!("| model | parameters ({num_classes} classes) | about |\n|---|---:|---|\n");
     for row in rows {

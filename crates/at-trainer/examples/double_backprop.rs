@@ -17,9 +17,9 @@ use anyhow::{Context, Result};
 use at_losses::gradient::{GradientConfig, GradientPenalty, gradient_student_loss};
 use at_losses::second_order::SecondOrder;
 use at_models::{AttentionModel, ModelOptions};
-use at_train::init::seeded_var_builder;
-use at_train::optim::{Sgd, SgdConfig};
-use at_train::train::gradient_step;
+use at_trainer::init::seeded_var_builder;
+use at_trainer::optim::{Sgd, SgdConfig};
+use at_trainer::train::gradient_step;
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 

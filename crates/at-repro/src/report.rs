@@ -5,13 +5,13 @@
 //! number links to its runs' `result.json` and `config.toml`.
 
 use std::fmt::Write as _;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::plan::{Plan, Profile};
-use super::tables::{Method, Row};
-use crate::train::RunResult;
+use crate::plan::Plan;
+use crate::tables::Row;
+use at_trainer::train::RunResult;
 
 /// One cell: a row and what its finished runs measured.
 #[derive(Clone, Debug, PartialEq)]
@@ -97,25 +97,11 @@ pub struct Provenance {
 impl Provenance {
     /// This machine, today.
     pub fn here() -> Self {
-        let days = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() / 86_400) as i64;
-        Self { machine: crate::machine(), date: civil_date(days) }
+        Self {
+            machine: at_trainer::machine(),
+            date: chrono::Utc::now().date_naive().format("%Y-%m-%d").to_string(),
+        }
     }
-}
-
-/// `YYYY-MM-DD` of the day `days` after 1970-01-01 (Howard Hinnant's civil-from-days).
-fn civil_date(days: i64) -> String {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }
 
 /// The markdown report of `cells`, its links (to the runs' files under `runs_dir`, laid out as
@@ -128,7 +114,7 @@ pub fn markdown(
     runs_dir: &Path,
 ) -> String {
     let mut md = String::new();
-    let profile = plan.profile.name();
+    let profile = plan.profile.name;
     let _ = writeln!(md, "# {} — profile `{profile}`\n", plan.table.title());
     let _ = writeln!(
         md,
@@ -138,7 +124,7 @@ pub fn markdown(
         plan.table.name(),
         plan.out.display()
     );
-    if plan.profile != Profile::Paper {
+    if !plan.profile.paper_data {
         let _ = writeln!(
             md,
             "This profile trains on other data than the paper's, for fewer epochs: `paper` and \
@@ -167,7 +153,7 @@ pub fn markdown(
                     md,
                     "| {} | {} | {median:.2} | {min:.2}-{max:.2} | {seeds} | {paper} | {diff} | {} |",
                     row.label,
-                    row.column,
+                    row.header,
                     runs.join(" ")
                 );
             }
@@ -175,14 +161,14 @@ pub fn markdown(
                 let _ = writeln!(
                     md,
                     "| {} | {} | missing | - | {seeds} | {paper} | - | - |",
-                    row.label, row.column
+                    row.label, row.header
                 );
             }
         }
     }
     let notes: Vec<String> = cells
         .iter()
-        .filter_map(|c| c.row.note.map(|n| format!("- {} / {}: {n}.", c.row.label, c.row.column)))
+        .filter_map(|c| c.row.note.map(|n| format!("- {} / {}: {n}.", c.row.label, c.row.header)))
         .collect();
     if !notes.is_empty() {
         let _ = writeln!(md, "\n{}", notes.join("\n"));
@@ -231,13 +217,11 @@ fn cells_seconds(cells: &[Cell]) -> f64 {
 /// is larger than the seeds' spread, and whether the teacher beats the student at all.
 pub fn findings(cells: &[Cell]) -> Vec<String> {
     let mut lines = vec![];
-    let is_student = |c: &Cell| c.row.method == Method::Baseline && c.row.column != "teacher";
-    for student in cells.iter().filter(|c| is_student(c)) {
+    for student in cells.iter().filter(|c| c.row.is_student()) {
         let label = student.row.label;
         let Some(s) = student.median() else { continue };
         let spread = |c: &Cell| c.range().map(|(a, b)| b - a);
-        if let Some(teacher) =
-            cells.iter().find(|c| c.row.label == label && c.row.column == "teacher")
+        if let Some(teacher) = cells.iter().find(|c| c.row.label == label && c.row.is_teacher())
             && let Some(t) = teacher.median()
             && t >= s
         {
@@ -249,8 +233,7 @@ pub fn findings(cells: &[Cell]) -> Vec<String> {
         for other in cells.iter().filter(|c| {
             c.row.label == label
                 && c.row.model == student.row.model
-                && !is_student(c)
-                && c.row.method != Method::Baseline
+                && c.row.column.method().is_some()
         }) {
             let Some(m) = other.median() else { continue };
             let diff = m - s;
@@ -265,13 +248,13 @@ pub fn findings(cells: &[Cell]) -> Vec<String> {
                     format!(
                         "{label}, {} - student: {diff:+.2} points; the spread (max - min over \
                          seeds) is {spread:.2}: {verdict}.",
-                        other.row.column
+                        other.row.header
                     )
                 }
                 _ => format!(
                     "{label}, {} - student: {diff:+.2} points, from one seed: no spread to compare \
                      it with.",
-                    other.row.column
+                    other.row.header
                 ),
             };
             lines.push(line);
@@ -290,15 +273,15 @@ pub fn csv(plan: &Plan, cells: &[Cell]) -> String {
     for cell in cells {
         let r = &cell.row;
         let paper = r.paper.map_or(String::new(), |p| p.to_string());
-        let teacher = r.teacher.filter(|_| r.method.needs_teacher()).unwrap_or("");
+        let teacher = r.teacher.filter(|_| r.column.needs_teacher()).unwrap_or("");
         let head = format!(
             "{},{},{},{},{},{teacher},{}",
             plan.table.name(),
-            plan.profile.name(),
+            plan.profile.name,
             quote(r.label),
-            quote(r.column),
+            quote(r.header),
             r.model,
-            r.method.slug()
+            r.column.slug()
         );
         if cell.finished.is_empty() {
             let _ = writeln!(out, "{head},,,{paper},");
@@ -317,52 +300,50 @@ fn quote(s: &str) -> String {
 /// The files of a finished run a report keeps beside itself (small; the weights stay in the run).
 const KEPT: [&str; 3] = ["result.json", "config.toml", "metrics.jsonl"];
 
-/// Writes `<dir>/<table>-<profile>.md` and `.csv`, with a copy of each finished run's
-/// `result.json`, `config.toml` and `metrics.jsonl` under `<dir>/runs/<profile>/` that the
-/// report links to (so that a committed report's links hold), and returns the two paths.
+/// Writes `<dir>/<table>-<profile>.md` and `.csv` and returns the two paths. Each number links
+/// to its run's `result.json` and `config.toml`: in place where the runs are under `dir` (the
+/// default, a report beside its runs), else to copies of each finished run's `result.json`,
+/// `config.toml` and `metrics.jsonl` under `<dir>/runs/<profile>/` (so that the links of a
+/// report committed elsewhere, like docs/results, hold).
 pub fn write(plan: &Plan, dir: &Path, provenance: &Provenance) -> Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cells = collect(plan)?;
-    let runs_dir = dir.join("runs").join(plan.profile.name());
-    for key in cells.iter().flat_map(|c| c.finished.iter().map(|f| &f.key)) {
-        let to = runs_dir.join(key);
-        std::fs::create_dir_all(&to).with_context(|| format!("cannot create {}", to.display()))?;
-        for file in KEPT {
-            let from = plan.out.join(key).join(file);
-            std::fs::copy(&from, to.join(file))
-                .with_context(|| format!("cannot copy {} into {}", from.display(), to.display()))?;
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let runs_dir = if abs(&plan.out).starts_with(abs(dir)) {
+        plan.out.clone()
+    } else {
+        let runs_dir = dir.join("runs").join(plan.profile.name);
+        for key in cells.iter().flat_map(|c| c.finished.iter().map(|f| &f.key)) {
+            let to = runs_dir.join(key);
+            std::fs::create_dir_all(&to)
+                .with_context(|| format!("cannot create {}", to.display()))?;
+            for file in KEPT {
+                let from = plan.out.join(key).join(file);
+                std::fs::copy(&from, to.join(file)).with_context(|| {
+                    format!("cannot copy {} into {}", from.display(), to.display())
+                })?;
+            }
         }
-    }
-    let stem = format!("{}-{}", plan.table.name(), plan.profile.name());
+        runs_dir
+    };
+    let stem = format!("{}-{}", plan.table.name(), plan.profile.name);
     let (md, csv_path) = (dir.join(format!("{stem}.md")), dir.join(format!("{stem}.csv")));
     let text = markdown(plan, &cells, provenance, dir, &runs_dir);
-    crate::train::write_atomically(&md, text.as_bytes())?;
-    crate::train::write_atomically(&csv_path, csv(plan, &cells).as_bytes())?;
+    at_trainer::train::write_atomically(&md, text.as_bytes())?;
+    at_trainer::train::write_atomically(&csv_path, csv(plan, &cells).as_bytes())?;
     Ok((md, csv_path))
 }
 
 /// `to` relative to the directory `from` (both made absolute), with `/` separators.
 fn relative(from: &Path, to: &Path) -> String {
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let (from, to) = (abs(from), abs(to));
-    let (a, b): (Vec<Component>, Vec<Component>) =
-        (from.components().collect(), to.components().collect());
-    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut parts: Vec<String> = vec!["..".into(); a.len() - common];
-    parts.extend(b[common..].iter().map(|c| c.as_os_str().to_string_lossy().into_owned()));
-    parts.join("/")
+    let rel = pathdiff::diff_paths(abs(to), abs(from)).unwrap_or_else(|| abs(to));
+    rel.to_string_lossy().replace('\\', "/")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn civil_dates_are_right_around_leap_years() {
-        assert_eq!(civil_date(0), "1970-01-01");
-        assert_eq!(civil_date(11_016), "2000-02-29");
-        assert_eq!(civil_date(20_789), "2026-12-02");
-    }
 
     #[test]
     fn relative_links_climb_out_of_the_report_directory() {

@@ -8,8 +8,8 @@
 use at_losses::{GroupMaps, LossConfig, student_loss, student_loss_with_maps};
 use at_models::AttentionModel;
 use at_models::{ModelOptions, build};
-use at_train::init::seeded_var_builder;
-use at_train::train::wanted_maps;
+use at_trainer::init::seeded_var_builder;
+use at_trainer::train::wanted_maps;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 

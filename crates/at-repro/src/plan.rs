@@ -6,75 +6,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-use serde::{Deserialize, Serialize};
-
-use super::tables::{MapFunction, Method, Row, Table, rows};
-use crate::config::{
-    Augmentation, DataConfig, DatasetName, DeviceSpec, GradientKind, LossSection, MapReduce,
-    OptimConfig, RunConfig, ScheduleKind, TeacherConfig,
+use at_trainer::config::{
+    DatasetName, DeviceSpec, GradientKind, LossSection, MapReduce, RunConfig, TeacherConfig,
+    recipes,
 };
 
-/// How big the runs are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Profile {
-    /// The paper's datasets and recipes (CIFAR-10 200 epochs, 5 seeds; CUB, Scenes, ImageNet):
-    /// for a GPU.
-    Paper,
-    /// The same rows on the full Fashion-MNIST (60k/10k, padded to 32x32), `FMNIST_EPOCHS`
-    /// epochs, 3 seeds.
-    Fmnist,
-    /// The README's quick look: the embedded Fashion-MNIST subset, minutes on a CPU.
-    Quick,
-}
-
-impl Profile {
-    /// `paper`, `fmnist`, `quick`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Profile::Paper => "paper",
-            Profile::Fmnist => "fmnist",
-            Profile::Quick => "quick",
-        }
-    }
-
-    /// The profile named `name`, or an error listing them.
-    pub fn parse(name: &str) -> Result<Profile> {
-        match name {
-            "paper" => Ok(Profile::Paper),
-            "fmnist" => Ok(Profile::Fmnist),
-            "quick" => Ok(Profile::Quick),
-            other => bail!("unknown profile `{other}`, expected one of paper, fmnist, quick"),
-        }
-    }
-
-    /// The teachers' scale, where it is not the students': the quick profile trains one teacher
-    /// (seed 0) for `QUICK_TEACHER_EPOCHS`, so that it is clearly better than its students at a
-    /// scale where a teacher trained as briefly as they are is not (measured: WRN-16-2 21.3%
-    /// against WRN-16-1's 22.7-25.5% after 4 epochs on 4,000 images; at the profile's scale,
-    /// 2,000 images at 28x28, the 8-epoch teacher made 21.85% against the students' 28.25-29.75%
-    /// after 4). `(seed, epochs)`.
-    pub fn teacher(self, seed: u64) -> (u64, Option<usize>) {
-        match self {
-            Profile::Quick => (0, Some(QUICK_TEACHER_EPOCHS)),
-            Profile::Paper | Profile::Fmnist => (seed, None),
-        }
-    }
-
-    /// Seeds when `--seeds` is not given (the paper reports the median of 5).
-    pub fn default_seeds(self) -> usize {
-        match self {
-            Profile::Paper => 5,
-            Profile::Fmnist | Profile::Quick => 3,
-        }
-    }
-}
+pub use crate::profiles::Profile;
+use crate::tables::{Column, MapFunction, Method, Row, Table, rows};
 
 /// What `repro` was asked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Options {
     /// The profile.
-    pub profile: Profile,
+    pub profile: &'static Profile,
     /// Seeds per cell (`None`: the profile's).
     pub seeds: Option<usize>,
     /// One seed only (to spread cells over machines by hand).
@@ -91,7 +35,7 @@ pub struct Options {
 
 impl Options {
     /// The defaults for `profile`.
-    pub fn new(profile: Profile) -> Self {
+    pub fn new(profile: &'static Profile) -> Self {
         Self {
             profile,
             seeds: None,
@@ -99,7 +43,7 @@ impl Options {
             only: None,
             device: DeviceSpec::Cpu,
             data_dir: None,
-            out: Path::new("runs/repro").join(profile.name()),
+            out: Path::new("runs/repro").join(profile.name),
         }
     }
 }
@@ -122,7 +66,7 @@ pub struct Plan {
     /// The table.
     pub table: Table,
     /// The profile.
-    pub profile: Profile,
+    pub profile: &'static Profile,
     /// The seeds of every cell.
     pub seeds: Vec<u64>,
     /// The rows planned (all, or `--only`'s), with the rows the profile leaves out.
@@ -141,19 +85,32 @@ pub struct Plan {
 /// The plan for `table` under `options`.
 pub fn plan(table: Table, options: &Options) -> Result<Plan> {
     let profile = options.profile;
-    if matches!(table, Table::Table4 | Table::Table5) && profile != Profile::Paper {
+    if !profile.tables.contains(&table) {
+        let with: Vec<&str> = crate::profiles::PROFILES
+            .iter()
+            .filter(|p| p.tables.contains(&table))
+            .map(|p| p.name)
+            .collect();
         bail!(
-            "{} fine-tunes ImageNet-pretrained ResNets on CUB, Scenes or ImageNet: it has only the \
-             paper profile (run `cargo xtask repro {} --profile paper`)",
+            "{} is not in the {} profile ({}): run it with --profile {}",
             table.name(),
-            table.name()
+            profile.name,
+            profile.about,
+            with.join(" or --profile ")
+        )
+    }
+    if options.seeds == Some(0) {
+        bail!(
+            "--seeds 0 plans no run: give at least 1 (the {} profile's default is {})",
+            profile.name,
+            profile.seeds
         )
     }
     let seeds: Vec<u64> = match (options.seed, table) {
         (Some(seed), _) => vec![seed],
         // Table 3: "deterministic algorithms and sampling with fixed seed ... single run".
         (None, Table::Table3) => vec![1],
-        (None, _) => (0..options.seeds.unwrap_or(profile.default_seeds()) as u64).collect(),
+        (None, _) => (0..options.seeds.unwrap_or(profile.seeds) as u64).collect(),
     };
     let mut planned = vec![];
     let mut skipped = vec![];
@@ -163,7 +120,7 @@ pub fn plan(table: Table, options: &Options) -> Result<Plan> {
         {
             continue;
         }
-        match profile_skips(profile, table, &row) {
+        match profile.skips(table, &row) {
             Some(why) => skipped.push((row, why)),
             None => planned.push(row),
         }
@@ -174,7 +131,7 @@ pub fn plan(table: Table, options: &Options) -> Result<Plan> {
             "no row of {} to run with --only {} in the {} profile; its rows: {}",
             table.name(),
             options.only.as_deref().unwrap_or("(none)"),
-            profile.name(),
+            profile.name,
             ids.join(", ")
         )
     }
@@ -182,12 +139,12 @@ pub fn plan(table: Table, options: &Options) -> Result<Plan> {
     let mut cells = BTreeMap::new();
     for row in &planned {
         for &seed in &seeds {
-            let teacher = match row.teacher.filter(|_| row.method.needs_teacher()) {
+            let teacher = match row.teacher.filter(|_| row.column.needs_teacher()) {
                 Some(t) => {
                     let teacher_row = Row {
                         model: t,
                         teacher: None,
-                        method: Method::Baseline,
+                        column: Column::Teacher,
                         at_start_epoch: 0,
                         ..row.clone()
                     };
@@ -196,7 +153,7 @@ pub fn plan(table: Table, options: &Options) -> Result<Plan> {
                 None => None,
             };
             // The teacher column reports the teachers the other columns learned from.
-            let key = if row.column == "teacher" {
+            let key = if row.is_teacher() {
                 add_teacher_run(&mut runs, table, row, seed, options)?
             } else {
                 add_run(&mut runs, table, row, seed, teacher, options)?
@@ -216,19 +173,6 @@ pub fn plan(table: Table, options: &Options) -> Result<Plan> {
         cells,
         out: options.out.clone(),
     })
-}
-
-/// Rows a profile does not run, with why.
-fn profile_skips(profile: Profile, table: Table, row: &Row) -> Option<&'static str> {
-    match profile {
-        Profile::Quick if table == Table::Table1 && row.label != "WRN-16-1 <- WRN-16-2" => Some(
-            "the quick profile runs Table 1's WRN-16-1 <- WRN-16-2 pair only (minutes on a CPU)",
-        ),
-        Profile::Quick if table == Table::Table1 && row.column == "KD" => {
-            Some("the quick profile leaves out KD alone, which the paper's table does not print")
-        }
-        _ => None,
-    }
 }
 
 /// Adds the teacher run of `row`'s model for students of `seed` (the profile says which seed and
@@ -283,10 +227,10 @@ fn make_run(
 ) -> Result<PlannedRun> {
     let dataset = dataset_tag(table, row);
     let method = match row.at_start_epoch {
-        0 => row.method.slug(),
-        e => format!("{}-from-epoch-{e}", row.method.slug()),
+        0 => row.column.slug(),
+        e => format!("{}-from-epoch-{e}", row.column.slug()),
     };
-    let method = match row.teacher.filter(|_| row.method.needs_teacher()) {
+    let method = match row.teacher.filter(|_| row.column.needs_teacher()) {
         Some(t) => format!("{method}-t-{t}"),
         None => method,
     };
@@ -294,10 +238,15 @@ fn make_run(
         Some(d) => format!("{d}/{}/{method}/seed{seed}", row.model),
         None => format!("{}/{method}/seed{seed}", row.model),
     };
-    let mut config = base_config(options.profile, table, row, options)?;
+    let mut config = options.profile.base(table, row)?;
+    config.student = row.model.into();
+    config.teacher = None;
+    if let Some(dir) = &options.data_dir {
+        config.data.root = dir.clone();
+    }
     config.seed = seed;
     config.device = options.device;
-    apply_method(&mut config, table, row);
+    apply_method(&mut config, row);
     if let Some(t) = &teacher {
         config.teacher = Some(TeacherConfig {
             model: row.teacher.expect("a teacher run has a teacher").into(),
@@ -316,116 +265,30 @@ fn dataset_tag(table: Table, row: &Row) -> Option<&'static str> {
     }
 }
 
-/// The recipe of `row`'s network under `profile`, before its method.
-fn base_config(profile: Profile, table: Table, row: &Row, options: &Options) -> Result<RunConfig> {
-    let gradient_table = table == Table::Table3;
-    let mut config = match (profile, table) {
-        (Profile::Paper, Table::Table1 | Table::Table2) => RunConfig::preset("cifar")?,
-        (Profile::Paper, Table::Table3) => RunConfig::preset("nin")?,
-        (Profile::Paper, Table::Table4) => {
-            let mut c = RunConfig::preset(match dataset_tag(table, row) {
-                Some("cub") => "finetune-cub",
-                _ => "finetune-scenes",
-            })?;
-            // torchvision's ImageNet weights (`cargo xtask download resnet18-imagenet`).
-            c.pretrained = format!("hf://timm/{}.tv_in1k", row.model).into();
-            c
-        }
-        (Profile::Paper, Table::Table5) => RunConfig::preset("imagenet")?,
-        (Profile::Fmnist, _) => RunConfig {
-            data: DataConfig {
-                dataset: DatasetName::FashionMnist,
-                augment: if gradient_table { Augmentation::Flip } else { Augmentation::Standard },
-                ..DataConfig::default()
-            },
-            optim: OptimConfig {
-                schedule: ScheduleKind::Cosine,
-                lr: if gradient_table { 0.02 } else { 0.1 },
-                weight_decay: if gradient_table { 0.0 } else { 5e-4 },
-                ..OptimConfig::default()
-            },
-            epochs: FMNIST_EPOCHS,
-            ..RunConfig::default()
-        },
-        (Profile::Quick, _) => {
-            let quick = RunConfig::preset("quick")?;
-            RunConfig {
-                data: DataConfig {
-                    augment: if gradient_table {
-                        Augmentation::Flip
-                    } else {
-                        Augmentation::Standard
-                    },
-                    ..quick.data.clone()
-                },
-                optim: OptimConfig {
-                    lr: if gradient_table { 0.02 } else { quick.optim.lr },
-                    weight_decay: if gradient_table { 0.0 } else { quick.optim.weight_decay },
-                    ..quick.optim.clone()
-                },
-                ..quick
-            }
-        }
-    };
-    config.student = row.model.into();
-    config.teacher = None;
-    if let Some(dir) = &options.data_dir {
-        config.data.root = dir.clone();
-    }
-    Ok(config)
-}
-
-/// The fmnist profile's epochs, students and teachers alike (a cosine schedule). Fashion-MNIST's
-/// 60,000 images make 469 steps an epoch at batch 128; at 5 epochs Table 1 is estimated at about
-/// 52 hours on a 2-core CPU (the dry run says, per run), a third of 15 epochs' cost, and one row
-/// at one seed at about 2.3 hours. WRN-16-1 reached 8.43% test error in 5 epochs (seed 0).
-pub const FMNIST_EPOCHS: usize = 5;
-
-/// The quick profile's teacher epochs (one teacher, seed 0; see [`Profile::teacher`]).
-pub const QUICK_TEACHER_EPOCHS: usize = 8;
-
-/// The loss of `row`'s method.
-fn apply_method(config: &mut RunConfig, table: Table, row: &Row) {
-    let resnet = matches!(table, Table::Table4 | Table::Table5);
-    let at_pairs = if resnet { vec![[2, 2], [3, 3]] } else { vec![] };
-    let kd = |loss: &mut LossSection| {
-        loss.alpha = 0.9;
-        loss.temperature = 4.0;
-    };
-    let loss = &mut config.loss;
-    match row.method {
-        Method::Baseline => {}
-        Method::Kd => kd(loss),
-        Method::AtKd => {
-            kd(loss);
-            loss.beta = 1e3;
-            loss.pairs = at_pairs;
-        }
-        Method::At { map, group } => {
-            loss.beta = 1e3;
-            loss.pairs = match group {
+/// The loss of `row`'s method, from the trainer's recipes (the presets' own).
+fn apply_method(config: &mut RunConfig, row: &Row) {
+    let loss = std::mem::take(&mut config.loss);
+    let pairs = recipes::at_pairs(row.model);
+    config.loss = match row.column.method() {
+        None => loss,
+        Some(Method::Kd) => recipes::kd(loss),
+        Some(Method::AtKd) => recipes::kd(recipes::at(loss, pairs)),
+        Some(Method::At { map, group }) => {
+            let pairs = match group {
                 Some(g) => vec![[g, g]],
-                None => at_pairs,
+                None => pairs,
             };
-            (loss.map_reduce, loss.map_p) = match map {
+            let (map_reduce, map_p) = match map {
                 // The authors' mean: the same map as the sum after normalisation.
                 MapFunction::Sum { p } if p == 2.0 => (MapReduce::Mean, 2.0),
                 MapFunction::Sum { p } => (MapReduce::Sum, p),
                 MapFunction::Max { p } => (MapReduce::Max, p),
             };
+            LossSection { map_reduce, map_p, ..recipes::at(loss, pairs) }
         }
-        Method::Gradient { kind } => {
-            // The presets' weights (the paper gives none; config.rs says why these).
-            let (beta, chunks) = match kind {
-                GradientKind::Symmetry => (0.1, 4),
-                _ => (1e3, 2),
-            };
-            loss.gradient = kind;
-            loss.gradient_beta = beta;
-            loss.gradient_chunks = chunks;
-        }
-    }
-    loss.at_start_epoch = row.at_start_epoch;
+        Some(Method::Gradient { kind }) => recipes::gradient(loss, kind),
+    };
+    config.loss.at_start_epoch = row.at_start_epoch;
 }
 
 /// Training images of the dataset `config` trains on, where the size is known without reading
@@ -514,7 +377,7 @@ pub fn dry_run(plan: &Plan, step_seconds: &mut dyn FnMut(&RunConfig) -> Option<f
     let mut text = format!(
         "{} — profile {}, seeds {:?}: {} runs in {}\n",
         plan.table.title(),
-        plan.profile.name(),
+        plan.profile.name,
         plan.seeds,
         plan.runs.len(),
         plan.out.display()

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use at_train::optim::{Schedule, Sgd, SgdConfig};
+use at_trainer::optim::{Schedule, Sgd, SgdConfig};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarMap};
 

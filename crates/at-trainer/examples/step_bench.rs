@@ -13,7 +13,7 @@
 //! timed step in milliseconds.
 
 use anyhow::Result;
-use at_train::bench::{Step, json_line, time_steps};
+use at_trainer::bench::{Step, json_line, time_steps};
 use candle_core::Device;
 
 fn main() -> Result<()> {

@@ -14,7 +14,7 @@ use crate::config::RunConfig;
 use crate::train::RunModel;
 
 /// The side, in pixels, of each panel of a written figure.
-pub(crate) const PANEL: u32 = 128;
+pub const PANEL: u32 = 128;
 
 /// Where the pictures come from.
 pub enum Source {
@@ -104,7 +104,8 @@ fn fit(image: &Image, side: usize, channels: usize) -> Image {
     image.resize(side, side)
 }
 
-pub(crate) fn panel_of_image(image: &Image) -> RgbImage {
+/// An image as a panel, scaled to [`PANEL`] pixels a side.
+pub fn panel_of_image(image: &Image) -> RgbImage {
     let c = image.channels;
     RgbImage::from_fn(PANEL, PANEL, |x, y| {
         let row = y as usize * image.height / PANEL as usize;
@@ -115,7 +116,7 @@ pub(crate) fn panel_of_image(image: &Image) -> RgbImage {
 }
 
 /// A map as a heat panel: dark blue (low) through red to yellow (high), scaled to its maximum.
-pub(crate) fn panel_of_map(map: &[Vec<f32>]) -> RgbImage {
+pub fn panel_of_map(map: &[Vec<f32>]) -> RgbImage {
     let (h, w) = (map.len(), map[0].len());
     let max = map.iter().flatten().fold(f32::MIN_POSITIVE, |m, &v| m.max(v));
     RgbImage::from_fn(PANEL, PANEL, |x, y| {
@@ -130,7 +131,7 @@ pub(crate) fn panel_of_map(map: &[Vec<f32>]) -> RgbImage {
 }
 
 /// Copies `panel` into `figure` with its top-left corner at `(left, top)`.
-pub(crate) fn paste_at(figure: &mut RgbImage, (left, top): (u32, u32), panel: &RgbImage) {
+pub fn paste_at(figure: &mut RgbImage, (left, top): (u32, u32), panel: &RgbImage) {
     for (x, y, px) in panel.enumerate_pixels() {
         figure.put_pixel(left + x, top + y, *px);
     }
