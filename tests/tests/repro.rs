@@ -300,6 +300,19 @@ fn a_replay_killed_and_resumed_reports_as_an_uninterrupted_one() {
         assert!(link.starts_with("runs/quick/"), "links stay beside the report: {link}");
     }
 
+    // By default the report sits beside its runs and links into them: nothing is copied.
+    let (beside, _) = report::write(&resumed, &resumed.out, &Provenance::here()).unwrap();
+    assert_eq!(beside, resumed.out.join("table1-quick.md"));
+    let text = std::fs::read_to_string(&beside).unwrap();
+    let links: Vec<&str> =
+        text.split("](").skip(1).map(|rest| rest.split(')').next().unwrap()).collect();
+    assert!(links.len() >= 2, "{text}");
+    for link in links {
+        assert!(resumed.out.join(link).exists(), "a dead link {link} in {text}");
+        assert!(!link.starts_with("runs/") && !link.starts_with(".."), "into the runs: {link}");
+    }
+    assert!(!resumed.out.join("runs").exists(), "no copies beside the runs themselves");
+
     // The figures: training curves as an SVG plot, attention maps as PNG grids of the expected
     // size (4 test items; the image, the AT student's 3 groups and the teacher's 3; the image
     // and 4 map functions), and their caption.

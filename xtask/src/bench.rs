@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
 
 use crate::{python, root, run};
 
@@ -70,25 +71,15 @@ fn options(args: &[String]) -> Result<Options> {
     Ok(o)
 }
 
-/// The `"ms":[...]` list of one JSON line printed by either side.
-fn times(line: &str) -> Result<Vec<f64>> {
-    let start = line.find("\"ms\":").context("no \"ms\" field")? + 5;
-    let rest = line[start..].trim_start();
-    let end = rest.find(']').context("unterminated \"ms\" list")?;
-    rest[1..end]
-        .split(',')
-        .map(|v| v.trim().parse::<f64>().with_context(|| format!("bad time `{v}`")))
-        .collect()
+/// The `"ms"` list of one JSON line printed by either side.
+fn times(line: &Value) -> Result<Vec<f64>> {
+    let ms = line["ms"].as_array().with_context(|| format!("no \"ms\" list in `{line}`"))?;
+    ms.iter().map(|v| v.as_f64().with_context(|| format!("bad time `{v}` in `{line}`"))).collect()
 }
 
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    let key = format!("\"{name}\": \"");
-    let compact = format!("\"{name}\":\"");
-    let start = line
-        .find(&key)
-        .map(|i| i + key.len())
-        .or_else(|| line.find(&compact).map(|i| i + compact.len()))?;
-    line[start..].split('"').next()
+/// A string field of one JSON line.
+fn field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
+    line[name].as_str()
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -98,7 +89,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// The last JSON line a benchmark printed.
-fn output(command: &mut Command) -> Result<String> {
+fn output(command: &mut Command) -> Result<Value> {
     let lines = json_lines(command)?;
     lines.last().cloned().with_context(|| format!("{command:?} printed no JSON line"))
 }
@@ -176,10 +167,10 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
             let teacher_arg = if teacher.is_empty() { "none" } else { teacher };
             let common = [model, step, teacher_arg, &batch, &warmup, &steps];
             let line = output(Command::new(&ours_bin).args(common))?;
-            ours[i].extend(times(&line).with_context(|| format!("ours printed `{line}`"))?);
+            ours[i].extend(times(&line).context("ours")?);
             let line =
                 output(Command::new(&python).arg(&script).args(common).arg(o.threads.to_string()))?;
-            torch[i].extend(times(&line).with_context(|| format!("torch printed `{line}`"))?);
+            torch[i].extend(times(&line).context("torch")?);
             if let Some(v) = field(&line, "torch") {
                 torch_version = v.to_owned();
             }
@@ -216,7 +207,7 @@ fn conv_rounds(python: &PathBuf, o: &Options) -> Result<Vec<ConvRow>> {
         let ours = json_lines(&mut Command::new(&ours_bin))?;
         let torch = json_lines(Command::new(python).arg(&script).arg(o.threads.to_string()))?;
         for (i, (a, b)) in ours.iter().zip(&torch).enumerate() {
-            let key = |l: &str| -> Result<(String, String)> {
+            let key = |l: &Value| -> Result<(String, String)> {
                 Ok((
                     field(l, "layer").context("no layer")?.to_owned(),
                     field(l, "op").context("no op")?.to_owned(),
@@ -240,38 +231,42 @@ fn conv_rounds(python: &PathBuf, o: &Options) -> Result<Vec<ConvRow>> {
         .collect())
 }
 
-fn json_lines(command: &mut Command) -> Result<Vec<String>> {
+/// The JSON lines (those starting with `{`) a benchmark printed, parsed.
+fn json_lines(command: &mut Command) -> Result<Vec<Value>> {
     let out = command.output().with_context(|| format!("cannot start {command:?}"))?;
     if !out.status.success() {
         bail!("{command:?} failed: {}", String::from_utf8_lossy(&out.stderr))
     }
-    Ok(String::from_utf8(out.stdout)?
+    String::from_utf8(out.stdout)?
         .lines()
         .filter(|l| l.starts_with('{'))
-        .map(String::from)
-        .collect())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("{command:?} printed `{l}`")))
+        .collect()
 }
 
 fn write(rows: &[Row], convs: &[ConvRow], o: &Options, torch_version: &str) -> Result<()> {
     let machine = machine();
     let date = today();
-    let mut json: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            format!(
-                "  {{\"model\": \"{}\", \"step\": \"{}\", \"teacher\": \"{}\", \"device\": \"cpu\", \"batch\": {BATCH}, \"ours_ms\": {:.1}, \"torch_ms\": {:.1}, \"speedup\": {:.3}, \"machine\": \"{}\", \"date\": \"{date}\", \"torch\": \"{torch_version}\", \"torch_threads\": {}, \"rounds\": {}, \"steps_per_round\": {}}}",
-                r.model, r.step, r.teacher, r.ours, r.torch, r.torch / r.ours, machine, o.threads, o.rounds, o.steps
-            )
+    let round = |x: f64, digits: i32| (x * 10f64.powi(digits)).round() / 10f64.powi(digits);
+    let entry = |model: String, step: &str, teacher: &str, ours: f64, torch: f64, steps: usize| {
+        json!({
+            "model": model, "step": step, "teacher": teacher, "device": "cpu", "batch": BATCH,
+            "ours_ms": round(ours, 2), "torch_ms": round(torch, 2),
+            "speedup": round(torch / ours, 3), "machine": machine, "date": date,
+            "torch": torch_version, "torch_threads": o.threads, "rounds": o.rounds,
+            "steps_per_round": steps,
         })
+    };
+    let mut json: Vec<Value> = rows
+        .iter()
+        .map(|r| entry(r.model.to_owned(), r.step, r.teacher, r.ours, r.torch, o.steps))
         .collect();
     json.extend(convs.iter().map(|(layer, op, ours, torch)| {
-        format!(
-            "  {{\"model\": \"conv3x3 {layer}\", \"step\": \"{op}\", \"teacher\": \"\", \"device\": \"cpu\", \"batch\": {BATCH}, \"ours_ms\": {ours:.2}, \"torch_ms\": {torch:.2}, \"speedup\": {:.3}, \"machine\": \"{machine}\", \"date\": \"{date}\", \"torch\": \"{torch_version}\", \"torch_threads\": {}, \"rounds\": {}, \"steps_per_round\": 5}}",
-            torch / ours, o.threads, o.rounds
-        )
+        entry(format!("conv3x3 {layer}"), op, "", *ours, *torch, 5)
     }));
     let docs = root().join("docs");
-    std::fs::write(docs.join("benchmarks.json"), format!("[\n{}\n]\n", json.join(",\n")))?;
+    let text = serde_json::to_string_pretty(&json)? + "\n";
+    std::fs::write(docs.join("benchmarks.json"), text)?;
 
     let mut table = format!(
         "{START}\n## Training step: ours against PyTorch (`cargo xtask bench`)\n\n\

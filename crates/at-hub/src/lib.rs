@@ -39,6 +39,12 @@ pub fn source(name: &str, repo: Option<&str>, files: &[String]) -> Result<Source
             )
         })
     };
+    if repo.is_some() && !matches!(name, "cub" | "scenes") {
+        bail!("--repo names the mirror of cub or scenes; {name} comes from its own repository")
+    }
+    if !files.is_empty() && name != "imagenet" {
+        bail!("--files picks ImageNet's files; {name} is fetched whole")
+    }
     if let Some(source) = Source::named(name) {
         return Ok(source);
     }
@@ -158,4 +164,20 @@ pub fn open_run(run: &Path, data_root: Option<&Path>) -> Result<(RunConfig, Path
         config.data.root = root.to_path_buf();
     }
     Ok((config, run.to_path_buf()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_options_that_a_name_does_not_take_are_refused() {
+        let err = |name, repo, files: &[String]| source(name, repo, files).unwrap_err().to_string();
+        assert!(err("cub", None, &[]).contains("pass --repo OWNER/NAME"));
+        assert!(err("cifar10", Some("me/mirror"), &[]).contains("--repo names the mirror"));
+        assert!(err("cifar10", None, &["a".into()]).contains("--files picks ImageNet's files"));
+        assert!(err("imagenet", None, &[]).contains("name the ImageNet files"));
+        assert!(err("mnist", None, &[]).contains("unknown download `mnist`"));
+        assert_eq!(source("cub", Some("me/cub"), &[]).unwrap().repo, "me/cub");
+    }
 }

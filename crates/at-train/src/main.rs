@@ -17,7 +17,7 @@ use at_repro::{PROFILES, Profile, Table};
 use at_trainer::bench::Step;
 use at_trainer::config;
 use at_trainer::train::{self, Interrupt, RunOptions};
-use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 
 /// What `repro` is asked to do.
@@ -50,9 +50,9 @@ fn what_parser() -> impl TypedValueParser<Value = What> {
     })
 }
 
-/// A profile of at-repro's table.
+/// A profile of at-repro's table, each shown in `--help` with what it is.
 fn profile_parser() -> impl TypedValueParser<Value = &'static Profile> {
-    PossibleValuesParser::new(PROFILES.iter().map(|p| p.name))
+    PossibleValuesParser::new(PROFILES.iter().map(|p| PossibleValue::new(p.name).help(p.about)))
         .map(|name| Profile::named(&name).expect("a listed profile"))
 }
 
@@ -109,10 +109,10 @@ enum Command {
         /// <report-dir>/figures).
         #[arg(value_parser = what_parser())]
         what: What,
-        /// paper (the paper's recipes; for a GPU), fmnist (full Fashion-MNIST) or quick.
+        /// How big the runs are.
         #[arg(long, default_value = "quick", value_parser = profile_parser())]
         profile: &'static Profile,
-        /// Seeds per cell [default: the profile's: paper 5, fmnist and quick 3; Table 3: 1].
+        /// Seeds per cell [default: the profile's (paper 5, the others 3); Table 3: 1].
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         seeds: Option<u64>,
         /// Only this seed (spread cells over machines by hand).
@@ -603,4 +603,56 @@ fn repro(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("at-train").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn enumerated_arguments_come_from_the_libraries_lists() {
+        let Command::Repro { what, profile, .. } =
+            parse(&["repro", "table5", "--profile", "paper"]).unwrap().command
+        else {
+            panic!("a repro command")
+        };
+        assert_eq!((what, profile.name), (What::Table(Table::Table5), "paper"));
+        let err = parse(&["repro", "table9"]).err().unwrap();
+        assert!(
+            err.contains("table1, table2, table3, table4, table5, all, report, figures"),
+            "{err}"
+        );
+        let err = parse(&["repro", "table1", "--profile", "huge"]).err().unwrap();
+        assert!(err.contains("paper, fmnist, quick"), "{err}");
+        let err = parse(&["bench-step", "wrn-16-1", "kd"]).err().unwrap();
+        assert!(err.contains("student, teacher, at, at-kd"), "{err}");
+    }
+
+    #[test]
+    fn arguments_that_cannot_mean_anything_are_refused() {
+        for (args, want) in [
+            (&["repro", "table1", "--seeds", "0"][..], "0 is not in 1.."),
+            (&["repro", "table1", "--seeds", "2", "--seed", "1"], "cannot be used with"),
+            (&["publish", "--profile", "quick"], "--table"),
+            (&["publish", "runs/x", "--table", "table1"], "cannot be used with"),
+            (&["maps", "runs/x", "--images", "a.png", "--test-items", "1"], "cannot be used with"),
+            (&["models", "--classes", "0"], "0 is not in 1.."),
+            (&["bench-step", "wrn-16-1", "student", "--steps", "0"], "0 is not in 1.."),
+        ] {
+            let err = parse(args).err().unwrap_or_else(|| panic!("{args:?} was accepted"));
+            assert!(err.contains(want), "{args:?}: `{want}` in `{err}`");
+        }
+    }
 }
