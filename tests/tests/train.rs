@@ -10,7 +10,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use at_trainer::config::{LossSection, RunConfig, TeacherConfig};
+use at_trainer::config::{DeviceSpec, LossSection, RunConfig, TeacherConfig};
 use at_trainer::train::{RunOptions, read_metrics, resume, train};
 use common::{config, metrics, quiet, write_dataset};
 
@@ -154,6 +154,46 @@ fn an_existing_run_directory_is_never_overwritten() {
     let b = base();
     let err = train(&b.config, &b.straight, &quiet()).unwrap_err().to_string();
     assert!(err.contains("already exists") && err.contains("--resume"), "{err}");
+}
+
+/// A start that fails (a device this build lacks, data that is not there) writes nothing, so the
+/// same command can simply be run again; a directory left by such a start before this rule (a
+/// config and an empty `checkpoints/`) is started afresh, not refused.
+#[test]
+fn a_failed_start_leaves_nothing_and_is_no_obstacle_to_the_next() {
+    let b = base();
+    let dir = run_dir("failed-start");
+    let on_cuda = RunConfig { device: DeviceSpec::Cuda(0), ..b.config.clone() };
+    let err = format!("{:#}", train(&on_cuda, &dir, &quiet()).unwrap_err());
+    assert!(err.contains("cannot open cuda:0") && err.contains("--features cuda"), "{err}");
+    assert!(!dir.exists(), "nothing written for a device that cannot open");
+    let mut no_data = b.config.clone();
+    no_data.data.root = b.root.join("no-such-data");
+    assert!(train(&no_data, &dir, &quiet()).is_err());
+    assert!(!dir.exists(), "nothing written for data that is not there");
+    // What an older failed start left: a config and an empty checkpoints folder.
+    std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
+    std::fs::write(dir.join("config.toml"), on_cuda.to_toml()).unwrap();
+    let options = RunOptions { stop_after_batches: Some(1), ..quiet() };
+    assert!(train(&b.config, &dir, &options).unwrap().interrupted);
+    assert_eq!(RunConfig::load(&dir.join("config.toml")).unwrap(), b.config);
+    let err = train(&b.config, &dir, &quiet()).unwrap_err().to_string();
+    assert!(err.contains("already exists"), "a run with progress is refused: {err}");
+}
+
+/// The device of the invocation wins over the one a run was started on: a resumed run continues
+/// where it is told to (here a CUDA device this build cannot open, which shows it was asked for).
+#[test]
+fn a_resumed_run_continues_on_the_invocations_device() {
+    let b = base();
+    let dir = run_dir("resume-device");
+    let options = RunOptions { stop_after_batches: Some(1), ..quiet() };
+    train(&b.config, &dir, &options).unwrap();
+    let elsewhere = RunOptions { device: Some(DeviceSpec::Cuda(0)), ..quiet() };
+    let err = format!("{:#}", resume(&dir, &elsewhere).unwrap_err());
+    assert!(err.contains("cannot open cuda:0"), "{err}");
+    let here = RunOptions { device: Some(DeviceSpec::Cpu), ..quiet() };
+    assert!(!resume(&dir, &here).unwrap().interrupted);
 }
 
 fn teacher() -> TeacherConfig {

@@ -46,6 +46,8 @@ pub fn execute_run(out: &Path, run: &PlannedRun, options: &RunOptions) -> Result
             .with_context(|| format!("{} is damaged", result.display()))?;
         return Ok(Outcome::Reused(result));
     }
+    // The plan's device is this invocation's: a run started elsewhere continues on it.
+    let options = &RunOptions { device: Some(run.config.device), ..options.clone() };
     let trained = if dir.join("checkpoints/latest").exists() {
         resume(&dir, options)
     } else {

@@ -89,9 +89,14 @@ enum Command {
         /// The new run directory.
         #[arg(long, conflicts_with = "resume")]
         run_dir: Option<PathBuf>,
-        /// Continue the run in this directory from its last checkpoint.
-        #[arg(long)]
+        /// Continue the run in this directory from its last checkpoint, with the config it was
+        /// started with (on --device when given).
+        #[arg(long, conflicts_with_all = ["config", "preset", "sets"])]
         resume: Option<PathBuf>,
+        /// cpu, cuda, cuda:N or metal: the same as `--set device=`, and for --resume the device
+        /// the run continues on [default: the config's].
+        #[arg(long)]
+        device: Option<config::DeviceSpec>,
     },
     /// Evaluate a finished run's model (or its last checkpoint) on its test set.
     Eval {
@@ -100,6 +105,9 @@ enum Command {
         /// The dataset's folder, instead of the one in the run's config.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// cpu, cuda, cuda:N or metal [default: the run's; cpu for a published model].
+        #[arg(long)]
+        device: Option<config::DeviceSpec>,
     },
     /// Replay a table of the paper: train (or resume, or reuse) every run it needs, then write
     /// docs/results/<table>-<profile>.md and .csv beside the paper's numbers.
@@ -152,6 +160,9 @@ enum Command {
         /// Where the report goes instead (`docs/results` refreshes the committed one).
         #[arg(long)]
         report_dir: Option<PathBuf>,
+        /// cpu, cuda, cuda:N or metal.
+        #[arg(long, default_value = "cpu")]
+        device: config::DeviceSpec,
     },
     /// Write the attention maps of a run's model, each group's beside its image, as PNGs.
     Maps {
@@ -169,6 +180,9 @@ enum Command {
         /// Where the PNGs go (default: RUN_DIR/maps).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// cpu, cuda, cuda:N or metal [default: the run's; cpu for a published model].
+        #[arg(long)]
+        device: Option<config::DeviceSpec>,
     },
     /// Print a run config with every key and its value.
     Config {
@@ -327,8 +341,12 @@ fn run_options(second_order: &SecondOrder) -> anyhow::Result<RunOptions> {
 
 fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train { config, preset, sets, run_dir, resume } => {
-            let options = run_options(&second_order)?;
+        Command::Train { config, preset, sets, run_dir, resume, device } => {
+            // Opened first: a device this build lacks is refused before anything is written.
+            if let Some(device) = device {
+                train::device(device)?;
+            }
+            let options = RunOptions { device, ..run_options(&second_order)? };
             let result = match (resume, run_dir) {
                 (Some(dir), _) => train::resume(&dir, &options)?,
                 (None, Some(dir)) => train::train(
@@ -370,13 +388,13 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
             let report_dir = report_dir.unwrap_or_else(|| options.out.clone());
             repro(what, table, options, &report_dir, dry_run, second_order)?
         }
-        Command::Quick { out, report_dir } => {
+        Command::Quick { out, report_dir, device } => {
             let profile = Profile::named("quick")?;
             let report_dir = report_dir.unwrap_or_else(|| out.clone());
-            let options = at_repro::Options { out, ..at_repro::Options::new(profile) };
+            let options = at_repro::Options { out, device, ..at_repro::Options::new(profile) };
             repro(What::Table(Table::Table1), None, options, &report_dir, false, second_order)?
         }
-        Command::Maps { run_dir, data, images, test_items, out } => {
+        Command::Maps { run_dir, data, images, test_items, out, device } => {
             let source = if !images.is_empty() {
                 at_trainer::maps::Source::Files(images)
             } else if !test_items.is_empty() {
@@ -389,13 +407,15 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
                 (None, Some(repo)) => Path::new("maps").join(repo.replace('/', "--")),
                 (None, None) => run_dir.join("maps"),
             };
-            let (config, dir) = at_hub::open_run(&run_dir, data.as_deref())?;
+            let (mut config, dir) = at_hub::open_run(&run_dir, data.as_deref())?;
+            config.device = device.unwrap_or(config.device);
             for path in at_trainer::maps::write_maps_of(config, &dir, source, &out)? {
                 println!("{}", path.display());
             }
         }
-        Command::Eval { run_dir, data } => {
-            let (config, dir) = at_hub::open_run(&run_dir, data.as_deref())?;
+        Command::Eval { run_dir, data, device } => {
+            let (mut config, dir) = at_hub::open_run(&run_dir, data.as_deref())?;
+            config.device = device.unwrap_or(config.device);
             let (loss, top1, top5) = train::RunModel::open(config, &dir)?.evaluate()?;
             println!(
                 "{}: test loss {loss:.4}, top-1 {top1:.2}%, top-5 {top5:.2}%",
@@ -563,6 +583,10 @@ fn repro(
         }
     };
     let trains = !dry_run && matches!(what, What::Table(_) | What::All);
+    if trains {
+        // Opened first: a device this build lacks is refused before any run directory exists.
+        train::device(options.device)?;
+    }
     let run_options = if trains { Some(run_options(&second_order)?) } else { None };
     // One timer for every table of a dry run, so that each step is measured once.
     let mut timer = match dry_run {
@@ -650,6 +674,8 @@ mod tests {
             (&["maps", "runs/x", "--images", "a.png", "--test-items", "1"], "cannot be used with"),
             (&["models", "--classes", "0"], "0 is not in 1.."),
             (&["bench-step", "wrn-16-1", "student", "--steps", "0"], "0 is not in 1.."),
+            (&["train", "--resume", "r", "--set", "epochs=2"], "cannot be used with"),
+            (&["train", "--run-dir", "r", "--device", "gpu"], "unknown device `gpu`"),
         ] {
             let err = parse(args).err().unwrap_or_else(|| panic!("{args:?} was accepted"));
             assert!(err.contains(want), "{args:?}: `{want}` in `{err}`");

@@ -128,12 +128,19 @@ pub fn hub_repo(path: &Path) -> Option<&str> {
 
 /// Opens the device a config names: the one place a device is chosen.
 pub fn device(spec: DeviceSpec) -> Result<Device> {
+    // What a build without the device's feature says, with the fix (candle's own error, that
+    // it was not compiled with the feature, follows in the chain).
+    let missing = |feature: &str| {
+        format!(
+            "cannot open {spec}: this build has no {feature} support or no such device; build \
+             with `cargo build --release -p at-train --features {feature}`, or pick another \
+             --device"
+        )
+    };
     match spec {
         DeviceSpec::Cpu => Ok(Device::Cpu),
-        DeviceSpec::Metal => Device::new_metal(0)
-            .context("cannot open the Metal device (build with --features metal)"),
-        DeviceSpec::Cuda(ordinal) => Device::new_cuda(ordinal)
-            .with_context(|| format!("cannot open {spec} (build with --features cuda)")),
+        DeviceSpec::Metal => Device::new_metal(0).with_context(|| missing("metal")),
+        DeviceSpec::Cuda(ordinal) => Device::new_cuda(ordinal).with_context(|| missing("cuda")),
     }
 }
 
@@ -161,6 +168,9 @@ pub struct RunOptions {
     pub second_order: Option<SecondOrder>,
     /// Fetches `hf://owner/name` weights (`at_hub::resolver()`); `None` refuses them.
     pub resolve_weights: Option<ResolveWeights>,
+    /// The device to train on whatever the config says (`--device`): a new run records it, a
+    /// resumed one continues on it. `None`: the config's `device`.
+    pub device: Option<DeviceSpec>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -173,6 +183,7 @@ impl std::fmt::Debug for RunOptions {
             .field("checkpoint_every", &self.checkpoint_every)
             .field("second_order", &self.second_order.is_some())
             .field("resolve_weights", &self.resolve_weights.is_some())
+            .field("device", &self.device)
             .finish()
     }
 }
@@ -195,24 +206,63 @@ impl RunOptions {
 }
 
 /// Trains `config` in `dir`, a new directory (created; an existing non-empty one is refused).
+///
+/// Nothing is written before the device is open, the data found and the networks built, so a
+/// start that fails (a device this build lacks, a missing dataset) leaves no directory behind;
+/// a directory holding only what such a start wrote before this rule (a `config.toml` and an
+/// empty `checkpoints/`) is started again, not refused. [`RunOptions::device`], when given, is
+/// the device (and is what `config.toml` records).
 pub fn train(config: &RunConfig, dir: &Path, options: &RunOptions) -> Result<RunResult> {
-    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) {
+    if has_progress(dir) {
         bail!(
             "run directory {} already exists; pass `--resume {}` to continue it, or choose another",
             dir.display(),
             dir.display()
         )
     }
+    let mut config = config.clone();
+    if let Some(device) = options.device {
+        config.device = device;
+    }
     config.validate()?;
+    let run = Run::new(config.clone(), dir, Purpose::Train(options))?;
     std::fs::create_dir_all(dir.join("checkpoints"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     write_atomically(&dir.join("config.toml"), config.to_toml().as_bytes())?;
-    Run::new(config.clone(), dir, Purpose::Train(options))?.go(Position::default(), options)
+    run.go(Position::default(), options)
+}
+
+/// Whether `dir` holds anything but what a start that failed before training wrote: a
+/// `config.toml` and an empty `checkpoints/` (or nothing at all).
+fn has_progress(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name();
+        match name.to_str() {
+            Some("config.toml") => false,
+            Some("checkpoints") => {
+                std::fs::read_dir(entry.path()).map_or(true, |mut d| d.next().is_some())
+            }
+            _ => true,
+        }
+    })
 }
 
 /// Continues the run in `dir` from its last checkpoint, with the config it was started with.
+/// On [`RunOptions::device`] when it is given (the invocation's device wins over the one the
+/// run started on, which is said in a log line), else on the stored config's.
 pub fn resume(dir: &Path, options: &RunOptions) -> Result<RunResult> {
-    let config = RunConfig::load(&dir.join("config.toml"))?;
+    let mut config = RunConfig::load(&dir.join("config.toml"))?;
+    if let Some(device) = options.device
+        && device != config.device
+    {
+        tracing::info!(
+            "{}: continuing on {device}; it was started on {}",
+            dir.display(),
+            config.device
+        );
+        config.device = device;
+    }
     let mut run = Run::new(config, dir, Purpose::Train(options))?;
     let position = run.restore()?;
     run.go(position, options)
