@@ -20,6 +20,8 @@ OUT_FILE=${OUT:-.}/gpu-bench.jsonl
 : > "$OUT_FILE"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "${OUT:-.}/gpu-info.txt"
 ldd "$BIN" | grep -i "not found" && { echo "missing libraries (see run-gpu.sh)"; }
+# First the smoke test: the device against the CPU, and a run that trains, stops and resumes.
+RUN="$DIST/run-gpu.sh" OUT=${OUT:-.} bash "$(dirname "$0")/gpu_smoke.sh" "$BIN" cuda:0
 configs=(
   "wrn-16-1 student wrn-16-2" "wrn-16-1 teacher wrn-16-2" "wrn-16-1 at wrn-16-2" "wrn-16-1 at-kd wrn-16-2"
   "wrn-16-2 student wrn-40-2" "wrn-16-2 teacher wrn-40-2" "wrn-16-2 at wrn-40-2" "wrn-16-2 at-kd wrn-40-2"

@@ -97,6 +97,9 @@ enum Command {
         /// the run continues on [default: the config's].
         #[arg(long)]
         device: Option<config::DeviceSpec>,
+        /// Stop with a checkpoint once this many epochs are complete (continue with --resume).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        stop_after_epochs: Option<u64>,
     },
     /// Evaluate a finished run's model (or its last checkpoint) on its test set.
     Eval {
@@ -229,6 +232,21 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: config::DeviceSpec,
     },
+    /// Run one training step on the CPU and on --device from the same weights and batch, and
+    /// compare the loss, every gradient and the running statistics: a WRN-16-1 step, AT+KD from a
+    /// WRN-16-2, and NIN's gradient attention transfer (second order). One JSON line per check;
+    /// fails where a difference exceeds --tolerance. What a GPU session runs first.
+    CheckDevice {
+        /// cpu, cuda, cuda:N or metal (cpu compares the CPU with itself).
+        #[arg(long, default_value = "cpu")]
+        device: config::DeviceSpec,
+        /// Images per batch.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+        batch: u64,
+        /// The largest relative difference accepted.
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f64,
+    },
     /// Publish a finished run to the Hugging Face Hub as a model repository (weights,
     /// config.json, a model card, the run's config and metrics), in one commit; the repository
     /// is created if it is missing. The token comes from HF_TOKEN or `hf auth login`'s file.
@@ -341,12 +359,13 @@ fn run_options(second_order: &SecondOrder) -> anyhow::Result<RunOptions> {
 
 fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train { config, preset, sets, run_dir, resume, device } => {
+        Command::Train { config, preset, sets, run_dir, resume, device, stop_after_epochs } => {
             // Opened first: a device this build lacks is refused before anything is written.
             if let Some(device) = device {
                 train::device(device)?;
             }
-            let options = RunOptions { device, ..run_options(&second_order)? };
+            let stop_after_epochs = stop_after_epochs.map(|n| n as usize);
+            let options = RunOptions { device, stop_after_epochs, ..run_options(&second_order)? };
             let result = match (resume, run_dir) {
                 (Some(dir), _) => train::resume(&dir, &options)?,
                 (None, Some(dir)) => train::train(
@@ -455,6 +474,29 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
                 &times,
             );
             println!("{line}");
+        }
+        Command::CheckDevice { device, batch, tolerance } => {
+            let dev = train::device(device)?;
+            let mut failed = vec![];
+            for check in at_trainer::check::CHECKS {
+                let result = at_trainer::check::check_step(
+                    check,
+                    batch as usize,
+                    &dev,
+                    Some(&second_order),
+                )?;
+                println!("{}", result.json(&device.to_string()));
+                if !result.agrees(tolerance) {
+                    failed.push(result.name);
+                }
+            }
+            if !failed.is_empty() {
+                bail!(
+                    "{device} disagrees with the CPU beyond {tolerance} in: {}",
+                    failed.join(", ")
+                )
+            }
+            eprintln!("{device} agrees with the CPU within {tolerance} on every check");
         }
         Command::Publish {
             run_dir,

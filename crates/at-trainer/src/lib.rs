@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod check;
 pub mod config;
 pub mod data;
 pub mod init;

@@ -1,0 +1,276 @@
+//! `at-train check-device`: one training step on the CPU and on a device, from the same weights
+//! and the same batch, compared: the loss, every parameter's gradient and the batch-norm running
+//! statistics after the step. What a GPU session runs first, so that a device whose numbers are
+//! wrong is found in seconds, not after an hour of training (`xtask/bench/gpu_smoke.sh`). With
+//! `cpu` as the device both sides are the CPU: the numbers agree exactly, and the command and
+//! the script are exercised where no GPU is.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use at_losses::gradient::{GradientConfig, GradientPenalty};
+use at_losses::second_order::SecondOrder;
+use at_losses::{GroupMaps, LossConfig, student_loss_with_maps};
+use at_models::{AttentionModel, ModelOptions};
+use at_ops::{AtBackend, AtConfig};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+
+use crate::init::seeded_var_builder;
+use crate::train::{gradient_step, wanted_maps};
+
+/// What a checked step trains.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CheckedStep {
+    /// Cross-entropy alone.
+    Student,
+    /// Attention transfer on every group and distillation, from a teacher (beta 1e3, alpha 0.9).
+    AtKd,
+    /// A gradient-based penalty (double backpropagation on the second-order thread).
+    Gradient(GradientPenalty),
+}
+
+/// The checks `check-device` runs: a WRN-16-1 step, an AT+KD step from a WRN-16-2, and NIN's
+/// gradient attention transfer (Table 3's second-order step, through max pooling), each as
+/// `(student, teacher, step)`.
+pub const CHECKS: [(&str, Option<&str>, CheckedStep); 3] = [
+    ("wrn-16-1", None, CheckedStep::Student),
+    ("wrn-16-1", Some("wrn-16-2"), CheckedStep::AtKd),
+    ("nin-thin-nobn", Some("nin-wide-nobn"), CheckedStep::Gradient(GradientPenalty::Transfer)),
+];
+
+/// The two sides of one checked step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceCheck {
+    /// `student`, `student <- teacher` and the step.
+    pub name: String,
+    /// The loss on the CPU and on the device.
+    pub loss: (f64, f64),
+    /// The largest difference of a gradient, relative to that gradient's largest magnitude on
+    /// the CPU, and the parameter it is in.
+    pub gradient: (f64, String),
+    /// The same for the running statistics after the step (`0` for networks without batch norm).
+    pub running_stats: (f64, String),
+    /// Parameters compared.
+    pub parameters: usize,
+    /// Seconds of the step on the CPU and on the device (the first step: it includes the
+    /// device's warm-up).
+    pub seconds: (f64, f64),
+}
+
+impl DeviceCheck {
+    /// The loss's difference relative to its value on the CPU.
+    pub fn loss_difference(&self) -> f64 {
+        (self.loss.0 - self.loss.1).abs() / self.loss.0.abs().max(1e-12)
+    }
+
+    /// Whether every difference is within `tolerance` (relative).
+    pub fn agrees(&self, tolerance: f64) -> bool {
+        self.loss_difference() <= tolerance
+            && self.gradient.0 <= tolerance
+            && self.running_stats.0 <= tolerance
+    }
+
+    /// One JSON line.
+    pub fn json(&self, device: &str) -> String {
+        serde_json::json!({
+            "check": self.name,
+            "device": device,
+            "loss_cpu": self.loss.0,
+            "loss_device": self.loss.1,
+            "loss_rel_diff": self.loss_difference(),
+            "grad_rel_diff": self.gradient.0,
+            "worst_grad": self.gradient.1,
+            "stats_rel_diff": self.running_stats.0,
+            "worst_stat": self.running_stats.1,
+            "parameters": self.parameters,
+            "seconds_cpu": self.seconds.0,
+            "seconds_device": self.seconds.1,
+        })
+        .to_string()
+    }
+}
+
+/// What one side measured: the loss, each parameter's gradient and each running statistic
+/// after the step (by name, on the host), and the seconds the step took.
+struct Side {
+    loss: f64,
+    gradients: BTreeMap<String, Vec<f32>>,
+    stats: BTreeMap<String, Vec<f32>>,
+    seconds: f64,
+}
+
+/// Runs `step` for `student` (learning from `teacher`) on a batch of `batch` random 32x32 images
+/// on the CPU and on `device`, and compares them. A gradient-based step needs `second_order`.
+pub fn check_step(
+    (student, teacher, step): (&str, Option<&str>, CheckedStep),
+    batch: usize,
+    device: &Device,
+    second_order: Option<&SecondOrder>,
+) -> Result<DeviceCheck> {
+    let cpu = one_side((student, teacher, step), batch, &Device::Cpu, second_order)?;
+    let dev = one_side((student, teacher, step), batch, device, second_order)?;
+    let name = match teacher {
+        Some(t) if step != CheckedStep::Student => format!("{student} <- {t} {step:?}"),
+        _ => format!("{student} {step:?}"),
+    };
+    Ok(DeviceCheck {
+        name,
+        loss: (cpu.loss, dev.loss),
+        gradient: worst(&cpu.gradients, &dev.gradients)?,
+        running_stats: worst(&cpu.stats, &dev.stats)?,
+        parameters: cpu.gradients.len(),
+        seconds: (cpu.seconds, dev.seconds),
+    })
+}
+
+/// The largest relative difference over the tensors of `a` and `b` (matched by name), and where.
+fn worst(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> Result<(f64, String)> {
+    let mut worst = (0.0, String::new());
+    for (name, x) in a {
+        let y = b.get(name).with_context(|| format!("{name} is missing on the device"))?;
+        let scale = x.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
+        let diff = x.iter().zip(y).fold(0f64, |m, (p, q)| m.max((p - q).abs() as f64));
+        let diff = if y.iter().any(|v| !v.is_finite()) { f64::INFINITY } else { diff / scale };
+        if diff > worst.0 || worst.1.is_empty() {
+            worst = (diff, name.clone());
+        }
+    }
+    Ok(worst)
+}
+
+fn one_side(
+    (student_name, teacher_name, step): (&str, Option<&str>, CheckedStep),
+    batch: usize,
+    device: &Device,
+    second_order: Option<&SecondOrder>,
+) -> Result<Side> {
+    let options = ModelOptions::default();
+    let varmap = VarMap::new();
+    let student = at_models::build(student_name, &options, seeded_var_builder(&varmap, 1, device))?;
+    let teacher: Option<Box<dyn AttentionModel>> = match teacher_name {
+        Some(name) => {
+            // As the trainer holds one: the weights as constants.
+            let teacher_map = VarMap::new();
+            at_models::build(name, &options, seeded_var_builder(&teacher_map, 2, device))?;
+            let tensors = teacher_map
+                .data()
+                .lock()
+                .expect("the teacher's weights")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect();
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+            Some(at_models::build(name, &options, vb)?)
+        }
+        None => None,
+    };
+    // The same images on both sides: drawn on the host from a fixed seed.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let values: Vec<f32> = (0..batch * 3 * 32 * 32).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let x = Tensor::from_vec(values, (batch, 3, 32, 32), device)?;
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
+    let labels = Tensor::from_vec(labels, batch, device)?;
+    let started = Instant::now();
+    let (loss, grads): (Tensor, GradStore) = match step {
+        CheckedStep::Gradient(penalty) => {
+            let second_order = second_order.context("a gradient-based step needs SecondOrder")?;
+            let config = GradientConfig { penalty, beta: 1e3, alpha: 0.0, temperature: 4.0 };
+            let (parts, grads) = gradient_step(
+                student.as_ref(),
+                teacher.as_deref(),
+                (&x, &labels),
+                &config,
+                1,
+                second_order,
+            )?;
+            (parts.total, grads)
+        }
+        CheckedStep::Student | CheckedStep::AtKd => {
+            let with_teacher = step == CheckedStep::AtKd;
+            let loss = LossConfig {
+                alpha: if with_teacher { 0.9 } else { 0.0 },
+                beta: if with_teacher { 1e3 } else { 0.0 },
+                at: AtConfig {
+                    backend: AtBackend::Kernels(&at_kernels::AT_OPS_KERNELS),
+                    ..AtConfig::default()
+                },
+                pairs: if with_teacher { vec![(0, 0), (1, 1), (2, 2)] } else { vec![] },
+                ..LossConfig::default()
+            };
+            let teacher = teacher.as_ref().filter(|_| with_teacher);
+            let (maps_s, maps_t) = wanted_maps(&loss, teacher.is_some());
+            let out = student.forward_with_maps(&x, true, &maps_s)?;
+            let t_out = teacher.map(|t| t.forward_with_maps(&x, false, &maps_t)).transpose()?;
+            let t = t_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
+            let maps =
+                GroupMaps { student: &out.maps, teacher: t_out.as_ref().map_or(&[], |t| &t.maps) };
+            let parts = student_loss_with_maps(&out.logits, &labels, &out.groups, t, &loss, maps)?;
+            let grads = parts.total.backward()?;
+            (parts.total, grads)
+        }
+    };
+    let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let host = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    };
+    let (mut gradients, mut stats) = (BTreeMap::new(), BTreeMap::new());
+    for (name, var) in varmap.data().lock().expect("the student's weights").iter() {
+        if at_models::is_buffer(name) {
+            stats.insert(name.clone(), host(var.as_tensor())?);
+        } else if let Some(g) = grads.get(var.as_tensor()) {
+            gradients.insert(name.clone(), host(g)?);
+        }
+    }
+    Ok(Side { loss, gradients, stats, seconds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The comparison finds the tensor that differs, relative to its own scale, and calls a
+    /// non-finite value on the device infinitely far off.
+    #[test]
+    fn the_worst_difference_is_found_relative_to_its_tensor() {
+        let a = BTreeMap::from([
+            ("big".to_owned(), vec![100.0f32, -200.0]),
+            ("small".to_owned(), vec![0.01f32, 0.02]),
+        ]);
+        let mut b = a.clone();
+        b.get_mut("big").unwrap()[0] = 101.0; // 1/200 of its scale
+        b.get_mut("small").unwrap()[1] = 0.021; // 1/20 of its scale
+        let (diff, name) = worst(&a, &b).unwrap();
+        assert_eq!(name, "small");
+        assert!((diff - 0.05).abs() < 1e-6, "{diff}");
+        b.get_mut("big").unwrap()[1] = f32::NAN;
+        assert_eq!(worst(&a, &b).unwrap(), (f64::INFINITY, "big".to_owned()));
+        b.remove("small");
+        assert!(worst(&a, &b).unwrap_err().to_string().contains("small is missing"));
+    }
+
+    /// On the CPU against itself every number agrees exactly, and every parameter of the network
+    /// and every running statistic is compared.
+    #[test]
+    fn a_step_checked_against_itself_agrees_exactly_over_every_parameter() {
+        let check = check_step(CHECKS[1], 4, &Device::Cpu, None).unwrap();
+        assert!(check.agrees(0.0), "{check:?}");
+        assert_eq!(check.name, "wrn-16-1 <- wrn-16-2 AtKd");
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        at_models::build("wrn-16-1", &ModelOptions::default(), vb).unwrap();
+        let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        let parameters = names.iter().filter(|n| !at_models::is_buffer(n)).count();
+        assert_eq!(check.parameters, parameters);
+        assert!(
+            check.running_stats.1.ends_with("running_mean")
+                || check.running_stats.1.ends_with("running_var")
+        );
+        let json: serde_json::Value = serde_json::from_str(&check.json("cpu")).unwrap();
+        assert_eq!(json["grad_rel_diff"], 0.0);
+    }
+}
