@@ -110,8 +110,35 @@ fn a_gradient_run_without_the_second_order_thread_is_refused(_: &SecondOrder) {
     );
 }
 
+/// What a GPU runs for Table 3 (the device convolution, candle's ops, second order on its
+/// thread), run on the CPU: the jacobian norm, the symmetry norm and gradient transfer give the
+/// kernels' loss, gradients and evaluation logits within the documented tolerance.
+fn the_device_op_mix_matches_the_cpu_kernels_on_the_three_gradient_losses(so: &SecondOrder) {
+    use at_losses::gradient::GradientPenalty;
+    use at_trainer::check::{Check, CheckedStep, Tolerance, check_step};
+    let mix = (candle_core::Device::Cpu, at_models::Backend::Device);
+    for penalty in [GradientPenalty::Jacobian, GradientPenalty::Symmetry, GradientPenalty::Transfer]
+    {
+        let teacher = (penalty == GradientPenalty::Transfer).then_some("nin-wide-nobn");
+        let check = Check {
+            student: "nin-thin-nobn",
+            teacher,
+            step: CheckedStep::Gradient(penalty),
+            frozen: false,
+        };
+        let result = check_step(check, 4, &mix, Some(so)).unwrap();
+        assert!(result.agrees(Tolerance::default()), "{penalty:?}: {result:?}");
+        assert!(result.loss_difference() < 1e-4, "{penalty:?}: {result:?}");
+        assert_eq!(result.parameters, 20, "every NIN-thin parameter compared");
+    }
+}
+
 fn main() -> std::process::ExitCode {
     at_losses::second_order::run_tests(&[
+        (
+            "the_device_op_mix_matches_the_cpu_kernels_on_the_three_gradient_losses",
+            the_device_op_mix_matches_the_cpu_kernels_on_the_three_gradient_losses,
+        ),
         (
             "gradient_penalties_train_and_resume_identically",
             gradient_penalties_train_and_resume_identically,

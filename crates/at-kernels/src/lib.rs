@@ -38,7 +38,7 @@ pub use block::{
     PreactBlock, preact_block_eval, preact_block_eval_map, preact_block_train, preact_blocks_train,
     preact_blocks_train_with,
 };
-pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
+pub use conv::{conv2d, conv2d_device, conv2d_input_grad, conv2d_weight_grad};
 pub use norm::{BatchStats, batch_norm_eval, batch_norm_train, batch_norm_train_with};
 
 /// The elements of a contiguous operand; `what` names it in the error otherwise.
@@ -117,9 +117,10 @@ pub(crate) fn write_each<T>(out: &mut [MaybeUninit<T>], mut value: impl FnMut(us
 }
 
 /// Which implementation a model's layers run: at-kernels' ops where they apply (the default),
-/// or candle's own ops everywhere (the reference the tests compare against and the benchmarks
-/// time). Chosen once where a model is built (at-models' `ModelOptions::backend`) and carried by
-/// each layer; nothing in this crate reads a global switch.
+/// candle's own ops everywhere (the reference the tests compare against and the benchmarks
+/// time), or the mix a CUDA or Metal device runs (on any device, so that the CPU can test it).
+/// Chosen once where a model is built (at-models' `ModelOptions::backend`) and carried by each
+/// layer; nothing in this crate reads a global switch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// at-kernels' ops where they apply (f32/f64 on the CPU, first-order threads for the ops
@@ -128,6 +129,11 @@ pub enum Backend {
     Kernels,
     /// candle's own ops everywhere.
     Candle,
+    /// What `Kernels` amounts to off the CPU, on any device: the convolution of
+    /// [`conv2d_device`] (candle's, tied to a backward made of convolutions), every other op
+    /// candle's (batch norm, the attention maps taken from the group outputs). The CPU runs a
+    /// GPU's op mix with it (at-trainer's `check-device --device cpu` and its tests).
+    Device,
 }
 
 impl Backend {

@@ -109,6 +109,9 @@ impl Module for Conv2d {
         let y = match self.backend {
             Backend::Kernels => at_kernels::conv2d(x, &self.weight, self.stride, self.padding)?,
             Backend::Candle => x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?,
+            Backend::Device => {
+                at_kernels::conv2d_device(x, &self.weight, self.stride, self.padding)?
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),

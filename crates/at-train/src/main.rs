@@ -233,19 +233,25 @@ enum Command {
         device: config::DeviceSpec,
     },
     /// Run one training step on the CPU and on --device from the same weights and batch, and
-    /// compare the loss, every gradient and the running statistics: a WRN-16-1 step, AT+KD from a
-    /// WRN-16-2, and NIN's gradient attention transfer (second order). One JSON line per check;
-    /// fails where a difference exceeds --tolerance. What a GPU session runs first.
+    /// compare the loss, every gradient, the running statistics and the evaluation logits: a
+    /// WRN-16-1 step, AT+KD from a WRN-16-2, and NIN's gradient attention transfer (second
+    /// order). One JSON line per check; fails where a difference exceeds --tolerance. What a GPU
+    /// session runs first.
     CheckDevice {
-        /// cpu, cuda, cuda:N or metal (cpu compares the CPU with itself).
+        /// cpu, cuda, cuda:N or metal (cpu runs the op mix of a GPU on the CPU).
         #[arg(long, default_value = "cpu")]
         device: config::DeviceSpec,
         /// Images per batch.
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
         batch: u64,
-        /// The largest relative difference accepted.
-        #[arg(long, default_value_t = 1e-3)]
+        /// The largest relative difference accepted in the loss, the running statistics and the
+        /// evaluation logits.
+        #[arg(long, default_value_t = at_trainer::check::Tolerance::default().value)]
         tolerance: f64,
+        /// The largest `||a - b|| / ||a||` accepted in a gradient (see at-trainer's
+        /// `check::Tolerance` for why it is wider).
+        #[arg(long, default_value_t = at_trainer::check::Tolerance::default().gradient)]
+        gradient_tolerance: f64,
     },
     /// Publish a finished run to the Hugging Face Hub as a model repository (weights,
     /// config.json, a model card, the run's config and metrics), in one commit; the repository
@@ -475,14 +481,16 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
             );
             println!("{line}");
         }
-        Command::CheckDevice { device, batch, tolerance } => {
-            let dev = train::device(device)?;
+        Command::CheckDevice { device, batch, tolerance, gradient_tolerance } => {
+            let tolerance =
+                at_trainer::check::Tolerance { value: tolerance, gradient: gradient_tolerance };
+            let other = at_trainer::check::other_side(&train::device(device)?);
             let mut failed = vec![];
             for check in at_trainer::check::CHECKS {
                 let result = at_trainer::check::check_step(
                     check,
                     batch as usize,
-                    &dev,
+                    &other,
                     Some(&second_order),
                 )?;
                 println!("{}", result.json(&device.to_string()));
@@ -492,11 +500,11 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
             }
             if !failed.is_empty() {
                 bail!(
-                    "{device} disagrees with the CPU beyond {tolerance} in: {}",
+                    "{device} disagrees with the CPU beyond {tolerance:?} in: {}",
                     failed.join(", ")
                 )
             }
-            eprintln!("{device} agrees with the CPU within {tolerance} on every check");
+            eprintln!("{device} agrees with the CPU within {tolerance:?} on every check");
         }
         Command::Publish {
             run_dir,

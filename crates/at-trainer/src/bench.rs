@@ -112,13 +112,7 @@ pub fn time_steps_sized(
     let loss = LossConfig {
         alpha: if step == Step::AtKd { 0.9 } else { 0.0 },
         beta: if teacher.is_some() { 1e3 } else { 0.0 },
-        at: AtConfig {
-            backend: match backend {
-                Backend::Kernels => AtBackend::Kernels(&at_kernels::AT_OPS_KERNELS),
-                Backend::Candle => AtBackend::Candle,
-            },
-            ..AtConfig::default()
-        },
+        at: AtConfig { backend: at_backend(backend), ..AtConfig::default() },
         pairs: if teacher.is_some() { vec![(0, 0), (1, 1), (2, 2)] } else { vec![] },
         ..LossConfig::default()
     };
@@ -155,6 +149,16 @@ pub fn time_steps_sized(
         }
     }
     Ok(times)
+}
+
+/// The attention-map backend that goes with a model's: at-kernels' where the model runs them
+/// (they fall back to candle's ops off the CPU by themselves), candle's for the reference and for
+/// a device's op mix run on the CPU.
+pub fn at_backend(backend: Backend) -> AtBackend {
+    match backend {
+        Backend::Kernels => AtBackend::Kernels(&at_kernels::AT_OPS_KERNELS),
+        Backend::Candle | Backend::Device => AtBackend::Candle,
+    }
 }
 
 /// A batch of random `side`x`side` RGB images and labels `0..10` in turn.

@@ -228,6 +228,13 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     }
 }
 
+/// `conv2d(x, w)` as [`conv2d`] runs it off the CPU (CUDA, Metal), on any device: candle's
+/// convolution (cuDNN with the `cudnn` feature) with a backward made of convolutions.
+/// Differentiable to any order. [`Backend::Device`](crate::Backend::Device) runs it on the CPU.
+pub fn conv2d_device(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_by_candle(x, w, stride, padding)
+}
+
 /// The gradient of `sum(conv2d(x, w) * dy)` with respect to `x`, for an input of `size` (H, W).
 pub fn conv2d_input_grad(
     dy: &Tensor,
