@@ -105,6 +105,28 @@ fn resuming_mid_epoch_gives_identical_weights_and_metrics() {
     assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), b.weights);
 }
 
+/// The op mix a GPU runs (`Backend::Device`), on the CPU: a run trains, checkpoints mid-epoch
+/// and resumes to the same weights and metrics as its uninterrupted twin, and lands near the
+/// kernels' run (the same weights at the start, rounding apart).
+#[test]
+fn a_run_on_a_devices_op_mix_trains_and_resumes_identically() {
+    let b = base();
+    let mix = || RunOptions { backend: at_models::Backend::Device, ..quiet() };
+    let straight = run_dir("mix-straight");
+    let result = train(&b.config, &straight, &mix()).unwrap();
+    let dir = run_dir("mix-resumed");
+    train(&b.config, &dir, &RunOptions { stop_after_batches: Some(5), ..mix() }).unwrap();
+    resume(&dir, &mix()).unwrap();
+    assert_eq!(metrics(&dir), metrics(&straight));
+    let weights = std::fs::read(straight.join("model.safetensors")).unwrap();
+    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), weights);
+    let kernels = &metrics(&b.straight)[0];
+    let first = &metrics(&straight)[0];
+    let loss = |m: &serde_json::Value| m["train_loss"].as_f64().unwrap();
+    assert!((loss(first) - loss(kernels)).abs() < 1e-3 * loss(kernels), "{first} / {kernels}");
+    assert!(result.test_top1 > 25.0, "above chance on four classes: {result:?}");
+}
+
 /// Set in the child process of the kill test: `DATA_DIR|RUN_DIR`.
 const CHILD: &str = "AT_TEST_TRAIN_CHILD";
 

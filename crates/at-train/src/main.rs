@@ -56,6 +56,16 @@ fn profile_parser() -> impl TypedValueParser<Value = &'static Profile> {
         .map(|name| Profile::named(&name).expect("a listed profile"))
 }
 
+/// A model backend.
+fn backend_parser() -> impl TypedValueParser<Value = at_models::Backend> {
+    use at_models::Backend;
+    PossibleValuesParser::new(["kernels", "candle", "device"]).map(|name| match name.as_str() {
+        "candle" => Backend::Candle,
+        "device" => Backend::Device,
+        _ => Backend::Kernels,
+    })
+}
+
 /// A step of the bench.
 fn step_parser() -> impl TypedValueParser<Value = Step> {
     PossibleValuesParser::new(Step::ALL.map(Step::name))
@@ -228,6 +238,10 @@ enum Command {
         /// Timed steps.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
         steps: u64,
+        /// kernels (what training runs), candle (candle's own ops) or device (a GPU's op mix,
+        /// on any device).
+        #[arg(long, default_value = "kernels", value_parser = backend_parser())]
+        backend: at_models::Backend,
         /// cpu, cuda:N or metal.
         #[arg(long, default_value = "cpu")]
         device: config::DeviceSpec,
@@ -462,13 +476,13 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
             let rows = models::model_rows(&options)?;
             print!("{}", models::model_table(&rows, classes));
         }
-        Command::BenchStep { student, step, teacher, batch, warmup, steps, device } => {
+        Command::BenchStep { student, step, teacher, batch, warmup, steps, device, backend } => {
             let dev = train::device(device)?;
             let times = at_trainer::bench::time_steps(
                 (&student, step, &teacher),
                 batch as usize,
                 (warmup, steps as usize),
-                at_models::Backend::Kernels,
+                backend,
                 &dev,
             )?;
             let line = at_trainer::bench::json_line(

@@ -1,9 +1,11 @@
 //! [`conv2d`](super::conv2d) off the CPU (CUDA, Metal): candle's convolution with a backward made
 //! of convolutions, so that cuDNN runs the backward pass too.
 
+use std::sync::Mutex;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor, bail,
+    CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Storage, Tensor, bail,
 };
 
 /// [`conv2d`] off the CPU (CUDA, Metal): candle's `conv2d` for the value (cuDNN with the
@@ -11,6 +13,10 @@ use candle_core::{
 /// convolutions ([`input_grad_by_conv`], [`weight_grad_by_conv`]), so that cuDNN runs the
 /// backward pass too: candle's own backward of `conv2d` takes the input gradient from
 /// `conv_transpose2d`, its own kernel. Differentiable to any order (the gradients are candle ops).
+///
+/// The convolution is computed detached and handed to the tying op, whose forward copies it out
+/// and drops it: the graph holds the op's output only (as an argument of the op, the detached
+/// value would be stored beside it, twice the activation memory of every convolution).
 pub(crate) fn conv2d_by_candle(
     x: &Tensor,
     w: &Tensor,
@@ -18,75 +24,85 @@ pub(crate) fn conv2d_by_candle(
     padding: usize,
 ) -> Result<Tensor> {
     let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
-    y.apply_op3(x, w, Tie { stride, pad: padding })
+    x.apply_op2(w, Tie { stride, pad: padding, y: Mutex::new(Some(y)) })
 }
 
-/// `Tie(y, x, w) = y`, with the gradients of `conv2d(x, w)` (none for `y`, a detached copy of
-/// that convolution).
+/// `Tie(x, w) = conv2d(x, w)`, the value computed beforehand (`y`, taken by the forward pass),
+/// the gradients those of `conv2d(x, w)`.
 struct Tie {
     stride: usize,
     pad: usize,
+    /// The convolution, until the forward pass takes it.
+    y: Mutex<Option<Tensor>>,
 }
 
 impl Tie {
-    /// The value: `y` itself, a fresh contiguous tensor.
-    fn copy<S: BackendStorage>(y: &S, layout: &Layout) -> Result<(S, Shape)> {
+    /// The value: a copy of the convolution (the op's own storage), which is then dropped.
+    fn take<S: BackendStorage>(&self, of: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
+        let y = self.y.lock().expect("the tie's lock").take();
+        let Some(y) = y else { bail!("conv2d on a device: the tie ran twice") };
+        let (storage, layout) = y.storage_and_layout();
         if !layout.is_contiguous() || layout.start_offset() != 0 {
             bail!("conv2d on a device: the convolution's output must be contiguous")
         }
-        Ok((y.try_clone(layout)?, layout.shape().clone()))
+        let Some(storage) = of(&storage) else {
+            bail!("conv2d on a device: the convolution is on another device than its input")
+        };
+        Ok((storage.try_clone(layout)?, layout.shape().clone()))
     }
 }
 
-impl CustomOp3 for Tie {
+impl CustomOp2 for Tie {
     fn name(&self) -> &'static str {
         "at-conv2d-device"
     }
 
     fn cpu_fwd(
         &self,
-        y: &CpuStorage,
-        l: &Layout,
         _: &CpuStorage,
         _: &Layout,
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::copy(y, l)
+        self.take(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn cuda_fwd(
         &self,
-        y: &CudaStorage,
-        l: &Layout,
         _: &CudaStorage,
         _: &Layout,
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        Self::copy(y, l)
+        self.take(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn metal_fwd(
         &self,
-        y: &MetalStorage,
-        l: &Layout,
         _: &MetalStorage,
         _: &Layout,
         _: &MetalStorage,
         _: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        Self::copy(y, l)
+        self.take(|s| match s {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn bwd(
         &self,
-        _: &Tensor,
         x: &Tensor,
         w: &Tensor,
         _: &Tensor,
         g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, _, h, width) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
         let dx = match x.track_op() {
@@ -97,7 +113,7 @@ impl CustomOp3 for Tie {
             true => Some(weight_grad_by_conv(x, g, self.stride, self.pad, (kh, kw))?),
             false => None,
         };
-        Ok((None, dx, dw))
+        Ok((dx, dw))
     }
 }
 

@@ -23,7 +23,7 @@ use at_data::{Loader, LoaderConfig};
 use at_losses::LossConfig;
 use at_losses::gradient::GradientConfig;
 use at_losses::second_order::SecondOrder;
-use at_models::{AttentionModel, ModelOptions};
+use at_models::{AttentionModel, Backend, ModelOptions};
 use candle_core::Device;
 use candle_nn::VarMap;
 
@@ -171,6 +171,10 @@ pub struct RunOptions {
     /// The device to train on whatever the config says (`--device`): a new run records it, a
     /// resumed one continues on it. `None`: the config's `device`.
     pub device: Option<DeviceSpec>,
+    /// What the networks and the attention losses run: at-kernels' ops (the default; off the
+    /// CPU they fall back to the device's), or `Backend::Device`, a GPU's op mix on any device,
+    /// for the tests. The same arithmetic on a resume requires the same backend.
+    pub backend: Backend,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -184,6 +188,7 @@ impl std::fmt::Debug for RunOptions {
             .field("second_order", &self.second_order.is_some())
             .field("resolve_weights", &self.resolve_weights.is_some())
             .field("device", &self.device)
+            .field("backend", &self.backend)
             .finish()
     }
 }
@@ -307,9 +312,14 @@ impl Run {
         };
         let device = device(config.device)?;
         let data = data::load(&config.data)?;
+        let backend = match purpose {
+            Purpose::Train(options) => options.backend,
+            Purpose::Inspect => Backend::Kernels,
+        };
         let options = ModelOptions {
             in_channels: data.in_channels,
             num_classes: data.train.num_classes(),
+            backend,
             ..ModelOptions::default()
         };
         let student_options = ModelOptions {
@@ -372,7 +382,7 @@ impl Run {
             // The one place the trainer chooses how attention maps are computed: at-kernels'
             // channel reduction and distance where they apply, candle's ops elsewhere.
             at: at_ops::AtConfig {
-                backend: at_ops::AtBackend::Kernels(&at_kernels::AT_OPS_KERNELS),
+                backend: crate::bench::at_backend(backend),
                 ..config.at_config()?
             },
             pairs,
