@@ -34,11 +34,13 @@ impl Observer for TrainingBar {
         *self.bar.lock().expect("the bar's lock") = Some(bar);
     }
 
-    fn batch_done(&self, epoch: usize, done: usize, batches: usize, loss: f64, rate: f64) {
+    fn batch_done(&self, epoch: usize, done: usize, batches: usize, loss: Option<f64>, rate: f64) {
         match &*self.bar.lock().expect("the bar's lock") {
             Some(bar) => {
                 bar.set_position(done as u64);
-                bar.set_message(format!("loss {loss:.4}, {rate:.2} batches/s"));
+                if let Some(loss) = loss {
+                    bar.set_message(format!("loss {loss:.4}, {rate:.2} batches/s"));
+                }
             }
             None => LogObserver.batch_done(epoch, done, batches, loss, rate),
         }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::checkpoint::previous_seconds;
-use super::metrics::Sums;
+use super::metrics::{DeviceSums, Sums};
 use super::*;
 
 impl Run {
@@ -38,18 +38,26 @@ impl Run {
             let started = Instant::now();
             let start_batch = position.batch;
             let mut sums = std::mem::take(&mut position.sums);
+            let mut on_device = DeviceSums::default();
+            // How often the sums are read back from the device (and the loss shown): a tenth of
+            // an epoch, as the log lines.
+            let read_every = (n_batches / 10).max(1);
             for batch in train_loader.epoch_from(epoch as u64, position.batch, &self.device) {
                 let batch = batch?;
-                self.step(&batch.images, &batch.labels, &mut sums)?;
+                self.step(&batch.images, &batch.labels, (&mut on_device, &mut sums))?;
                 position.batch += 1;
                 batches_this_call += 1;
                 let rate = (position.batch - start_batch) as f64
                     / started.elapsed().as_secs_f64().max(1e-9);
-                let loss = sums.loss / sums.seen.max(1) as f64;
+                let loss = match position.batch.is_multiple_of(read_every) {
+                    true => Some(read_sums(&on_device, &mut sums)?),
+                    false => None,
+                };
                 observer.batch_done(epoch + 1, position.batch, n_batches, loss, rate);
                 let stop_here = options.stop_after_batches == Some(batches_this_call)
                     && position.batch < n_batches;
                 if options.interrupt.is_requested() || stop_here {
+                    read_sums(&on_device, &mut sums)?;
                     sums.seconds += started.elapsed().as_secs_f64();
                     position.sums = sums;
                     self.checkpoint(&position)?;
@@ -58,12 +66,14 @@ impl Run {
                     return self.result(last.as_ref(), total_seconds, true);
                 }
                 if checkpointed.elapsed() >= every && position.batch < n_batches {
+                    read_sums(&on_device, &mut sums)?;
                     let mut sums = sums.clone();
                     sums.seconds += started.elapsed().as_secs_f64();
                     self.checkpoint(&Position { epoch, batch: position.batch, sums })?;
                     checkpointed = Instant::now();
                 }
             }
+            read_sums(&on_device, &mut sums)?;
             observer.epoch_batches_done();
             let (test_loss, test_top1, test_top5) =
                 evaluate(self.student.as_ref(), &test_loader, &self.device)?;
@@ -111,4 +121,14 @@ impl Run {
         )?;
         Ok(result)
     }
+}
+
+/// Reads the device's sums into `sums` and returns the epoch's mean loss so far; a loss that is
+/// not finite stops the run (found at most a read interval after the step that made it).
+fn read_sums(on_device: &DeviceSums, sums: &mut Sums) -> Result<f64> {
+    on_device.read(sums)?;
+    if !sums.loss.is_finite() {
+        bail!("the training loss is not finite (NaN or infinite): lower the learning rate or beta")
+    }
+    Ok(sums.loss / sums.seen.max(1) as f64)
 }

@@ -54,6 +54,84 @@ pub(super) struct Sums {
     pub(super) seconds: f64,
 }
 
+/// The step sums of an epoch kept on the device, so that a step does not wait for the device to
+/// read its losses back: one vector `[loss, ce, kd, gradient, correct, at...]` (each loss times
+/// its batch's images, in f64), started from the host's sums and added to as the host did, in
+/// the same order and precision, so that the numbers read are the host's to the bit. Read back
+/// ([`DeviceSums::read`]) at the log interval, a checkpoint and the epoch's end.
+#[derive(Default)]
+pub(super) struct DeviceSums {
+    acc: Option<candle_core::Tensor>,
+}
+
+/// The fields before the attention pairs in a [`DeviceSums`] vector.
+const FIXED: usize = 5;
+
+impl DeviceSums {
+    /// Adds one step's parts (`n` images) to the sums, on the device; `sums` gives the start
+    /// (its attention pairs grown to the step's) and counts the images.
+    pub(super) fn add(
+        &mut self,
+        sums: &mut Sums,
+        parts: &at_losses::LossParts,
+        labels: &candle_core::Tensor,
+    ) -> candle_core::Result<()> {
+        use candle_core::{DType, Tensor};
+        let n = labels.dim(0)?;
+        let dev = parts.total.device();
+        if self.acc.is_none() {
+            sums.at.resize(parts.at.len(), 0.0);
+            let mut start = vec![sums.loss, sums.ce, sums.kd, sums.gradient, sums.correct as f64];
+            start.extend(&sums.at);
+            self.acc = Some(Tensor::from_vec(start, FIXED + sums.at.len(), dev)?);
+        }
+        // A loss times the batch's images, as the host computed `loss as f64 * n`.
+        let times_n = |t: &Tensor| t.to_dtype(DType::F64)?.reshape(1)?.affine(n as f64, 0.0);
+        let zero = || Tensor::zeros(1, DType::F64, dev);
+        let mut parts_n = vec![
+            times_n(&parts.total)?,
+            times_n(&parts.ce)?,
+            parts.kd.as_ref().map_or_else(zero, times_n)?,
+            parts.gradient.as_ref().map_or_else(zero, times_n)?,
+            correct(&parts.logits, labels)?,
+        ];
+        for at in &parts.at {
+            parts_n.push(times_n(at)?);
+        }
+        let step = Tensor::cat(&parts_n, 0)?;
+        let acc = self.acc.take().expect("started above");
+        if acc.dim(0)? != step.dim(0)? {
+            candle_core::bail!("the step's attention pairs changed within an epoch")
+        }
+        self.acc = Some((acc + step)?);
+        sums.seen += n;
+        Ok(())
+    }
+
+    /// Reads the sums back into `sums` (one transfer); nothing to read before the first step.
+    pub(super) fn read(&self, sums: &mut Sums) -> candle_core::Result<()> {
+        let Some(acc) = &self.acc else { return Ok(()) };
+        let v: Vec<f64> = acc.to_vec1()?;
+        (sums.loss, sums.ce, sums.kd, sums.gradient) = (v[0], v[1], v[2], v[3]);
+        sums.correct = v[4] as usize;
+        sums.at = v[FIXED..].to_vec();
+        Ok(())
+    }
+}
+
+/// Top-1 correct predictions of `logits` against `labels` as a one-element f64 tensor, on their
+/// device: a prediction is correct when no logit is above the label's (as `top_k_correct`).
+fn correct(
+    logits: &candle_core::Tensor,
+    labels: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::DType;
+    let logits = logits.detach().to_dtype(DType::F32)?;
+    let target = logits.gather(&labels.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?; // [b, 1]
+    let above = logits.broadcast_gt(&target)?.to_dtype(DType::F32)?.sum(1)?; // [b]
+    above.eq(0f64)?.to_dtype(DType::F64)?.sum_all()?.reshape(1)
+}
+
 /// `result.json`: how the run ended.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunResult {
@@ -120,5 +198,69 @@ impl Run {
             interrupted,
             machine: format!("{} ({})", crate::machine(), self.config.device),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::train::top_k_correct;
+
+    /// The sums kept on the device are the host's sums to the bit: the same f32 losses times
+    /// their images, added in the same order in f64, from a resumed epoch's partial sums; and
+    /// top-1 counted as `top_k_correct` counts it, ties included.
+    #[test]
+    fn device_sums_equal_the_hosts_bit_for_bit() {
+        let dev = Device::Cpu;
+        let start = Sums { loss: 12.345678901, ce: 3.25, correct: 7, seen: 9, ..Sums::default() };
+        let (mut host, mut sums, mut on_device) = (start.clone(), start, DeviceSums::default());
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut value = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 1_000_003) as f32 / 997.0
+        };
+        for step in 0..25usize {
+            let n = 3 + step % 5;
+            let scalar = |v: f32| Tensor::new(v, &dev).unwrap();
+            // Ties on purpose: two equal logits in every row, the label on one of them.
+            let mut logits = vec![];
+            for i in 0..n {
+                let mut row: Vec<f32> = (0..4).map(|_| value().floor()).collect();
+                row[i % 4] = row[(i + 1) % 4];
+                logits.extend(row);
+            }
+            let logits = Tensor::from_vec(logits, (n, 4), &dev).unwrap();
+            let labels: Vec<u32> = (0..n as u32).map(|i| i % 4).collect();
+            let labels = Tensor::from_vec(labels, n, &dev).unwrap();
+            let parts = at_losses::LossParts {
+                total: scalar(value()),
+                ce: scalar(value()),
+                kd: (step % 2 == 0).then(|| scalar(value())),
+                at: vec![scalar(value()), scalar(value())],
+                gradient: None,
+                logits: logits.clone(),
+            };
+            on_device.add(&mut sums, &parts, &labels).unwrap();
+            // What the host did before.
+            let f = |t: &Tensor| t.to_scalar::<f32>().unwrap() as f64;
+            host.loss += f(&parts.total) * n as f64;
+            host.ce += f(&parts.ce) * n as f64;
+            if let Some(kd) = &parts.kd {
+                host.kd += f(kd) * n as f64;
+            }
+            host.at.resize(2, 0.0);
+            for (sum, at) in host.at.iter_mut().zip(&parts.at) {
+                *sum += f(at) * n as f64;
+            }
+            host.correct += top_k_correct(&logits, &labels).unwrap().0;
+            host.seen += n;
+        }
+        on_device.read(&mut sums).unwrap();
+        assert_eq!(sums, host);
+        assert!(host.correct > 7 && host.correct < host.seen, "the count is exercised: {host:?}");
     }
 }

@@ -72,10 +72,13 @@ pub trait Observer: Send + Sync {
         let _ = (epoch, epochs, batches, start_batch);
     }
 
-    /// `done` batches of `batches` of epoch `epoch` are done; the epoch's mean loss so far and
-    /// the batches per second of this call.
-    fn batch_done(&self, epoch: usize, done: usize, batches: usize, loss: f64, rate: f64) {
-        if batches >= 10 && done.is_multiple_of((batches / 10).max(1)) {
+    /// `done` batches of `batches` of epoch `epoch` are done, at `rate` batches per second in
+    /// this call; the epoch's mean loss so far where the sums were read back from the device
+    /// (every tenth of an epoch), `None` between.
+    fn batch_done(&self, epoch: usize, done: usize, batches: usize, loss: Option<f64>, rate: f64) {
+        if let Some(loss) = loss
+            && batches >= 10
+        {
             tracing::info!(
                 "epoch {epoch}: batch {done}/{batches}, loss {loss:.4}, {rate:.2} batches/s"
             );

@@ -2,7 +2,7 @@
 //! themselves), the backward pass and SGD; and the step with a gradient-based penalty, whose
 //! loss is built on the second-order thread.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use at_losses::gradient::{
     GradientConfig, GradientPenalty, TeacherBatch, gradient_student_loss, teacher_outputs,
 };
@@ -13,11 +13,15 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
 use super::Run;
-use super::evaluate::top_k_correct;
-use super::metrics::Sums;
+use super::metrics::{DeviceSums, Sums};
 
 impl Run {
-    pub(super) fn step(&mut self, images: &Tensor, labels: &Tensor, sums: &mut Sums) -> Result<()> {
+    pub(super) fn step(
+        &mut self,
+        images: &Tensor,
+        labels: &Tensor,
+        (sums, totals): (&mut DeviceSums, &mut Sums),
+    ) -> Result<()> {
         let (parts, grads) = match &self.gradient {
             Some(config) => {
                 let second_order =
@@ -58,30 +62,8 @@ impl Run {
             }
         };
         self.sgd.step(&grads)?;
-
-        let n = labels.dim(0)?;
-        let scalar =
-            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-        sums.loss += scalar(&parts.total)? * n as f64;
-        sums.ce += scalar(&parts.ce)? * n as f64;
-        if let Some(kd) = &parts.kd {
-            sums.kd += scalar(kd)? * n as f64;
-        }
-        sums.at.resize(parts.at.len(), 0.0);
-        for (sum, at) in sums.at.iter_mut().zip(&parts.at) {
-            *sum += scalar(at)? * n as f64;
-        }
-        if let Some(penalty) = &parts.gradient {
-            sums.gradient += scalar(penalty)? * n as f64;
-        }
-        let (top1, _) = top_k_correct(&parts.logits, labels)?;
-        sums.correct += top1;
-        sums.seen += n;
-        if !sums.loss.is_finite() {
-            bail!(
-                "the training loss is not finite (NaN or infinite): lower the learning rate or beta"
-            )
-        }
+        // The sums stay on the device; the epoch loop reads them back now and then.
+        sums.add(totals, &parts, labels)?;
         Ok(())
     }
 }
