@@ -40,7 +40,7 @@ pub mod wrn;
 use candle_core::{Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
-pub use nn::{Backend, InitScheme, max_pool2d};
+pub use nn::{Backend, InitScheme, max_pool2d, max_pool2d_on};
 pub use state::{LoadReport, is_buffer, load, parameter_count, save};
 
 /// What a model returns: its logits and the activations at its attention points.

@@ -23,7 +23,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::nn::{
-    Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool, max_pool2d,
+    Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool, max_pool2d_on,
 };
 use crate::{AttentionModel, Output};
 
@@ -104,6 +104,7 @@ impl ConvUnit {
 pub struct Nin {
     blocks: Vec<[ConvUnit; 3]>,
     fc: Linear,
+    backend: Backend,
 }
 
 impl Nin {
@@ -125,7 +126,7 @@ impl Nin {
             blocks.push([unit(0)?, unit(1)?, unit(2)?]);
         }
         let fc = Linear::new(w3, config.num_classes, vb.pp("fc"))?;
-        Ok(Self { blocks, fc })
+        Ok(Self { blocks, fc, backend: config.backend })
     }
 }
 
@@ -143,7 +144,7 @@ impl AttentionModel for Nin {
         let mut groups = Vec::with_capacity(3);
         for (b, units) in self.blocks.iter().enumerate() {
             if b > 0 {
-                o = max_pool2d(&o, 3, 2, 1)?;
+                o = max_pool2d_on(&o, (3, 2, 1), self.backend)?;
             }
             for unit in units {
                 o = unit.forward_t(&o, train)?;

@@ -323,12 +323,87 @@ impl Module for Linear {
 /// `torch.nn.functional.max_pool2d` (padding counts as -inf).
 ///
 /// candle 0.11's own `max_pool2d` scales its gradient by `1/k^2` and has no backward when kernel
-/// and stride differ. This one picks each window's maximum by index (a step without gradient)
-/// and then selects the maxima with `index_select`, so the whole gradient goes to the maximum,
-/// and the backward pass (`index_add`) is differentiable again: double backpropagation works
-/// through it. (`gather` is avoided on purpose: the backward of its backward, `scatter_add`, is
-/// broken in candle 0.11.)
+/// and stride differ. This one picks each window's maximum by index (a step without gradient),
+/// so the whole gradient goes to the maximum, and then selects the maxima so that the backward
+/// pass is parallel over (image, channel) rows on every backend: with `gather` on a first-order
+/// thread, and on the second-order thread (`gather`'s backward, `scatter_add`, has a broken
+/// backward in candle 0.11) with one `index_select` per window element, shared by every row,
+/// whose backward (`index_add`) is differentiable again, so double backpropagation works
+/// through it. Both give [`max_pool2d_flat`]'s numbers (tests/max_pool.rs).
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    max_pool2d_on(x, (kernel, stride, padding), Backend::Kernels)
+}
+
+/// [`max_pool2d`] as `backend` runs it. On the CPU a second-order pool takes
+/// [`max_pool2d_flat`]'s path, whose serial backward is the fastest there (the one-index-per-
+/// window-element path made Table 3's step 1.5x slower on 2 cores); `Backend::Device` takes the
+/// path of a GPU on any device.
+pub fn max_pool2d_on(
+    x: &Tensor,
+    (kernel, stride, padding): (usize, usize, usize),
+    backend: Backend,
+) -> Result<Tensor> {
+    let second_order = at_kernels::second_order::is_second_order_thread();
+    if second_order && x.device().is_cpu() && backend != Backend::Device {
+        return max_pool2d_flat(x, kernel, stride, padding);
+    }
+    let (b, c, _, _) = x.dims4()?;
+    let Pool { index, ext, table, local, out: (oh, ow) } = pool(x, kernel, stride, padding)?;
+    if !second_order {
+        // First order: pick the maxima along the spatial axis with `gather`, whose backward
+        // (`scatter_add`) spreads over every (image, channel) row in parallel on a GPU.
+        return ext.gather(&index.contiguous()?, 2)?.reshape((b, c, oh, ow));
+    }
+    // Second order (`gather`'s backward has a broken backward in candle 0.11: it fails on shapes
+    // and masks the wrong gradient): for each window element `k`, the input at that element of
+    // every window with `index_select` along the spatial axis (one index shared by every row,
+    // so its backward `index_add` is parallel over the rows on a GPU, and differentiable again),
+    // kept where `k` is the window's maximum.
+    let kk = kernel * kernel;
+    let table = table.reshape((oh * ow, kk))?;
+    let mut y: Option<Tensor> = None;
+    for k in 0..kk {
+        let at_k = table.narrow(1, k, 1)?.squeeze(1)?.contiguous()?;
+        let values = ext.index_select(&at_k, 2)?; // [b, c, oh*ow]
+        let is_max = local.eq(k as f64)?;
+        // `where_cond`, not a product with a 0/1 mask: a padding cell is -inf, and -inf * 0 is NaN.
+        let kept = is_max.where_cond(&values, &values.zeros_like()?.detach())?;
+        y = Some(match y {
+            None => kept,
+            Some(sum) => (sum + kept)?,
+        });
+    }
+    y.expect("a window has at least one element").reshape((b, c, oh, ow))
+}
+
+/// [`max_pool2d`] as it was before its parallel backward: the maxima picked with
+/// `index_select` from the flattened input (the backward, `index_add` along one axis of
+/// `b * c * h * w` entries, runs on one GPU thread). The reference the tests compare with.
+#[doc(hidden)]
+pub fn max_pool2d_flat(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let Pool { index, ext, out: (oh, ow), .. } = pool(x, kernel, stride, padding)?;
+    let rows = (h * w + 1) as u32;
+    let base = Tensor::arange_step(0u32, b as u32 * c as u32 * rows, rows, x.device())?;
+    let index = index.broadcast_add(&base.reshape((b, c, 1))?)?.flatten_all()?;
+    ext.flatten_all()?.index_select(&index, 0)?.reshape((b, c, oh, ow))
+}
+
+/// What a max pool picks, found without gradient.
+struct Pool {
+    /// Each window's maximum as a flat spatial index of the input, `[b, c, oh*ow]`.
+    index: Tensor,
+    /// The input flattened, with a `-inf` cell at `h * w` for padding: `[b, c, h*w + 1]`.
+    ext: Tensor,
+    /// For each output cell and window element, the flat input index (`h * w` for padding).
+    table: Tensor,
+    /// Which window element is the maximum, `[b, c, oh*ow]`.
+    local: Tensor,
+    /// The output's size.
+    out: (usize, usize),
+}
+
+fn pool(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Pool> {
     let (b, c, h, w) = x.dims4()?;
     if kernel == 0
         || stride == 0
@@ -343,7 +418,6 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     let oh = (h + 2 * padding - kernel) / stride + 1;
     let ow = (w + 2 * padding - kernel) / stride + 1;
     let kk = kernel * kernel;
-    // For each output cell and window element, the flat input index; `h * w` marks padding.
     let mut table = Vec::with_capacity(oh * ow * kk);
     for i in 0..oh {
         for j in 0..ow {
@@ -365,23 +439,15 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     }
     let dev = x.device();
     let table = Tensor::from_vec(table, oh * ow * kk, dev)?;
-    let flat = x.flatten_from(2)?; // [b, c, h*w]
     let pad = Tensor::full(f32::NEG_INFINITY, (b, c, 1), dev)?.to_dtype(x.dtype())?;
-    let ext = Tensor::cat(&[&flat, &pad], 2)?; // [b, c, h*w + 1]
-
+    let ext = Tensor::cat(&[&x.flatten_from(2)?, &pad], 2)?; // [b, c, h*w + 1]
     // Which window element is the maximum: no gradient flows through this choice.
     let windows = ext.detach().index_select(&table, 2)?.reshape((b, c, oh * ow, kk))?;
     let local = windows.argmax(3)?; // [b, c, oh*ow], u32
     let offsets = Tensor::arange_step(0u32, (oh * ow * kk) as u32, kk as u32, dev)?;
     let position = local.broadcast_add(&offsets)?.flatten_all()?; // into `table`
     let index = table.index_select(&position, 0)?.reshape((b, c, oh * ow))?;
-
-    // Pick the maxima from the flattened input with `index_select`, whose backward (`index_add`)
-    // has a correct backward again. (`gather` would work once, but its backward, `scatter_add`,
-    // has a broken backward in candle 0.11: it fails on shapes and masks the wrong gradient.)
-    let base = Tensor::arange_step(0u32, (b * c * (h * w + 1)) as u32, (h * w + 1) as u32, dev)?;
-    let index = index.broadcast_add(&base.reshape((b, c, 1))?)?.flatten_all()?;
-    ext.flatten_all()?.index_select(&index, 0)?.reshape((b, c, oh, ow))
+    Ok(Pool { index, ext, table, local, out: (oh, ow) })
 }
 
 /// The mean over all spatial positions: `[B, C, H, W] -> [B, C]`.

@@ -11,7 +11,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::nn::{
-    Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool, max_pool2d,
+    Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool, max_pool2d_on,
 };
 use crate::{AttentionModel, Output};
 
@@ -115,6 +115,7 @@ pub struct ResNet {
     layers: Vec<Vec<BasicBlock>>,
     fc: Linear,
     freeze_first_group: bool,
+    backend: Backend,
 }
 
 impl ResNet {
@@ -143,7 +144,8 @@ impl ResNet {
             layers.push(blocks);
         }
         let fc = Linear::new(512, config.num_classes, vb.pp("fc"))?;
-        Ok(Self { conv1, bn1, layers, fc, freeze_first_group: config.freeze_first_group })
+        let freeze_first_group = config.freeze_first_group;
+        Ok(Self { conv1, bn1, layers, fc, freeze_first_group, backend: config.backend })
     }
 }
 
@@ -160,7 +162,7 @@ impl AttentionModel for ResNet {
         // The frozen first group runs as in evaluation and is cut from the graph after layer1.
         let first_train = train && !self.freeze_first_group;
         let o = self.bn1.forward_relu_t(&self.conv1.forward(x)?, first_train)?;
-        let mut o = max_pool2d(&o, 3, 2, 1)?;
+        let mut o = max_pool2d_on(&o, (3, 2, 1), self.backend)?;
         let mut groups = Vec::with_capacity(4);
         for (l, blocks) in self.layers.iter().enumerate() {
             let layer_train = if l == 0 { first_train } else { train };
