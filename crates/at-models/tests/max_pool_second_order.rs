@@ -66,10 +66,47 @@ fn the_parallel_pools_second_order_gradients_are_the_flat_ones() {
     assert!(close(&ours.0, &flat.0) && close(&ours.1, &flat.1) && close(&ours.2, &flat.2));
 }
 
+/// The second-order gradient through the GPU's pool path is the finite difference of the
+/// first-order quantity it differentiates: `d sum(J^2) / d w1` along a direction, in f64.
+fn the_gpu_pools_second_order_gradient_is_its_finite_difference() {
+    let f = golden("max_pool.safetensors");
+    let pool = |t: &candle_core::Tensor, k, s, p| {
+        at_models::max_pool2d_on(t, (k, s, p), at_models::Backend::Device).unwrap()
+    };
+    let x = Var::from_tensor(&f["dbp.x"]).unwrap();
+    let w2 = f["dbp.w2"].clone();
+    // `sum J^2` at `w1`, and its gradient with respect to `w1`.
+    let at = |w1: &candle_core::Tensor| {
+        let w1 = Var::from_tensor(w1).unwrap();
+        let h = pool(&x.conv2d(&w1, 1, 1, 1, 1).unwrap().relu().unwrap(), 3, 2, 1);
+        let y = pool(&h.conv2d(&w2, 1, 1, 1, 1).unwrap(), 2, 2, 0);
+        let first = (y * &f["dbp.g"]).unwrap().sum_all().unwrap().backward().unwrap();
+        let loss = first.get(&x).unwrap().sqr().unwrap().sum_all().unwrap();
+        let grad = loss.backward().unwrap().get(&w1).unwrap().clone();
+        (loss.to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap(), grad)
+    };
+    let w1 = f["dbp.w1"].clone();
+    let direction = w1.ones_like().unwrap().affine(1e-3, 0.0).unwrap(); // a small, even push
+    let (_, grad) = at(&w1);
+    let analytic = (grad * &direction).unwrap().sum_all().unwrap();
+    let analytic = analytic.to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let h = 1e-3;
+    let (up, _) = at(&(&w1 + direction.affine(h, 0.0).unwrap()).unwrap());
+    let (down, _) = at(&(&w1 - direction.affine(h, 0.0).unwrap()).unwrap());
+    let numeric = (up - down) / (2.0 * h);
+    assert!(
+        (numeric - analytic).abs() <= 1e-4 * analytic.abs().max(1e-12),
+        "finite difference {numeric} against {analytic}"
+    );
+}
+
 fn main() -> std::process::ExitCode {
     at_kernels::second_order::run_tests(&[
         ("second_order_gradients_through_max_pools_match_torch", |so| {
             so.run(second_order_gradients_through_max_pools_match_torch)
+        }),
+        ("the_gpu_pools_second_order_gradient_is_its_finite_difference", |so| {
+            so.run(the_gpu_pools_second_order_gradient_is_its_finite_difference)
         }),
         ("the_parallel_pools_second_order_gradients_are_the_flat_ones", |so| {
             so.run(the_parallel_pools_second_order_gradients_are_the_flat_ones)

@@ -512,6 +512,19 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
                     failed.push(result.name);
                 }
             }
+            // The max pool's backward (NIN, ResNet): one thread on a GPU before it was parallel.
+            let cpu = at_trainer::check::time_pool_backward(
+                batch as usize,
+                &(candle_core::Device::Cpu, at_models::Backend::Kernels),
+            )?;
+            let on_device = at_trainer::check::time_pool_backward(batch as usize, &other)?;
+            let line = serde_json::json!({
+                "check": "max-pool 3x3/2 forward+backward, [batch, 192, 32, 32]",
+                "device": device.to_string(),
+                "ms_cpu": cpu * 1e3,
+                "ms_device": on_device * 1e3,
+            });
+            println!("{line}");
             if !failed.is_empty() {
                 bail!(
                     "{device} disagrees with the CPU beyond {tolerance:?} in: {}",

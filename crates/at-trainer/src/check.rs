@@ -198,6 +198,28 @@ pub fn check_step(
     })
 }
 
+/// Seconds of a max pool's forward and backward (3x3, stride 2, padding 1, as NIN's and the
+/// ResNets') on a `[batch, 192, 32, 32]` activation on `device` as `backend` runs it, first
+/// order, read back to the host; the median of 5 after one untimed.
+pub fn time_pool_backward(batch: usize, (device, backend): &(Device, Backend)) -> Result<f64> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let n = batch * 192 * 32 * 32;
+    let values: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let x = candle_core::Var::from_vec(values, (batch, 192, 32, 32), device)?;
+    let mut times = vec![];
+    for _ in 0..6 {
+        let started = Instant::now();
+        let y = at_models::max_pool2d_on(x.as_tensor(), (3, 2, 1), *backend)?;
+        let grads = y.sum_all()?.backward()?;
+        let g = grads.get(x.as_tensor()).context("the pool passes a gradient")?;
+        g.flatten_all()?.narrow(0, 0, 1)?.to_vec1::<f32>()?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    let mut timed = times.split_off(1);
+    timed.sort_by(f64::total_cmp);
+    Ok(timed[timed.len() / 2])
+}
+
 /// The largest relative difference `||a - b|| / ||a||` over the tensors of `a` and `b` (matched
 /// by name), and where; infinite where `b` is not finite.
 fn worst(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> Result<(f64, String)> {
