@@ -94,20 +94,7 @@ pub fn time_steps_sized(
     let student = at_models::build(student_name, &options, seeded_var_builder(&varmap, 1, device))?;
     let teacher: Option<Box<dyn AttentionModel>> = match step {
         Step::Student => None,
-        _ => {
-            // As the trainer holds one: weights as plain tensors, no gradient.
-            let teacher_map = VarMap::new();
-            at_models::build(teacher_name, &options, seeded_var_builder(&teacher_map, 2, device))?;
-            let tensors = teacher_map
-                .data()
-                .lock()
-                .expect("the teacher's weights")
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect();
-            let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-            Some(at_models::build(teacher_name, &options, vb)?)
-        }
+        _ => Some(seeded_teacher(teacher_name, &options, 2, device)?),
     };
     let loss = LossConfig {
         alpha: if step == Step::AtKd { 0.9 } else { 0.0 },
@@ -159,6 +146,26 @@ pub fn at_backend(backend: Backend) -> AtBackend {
         Backend::Kernels => AtBackend::Kernels(&at_kernels::AT_OPS_KERNELS),
         Backend::Candle | Backend::Device => AtBackend::Candle,
     }
+}
+
+/// `name` with weights seeded by `seed`, held as the trainer holds a teacher: the weights as
+/// constants (plain tensors, no gradient).
+pub fn seeded_teacher(
+    name: &str,
+    options: &ModelOptions,
+    seed: u64,
+    device: &Device,
+) -> candle_core::Result<Box<dyn AttentionModel>> {
+    let varmap = VarMap::new();
+    at_models::build(name, options, seeded_var_builder(&varmap, seed, device))?;
+    let tensors = varmap
+        .data()
+        .lock()
+        .expect("the teacher's weights")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    at_models::build(name, options, VarBuilder::from_tensors(tensors, DType::F32, device))
 }
 
 /// A batch of random `side`x`side` RGB images and labels `0..10` in turn.

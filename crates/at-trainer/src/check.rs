@@ -17,10 +17,10 @@ use at_models::{AttentionModel, Backend, ModelOptions};
 use at_ops::AtConfig;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 
-use crate::bench::at_backend;
+use crate::bench::{at_backend, seeded_teacher};
 use crate::init::seeded_var_builder;
 use crate::train::{gradient_step, wanted_maps};
 
@@ -249,23 +249,8 @@ fn one_side(
     let varmap = VarMap::new();
     let student =
         at_models::build(student_name, &student_options, seeded_var_builder(&varmap, 1, device))?;
-    let teacher: Option<Box<dyn AttentionModel>> = match teacher_name {
-        Some(name) => {
-            // As the trainer holds one: the weights as constants.
-            let teacher_map = VarMap::new();
-            at_models::build(name, &options, seeded_var_builder(&teacher_map, 2, device))?;
-            let tensors = teacher_map
-                .data()
-                .lock()
-                .expect("the teacher's weights")
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect();
-            let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-            Some(at_models::build(name, &options, vb)?)
-        }
-        None => None,
-    };
+    let teacher: Option<Box<dyn AttentionModel>> =
+        teacher_name.map(|name| seeded_teacher(name, &options, 2, device)).transpose()?;
     // The same images on both sides: drawn on the host from a fixed seed.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let values: Vec<f32> = (0..batch * 3 * 32 * 32).map(|_| rng.random_range(-2.0..2.0)).collect();
@@ -327,6 +312,8 @@ fn one_side(
 
 #[cfg(test)]
 mod tests {
+    use candle_nn::VarBuilder;
+
     use super::*;
 
     /// The comparison finds the tensor that differs, relative to its own scale, and calls a
