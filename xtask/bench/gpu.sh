@@ -3,8 +3,9 @@
 # ours (a CUDA build of at-train) against eager PyTorch on the same card, alternating, one JSON
 # line per measurement into $OUT/gpu-bench.jsonl (or ./gpu-bench.jsonl).
 #
-# Build here first (no GPU needed; ~12 minutes the first time):
-#   CARGO_TARGET_DIR=/work/cuda-target DIST_DIR=target/cuda-dist \
+# Build here first (no GPU needed; 12-16 minutes the first time; DIST_DIR absolute: the script
+# resolves a relative one from the crate directory):
+#   CARGO_TARGET_DIR=/work/cuda-target DIST_DIR=$PWD/target/cuda-dist \
 #     bash ../shared/cuda/build-cuda.sh crates/at-train cuda,cudnn at-train
 # then, on the device machine, from the repository root:
 #   bash xtask/bench/gpu.sh target/cuda-dist/at-train-cuda,cudnn.gz [PYTHON]
