@@ -257,7 +257,7 @@ fn make_run(
 }
 
 /// Table 4's dataset (its rows' ids start with it).
-fn dataset_tag(table: Table, row: &Row) -> Option<&'static str> {
+pub(crate) fn dataset_tag(table: Table, row: &Row) -> Option<&'static str> {
     match table {
         Table::Table4 if row.label.contains("CUB") => Some("cub"),
         Table::Table4 => Some("scenes"),

@@ -123,8 +123,10 @@ fn paper_base(table: Table, row: &Row) -> Result<RunConfig> {
         Table::Table1 | Table::Table2 => recipes::cifar(),
         Table::Table3 => recipes::nin(),
         Table::Table4 => {
-            let dataset =
-                if row.label.contains("CUB") { DatasetName::Cub } else { DatasetName::Scenes };
+            let dataset = match crate::plan::dataset_tag(table, row) {
+                Some("cub") => DatasetName::Cub,
+                _ => DatasetName::Scenes,
+            };
             // torchvision's ImageNet weights of the row's own network
             // (`cargo xtask download resnet18-imagenet`).
             RunConfig {

@@ -308,8 +308,7 @@ const KEPT: [&str; 3] = ["result.json", "config.toml", "metrics.jsonl"];
 pub fn write(plan: &Plan, dir: &Path, provenance: &Provenance) -> Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cells = collect(plan)?;
-    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let runs_dir = if abs(&plan.out).starts_with(abs(dir)) {
+    let runs_dir = if absolute(&plan.out).starts_with(absolute(dir)) {
         plan.out.clone()
     } else {
         let runs_dir = dir.join("runs").join(plan.profile.name);
@@ -334,10 +333,14 @@ pub fn write(plan: &Plan, dir: &Path, provenance: &Provenance) -> Result<(PathBu
     Ok((md, csv_path))
 }
 
+/// `p` made absolute against the working directory (itself where that fails).
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
 /// `to` relative to the directory `from` (both made absolute), with `/` separators.
 fn relative(from: &Path, to: &Path) -> String {
-    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let rel = pathdiff::diff_paths(abs(to), abs(from)).unwrap_or_else(|| abs(to));
+    let rel = pathdiff::diff_paths(absolute(to), absolute(from)).unwrap_or_else(|| absolute(to));
     rel.to_string_lossy().replace('\\', "/")
 }
 

@@ -380,10 +380,6 @@ fn run_options(second_order: &SecondOrder) -> anyhow::Result<RunOptions> {
 fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
     match cli.command {
         Command::Train { config, preset, sets, run_dir, resume, device, stop_after_epochs } => {
-            // Opened first: a device this build lacks is refused before anything is written.
-            if let Some(device) = device {
-                train::device(device)?;
-            }
             let stop_after_epochs = stop_after_epochs.map(|n| n as usize);
             let options = RunOptions { device, stop_after_epochs, ..run_options(&second_order)? };
             let result = match (resume, run_dir) {
@@ -660,10 +656,6 @@ fn repro(
         }
     };
     let trains = !dry_run && matches!(what, What::Table(_) | What::All);
-    if trains {
-        // Opened first: a device this build lacks is refused before any run directory exists.
-        train::device(options.device)?;
-    }
     let run_options = if trains { Some(run_options(&second_order)?) } else { None };
     // One timer for every table of a dry run, so that each step is measured once.
     let mut timer = match dry_run {

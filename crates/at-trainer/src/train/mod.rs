@@ -35,7 +35,7 @@ use crate::optim::Sgd;
 pub use checkpoint::write_atomically;
 pub use evaluate::{RunModel, evaluate, top_k_correct};
 pub use metrics::{EpochMetrics, RunResult, read_metrics};
-pub use step::{detach_all, gradient_step, wanted_maps};
+pub use step::{detach_all, gradient_step, student_loss, wanted_maps};
 pub use teacher::load_teacher;
 
 use checkpoint::Position;

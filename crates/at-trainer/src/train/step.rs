@@ -36,27 +36,9 @@ impl Run {
                 )?
             }
             None => {
-                let (maps_s, maps_t) = wanted_maps(&self.loss, self.teacher.is_some());
-                let out = self.student.forward_with_maps(images, true, &maps_s)?;
-                let teacher_out = match &self.teacher {
-                    Some(t) if self.loss.alpha > 0.0 || self.loss.beta > 0.0 => {
-                        Some(t.forward_with_maps(images, false, &maps_t)?)
-                    }
-                    _ => None,
-                };
-                let teacher = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
-                let maps = GroupMaps {
-                    student: &out.maps,
-                    teacher: teacher_out.as_ref().map_or(&[], |t| &t.maps),
-                };
-                let parts = student_loss_with_maps(
-                    &out.logits,
-                    labels,
-                    &out.groups,
-                    teacher,
-                    &self.loss,
-                    maps,
-                )?;
+                let teacher = self.teacher.as_deref();
+                let parts =
+                    student_loss(self.student.as_ref(), teacher, (images, labels), &self.loss)?;
                 let grads = parts.total.backward()?;
                 (parts, grads)
             }
@@ -66,6 +48,29 @@ impl Run {
         sums.add(totals, &parts, labels)?;
         Ok(())
     }
+}
+
+/// The loss of one step without a gradient-based penalty: the student's forward in training mode
+/// (making the paired groups' maps itself), the teacher's in evaluation where distillation or
+/// attention transfer needs it, and the combined loss with each part.
+pub fn student_loss(
+    student: &dyn AttentionModel,
+    teacher: Option<&dyn AttentionModel>,
+    (images, labels): (&Tensor, &Tensor),
+    loss: &LossConfig,
+) -> Result<LossParts> {
+    let (maps_s, maps_t) = wanted_maps(loss, teacher.is_some());
+    let out = student.forward_with_maps(images, true, &maps_s)?;
+    let teacher_out = match teacher {
+        Some(t) if loss.alpha > 0.0 || loss.beta > 0.0 => {
+            Some(t.forward_with_maps(images, false, &maps_t)?)
+        }
+        _ => None,
+    };
+    let t = teacher_out.as_ref().map(|o| (&o.logits, &o.groups[..]));
+    let maps =
+        GroupMaps { student: &out.maps, teacher: teacher_out.as_ref().map_or(&[], |t| &t.maps) };
+    Ok(student_loss_with_maps(&out.logits, labels, &out.groups, t, loss, maps)?)
 }
 
 /// The groups whose attention maps the networks should make themselves for `loss`, as
