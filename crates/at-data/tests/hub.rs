@@ -1,155 +1,34 @@
 //! Downloads against a fake Hugging Face Hub on 127.0.0.1, started by the test: files land in the
 //! cache, are reused with the network gone, and a 404 or a truncated body is a clear error.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use at_data::Error;
 use at_data::hub::{HubOptions, OnProgress, Source, cached, fetch, silent};
+use at_fake_hub::{FakeHub, Fault, sha256_hex};
 
-/// How the fake Hub serves one file. Its ETag is the SHA-256 of the bytes, as the Hub's is for
-/// files in LFS or Xet storage, and it answers byte ranges (`Range: bytes=a-b`) with 206.
-#[derive(Clone)]
-enum Serve {
-    Whole(Vec<u8>),
-    /// Announces the whole length (of the file or range) but sends only the first half, then
-    /// hangs up.
-    Truncated(Vec<u8>),
-    /// As `Whole`, but the first request for a range starting at or after `at` is cut as
-    /// `Truncated` cuts, once.
-    CutOnce {
-        bytes: Vec<u8>,
-        at: u64,
-        done: Arc<AtomicBool>,
-    },
-    /// Sends these bytes under the ETag of others.
-    WrongSha(Vec<u8>),
-}
+const TOKEN: &str = "hf_test_token";
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A tiny HTTP/1.1 server that answers hf-hub's `HEAD`/`GET /{route}/resolve/{rev}/{path}`, the
-/// route being `datasets/owner/name` for a dataset and `owner/name` for a model.
-struct FakeHub {
-    url: String,
-    requests: Arc<AtomicUsize>,
-    /// The byte ranges asked for by GET requests, in order.
-    ranges: Arc<Mutex<Vec<(u64, u64)>>>,
-    tokens: Arc<Mutex<Vec<Option<String>>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl FakeHub {
-    fn start(route: &str, files: HashMap<String, Serve>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(AtomicUsize::new(0));
-        let tokens = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let ranges = Arc::new(Mutex::new(Vec::new()));
-        let prefix = format!("/{route}/resolve/");
-        let (r, t, s, g) = (requests.clone(), tokens.clone(), stop.clone(), ranges.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if s.load(Ordering::SeqCst) {
-                    return; // Dropping the listener: the network is gone.
-                }
-                let Ok(mut stream) = stream else { continue };
-                r.fetch_add(1, Ordering::SeqCst);
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                let (mut token, mut range) = (None, None);
-                loop {
-                    let mut header = String::new();
-                    if reader.read_line(&mut header).unwrap() == 0 || header == "\r\n" {
-                        break;
-                    }
-                    let lower = header.to_ascii_lowercase();
-                    if let Some(v) = lower.strip_prefix("authorization: bearer ") {
-                        token = Some(v.trim().to_owned());
-                    }
-                    if let Some(v) = lower.strip_prefix("range: bytes=") {
-                        let (a, b) = v.trim().split_once('-').unwrap();
-                        range = Some((a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap() + 1));
-                    }
-                }
-                t.lock().unwrap().push(token);
-                let mut parts = line.split_whitespace();
-                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                // Any revision: `main`, or the commit a ranged download pins.
-                let file = path
-                    .strip_prefix(&prefix)
-                    .and_then(|rest| rest.split_once('/'))
-                    .and_then(|(_, f)| files.get(f));
-                let Some(serve) = file else {
-                    let body = b"{\"error\":\"Entry not found\"}";
-                    let head = format!(
-                        "HTTP/1.1 404 Not Found\r\nX-Error-Code: EntryNotFound\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = stream.write_all(head.as_bytes());
-                    if method != "HEAD" {
-                        let _ = stream.write_all(body);
-                    }
-                    continue;
-                };
-                let (Serve::Whole(bytes)
-                | Serve::Truncated(bytes)
-                | Serve::CutOnce { bytes, .. }
-                | Serve::WrongSha(bytes)) = serve;
-                let etag = match serve {
-                    Serve::WrongSha(b) => sha256_hex(&[&b[..], b"other"].concat()),
-                    _ => sha256_hex(bytes),
-                };
-                let (start, end) = range.unwrap_or((0, bytes.len() as u64));
-                let (status, span) = match range {
-                    Some(_) => (
-                        "206 Partial Content",
-                        format!("Content-Range: bytes {start}-{}/{}\r\n", end - 1, bytes.len()),
-                    ),
-                    None => ("200 OK", String::new()),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nETag: \"{etag}\"\r\nX-Repo-Commit: {}\r\n{span}Content-Length: {}\r\nConnection: close\r\n\r\n",
-                    "a".repeat(40),
-                    end - start
-                );
-                let _ = stream.write_all(head.as_bytes());
-                if method == "GET" {
-                    g.lock().unwrap().push((start, end));
-                    let body = &bytes[start as usize..end as usize];
-                    let cut = match serve {
-                        Serve::Truncated(_) => true,
-                        Serve::CutOnce { at, done, .. } => {
-                            start >= *at && !done.swap(true, Ordering::SeqCst)
-                        }
-                        _ => false,
-                    };
-                    let _ = stream.write_all(if cut { &body[..body.len() / 2] } else { body });
-                }
-            }
-        });
-        Self { url, requests, ranges, tokens, stop }
+/// A fake Hub holding `files` in the repository `route` (`datasets/owner/name` for a dataset).
+/// Files the Hub keeps in LFS (`.parquet`, `.tgz`, `.safetensors`, ...) have their SHA-256 as
+/// `ETag`, as on the real Hub, and every file is served in byte ranges.
+fn hub_with(route: &str, files: &[(&str, Vec<u8>)]) -> FakeHub {
+    let hub = FakeHub::start(TOKEN);
+    for (file, bytes) in files {
+        hub.put(route, file, bytes.clone());
     }
+    hub
+}
 
-    /// Stops answering: later connections are refused.
-    fn shut_down(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = std::net::TcpStream::connect(self.url.trim_start_matches("http://"));
-    }
+/// The byte ranges the GET requests asked for, in order.
+fn ranges(hub: &FakeHub) -> Vec<(u64, u64)> {
+    hub.log().iter().filter(|r| r.method == "GET").filter_map(|r| r.range).collect()
 }
 
 fn options(hub: &FakeHub, cache: &std::path::Path) -> HubOptions {
     HubOptions {
         endpoint: Some(hub.url.clone()),
-        token: Some("hf_test_token".into()),
+        token: Some(TOKEN.into()),
         cache_dir: Some(cache.to_path_buf()),
         offline: false,
         attempts: 1,
@@ -159,12 +38,13 @@ fn options(hub: &FakeHub, cache: &std::path::Path) -> HubOptions {
 
 #[test]
 fn a_download_lands_in_the_cache_and_is_reused_with_the_network_gone() {
-    let files: HashMap<String, Serve> = [
-        ("plain_text/train-00000-of-00001.parquet".to_owned(), Serve::Whole(vec![1; 5000])),
-        ("plain_text/test-00000-of-00001.parquet".to_owned(), Serve::Whole(vec![2; 3000])),
-    ]
-    .into();
-    let hub = FakeHub::start("datasets/uoft-cs/cifar10", files);
+    let hub = hub_with(
+        "datasets/uoft-cs/cifar10",
+        &[
+            ("plain_text/train-00000-of-00001.parquet", vec![1; 5000]),
+            ("plain_text/test-00000-of-00001.parquet", vec![2; 3000]),
+        ],
+    );
     let cache = tempfile::tempdir().unwrap();
     let told = Arc::new(Mutex::new(Vec::<(String, u64, u64)>::new()));
     let record = told.clone();
@@ -185,17 +65,17 @@ fn a_download_lands_in_the_cache_and_is_reused_with_the_network_gone() {
     let train = fetched.snapshot.join("plain_text/train-00000-of-00001.parquet");
     assert_eq!(std::fs::read(&train).unwrap(), vec![1; 5000]);
     assert!(
-        hub.tokens.lock().unwrap().iter().all(|t| t.as_deref() == Some("hf_test_token")),
+        hub.log().iter().all(|r| r.authorization == Some(format!("Bearer {TOKEN}"))),
         "HF token sent"
     );
 
     hub.shut_down();
-    let before = hub.requests.load(Ordering::SeqCst);
+    let before = hub.request_count();
     let offline = HubOptions { offline: true, ..options(&hub, cache.path()) };
     let again = fetch(&Source::cifar10(), &offline, silent()).unwrap();
     assert_eq!(again.files, fetched.files);
     assert_eq!(cached(&Source::cifar10(), &options(&hub, cache.path())), Some(again.snapshot));
-    assert_eq!(hub.requests.load(Ordering::SeqCst), before, "offline means no request");
+    assert_eq!(hub.request_count(), before, "offline means no request");
 
     let elsewhere = tempfile::tempdir().unwrap();
     let offline_empty = HubOptions { offline: true, ..options(&hub, elsewhere.path()) };
@@ -206,7 +86,7 @@ fn a_download_lands_in_the_cache_and_is_reused_with_the_network_gone() {
 
 #[test]
 fn a_missing_file_is_a_clear_error() {
-    let hub = FakeHub::start("datasets/someone/cub-mirror", HashMap::new());
+    let hub = FakeHub::start(TOKEN);
     let cache = tempfile::tempdir().unwrap();
     let err = fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), silent())
         .unwrap_err()
@@ -217,12 +97,9 @@ fn a_missing_file_is_a_clear_error() {
 
 #[test]
 fn a_truncated_body_is_a_clear_error() {
-    let files: HashMap<String, Serve> = [(
-        "plain_text/train-00000-of-00001.parquet".to_owned(),
-        Serve::Truncated(vec![7; 100_000]),
-    )]
-    .into();
-    let hub = FakeHub::start("datasets/uoft-cs/cifar10", files);
+    let (route, file) = ("datasets/uoft-cs/cifar10", "plain_text/train-00000-of-00001.parquet");
+    let hub = hub_with(route, &[(file, vec![7; 100_000])]);
+    hub.fault(route, file, Fault::Truncated);
     let cache = tempfile::tempdir().unwrap();
     let source = Source {
         files: vec!["plain_text/train-00000-of-00001.parquet".into()],
@@ -251,10 +128,7 @@ fn archives_are_unpacked_beside_the_cache() {
         builder.append_data(&mut header, "CUB_200_2011/images.txt", &body[..]).unwrap();
         builder.into_inner().unwrap().finish().unwrap();
     }
-    let hub = FakeHub::start(
-        "datasets/someone/cub-mirror",
-        [("CUB_200_2011.tgz".to_owned(), Serve::Whole(tgz))].into(),
-    );
+    let hub = hub_with("datasets/someone/cub-mirror", &[("CUB_200_2011.tgz", tgz)]);
     let cache = tempfile::tempdir().unwrap();
     let fetched =
         fetch(&Source::cub("someone/cub-mirror"), &options(&hub, cache.path()), silent()).unwrap();
@@ -278,13 +152,14 @@ fn a_gated_dataset_without_a_token_says_how_to_get_access() {
 
 #[test]
 fn pretrained_resnet_weights_come_from_timms_model_repository() {
-    let files: HashMap<String, Serve> = [
-        ("model.safetensors".to_owned(), Serve::Whole(vec![5; 4096])),
-        ("config.json".to_owned(), Serve::Whole(b"{\"architecture\": \"resnet18\"}".to_vec())),
-    ]
-    .into();
     // A model repository: no `datasets/` in the route.
-    let hub = FakeHub::start("timm/resnet18.tv_in1k", files);
+    let hub = hub_with(
+        "timm/resnet18.tv_in1k",
+        &[
+            ("model.safetensors", vec![5; 4096]),
+            ("config.json", b"{\"architecture\": \"resnet18\"}".to_vec()),
+        ],
+    );
     let cache = tempfile::tempdir().unwrap();
     let source = Source::named("resnet18-imagenet").unwrap();
     let fetched = fetch(&source, &options(&hub, cache.path()), silent()).unwrap();
@@ -305,9 +180,9 @@ fn pretrained_resnet_weights_come_from_timms_model_repository() {
 fn fashion_mnist_comes_from_zalandos_parquet_copy() {
     let source = Source::named("fashion-mnist").unwrap();
     assert_eq!(source.repo, "zalando-datasets/fashion_mnist");
-    let files: HashMap<String, Serve> =
-        source.files.iter().map(|f| (f.clone(), Serve::Whole(vec![3; 100]))).collect();
-    let hub = FakeHub::start("datasets/zalando-datasets/fashion_mnist", files);
+    let files: Vec<(&str, Vec<u8>)> =
+        source.files.iter().map(|f| (f.as_str(), vec![3; 100])).collect();
+    let hub = hub_with("datasets/zalando-datasets/fashion_mnist", &files);
     let cache = tempfile::tempdir().unwrap();
     let fetched = fetch(&source, &options(&hub, cache.path()), silent()).unwrap();
     for split in [at_data::Split::Train, at_data::Split::Test] {
@@ -321,25 +196,21 @@ fn fashion_mnist_comes_from_zalandos_parquet_copy() {
 fn a_download_cut_short_goes_on_from_the_bytes_it_has() {
     let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let file = "CUB_200_2011.tgz";
-    let done = Arc::new(AtomicBool::new(false));
-    let serve = Serve::CutOnce { bytes: bytes.clone(), at: 8192, done };
-    let hub = FakeHub::start("datasets/someone/cub-mirror", [(file.to_owned(), serve)].into());
+    let route = "datasets/someone/cub-mirror";
+    let hub = hub_with(route, &[(file, bytes.clone())]);
+    hub.fault(route, file, Fault::CutOnceAt(8192));
     let cache = tempfile::tempdir().unwrap();
     let source = Source { unpack: false, ..Source::cub("someone/cub-mirror") };
     let err = fetch(&source, &options(&hub, cache.path()), silent()).unwrap_err().to_string();
     assert!(err.contains("cut short"), "{err}");
-    assert_eq!(*hub.ranges.lock().unwrap(), [(0, 4096), (4096, 8192), (8192, 10_000)]);
+    assert_eq!(ranges(&hub), [(0, 4096), (4096, 8192), (8192, 10_000)]);
     let blobs = cache.path().join("datasets--someone--cub-mirror/blobs");
     let part = blobs.join(format!("{}.part", sha256_hex(&bytes)));
     assert_eq!(std::fs::metadata(&part).unwrap().len(), 8192, "the two whole ranges are kept");
 
-    hub.ranges.lock().unwrap().clear();
+    let asked = ranges(&hub).len();
     let fetched = fetch(&source, &options(&hub, cache.path()), silent()).unwrap();
-    assert_eq!(
-        *hub.ranges.lock().unwrap(),
-        [(8192, 10_000)],
-        "only the missing range is asked for"
-    );
+    assert_eq!(ranges(&hub)[asked..], [(8192, 10_000)], "only the missing range is asked for");
     assert_eq!(std::fs::read(fetched.snapshot.join(file)).unwrap(), bytes);
     assert!(!part.exists(), "the part became the blob");
     assert_eq!(cached(&source, &options(&hub, cache.path())), Some(fetched.snapshot));
@@ -350,8 +221,9 @@ fn a_download_cut_short_goes_on_from_the_bytes_it_has() {
 #[test]
 fn bytes_that_do_not_hash_to_the_etag_are_refused_and_dropped() {
     let file = "CUB_200_2011.tgz";
-    let serve = Serve::WrongSha(vec![9; 5000]);
-    let hub = FakeHub::start("datasets/someone/cub-mirror", [(file.to_owned(), serve)].into());
+    let route = "datasets/someone/cub-mirror";
+    let hub = hub_with(route, &[(file, vec![9; 5000])]);
+    hub.fault(route, file, Fault::WrongSha);
     let cache = tempfile::tempdir().unwrap();
     let source = Source { unpack: false, ..Source::cub("someone/cub-mirror") };
     let err = fetch(&source, &options(&hub, cache.path()), silent()).unwrap_err().to_string();
