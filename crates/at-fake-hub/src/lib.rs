@@ -11,7 +11,7 @@
 //!   for the rest.
 //! - `POST /{repo}.git/info/lfs/objects/batch` answers the `basic` transfer (or `xet`, when the
 //!   test asks for it with [`FakeHub::choose_xet`]): for each object the store lacks, an `upload`
-//!   action to a pre-signed URL (`PUT /lfs-storage/{oid}?X-Amz-Signature=...`) with a header the
+//!   action to a pre-signed URL (`PUT /lfs-storage/{repo}/{oid}?X-Amz-Signature=...`) with a header the
 //!   upload must carry, and a `verify` action; an object it holds gets no actions.
 //! - The pre-signed URL refuses a request that carries an `Authorization` header (as S3 does: a
 //!   signed URL is the one credential), one without the action's header, and bytes whose SHA-256
@@ -188,10 +188,10 @@ pub struct State {
     pub log: Vec<Logged>,
     /// Repositories by route: `owner/name` for models, `datasets/owner/name` for datasets.
     pub repos: BTreeMap<String, Repo>,
-    /// The LFS store: bytes by SHA-256.
-    pub objects: BTreeMap<String, Vec<u8>>,
-    /// Objects an LFS batch sent to Xet (SHA-256 -> size): a commit may point to them.
-    pub xet_objects: BTreeMap<String, u64>,
+    /// The LFS store of each repository: bytes by `(route, SHA-256)`.
+    pub objects: BTreeMap<(String, String), Vec<u8>>,
+    /// Objects an LFS batch sent to Xet, `(route, SHA-256) -> size`: a commit may point to them.
+    pub xet_objects: BTreeMap<(String, String), u64>,
     /// `(part of the path, status, times)`: answer the next `times` matching requests so.
     failures: Vec<(String, u16, usize)>,
     /// Download faults by `(repository route, file)`.
@@ -208,7 +208,7 @@ impl State {
     pub fn bytes(&self, route: &str, file: &str) -> Option<Vec<u8>> {
         match self.repos.get(route)?.files.get(file)? {
             Stored::Inline(bytes) => Some(bytes.clone()),
-            Stored::Lfs { oid, .. } => self.objects.get(oid).cloned(),
+            Stored::Lfs { oid, .. } => self.objects.get(&(route.to_owned(), oid.clone())).cloned(),
             Stored::Xet { .. } => None,
         }
     }
@@ -300,7 +300,7 @@ impl FakeHub {
         let stored = if must_use_lfs(file, bytes.len() as u64, &bytes[..bytes.len().min(512)]) {
             let oid = sha256_hex(&bytes);
             let size = bytes.len() as u64;
-            state.objects.insert(oid.clone(), bytes);
+            state.objects.insert((route.to_owned(), oid.clone()), bytes);
             Stored::Lfs { oid, size }
         } else {
             Stored::Inline(bytes)
@@ -506,7 +506,9 @@ impl Server {
             if request.header("x-verify-token") != Some(&verify_token(oid)) {
                 return Reply::error(403, "Forbidden", "the verify action's header is missing");
             }
-            return match state.objects.get(oid) {
+            let route =
+                path.trim_start_matches('/').trim_end_matches(".git/info/lfs/objects/verify");
+            return match state.objects.get(&(route.to_owned(), oid.to_owned())) {
                 Some(bytes) if Some(bytes.len() as u64) == size => {
                     Reply::json(200, serde_json::json!({}))
                 }
@@ -563,7 +565,7 @@ impl Server {
         if state.xet_cas.is_some() && offered.contains(&"xet") {
             for object in &objects {
                 let (oid, size) = (object["oid"].as_str().unwrap_or(""), object["size"].as_u64());
-                state.xet_objects.insert(oid.to_owned(), size.unwrap_or(0));
+                state.xet_objects.insert((route.to_owned(), oid.to_owned()), size.unwrap_or(0));
             }
             return Reply::json(200, serde_json::json!({"transfer": "xet", "objects": objects}));
         }
@@ -575,7 +577,7 @@ impl Server {
             .map(|object| {
                 let oid = object["oid"].as_str().unwrap_or("").to_owned();
                 let size = object["size"].as_u64().unwrap_or(0);
-                match state.objects.get(&oid) {
+                match state.objects.get(&(route.to_owned(), oid.clone())) {
                     Some(bytes) if bytes.len() as u64 == size => {
                         serde_json::json!({"oid": oid, "size": size})
                     }
@@ -590,7 +592,7 @@ impl Server {
                         "actions": {
                             "upload": {
                                 "href": format!(
-                                    "{}/lfs-storage/{oid}?X-Amz-Signature={}",
+                                    "{}/lfs-storage/{route}/{oid}?X-Amz-Signature={}",
                                     self.base,
                                     signature(&oid)
                                 ),
@@ -612,7 +614,10 @@ impl Server {
 
     /// The pre-signed upload URL: the signature in the query is the only credential.
     fn store_object(&self, state: &mut State, request: &Incoming) -> Reply {
-        let oid = request.path.trim_start_matches("/lfs-storage/");
+        let Some((route, oid)) = request.path.trim_start_matches("/lfs-storage/").rsplit_once('/')
+        else {
+            return Reply::error(404, "NoSuchKey", "The specified key does not exist.");
+        };
         if request.header("authorization").is_some() {
             return Reply::error(
                 400,
@@ -633,7 +638,7 @@ impl Server {
         if sha256_hex(&request.body) != oid {
             return Reply::error(400, "BadDigest", "the bytes do not hash to the object's oid");
         }
-        state.objects.insert(oid.to_owned(), request.body.clone());
+        state.objects.insert((route.to_owned(), oid.to_owned()), request.body.clone());
         Reply {
             status: 200,
             headers: vec![("ETag".into(), format!("\"{oid}\""))],
@@ -696,7 +701,8 @@ impl Server {
                 Some("lfsFile") => {
                     let oid = value["oid"].as_str().unwrap_or("").to_owned();
                     let size = value["size"].as_u64().unwrap_or(0);
-                    let stored = match (state.objects.get(&oid), state.xet_objects.get(&oid)) {
+                    let key = (route.to_owned(), oid.clone());
+                    let stored = match (state.objects.get(&key), state.xet_objects.get(&key)) {
                         (Some(bytes), _) if bytes.len() as u64 == size => Stored::Lfs { oid, size },
                         (_, Some(&xet_size)) if xet_size == size => Stored::Xet { oid, size },
                         _ => {
@@ -768,7 +774,9 @@ impl Server {
         let commit = repo.commits.last().map_or("0".repeat(40), |c| c.oid.clone());
         let (bytes, etag) = match stored {
             Stored::Inline(bytes) => (bytes.clone(), git_blob_id(bytes)),
-            Stored::Lfs { oid, .. } => (state.objects[oid].clone(), oid.clone()),
+            Stored::Lfs { oid, .. } => {
+                (state.objects[&(route.clone(), oid.clone())].clone(), oid.clone())
+            }
             Stored::Xet { .. } => {
                 return Reply::error(
                     501,

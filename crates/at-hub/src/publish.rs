@@ -182,7 +182,7 @@ pub fn stage(run_dir: &Path, repo: &str, out: &Path) -> Result<Vec<StagedFile>> 
     }
     std::fs::create_dir_all(out.join("training"))
         .with_context(|| format!("cannot create {}", out.display()))?;
-    std::fs::copy(run_dir.join("model.safetensors"), out.join("model.safetensors"))?;
+    write_pt_weights(&run_dir.join("model.safetensors"), &out.join("model.safetensors"))?;
     let config_json = serde_json::to_string_pretty(&model_config(&run.config)?)?;
     std::fs::write(out.join("config.json"), config_json + "\n")?;
     for file in ["config.toml", "metrics.jsonl", "result.json"] {
@@ -210,6 +210,18 @@ pub fn stage(run_dir: &Path, repo: &str, out: &Path) -> Result<Vec<StagedFile>> 
         .collect();
     std::fs::write(out.join("README.md"), card(repo, &run, &figures)?)?;
     list_files(out)
+}
+
+/// Copies the weights `from` into `to` with `__metadata__ = {"format": "pt"}`, as PyTorch's and
+/// timm's writers mark theirs (transformers and timm read the mark); the tensors, their names
+/// and their bytes are those of `from`.
+pub fn write_pt_weights(from: &Path, to: &Path) -> Result<()> {
+    let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", from.display()))?;
+    let metadata = std::collections::HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    safetensors::serialize_to_file(tensors.tensors(), Some(metadata), to)
+        .with_context(|| format!("cannot write {}", to.display()))
 }
 
 /// Every file under `dir` with its size and SHA-256, sorted by path.
@@ -260,6 +272,17 @@ pub struct Publication {
 /// creating the repository if it is missing. Publishing again makes another commit. A dry run
 /// writes the folder and stops there.
 pub fn publish(run_dir: &Path, options: &PublishOptions, staging: &Path) -> Result<Publication> {
+    publish_with(run_dir, options, staging, at_data::hub::silent())
+}
+
+/// [`publish`], telling `progress` `(path, bytes sent, size)` as each file the Hub keeps in LFS
+/// storage goes.
+pub fn publish_with(
+    run_dir: &Path,
+    options: &PublishOptions,
+    staging: &Path,
+    progress: at_data::hub::OnProgress,
+) -> Result<Publication> {
     if options.dry_run {
         check_repo_name(&options.repo)?;
         let files = stage(run_dir, &options.repo, staging)?;
@@ -280,7 +303,7 @@ pub fn publish(run_dir: &Path, options: &PublishOptions, staging: &Path) -> Resu
         message: format!("Publish {} with attention-transfer", run_dir.display()),
         files: files.iter().map(|f| (f.path.clone(), staging.join(&f.path))).collect(),
     };
-    let committed = at_data::hub::upload(&upload, &options.hub)?;
+    let committed = at_data::hub::upload(&upload, &options.hub, progress)?;
     Ok(Publication { files, committed: Some(committed) })
 }
 

@@ -611,22 +611,40 @@ fn publish(
     revision: Option<String>,
     hub: &HubOptions,
 ) -> anyhow::Result<()> {
+    use at_data::hub::Transfer;
     use at_hub::publish::{self, PublishOptions};
+    let list = |files: &[String]| match files {
+        [] => "none".to_owned(),
+        files => files.join(", "),
+    };
     let staging = publish::default_staging(run_dir);
     let options =
         PublishOptions { repo: repo.to_owned(), private, revision, dry_run, hub: hub.clone() };
-    let publication = publish::publish(run_dir, &options, &staging)?;
+    let progress = progress::upload_display(repo);
+    let publication = publish::publish_with(run_dir, &options, &staging, progress)?;
     match publication.committed {
         None => println!(
             "dry run: would publish {} to {repo} (nothing sent); the folder is {}",
             run_dir.display(),
             staging.display()
         ),
-        Some(commit) => println!(
-            "published {} to https://huggingface.co/{repo}{}",
-            run_dir.display(),
-            commit.url.map(|u| format!(" ({u})")).unwrap_or_default()
-        ),
+        Some(commit) => {
+            println!(
+                "published {} to https://huggingface.co/{repo}{}",
+                run_dir.display(),
+                commit.url.as_deref().map(|u| format!(" ({u})")).unwrap_or_default()
+            );
+            let how = match commit.transfer {
+                Transfer::Inline => "no file needed LFS storage",
+                Transfer::Basic => "LFS storage through Git LFS's basic transfer",
+                Transfer::Xet => "LFS storage through Xet",
+            };
+            println!(
+                "  {how}: {} sent, {} already stored",
+                list(&commit.uploaded),
+                list(&commit.already_stored)
+            );
+        }
     }
     for f in publication.files {
         println!("  {:<40} {:>12} bytes  sha256 {}", f.path, f.size, f.sha256);

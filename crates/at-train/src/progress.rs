@@ -67,6 +67,16 @@ impl Observer for TrainingBar {
 /// A progress display for the files fetched from the Hub repository `repo`: a line per file,
 /// and on a terminal a bar.
 pub fn download_display(repo: &str) -> OnProgress {
+    transfer_display(repo, false)
+}
+
+/// A progress display for the files sent to LFS storage of the Hub repository `repo`: a line
+/// per file, and on a terminal a bar.
+pub fn upload_display(repo: &str) -> OnProgress {
+    transfer_display(repo, true)
+}
+
+fn transfer_display(repo: &str, upload: bool) -> OnProgress {
     let terminal = std::io::stderr().is_terminal();
     let repo = repo.to_owned();
     // The file being fetched, its bar (on a terminal), and whether its first bytes were told.
@@ -78,14 +88,22 @@ pub fn download_display(repo: &str) -> OnProgress {
             if let Some((_, Some(bar), _)) = current.take() {
                 bar.finish();
             }
-            eprintln!("fetching {file} from {repo}");
+            match upload {
+                true => eprintln!("sending {file} to the LFS storage of {repo}"),
+                false => eprintln!("fetching {file} from {repo}"),
+            }
             *current = Some((file.to_owned(), None, false));
         }
         let Some((_, bar, started)) = current.as_mut() else { return };
         if total == 0 {
             return;
         }
-        if !std::mem::replace(started, true) && done > 0 && done < total {
+        let first = !std::mem::replace(started, true);
+        if first && upload && done == total {
+            eprintln!("  already stored on the Hub (same SHA-256): not sent again");
+            return;
+        }
+        if first && !upload && done > 0 && done < total {
             // A download cut short before goes on from the bytes it has.
             let (done, total) = (indicatif::HumanBytes(done), indicatif::HumanBytes(total));
             eprintln!("  going on from the {done} of {total} already here");

@@ -35,6 +35,9 @@ use hf_hub::{HFClientBuilder, HFError, HFRepositorySync, RepoType};
 
 use crate::error::{Error, Result};
 
+mod upload;
+pub use upload::{Committed, Transfer, Upload, upload};
+
 /// Where and how to reach the Hub.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HubOptions {
@@ -266,13 +269,13 @@ impl ProgressHandler for Forward {
 }
 
 /// `owner/name` split, or an error saying that is what a repository is.
-fn owner_name(repo: &str) -> Result<(&str, &str)> {
+pub(crate) fn owner_name(repo: &str) -> Result<(&str, &str)> {
     repo.split_once('/')
         .ok_or_else(|| Error::Hub(format!("a Hub repository is `owner/name`, got `{repo}`")))
 }
 
 /// A client for `options`, and the cache directory it uses.
-fn client(options: &HubOptions) -> Result<(hf_hub::HFClientSync, PathBuf)> {
+pub(crate) fn client(options: &HubOptions) -> Result<(hf_hub::HFClientSync, PathBuf)> {
     let mut builder = HFClientBuilder::new().retry_max_attempts(options.attempts.saturating_sub(1));
     if let Some(endpoint) = &options.endpoint {
         builder = builder.endpoint(endpoint.trim_end_matches('/'));
@@ -461,101 +464,6 @@ pub fn sha256_hex(path: &Path) -> Result<String> {
 pub fn cached(source: &Source, options: &HubOptions) -> Option<PathBuf> {
     let offline = HubOptions { offline: true, ..options.clone() };
     fetch(source, &offline, silent()).ok().map(|f| f.snapshot)
-}
-
-/// A commit to a model repository: what [`upload`] sends.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Upload {
-    /// The model repository, `owner/name`; created (private or not) if it does not exist.
-    pub repo: String,
-    /// Create the repository private.
-    pub private: bool,
-    /// The branch to commit to (created if missing); `None` is `main`.
-    pub revision: Option<String>,
-    /// The commit message.
-    pub message: String,
-    /// `(path in the repository, local file)`, all in one commit.
-    pub files: Vec<(String, PathBuf)>,
-}
-
-/// What the Hub answered to an [`upload`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Committed {
-    /// The commit's page, when the Hub gives it.
-    pub url: Option<String>,
-    /// The commit's id, when the Hub gives it.
-    pub oid: Option<String>,
-}
-
-/// Creates the model repository of `upload` if it is missing and commits its files in one
-/// commit. It needs a token with write access (`options.token`), and says so before sending
-/// anything; a transient failure (5xx, 429, a cut connection) is retried `options.attempts`
-/// times. No message carries the token.
-pub fn upload(upload: &Upload, options: &HubOptions) -> Result<Committed> {
-    use hf_hub::repository::{AddSource, CommitOperation, RepoTypeModel};
-    let token = options.token.as_deref().filter(|t| !t.trim().is_empty());
-    let Some(token) = token else {
-        return Err(Error::Hub(format!(
-            "no Hugging Face token to publish {} with: set HF_TOKEN (or log in with `hf auth login`) \
-             to a token with write access, from https://huggingface.co/settings/tokens",
-            upload.repo
-        )));
-    };
-    if options.offline {
-        return Err(Error::Hub(format!(
-            "HF_HUB_OFFLINE is set: unset it to publish {}",
-            upload.repo
-        )));
-    }
-    let (owner, name) = owner_name(&upload.repo)?;
-    // hf-hub's messages never hold the token; this makes sure of it.
-    let scrub = |e: HFError| -> Error {
-        let text = e.to_string().replace(token, "***");
-        Error::Hub(match e {
-            HFError::AuthRequired { .. } => format!(
-                "the Hub refused the token (401) for {}: HF_TOKEN (or the token file) is missing or \
-                 wrong; use a token with write access",
-                upload.repo
-            ),
-            HFError::Forbidden { .. } => format!(
-                "the Hub forbids writing to {} with this token (403): it needs write access to {owner}",
-                upload.repo
-            ),
-            _ => format!("cannot publish {}: {text}", upload.repo),
-        })
-    };
-    let (client, _) = client(options)?;
-    client
-        .create_repository()
-        .repo_id(&upload.repo)
-        .repo_type(RepoTypeModel)
-        .private(upload.private)
-        .exist_ok(true)
-        .send()
-        .map_err(scrub)?;
-    let repo = client.model(owner, name);
-    if let Some(branch) = upload.revision.as_deref().filter(|b| *b != "main") {
-        match repo.create_branch().branch(branch).send() {
-            Ok(()) | Err(HFError::Conflict { .. }) => {}
-            Err(e) => return Err(scrub(e)),
-        }
-    }
-    let operations = upload
-        .files
-        .iter()
-        .map(|(path, file)| CommitOperation::Add {
-            path_in_repo: path.clone(),
-            source: AddSource::File(file.clone()),
-        })
-        .collect();
-    let info = repo
-        .create_commit()
-        .operations(operations)
-        .commit_message(upload.message.clone())
-        .maybe_revision(upload.revision.clone())
-        .send()
-        .map_err(scrub)?;
-    Ok(Committed { url: info.commit_url, oid: info.commit_oid })
 }
 
 /// The snapshot directory of a downloaded `file` whose repository path is `repo_path`.
