@@ -4,18 +4,16 @@
 //! failing Hub give clear errors, and a dry run sends nothing.
 
 mod common;
-#[path = "common/fake_hub.rs"]
-mod fake_hub;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use at_data::hub::HubOptions;
+use at_fake_hub::FakeHub;
 use at_hub::publish::{PublishOptions, publish};
 use at_trainer::train::{RunModel, RunResult, train};
 use candle_core::{Device, Tensor};
 use common::{config, quiet, write_dataset};
-use fake_hub::FakeHub;
 
 const TOKEN: &str = "hf_fake_write_token_0123456789";
 
@@ -82,14 +80,32 @@ fn a_published_run_loads_back_identical_with_the_same_accuracy_and_a_card() {
     let repo = "someone/wrn-16-1-fmnist";
     let publication =
         publish(&run, &options(&hub, &cache, repo), &root.path().join("staged")).unwrap();
-    assert!(publication.committed.unwrap().oid.is_some());
-    let requests = hub.state.lock().unwrap().requests.clone();
+    let committed = publication.committed.unwrap();
+    assert!(committed.oid.is_some());
+    let requests = hub.log();
     let posts: Vec<_> = requests.iter().filter(|r| r.method == "POST").collect();
-    assert!(posts.len() >= 3, "create, preupload, commit: {requests:?}");
+    assert!(posts.len() >= 4, "create, preupload, LFS batch, commit: {requests:?}");
     let bearer = format!("Bearer {TOKEN}");
     assert!(posts.iter().all(|r| r.authorization.as_deref() == Some(bearer.as_str())));
     let published = hub.repo(repo).expect("the repository was created");
     assert_eq!(published.commits.len(), 1, "one commit");
+
+    // The weights and the figures went to LFS storage, through the pre-signed URLs (which
+    // never see the token); only text went inline.
+    let commit = &published.commits[0];
+    assert!(commit.lfs.contains(&"model.safetensors".to_owned()), "{commit:?}");
+    assert!(commit.lfs.iter().any(|f| f.ends_with(".png")), "{commit:?}");
+    assert!(
+        commit.inline.iter().all(|f| f.ends_with(".md")
+            || f.ends_with(".json")
+            || f.ends_with(".jsonl")
+            || f.ends_with(".toml")),
+        "{commit:?}"
+    );
+    assert_eq!(committed.uploaded, commit.lfs);
+    let puts: Vec<_> = requests.iter().filter(|r| r.method == "PUT").collect();
+    assert_eq!(puts.len(), commit.lfs.len(), "{requests:?}");
+    assert!(puts.iter().all(|r| r.authorization.is_none()), "{puts:?}");
     for file in [
         "model.safetensors",
         "config.json",
@@ -135,7 +151,7 @@ fn a_published_run_loads_back_identical_with_the_same_accuracy_and_a_card() {
     assert_eq!((top1, top5), (measured.test_top1, measured.test_top5));
 
     // The card: YAML front matter that parses and holds that accuracy.
-    let card = String::from_utf8(published.files["README.md"].clone()).unwrap();
+    let card = String::from_utf8(hub.file(repo, "README.md").unwrap()).unwrap();
     let yaml = card.strip_prefix("---\n").unwrap().split("\n---\n").next().unwrap();
     let front: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml).unwrap();
     assert_eq!(front["library_name"].as_str(), Some("attention-transfer"));
@@ -152,13 +168,17 @@ fn a_published_run_loads_back_identical_with_the_same_accuracy_and_a_card() {
         measured.test_top1
     );
     assert!(card.contains("at-train train --config training/config.toml"), "{card}");
-    assert!(
-        !card.contains(TOKEN)
-            && !published
-                .files
-                .values()
-                .any(|f| f.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()))
-    );
+    assert!(!card.contains(TOKEN));
+    for file in published.files.keys() {
+        let bytes = hub.file(repo, file).unwrap();
+        assert!(!bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()), "{file}");
+    }
+
+    // The weights say they are PyTorch's, as timm's and transformers' writers mark theirs.
+    let weights = hub.file(repo, "model.safetensors").unwrap();
+    let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
+    assert_eq!(header["__metadata__"]["format"], "pt", "{header}");
 
     // Offline, the cached copy is enough.
     let offline = HubOptions { offline: true, ..hub_options(&hub, &cache, None) };
@@ -187,9 +207,15 @@ fn publishing_again_is_a_second_commit_and_a_dry_run_sends_nothing() {
     publish(&run, &no_token, &staged).unwrap();
     assert_eq!(hub.request_count(), 0);
 
-    publish(&run, &options(&hub, &cache, repo), &root.path().join("s1")).unwrap();
-    publish(&run, &options(&hub, &cache, repo), &root.path().join("s2")).unwrap();
-    let state = hub.state.lock().unwrap();
+    let first = publish(&run, &options(&hub, &cache, repo), &root.path().join("s1")).unwrap();
+    let uploads = hub.count("PUT", "/lfs-storage/");
+    let again = publish(&run, &options(&hub, &cache, repo), &root.path().join("s2")).unwrap();
+    let (first, again) = (first.committed.unwrap(), again.committed.unwrap());
+    assert!(!first.uploaded.is_empty());
+    assert!(again.uploaded.is_empty(), "the same bytes are not sent again: {again:?}");
+    assert_eq!(again.already_stored, first.uploaded);
+    assert_eq!(hub.count("PUT", "/lfs-storage/"), uploads, "no upload the second time");
+    let state = hub.state();
     assert_eq!(state.repos.len(), 1, "one repository");
     assert_eq!(state.repos[repo].commits.len(), 2, "two commits");
 }
@@ -217,9 +243,7 @@ fn a_missing_or_wrong_token_is_named_and_never_printed() {
 #[test]
 fn a_failing_hub_is_retried_a_bounded_number_of_times_then_reported() {
     let Setup { root, run, hub, cache, .. } = setup();
-    let count = |part: &str| {
-        hub.state.lock().unwrap().requests.iter().filter(|r| r.path.contains(part)).count()
-    };
+    let count = |part: &str| hub.count("POST", part);
 
     // One 503: retried, then it succeeds.
     hub.fail("/preupload/", 503, 1);
@@ -302,7 +326,7 @@ fn configs_and_commands_take_published_models_as_hf_names() {
     let top1 = result(&run).test_top1;
     assert!(stdout.contains(&format!("child: evaluated top-1 {top1}")), "{stdout}");
     assert!(out.join("student/result.json").is_file(), "the student trained from hf:// weights");
-    let requests = hub.state.lock().unwrap().requests.clone();
+    let requests = hub.log();
     // At the commit the file's metadata named (downloads are ranged and pinned to it).
     let fetched = |file: &str| {
         requests.iter().any(|r| {

@@ -25,8 +25,9 @@ const DEVICE_CRATES: &[&str] = &[
 const DEVICE_FEATURES: &[&str] = &["cuda", "cudnn", "metal", "mkl"];
 /// Crates that talk to the network.
 const NETWORK_CRATES: &[&str] = &["hf-hub", "reqwest", "ureq", "hyper", "tokio"];
-/// The only packages allowed to depend on them: the data crate (its `hub` module) and xtask.
-const NETWORK_ALLOWED: &[&str] = &["at-data", "xtask"];
+/// The only packages allowed to depend on them: the data crate (its `hub` module), xtask, and
+/// the tests' fake Hub (a server on 127.0.0.1, a dev-dependency only: see below).
+const NETWORK_ALLOWED: &[&str] = &["at-data", "xtask", "at-fake-hub"];
 
 /// The crates only the `at-train` binary (and the test and automation packages) may depend on,
 /// directly or through anything else: the command line, the signal handler, progress bars.
@@ -218,6 +219,14 @@ fn only_the_data_crate_and_xtask_touch_the_network() {
         }
         let network: Vec<String> = normal_deps(package).into_iter().filter(networked).collect();
         assert!(network.is_empty(), "{} reaches the network through {network:?}", name(package));
+    }
+    // The fake Hub is for tests: no package depends on it but as a dev-dependency.
+    for package in &packages {
+        assert!(
+            !normal_deps(package).contains("at-fake-hub"),
+            "{} needs the fake Hub",
+            name(package)
+        );
     }
     // The check sees what it must: at-data reaches them.
     assert!(closure(&graph, "at-data").iter().any(|d| NETWORK_CRATES.contains(&d.as_str())));
