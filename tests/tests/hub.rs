@@ -103,6 +103,7 @@ fn a_published_run_loads_back_identical_with_the_same_accuracy_and_a_card() {
         "{commit:?}"
     );
     assert_eq!(committed.uploaded, commit.lfs);
+    assert_eq!(hub.count("POST", ".git/info/lfs/objects/batch"), 1, "{requests:?}");
     let puts: Vec<_> = requests.iter().filter(|r| r.method == "PUT").collect();
     assert_eq!(puts.len(), commit.lfs.len(), "{requests:?}");
     assert!(puts.iter().all(|r| r.authorization.is_none()), "{puts:?}");

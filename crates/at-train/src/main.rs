@@ -629,9 +629,11 @@ fn publish(
             staging.display()
         ),
         Some(commit) => {
+            let endpoint = hub.endpoint.as_deref().unwrap_or("https://huggingface.co");
             println!(
-                "published {} to https://huggingface.co/{repo}{}",
+                "published {} to {}/{repo}{}",
                 run_dir.display(),
+                endpoint.trim_end_matches('/'),
                 commit.url.as_deref().map(|u| format!(" ({u})")).unwrap_or_default()
             );
             let how = match commit.transfer {

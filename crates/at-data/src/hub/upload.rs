@@ -130,7 +130,7 @@ pub fn upload(upload: &Upload, options: &HubOptions, progress: OnProgress) -> Re
             url: info.commit_url,
             oid: info.commit_oid,
             transfer,
-            uploaded: lfs.iter().cloned().collect(),
+            uploaded: lfs.to_vec(),
             already_stored: vec![],
         });
     }
