@@ -88,6 +88,13 @@ fn transfer_display(repo: &str, upload: bool) -> OnProgress {
             if let Some((_, Some(bar), _)) = current.take() {
                 bar.finish();
             }
+            if upload && total > 0 && done == total {
+                eprintln!(
+                    "{file} is in the LFS storage of {repo} already (same SHA-256): not sent again"
+                );
+                *current = Some((file.to_owned(), None, true));
+                return;
+            }
             match upload {
                 true => eprintln!("sending {file} to the LFS storage of {repo}"),
                 false => eprintln!("fetching {file} from {repo}"),
@@ -98,12 +105,7 @@ fn transfer_display(repo: &str, upload: bool) -> OnProgress {
         if total == 0 {
             return;
         }
-        let first = !std::mem::replace(started, true);
-        if first && upload && done == total {
-            eprintln!("  already stored on the Hub (same SHA-256): not sent again");
-            return;
-        }
-        if first && !upload && done > 0 && done < total {
+        if !std::mem::replace(started, true) && !upload && done > 0 && done < total {
             // A download cut short before goes on from the bytes it has.
             let (done, total) = (indicatif::HumanBytes(done), indicatif::HumanBytes(total));
             eprintln!("  going on from the {done} of {total} already here");

@@ -86,5 +86,7 @@ fn publish_sends_binaries_to_lfs_storage_and_says_so() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(": none sent, figures/test-0.png"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("model.safetensors is in the LFS storage of me/x already"), "{stderr}");
     assert_eq!(hub.repo("me/x").unwrap().commits.len(), 2);
 }

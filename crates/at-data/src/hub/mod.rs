@@ -1,5 +1,6 @@
 //! Downloads from the Hugging Face Hub into its standard cache (`~/.cache/huggingface/hub`, or
-//! `HF_HUB_CACHE`): the only module of this workspace's libraries that touches the network.
+//! `HF_HUB_CACHE`), and uploads to it ([`upload`]; see `upload.rs` for how binary files reach
+//! its LFS storage): the only module of this workspace's libraries that touches the network.
 //!
 //! - CIFAR-10: `uoft-cs/cifar10`, the two parquet files of `plain_text/`; load the result with
 //!   [`crate::cifar::load_parquet`].
