@@ -16,6 +16,7 @@ const DEVICE_CRATES: &[&str] = &[
     "at-kernels",
     "at-models",
     "at-data",
+    "at-dist",
     "at-losses",
     "at-trainer",
     "at-hub",
@@ -83,12 +84,14 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
         .collect()
 }
 
-/// Every package `name` reaches through normal dependencies, itself excluded.
+/// Every package `name` reaches through normal dependencies, itself excluded (nothing for an
+/// optional dependency the default features leave out, which the resolved graph lacks: at-dist's
+/// `mpi`).
 fn closure(graph: &BTreeMap<String, BTreeSet<String>>, name: &str) -> BTreeSet<String> {
     let mut seen = BTreeSet::new();
     let mut todo: Vec<&str> = vec![name];
     while let Some(next) = todo.pop() {
-        for dep in &graph[next] {
+        for dep in graph.get(next).into_iter().flatten() {
             if seen.insert(dep.clone()) {
                 todo.push(dep);
             }

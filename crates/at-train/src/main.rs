@@ -4,6 +4,7 @@
 
 mod models;
 mod progress;
+mod ranks;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -110,6 +111,10 @@ enum Command {
         /// Stop with a checkpoint once this many epochs are complete (continue with --resume).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         stop_after_epochs: Option<u64>,
+        /// Stop with a checkpoint after this many batches of this invocation's first epoch, as
+        /// Ctrl-C would (continue with --resume): a short smoke run on a new machine or cluster.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        stop_after_batches: Option<u64>,
     },
     /// Evaluate a finished run's model (or its last checkpoint) on its test set.
     Eval {
@@ -338,12 +343,28 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse(), second_order) {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = Cli::parse();
+    let parallel = match ranks::join() {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    match run(cli, second_order, parallel.clone()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match parallel {
+            // One rank's error ends every rank, which would otherwise wait for it in a
+            // collective.
+            Some(p) => {
+                eprintln!("error: rank {} of {}: {e:#}", p.world.rank(), p.world.size());
+                p.world.abort(1)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -377,11 +398,49 @@ fn run_options(second_order: &SecondOrder) -> anyhow::Result<RunOptions> {
     })
 }
 
-fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
+fn run(
+    cli: Cli,
+    second_order: SecondOrder,
+    parallel: Option<train::Parallel>,
+) -> anyhow::Result<()> {
+    if let Some(p) = &parallel
+        && !matches!(cli.command, Command::Train { .. })
+    {
+        bail!(
+            "rank {} of {}: only `at-train train` runs data-parallel under a launcher; run the \
+             other commands without mpirun",
+            p.world.rank(),
+            p.world.size()
+        )
+    }
     match cli.command {
-        Command::Train { config, preset, sets, run_dir, resume, device, stop_after_epochs } => {
+        Command::Train {
+            config,
+            preset,
+            sets,
+            run_dir,
+            resume,
+            device,
+            stop_after_epochs,
+            stop_after_batches,
+        } => {
             let stop_after_epochs = stop_after_epochs.map(|n| n as usize);
-            let options = RunOptions { device, stop_after_epochs, ..run_options(&second_order)? };
+            let stop_after_batches = stop_after_batches.map(|n| n as usize);
+            let device = ranks::device_of(device, parallel.as_ref());
+            let mut options = RunOptions {
+                device,
+                stop_after_epochs,
+                stop_after_batches,
+                ..run_options(&second_order)?
+            };
+            if let Some(p) = &parallel {
+                if p.is_leader() {
+                    eprintln!("data-parallel: {}", p.world.describe());
+                } else {
+                    options.observer = Some(Arc::new(ranks::Quiet));
+                }
+            }
+            options.parallel = parallel;
             let result = match (resume, run_dir) {
                 (Some(dir), _) => train::resume(&dir, &options)?,
                 (None, Some(dir)) => train::train(
@@ -393,7 +452,7 @@ fn run(cli: Cli, second_order: SecondOrder) -> anyhow::Result<()> {
                     "name a new run directory with --run-dir DIR, or continue one with --resume DIR"
                 ),
             };
-            if !result.interrupted {
+            if !result.interrupted && options.parallel.as_ref().is_none_or(|p| p.is_leader()) {
                 println!("{}", serde_json::to_string_pretty(&result)?);
             }
         }

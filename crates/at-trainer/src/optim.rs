@@ -64,11 +64,27 @@ impl Sgd {
         self.config.lr = lr;
     }
 
+    /// The parameters it updates, sorted by name.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
     /// One update from `grads`.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let grads: Vec<Option<Tensor>> =
+            self.params.iter().map(|(_, var)| grads.get(var).cloned()).collect();
+        self.step_each(&grads)
+    }
+
+    /// One update from the gradient of each parameter of [`Sgd::params`], in that order
+    /// (`None`: no gradient, the parameter and its momentum are left alone).
+    pub fn step_each(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         let SgdConfig { lr, momentum, nesterov, weight_decay } = self.config;
-        for (name, var) in &self.params {
-            let Some(grad) = grads.get(var) else { continue };
+        if grads.len() != self.params.len() {
+            candle_core::bail!("{} gradients for {} parameters", grads.len(), self.params.len())
+        }
+        for ((name, var), grad) in self.params.iter().zip(grads) {
+            let Some(grad) = grad else { continue };
             let p = var.as_tensor().detach();
             let mut d = grad.detach();
             if weight_decay != 0.0 {

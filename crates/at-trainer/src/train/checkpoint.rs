@@ -25,6 +25,13 @@ pub(super) struct Position {
 
 impl Run {
     pub(super) fn checkpoint(&self, position: &Position) -> Result<()> {
+        if let Some(parallel) = &self.parallel {
+            // Every rank's batch-norm statistics are rank 0's from here on, as saved.
+            self.broadcast_vars(parallel, true)?;
+        }
+        if !self.leader() {
+            return Ok(());
+        }
         let tag = format!("epoch-{:04}-batch-{:05}", position.epoch, position.batch);
         let dir = self.dir.join("checkpoints").join(&tag);
         let tmp = self.dir.join("checkpoints").join(format!("{tag}.tmp"));
@@ -62,6 +69,9 @@ impl Run {
         let position: Position =
             serde_json::from_str(&std::fs::read_to_string(dir.join("position.json"))?)
                 .with_context(|| format!("{} is damaged", dir.join("position.json").display()))?;
+        if !self.leader() {
+            return Ok(position);
+        }
         // Metrics of epochs after the checkpoint (written before a crash) are dropped.
         let kept: Vec<EpochMetrics> =
             read_metrics(&self.dir)?.into_iter().filter(|m| m.epoch <= position.epoch).collect();

@@ -17,6 +17,9 @@ impl Run {
                 self.config.loss.gradient
             )
         }
+        if let Some(parallel) = self.parallel.clone() {
+            self.start_parallel(&parallel)?;
+        }
         let (train_loader, test_loader) = self.loaders()?;
         let observer: &dyn Observer = options.observer.as_deref().unwrap_or(&LogObserver);
         let schedule = self.config.schedule()?;
@@ -56,7 +59,7 @@ impl Run {
                 observer.batch_done(epoch + 1, position.batch, n_batches, loss, rate);
                 let stop_here = options.stop_after_batches == Some(batches_this_call)
                     && position.batch < n_batches;
-                if options.interrupt.is_requested() || stop_here {
+                if self.stop_requested(options)? || stop_here {
                     read_sums(&on_device, &mut sums)?;
                     sums.seconds += started.elapsed().as_secs_f64();
                     position.sums = sums;
@@ -75,8 +78,14 @@ impl Run {
             }
             read_sums(&on_device, &mut sums)?;
             observer.epoch_batches_done();
-            let (test_loss, test_top1, test_top5) =
-                evaluate(self.student.as_ref(), &test_loader, &self.device)?;
+            let (test_loss, test_top1, test_top5) = match self.parallel.clone() {
+                None => evaluate(self.student.as_ref(), &test_loader, &self.device)?,
+                Some(parallel) => {
+                    // Rank 0's batch-norm statistics, on every rank (and in the checkpoint).
+                    self.broadcast_vars(&parallel, true)?;
+                    self.parallel_evaluate(&parallel, &test_loader)?
+                }
+            };
             sums.seconds += started.elapsed().as_secs_f64();
             let seen = sums.seen.max(1) as f64;
             let metrics = EpochMetrics {
@@ -102,7 +111,7 @@ impl Run {
             checkpointed = Instant::now();
             last = Some(metrics);
             if options.stop_after_epochs == Some(position.epoch) && position.epoch < epochs
-                || options.interrupt.is_requested()
+                || self.stop_requested(options)?
             {
                 return self.result(last.as_ref(), total_seconds, true);
             }
@@ -113,13 +122,25 @@ impl Run {
                 .pop()
                 .context("the run has no metrics: was it trained at all?")?,
         };
-        at_models::save(&self.varmap, &self.dir.join("model.safetensors"))?;
         let result = self.result(Some(&last), total_seconds, false)?;
-        write_atomically(
-            &self.dir.join("result.json"),
-            serde_json::to_string_pretty(&result)?.as_bytes(),
-        )?;
+        if self.leader() {
+            at_models::save(&self.varmap, &self.dir.join("model.safetensors"))?;
+            write_atomically(
+                &self.dir.join("result.json"),
+                serde_json::to_string_pretty(&result)?.as_bytes(),
+            )?;
+        }
         Ok(result)
+    }
+
+    /// Whether the run is to stop after this batch: an [`Interrupt`] here, or on any rank of
+    /// a data-parallel run (agreed on, so that every rank stops after the same batch).
+    fn stop_requested(&self, options: &RunOptions) -> Result<bool> {
+        let here = options.interrupt.is_requested();
+        match &self.parallel {
+            None => Ok(here),
+            Some(parallel) => Ok(at_dist::any(parallel.world.as_ref(), here)?),
+        }
     }
 }
 

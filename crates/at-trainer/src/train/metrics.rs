@@ -65,7 +65,32 @@ pub(super) struct DeviceSums {
 }
 
 /// The fields before the attention pairs in a [`DeviceSums`] vector.
-const FIXED: usize = 5;
+pub(super) const FIXED: usize = 5;
+
+/// One step's parts as the vector [`DeviceSums`] adds, on the device: `[loss, ce, kd, gradient,
+/// correct, at...]`, each loss times the step's images (`labels`), in f64.
+pub(super) fn step_vector(
+    parts: &at_losses::LossParts,
+    labels: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{DType, Tensor};
+    let n = labels.dim(0)?;
+    let dev = parts.total.device();
+    // A loss times the batch's images, as the host computed `loss as f64 * n`.
+    let times_n = |t: &Tensor| t.to_dtype(DType::F64)?.reshape(1)?.affine(n as f64, 0.0);
+    let zero = || Tensor::zeros(1, DType::F64, dev);
+    let mut parts_n = vec![
+        times_n(&parts.total)?,
+        times_n(&parts.ce)?,
+        parts.kd.as_ref().map_or_else(zero, times_n)?,
+        parts.gradient.as_ref().map_or_else(zero, times_n)?,
+        correct(&parts.logits, labels)?,
+    ];
+    for at in &parts.at {
+        parts_n.push(times_n(at)?);
+    }
+    Tensor::cat(&parts_n, 0)
+}
 
 impl DeviceSums {
     /// Adds one step's parts (`n` images) to the sums, on the device; `sums` gives the start
@@ -76,29 +101,25 @@ impl DeviceSums {
         parts: &at_losses::LossParts,
         labels: &candle_core::Tensor,
     ) -> candle_core::Result<()> {
-        use candle_core::{DType, Tensor};
-        let n = labels.dim(0)?;
-        let dev = parts.total.device();
+        let step = step_vector(parts, labels)?;
+        self.add_vector(sums, step, labels.dim(0)?)
+    }
+
+    /// Adds a vector of [`step_vector`]s' sums over `n` images (one step's, or the sum of a
+    /// data-parallel step's over its parts and ranks).
+    pub(super) fn add_vector(
+        &mut self,
+        sums: &mut Sums,
+        step: candle_core::Tensor,
+        n: usize,
+    ) -> candle_core::Result<()> {
+        use candle_core::Tensor;
         if self.acc.is_none() {
-            sums.at.resize(parts.at.len(), 0.0);
+            sums.at.resize(step.dim(0)?.saturating_sub(FIXED), 0.0);
             let mut start = vec![sums.loss, sums.ce, sums.kd, sums.gradient, sums.correct as f64];
             start.extend(&sums.at);
-            self.acc = Some(Tensor::from_vec(start, FIXED + sums.at.len(), dev)?);
+            self.acc = Some(Tensor::from_vec(start, FIXED + sums.at.len(), step.device())?);
         }
-        // A loss times the batch's images, as the host computed `loss as f64 * n`.
-        let times_n = |t: &Tensor| t.to_dtype(DType::F64)?.reshape(1)?.affine(n as f64, 0.0);
-        let zero = || Tensor::zeros(1, DType::F64, dev);
-        let mut parts_n = vec![
-            times_n(&parts.total)?,
-            times_n(&parts.ce)?,
-            parts.kd.as_ref().map_or_else(zero, times_n)?,
-            parts.gradient.as_ref().map_or_else(zero, times_n)?,
-            correct(&parts.logits, labels)?,
-        ];
-        for at in &parts.at {
-            parts_n.push(times_n(at)?);
-        }
-        let step = Tensor::cat(&parts_n, 0)?;
         let acc = self.acc.take().expect("started above");
         if acc.dim(0)? != step.dim(0)? {
             candle_core::bail!("the step's attention pairs changed within an epoch")
@@ -172,6 +193,9 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<EpochMetrics>> {
 
 impl Run {
     pub(super) fn append_metrics(&self, metrics: &EpochMetrics) -> Result<()> {
+        if !self.leader() {
+            return Ok(());
+        }
         let path = self.dir.join("metrics.jsonl");
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         writeln!(file, "{}", serde_json::to_string(metrics)?)?;

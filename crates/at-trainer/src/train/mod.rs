@@ -11,6 +11,7 @@ mod checkpoint;
 mod epochs;
 mod evaluate;
 mod metrics;
+mod parallel;
 mod step;
 mod teacher;
 
@@ -35,6 +36,7 @@ use crate::optim::Sgd;
 pub use checkpoint::write_atomically;
 pub use evaluate::{RunModel, evaluate, top_k_correct};
 pub use metrics::{EpochMetrics, RunResult, read_metrics};
+pub use parallel::Parallel;
 pub use step::{detach_all, gradient_step, student_loss, wanted_maps};
 pub use teacher::load_teacher;
 
@@ -178,6 +180,9 @@ pub struct RunOptions {
     /// CPU they fall back to the device's), or `Backend::Device`, a GPU's op mix on any device,
     /// for the tests. The same arithmetic on a resume requires the same backend.
     pub backend: Backend,
+    /// Data-parallel training across the ranks of a collective (see [`Parallel`]); `None`: this
+    /// process alone.
+    pub parallel: Option<Parallel>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -192,6 +197,7 @@ impl std::fmt::Debug for RunOptions {
             .field("resolve_weights", &self.resolve_weights.is_some())
             .field("device", &self.device)
             .field("backend", &self.backend)
+            .field("parallel", &self.parallel)
             .finish()
     }
 }
@@ -221,7 +227,8 @@ impl RunOptions {
 /// empty `checkpoints/`) is started again, not refused. [`RunOptions::device`], when given, is
 /// the device (and is what `config.toml` records).
 pub fn train(config: &RunConfig, dir: &Path, options: &RunOptions) -> Result<RunResult> {
-    if has_progress(dir) {
+    let leader = options.parallel.as_ref().is_none_or(Parallel::is_leader);
+    if leader && has_progress(dir) {
         bail!(
             "run directory {} already exists; pass `--resume {}` to continue it, or choose another",
             dir.display(),
@@ -234,9 +241,11 @@ pub fn train(config: &RunConfig, dir: &Path, options: &RunOptions) -> Result<Run
     }
     config.validate()?;
     let run = Run::new(config.clone(), dir, Purpose::Train(options))?;
-    std::fs::create_dir_all(dir.join("checkpoints"))
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    write_atomically(&dir.join("config.toml"), config.to_toml().as_bytes())?;
+    if leader {
+        std::fs::create_dir_all(dir.join("checkpoints"))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        write_atomically(&dir.join("config.toml"), config.to_toml().as_bytes())?;
+    }
     run.go(Position::default(), options)
 }
 
@@ -303,6 +312,8 @@ struct Run {
     gradient: Option<GradientConfig>,
     /// From [`RunOptions::second_order`], for `loss.gradient`.
     second_order: Option<SecondOrder>,
+    /// From [`RunOptions::parallel`].
+    parallel: Option<Parallel>,
 }
 
 impl Run {
@@ -421,7 +432,16 @@ impl Run {
             loss,
             gradient,
             second_order: None,
+            parallel: match purpose {
+                Purpose::Train(options) => options.parallel.clone(),
+                Purpose::Inspect => None,
+            },
         })
+    }
+
+    /// Whether this process writes the run's files: rank 0, or the only process.
+    fn leader(&self) -> bool {
+        self.parallel.as_ref().is_none_or(Parallel::is_leader)
     }
 
     fn loaders(&self) -> Result<(Loader, Loader)> {

@@ -22,7 +22,24 @@ impl Run {
         labels: &Tensor,
         (sums, totals): (&mut DeviceSums, &mut Sums),
     ) -> Result<()> {
-        let (parts, grads) = match &self.gradient {
+        if let Some(parallel) = self.parallel.clone() {
+            return self.parallel_step(&parallel, images, labels, (sums, totals));
+        }
+        let (parts, grads) = self.loss_and_grads(images, labels)?;
+        self.sgd.step(&grads)?;
+        // The sums stay on the device; the epoch loop reads them back now and then.
+        sums.add(totals, &parts, labels)?;
+        Ok(())
+    }
+
+    /// The loss of `images` and its gradients: the plain step's, or with a gradient-based
+    /// penalty (built on the second-order thread).
+    pub(super) fn loss_and_grads(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(LossParts, GradStore)> {
+        Ok(match &self.gradient {
             Some(config) => {
                 let second_order =
                     self.second_order.as_ref().context("checked when the run started")?;
@@ -42,11 +59,7 @@ impl Run {
                 let grads = parts.total.backward()?;
                 (parts, grads)
             }
-        };
-        self.sgd.step(&grads)?;
-        // The sums stay on the device; the epoch loop reads them back now and then.
-        sums.add(totals, &parts, labels)?;
-        Ok(())
+        })
     }
 }
 

@@ -1,0 +1,231 @@
+//! Data-parallel training with real processes under `mpirun` (Open MPI), on the CPU: built and
+//! run with the `mpi` feature only (`cargo test -p at-train --features mpi --test mpi`, which
+//! `.ci/run` does), since it needs Open MPI installed.
+//!
+//! Each check compares the weights of a run under `mpirun -np 2` or `-np 3` with a reference in
+//! one process: the whole batch at once for networks without batch norm (the ranks' gradients,
+//! weighted by their share, are the batch's), the same parts one after the other for networks
+//! with it (each part's own batch statistics, as in DDP).
+#![cfg(feature = "mpi")]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use at_trainer::train::{Parallel, RunOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_at-train");
+
+/// A tiny run of the quick preset: `batches` batches of 64 per epoch, one loader thread.
+fn sets(student: &str, epochs: usize, batches: usize) -> Vec<String> {
+    [
+        format!("student={student}"),
+        format!("epochs={epochs}"),
+        format!("data.train_limit={}", 64 * batches),
+        "data.test_limit=64".into(),
+        "threads=1".into(),
+        "optim.weight_decay=0.0005".into(),
+        // Small enough that the networks without batch norm train smoothly, so that rounding
+        // differences stay rounding differences.
+        "optim.lr=0.01".into(),
+    ]
+    .to_vec()
+}
+
+fn set_args(sets: &[String]) -> Vec<String> {
+    sets.iter().flat_map(|s| ["--set".to_owned(), s.clone()]).collect()
+}
+
+/// `mpirun` with Open MPI's run-as-root consent (CI runs as root) and more ranks than cores
+/// allowed; `args` are mpirun's (an MPMD `:` included).
+fn mpirun(args: &[String]) -> Output {
+    Command::new("mpirun")
+        .args(["--oversubscribe", "--bind-to", "none"])
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("mpirun runs (Open MPI's openmpi-bin installed)")
+}
+
+/// `at-train train` of the quick preset with `sets` into `dir`, under `mpirun -np ranks`, or
+/// alone for `ranks == 0`.
+fn train(ranks: usize, sets: &[String], dir: &Path, extra: &[&str]) {
+    let mut args: Vec<String> = vec![BIN.into(), "train".into(), "--preset".into(), "quick".into()];
+    args.extend(set_args(sets));
+    args.extend(["--run-dir".into(), dir.to_str().unwrap().into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = if ranks == 0 {
+        Command::new(&args[0]).args(&args[1..]).output().unwrap()
+    } else {
+        mpirun(&[["-np".to_owned(), ranks.to_string()].as_slice(), &args].concat())
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The reference in this process: one rank (`at_dist::Solo`) running `parts` parts of each
+/// batch one after the other.
+fn train_in_parts(parts: usize, sets: &[String], dir: &Path) {
+    let config = at_trainer::config::resolve(None, Some("quick"), sets).unwrap();
+    let parallel = Parallel { world: Arc::new(at_dist::Solo), local_parts: parts };
+    let options = RunOptions { parallel: Some(parallel), ..RunOptions::default() };
+    at_trainer::train::train(&config, dir, &options).unwrap();
+}
+
+fn weights(dir: &Path) -> HashMap<String, Vec<f32>> {
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    tensors
+        .into_iter()
+        .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// The largest difference between the two runs' weights, relative to the weight's size (at
+/// least 1), and the largest change any weight went through in training (so that a check
+/// can tell agreement from two runs that did nothing).
+fn difference(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (weights(a), weights(b));
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for (name, x) in &a {
+        for (u, v) in x.iter().zip(&b[name]) {
+            worst = worst.max((u - v).abs() / u.abs().max(1.0));
+        }
+    }
+    worst
+}
+
+/// Float rounding of sums taken in another order, over a few SGD steps.
+const TOLERANCE: f32 = 2e-4;
+
+#[test]
+fn two_and_three_ranks_train_nin_without_batch_norm_as_one_process_on_the_whole_batch() {
+    let root = tempfile::tempdir().unwrap();
+    let sets = sets("nin-thin-nobn", 2, 3);
+    train(0, &sets, &root.path().join("one"), &[]);
+    for ranks in [2, 3] {
+        let dir = root.path().join(format!("ranks-{ranks}"));
+        train(ranks, &sets, &dir, &[]);
+        let d = difference(&root.path().join("one"), &dir);
+        assert!(d < TOLERANCE, "{ranks} ranks: {d}");
+        // Rank 0 alone wrote: one line per epoch.
+        let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    }
+}
+
+#[test]
+fn with_batch_norm_ranks_train_as_one_process_that_runs_each_part_and_sums() {
+    let root = tempfile::tempdir().unwrap();
+    let sets = sets("wrn-16-1", 1, 3);
+    for ranks in [2, 3] {
+        let reference = root.path().join(format!("parts-{ranks}"));
+        train_in_parts(ranks, &sets, &reference);
+        let dir = root.path().join(format!("ranks-{ranks}"));
+        train(ranks, &sets, &dir, &[]);
+        let d = difference(&reference, &dir);
+        assert!(d < TOLERANCE, "{ranks} ranks: {d}");
+    }
+    // And the parts do change the result (batch statistics per part): the check above is not
+    // vacuous.
+    let whole = root.path().join("whole");
+    train_in_parts(1, &sets, &whole);
+    assert!(difference(&whole, &root.path().join("parts-2")) > 1e-4);
+}
+
+#[test]
+fn distillation_and_attention_transfer_with_a_teacher_train_as_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let teacher = root.path().join("teacher");
+    train(0, &sets("nin-wide-nobn", 1, 2), &teacher, &[]);
+    let mut student = sets("nin-thin-nobn", 1, 3);
+    student.extend([
+        format!(
+            "teacher={{model = \"nin-wide-nobn\", checkpoint = \"{}\"}}",
+            teacher.join("model.safetensors").display()
+        ),
+        "loss.alpha=0.9".into(),
+        "loss.beta=1000".into(),
+    ]);
+    train(0, &student, &root.path().join("one"), &[]);
+    train(2, &student, &root.path().join("two"), &[]);
+    let d = difference(&root.path().join("one"), &root.path().join("two"));
+    assert!(d < TOLERANCE, "{d}");
+    let metrics = std::fs::read_to_string(root.path().join("two/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"train_kd\":") && !metrics.contains("\"train_at\":[]"), "{metrics}");
+}
+
+#[test]
+fn stopped_mid_epoch_and_resumed_with_another_number_of_ranks_ends_as_uninterrupted() {
+    let root = tempfile::tempdir().unwrap();
+    let sets = sets("nin-thin-nobn", 2, 6);
+    train(0, &sets, &root.path().join("straight"), &[]);
+    let dir = root.path().join("stopped");
+    train(2, &sets, &dir, &["--stop-after-batches", "4"]);
+    assert!(!dir.join("model.safetensors").exists(), "stopped mid-epoch");
+    let tag = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
+    assert_eq!(tag.trim(), "epoch-0000-batch-00004");
+    let out = mpirun(&[
+        "-np".into(),
+        "3".into(),
+        BIN.into(),
+        "train".into(),
+        "--resume".into(),
+        dir.to_str().unwrap().into(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d = difference(&root.path().join("straight"), &dir);
+    assert!(d < TOLERANCE, "{d}");
+}
+
+#[test]
+fn a_config_that_differs_between_ranks_is_refused_before_any_step() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r");
+    let rank = |seed: u32| -> Vec<String> {
+        let mut args: Vec<String> =
+            vec!["-np".into(), "1".into(), BIN.into(), "train".into(), "--preset".into()];
+        args.push("quick".into());
+        args.extend(set_args(&sets("nin-thin-nobn", 1, 2)));
+        args.extend(["--set".into(), format!("seed={seed}"), "--run-dir".into()]);
+        args.push(dir.to_str().unwrap().into());
+        args
+    };
+    let out = mpirun(&[rank(1), vec![":".into()], rank(2)].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("config differs from rank 0's"), "{stderr}");
+    assert!(!dir.join("metrics.jsonl").exists(), "no step was taken");
+}
+
+#[test]
+fn a_rank_that_fails_alone_ends_every_rank_with_its_message() {
+    let root = tempfile::tempdir().unwrap();
+    let trained = root.path().join("trained");
+    let sets_ = sets("nin-thin-nobn", 1, 2);
+    train(0, &sets_, &trained, &[]);
+    // The same relative path names a file in rank 0's directory and nothing in rank 1's.
+    let (here, there) = (root.path().join("here"), root.path().join("there"));
+    std::fs::create_dir_all(&here).unwrap();
+    std::fs::create_dir_all(&there).unwrap();
+    std::fs::copy(trained.join("model.safetensors"), here.join("start.safetensors")).unwrap();
+    let dir = root.path().join("r");
+    let rank = |wdir: &Path| -> Vec<String> {
+        let mut args: Vec<String> = vec!["-np".into(), "1".into(), "-wdir".into()];
+        args.push(wdir.to_str().unwrap().into());
+        args.extend([BIN.into(), "train".into(), "--preset".into(), "quick".into()]);
+        args.extend(set_args(&sets_));
+        args.extend(["--set".into(), "pretrained=start.safetensors".into()]);
+        args.extend(["--run-dir".into(), dir.to_str().unwrap().into()]);
+        args
+    };
+    let started = std::time::Instant::now();
+    let out = mpirun(&[rank(&here), vec![":".into()], rank(&there)].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 1 of 2") && stderr.contains("start.safetensors"), "{stderr}");
+    assert!(started.elapsed().as_secs() < 60, "every rank ended: {:?}", started.elapsed());
+}
