@@ -34,6 +34,11 @@ const TASKS: &[(&str, &str, Task)] = &[
         publish,
     ),
     (
+        "cuda-build",
+        "build at-train for CUDA without a GPU or toolkit (PyPI wheels): cuda-build [FEATURES, default cuda,cudnn,nccl]",
+        cuda_build,
+    ),
+    (
         "download",
         "download from the Hugging Face Hub: cifar10, fashion-mnist, cub, scenes, imagenet, resnet18-imagenet, resnet34-imagenet",
         download,
@@ -172,6 +177,22 @@ pub(crate) fn run(command: &mut Command) -> Result<()> {
     let status = command.status().with_context(|| format!("cannot start {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed with {status}")
+    }
+    Ok(())
+}
+
+/// `cargo xtask cuda-build [FEATURES]`: xtask/cuda/build.sh, which says what it fetches and why.
+fn cuda_build(args: &[String]) -> Result<()> {
+    let root =
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask lives in the workspace")?;
+    let status = Command::new("bash")
+        .arg(root.join("xtask/cuda/build.sh"))
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("cannot run bash")?;
+    if !status.success() {
+        bail!("the CUDA build failed ({status})")
     }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Collectives for data-parallel training with candle, on the engines clusters already run:
-//! [`Solo`] (one process, every collective the identity) and, with the `mpi` feature, [`Mpi`]
-//! (Open MPI or any MPI through rsmpi: the launcher's ranks, `mpirun`, `srun`).
+//! [`Solo`] (one process, every collective the identity); with the `mpi` feature, `Mpi` (Open
+//! MPI or any MPI through rsmpi: the launcher's ranks, `mpirun`, `srun`); with `nccl`, `Nccl`
+//! (NCCL for CUDA tensors, through candle-core's `nccl` feature and its cudarc; MPI for the
+//! control plane and NCCL's bootstrap).
 //!
 //! The trainer needs four things of a collective, all of them blocking and called in the same
 //! order on every rank: a sum over the ranks of a tensor (the gradients in one flat buffer, the
@@ -15,6 +17,10 @@ use candle_core::{Result, Tensor};
 mod mpi_world;
 #[cfg(feature = "mpi")]
 pub use mpi_world::Mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
+#[cfg(feature = "nccl")]
+pub use nccl::Nccl;
 
 /// The ranks of a data-parallel job and what they do together. Every method is collective
 /// (except [`Collective::rank`], [`Collective::size`], [`Collective::local_rank`] and

@@ -58,6 +58,16 @@ impl Mpi {
     }
 }
 
+impl Mpi {
+    /// Rank `root`'s `bytes` on every rank (NCCL's unique id).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn broadcast_bytes(&self, bytes: &mut [u8], root: usize) -> Result<()> {
+        let _serial = self.serial();
+        self.world.process_at_rank(root as i32).broadcast_into(bytes);
+        Ok(())
+    }
+}
+
 impl Collective for Mpi {
     fn rank(&self) -> usize {
         self.world.rank() as usize

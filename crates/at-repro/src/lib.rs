@@ -102,9 +102,18 @@ const LOCATION_KEYS: [&str; 4] = ["data.root", "teacher.checkpoint", "device", "
 /// first interrupted one. Returns whether every run finished.
 pub fn execute(plan: &Plan, options: &RunOptions) -> Result<bool> {
     let n = plan.runs.len();
+    // In a data-parallel job rank 0 speaks for every rank.
+    let speaks = options.parallel.as_ref().is_none_or(|p| p.is_leader());
     for (i, run) in plan.runs.iter().enumerate() {
         let started = std::time::Instant::now();
-        match execute_run(&plan.out, run, options)? {
+        let outcome = execute_run(&plan.out, run, options)?;
+        if !speaks {
+            if let Outcome::Interrupted = outcome {
+                return Ok(false);
+            }
+            continue;
+        }
+        match outcome {
             Outcome::Reused(r) => {
                 println!("[{}/{n}] {}: finished before, error {:.2}%", i + 1, run.key, r.test_error)
             }

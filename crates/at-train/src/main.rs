@@ -403,15 +403,20 @@ fn run(
     second_order: SecondOrder,
     parallel: Option<train::Parallel>,
 ) -> anyhow::Result<()> {
-    if let Some(p) = &parallel
-        && !matches!(cli.command, Command::Train { .. })
-    {
-        bail!(
-            "rank {} of {}: only `at-train train` runs data-parallel under a launcher; run the \
-             other commands without mpirun",
-            p.world.rank(),
-            p.world.size()
-        )
+    if let Some(p) = &parallel {
+        let parallel_job = match &cli.command {
+            Command::Train { .. } | Command::Quick { .. } => true,
+            Command::Repro { dry_run, .. } => !dry_run,
+            _ => false,
+        };
+        if !parallel_job {
+            bail!(
+                "rank {} of {}: only `train`, `repro` and `quick` run data-parallel under a \
+                 launcher; run the other commands (and dry runs) without mpirun",
+                p.world.rank(),
+                p.world.size()
+            )
+        }
     }
     match cli.command {
         Command::Train {
@@ -480,13 +485,15 @@ fn run(
                 ..defaults
             };
             let report_dir = report_dir.unwrap_or_else(|| options.out.clone());
-            repro(what, table, options, &report_dir, dry_run, second_order)?
+            let how = How { dry_run, second_order, parallel };
+            repro(what, table, options, &report_dir, how)?
         }
         Command::Quick { out, report_dir, device } => {
             let profile = Profile::named("quick")?;
             let report_dir = report_dir.unwrap_or_else(|| out.clone());
             let options = at_repro::Options { out, device, ..at_repro::Options::new(profile) };
-            repro(What::Table(Table::Table1), None, options, &report_dir, false, second_order)?
+            let how = How { dry_run: false, second_order, parallel };
+            repro(What::Table(Table::Table1), None, options, &report_dir, how)?
         }
         Command::Maps { run_dir, data, images, test_items, out, device } => {
             let source = if !images.is_empty() {
@@ -715,16 +722,26 @@ fn publish(
 
 /// `at-train repro`: plans, trains and reports the tables `what` names; the reports go into
 /// `report_dir`.
+/// How `repro` runs: a dry run or not, the second-order thread, the data-parallel job.
+struct How {
+    dry_run: bool,
+    second_order: SecondOrder,
+    parallel: Option<train::Parallel>,
+}
+
 fn repro(
     what: What,
     table: Option<Table>,
-    options: at_repro::Options,
+    mut options: at_repro::Options,
     report_dir: &Path,
-    dry_run: bool,
-    second_order: SecondOrder,
+    How { dry_run, second_order, parallel }: How,
 ) -> anyhow::Result<()> {
     use at_repro::report::{self, Provenance};
     let profile = options.profile;
+    // Rank 0 speaks and writes for a data-parallel job; every rank trains every run.
+    let leader = parallel.as_ref().is_none_or(|p| p.is_leader());
+    options.device =
+        ranks::device_of(Some(options.device), parallel.as_ref()).unwrap_or(options.device);
     let tables: Vec<Table> = match (what, table) {
         (What::Report | What::Figures, Some(t)) => vec![t],
         (What::Report, None) => bail!("`repro report` needs --table TABLE"),
@@ -735,7 +752,21 @@ fn repro(
         }
     };
     let trains = !dry_run && matches!(what, What::Table(_) | What::All);
-    let run_options = if trains { Some(run_options(&second_order)?) } else { None };
+    let run_options = match trains {
+        true => {
+            let mut o = run_options(&second_order)?;
+            if let Some(p) = &parallel {
+                if p.is_leader() {
+                    eprintln!("data-parallel, every run: {}", p.world.describe());
+                } else {
+                    o.observer = Some(Arc::new(ranks::Quiet));
+                }
+            }
+            o.parallel = parallel.clone();
+            Some(o)
+        }
+        false => None,
+    };
     // One timer for every table of a dry run, so that each step is measured once.
     let mut timer = match dry_run {
         true => Some(at_repro::StepTimer::new(
@@ -749,7 +780,17 @@ fn repro(
         let plan = at_repro::plan::plan(table, &options)?;
         if let Some(timer) = &mut timer {
             print!("{}", at_repro::plan::dry_run(&plan, &mut |c| timer.seconds(c)));
+            println!(
+                "on several GPUs or machines (each run data-parallel, a build with --features \
+                 mpi, or nccl for GPUs): mpirun -np N at-train repro {} --profile {} --device \
+                 cuda",
+                table.name(),
+                profile.name
+            );
             continue;
+        }
+        if !leader && run_options.is_none() {
+            continue; // Reports and figures: rank 0's to write.
         }
         if what == What::Figures {
             for file in at_repro::figures::write(&plan, &report_dir.join("figures"))? {
@@ -759,6 +800,13 @@ fn repro(
         }
         if let Some(run_options) = &run_options {
             let finished = at_repro::execute(&plan, run_options)?;
+            if !leader {
+                // Rank 0 writes the reports.
+                if !finished {
+                    return Ok(());
+                }
+                continue;
+            }
             if !finished {
                 let (md, _) = report::write(&plan, report_dir, &provenance)?;
                 println!("stopped; the report so far: {}", md.display());

@@ -25,7 +25,12 @@ pub fn join() -> anyhow::Result<Option<Parallel>> {
                 mpi.size()
             )
         }
-        Ok(Some(Parallel::new(std::sync::Arc::new(mpi))))
+        // With NCCL, GPU tensors go through it and the rest through MPI.
+        #[cfg(feature = "nccl")]
+        let world = std::sync::Arc::new(at_dist::Nccl::init(mpi)?);
+        #[cfg(not(feature = "nccl"))]
+        let world = std::sync::Arc::new(mpi);
+        Ok(Some(Parallel::new(world)))
     }
     #[cfg(not(feature = "mpi"))]
     {
