@@ -41,5 +41,5 @@ pub use cifar::Split;
 pub use dataset::{Dataset, InMemory};
 pub use error::{Error, Result};
 pub use image::Image;
-pub use loader::{Batch, Batches, Loader, LoaderConfig};
+pub use loader::{Batch, Batches, Loader, LoaderConfig, Share};
 pub use transform::{Augment, Pipeline};

@@ -53,6 +53,32 @@ pub struct Batch {
     pub labels: Tensor,
     /// The dataset index of each item.
     pub indices: Vec<usize>,
+    /// Where these items start in the whole batch (0 unless the loader serves a [`Share`]).
+    pub offset: usize,
+    /// The whole batch's items, of which these are the share (its own length unless the
+    /// loader serves a [`Share`]).
+    pub whole: usize,
+}
+
+/// The part of every batch one of several consumers takes (a rank of a data-parallel job):
+/// part `index` of `of` contiguous parts, their sizes differing by one at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// Which part, from 0.
+    pub index: usize,
+    /// Of how many.
+    pub of: usize,
+}
+
+impl Share {
+    /// The whole batch.
+    pub const WHOLE: Share = Share { index: 0, of: 1 };
+
+    /// The range of a batch of `len` items this share takes.
+    pub fn range(self, len: usize) -> std::ops::Range<usize> {
+        let of = self.of.max(1);
+        len * self.index / of..len * (self.index + 1) / of
+    }
 }
 
 /// Draws batches of a dataset through a pipeline.
@@ -116,18 +142,32 @@ impl Loader {
 
     /// The batches of epoch `epoch` from batch `start` on: what a resumed run continues with.
     pub fn epoch_from(&self, epoch: u64, start: usize, device: &Device) -> Batches {
+        self.share_from(epoch, start, device, Share::WHOLE)
+    }
+
+    /// `share` of every batch of epoch `epoch` from batch `start` on: only those items are
+    /// decoded; each keeps the order, augmentation and place it has in the whole batch.
+    pub fn share_from(&self, epoch: u64, start: usize, device: &Device, share: Share) -> Batches {
         let order = self.order(epoch);
         let b = self.config.batch_size;
-        let ranges: Vec<(usize, usize)> = (start..self.batches_per_epoch())
-            .map(|i| (i * b, ((i + 1) * b).min(order.len())))
+        // (first item, end, the whole batch's length, the share's offset in it)
+        let ranges: Vec<(usize, usize, usize, usize)> = (start..self.batches_per_epoch())
+            .map(|i| {
+                let (lo, hi) = (i * b, ((i + 1) * b).min(order.len()));
+                let part = share.range(hi - lo);
+                (lo + part.start, lo + part.end, hi - lo, part.start)
+            })
             .collect();
         let (tx, rx) = sync_channel(self.config.prefetch.max(1));
         let this = self.clone();
         let producer = std::thread::Builder::new()
             .name("at-data-producer".into())
             .spawn(move || {
-                for (lo, hi) in ranges {
-                    let batch = this.prepare(epoch, &order[lo..hi]);
+                for (lo, hi, whole, offset) in ranges {
+                    let batch = this.prepare(epoch, &order[lo..hi]).map(|mut batch| {
+                        (batch.offset, batch.whole) = (offset, whole);
+                        batch
+                    });
                     let failed = batch.is_err();
                     if tx.send(batch).is_err() || failed {
                         return; // The consumer is gone, or told of the error.
@@ -140,6 +180,18 @@ impl Loader {
 
     /// Decodes and augments the items `indices` on the pool: the CPU side of a batch.
     fn prepare(&self, epoch: u64, indices: &[usize]) -> Result<CpuBatch> {
+        if indices.is_empty() {
+            // A share of a batch smaller than the number of shares: nothing to decode.
+            let empty = CpuBatch {
+                pixels: vec![],
+                shape: (0, 0, 0, 0),
+                labels: vec![],
+                indices: vec![],
+                offset: 0,
+                whole: 0,
+            };
+            return Ok(empty);
+        }
         let seed = mix(self.config.seed, epoch);
         let items: Vec<Result<Prepared>> = self.pool.install(|| {
             indices
@@ -178,7 +230,9 @@ impl Loader {
             labels.push(label);
         }
         let (c, h, w) = shape.expect("a batch has at least one item");
-        Ok(CpuBatch { pixels, shape: (indices.len(), c, h, w), labels, indices: indices.to_vec() })
+        let n = indices.len();
+        let indices = indices.to_vec();
+        Ok(CpuBatch { pixels, shape: (n, c, h, w), labels, indices, offset: 0, whole: n })
     }
 }
 
@@ -194,6 +248,8 @@ struct CpuBatch {
     shape: (usize, usize, usize, usize),
     labels: Vec<u32>,
     indices: Vec<usize>,
+    offset: usize,
+    whole: usize,
 }
 
 /// The batches of one epoch, in order; see [`Loader::epoch`].
@@ -221,7 +277,7 @@ impl Iterator for Batches {
             let images =
                 Tensor::from_vec(b.pixels, b.shape, &Device::Cpu)?.to_device(&self.device)?;
             let labels = Tensor::from_vec(b.labels, n, &Device::Cpu)?.to_device(&self.device)?;
-            Ok(Batch { images, labels, indices: b.indices })
+            Ok(Batch { images, labels, indices: b.indices, offset: b.offset, whole: b.whole })
         }))
     }
 }

@@ -240,3 +240,35 @@ fn evaluation_and_fine_tuning_resize_the_short_side_then_crop_224() {
     let center = transform::center_crop(&resized, 224);
     assert_eq!(center, resized.crop(16, 58, 224, 224));
 }
+
+/// A rank's share of every batch: its contiguous part of the whole batch, with the items and
+/// augmentations the whole batch has there, whatever the number of shares (the last batch of
+/// 5 items split 6 ways leaves one share empty).
+#[test]
+fn shares_of_a_batch_are_its_contiguous_parts_with_the_same_items_and_augmentations() {
+    let loader = loader(2, 7, false);
+    let whole = all_batches(&loader, 2);
+    for of in [1, 2, 3, 6] {
+        let shares: Vec<Vec<at_data::Batch>> = (0..of)
+            .map(|index| {
+                let share = at_data::Share { index, of };
+                loader.share_from(2, 0, &Device::Cpu, share).map(|b| b.unwrap()).collect()
+            })
+            .collect();
+        for (i, (pixels, labels, indices)) in whole.iter().enumerate() {
+            let (mut p, mut l, mut idx) = (vec![], vec![], vec![]);
+            let mut offset = 0;
+            for share in &shares {
+                let b = &share[i];
+                assert_eq!((b.whole, b.offset), (indices.len(), offset), "of {of}, batch {i}");
+                offset += b.indices.len();
+                if !b.indices.is_empty() {
+                    p.extend(b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    l.extend(b.labels.to_vec1::<u32>().unwrap());
+                }
+                idx.extend(&b.indices);
+            }
+            assert_eq!((&p, &l, &idx), (pixels, labels, indices), "of {of}, batch {i}");
+        }
+    }
+}

@@ -45,9 +45,12 @@ impl Run {
             // How often the sums are read back from the device (and the loss shown): a tenth of
             // an epoch, as the log lines.
             let read_every = (n_batches / 10).max(1);
-            for batch in train_loader.epoch_from(epoch as u64, position.batch, &self.device) {
+            let share = self.parallel.as_ref().map_or(at_data::Share::WHOLE, |p| p.share());
+            let batches =
+                train_loader.share_from(epoch as u64, position.batch, &self.device, share);
+            for batch in batches {
                 let batch = batch?;
-                self.step(&batch.images, &batch.labels, (&mut on_device, &mut sums))?;
+                self.step(&batch, (&mut on_device, &mut sums))?;
                 position.batch += 1;
                 batches_this_call += 1;
                 let rate = (position.batch - start_batch) as f64

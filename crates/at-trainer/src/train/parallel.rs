@@ -62,11 +62,22 @@ impl Parallel {
         self.world.rank() == 0
     }
 
-    /// The ranges of a batch of `len` items this process runs.
-    pub(super) fn local_ranges(&self, len: usize) -> Vec<Range<usize>> {
+    /// The share of every batch this process's loader serves.
+    pub(super) fn share(&self) -> at_data::Share {
+        at_data::Share { index: self.world.rank(), of: self.world.size() }
+    }
+
+    /// The parts this process runs of a batch of `whole` items whose share it holds from
+    /// `offset` on, as ranges of that share.
+    pub(super) fn local_ranges(&self, whole: usize, offset: usize) -> Vec<Range<usize>> {
         let k = self.local_parts.max(1);
         let parts = self.world.size() * k;
-        (0..k).map(|j| part_of(len, self.world.rank() * k + j, parts)).collect()
+        (0..k)
+            .map(|j| {
+                let part = part_of(whole, self.world.rank() * k + j, parts);
+                part.start - offset..part.end - offset
+            })
+            .collect()
     }
 }
 
@@ -157,12 +168,12 @@ impl Run {
     pub(super) fn parallel_step(
         &mut self,
         parallel: &Parallel,
-        images: &Tensor,
-        labels: &Tensor,
+        batch: &at_data::Batch,
         (sums, totals): (&mut DeviceSums, &mut Sums),
     ) -> Result<()> {
-        let len = images.dim(0)?;
-        let device = images.device().clone();
+        let (images, labels) = (&batch.images, &batch.labels);
+        let len = batch.whole;
+        let device = self.device.clone();
         let params: Vec<candle_core::Var> =
             self.sgd.params().iter().map(|(_, v)| v.clone()).collect();
         let sizes: Vec<usize> = params.iter().map(|v| v.elem_count()).collect();
@@ -173,7 +184,7 @@ impl Run {
         // With several parts here, the batch-norm statistics kept are the first part's, as a
         // rank keeps its own part's (and rank 0's are everyone's at the next evaluation).
         let mut first_statistics: Option<Vec<(candle_core::Var, Tensor)>> = None;
-        for (j, range) in parallel.local_ranges(len).into_iter().enumerate() {
+        for (j, range) in parallel.local_ranges(len, batch.offset).into_iter().enumerate() {
             if j == 1 {
                 let mut kept = vec![];
                 for var in self.vars(true) {
@@ -236,9 +247,9 @@ impl Run {
         loader: &at_data::Loader,
     ) -> Result<(f64, f64, f64)> {
         let mut counts = [0f64; 4]; // loss * n, top-1, top-5, n
-        for batch in loader.epoch(0, &self.device) {
+        for batch in loader.share_from(0, 0, &self.device, parallel.share()) {
             let batch = batch?;
-            for range in parallel.local_ranges(batch.indices.len()) {
+            for range in parallel.local_ranges(batch.whole, batch.offset) {
                 if range.is_empty() {
                     continue;
                 }

@@ -18,13 +18,13 @@ use super::metrics::{DeviceSums, Sums};
 impl Run {
     pub(super) fn step(
         &mut self,
-        images: &Tensor,
-        labels: &Tensor,
+        batch: &at_data::Batch,
         (sums, totals): (&mut DeviceSums, &mut Sums),
     ) -> Result<()> {
         if let Some(parallel) = self.parallel.clone() {
-            return self.parallel_step(&parallel, images, labels, (sums, totals));
+            return self.parallel_step(&parallel, batch, (sums, totals));
         }
+        let (images, labels) = (&batch.images, &batch.labels);
         let (parts, grads) = self.loss_and_grads(images, labels)?;
         self.sgd.step(&grads)?;
         // The sums stay on the device; the epoch loop reads them back now and then.
