@@ -8,8 +8,13 @@ use at_trainer::train::{Observer, Parallel};
 /// The job this process is a rank of, or `None` when it runs alone (no launcher, or one rank).
 /// A launcher's job with a build that lacks MPI is refused, so that its ranks do not each
 /// train the whole run into the same directory.
+///
+/// `AT_DATA_PARALLEL=1` joins even a job of one rank, or a process no launcher started (MPI's
+/// singleton): what checks the collective's path on a machine with one GPU.
 pub fn join() -> anyhow::Result<Option<Parallel>> {
-    let Some((rank, size)) = at_dist::launched_rank().filter(|&(_, size)| size > 1) else {
+    let forced = std::env::var("AT_DATA_PARALLEL").is_ok_and(|v| v.trim() == "1");
+    let launched = at_dist::launched_rank().filter(|&(_, size)| size > 1 || forced);
+    let Some((rank, size)) = launched.or(forced.then_some((0, 1))) else {
         return Ok(None);
     };
     #[cfg(feature = "mpi")]
