@@ -398,3 +398,18 @@ fn zero_seeds_are_refused_before_any_work() {
     let err = Profile::named("huge").unwrap_err().to_string();
     assert!(err.contains("unknown profile `huge`, expected one of paper, fmnist, quick"), "{err}");
 }
+
+/// A table the profile lacks is refused with what the table is (Table 5 trains ResNet-18 from
+/// scratch on ImageNet, not Table 4's fine-tuning) and the profile that has it.
+#[test]
+fn a_table_the_profile_lacks_is_refused_saying_what_the_table_is() {
+    let quick = Profile::named("quick").unwrap();
+    let err = plan(Table::Table5, &Options::new(quick)).unwrap_err().to_string();
+    assert!(
+        err.starts_with("table5 (Table 5: ImageNet, ResNet-18 trained from scratch <- ResNet-34")
+            && err.contains("is not in the quick profile")
+            && err.ends_with("run it with --profile paper"),
+        "{err}"
+    );
+    assert!(!err.contains("fine-tun") && !err.contains("pretrained"), "{err}");
+}

@@ -116,13 +116,21 @@ fn repro(args: &[String]) -> Result<()> {
     at_train("repro", args)
 }
 
-/// Runs `at-train <command> <args>` from a release build that cargo makes first if needed.
+/// Runs `at-train <command> <args>` from a release build that cargo makes first if needed. A
+/// failure has been said by at-train (or cargo) already: xtask exits with its status and adds
+/// no second line.
 fn at_train(command: &str, args: &[String]) -> Result<()> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo)
+    let status = Command::new(cargo)
         .current_dir(root())
         .args(["run", "--release", "--quiet", "-p", "at-train", "--", command])
-        .args(args))
+        .args(args)
+        .status()
+        .context("cannot start cargo")?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
 }
 
 fn venv(_args: &[String]) -> Result<()> {

@@ -92,8 +92,9 @@ pub fn plan(table: Table, options: &Options) -> Result<Plan> {
             .map(|p| p.name)
             .collect();
         bail!(
-            "{} is not in the {} profile ({}): run it with --profile {}",
+            "{} ({}) is not in the {} profile ({}): run it with --profile {}",
             table.name(),
+            table.title(),
             profile.name,
             profile.about,
             with.join(" or --profile ")

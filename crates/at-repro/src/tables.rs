@@ -59,7 +59,9 @@ impl Table {
                 "Table 3: gradient-based attention, NIN-thin, test error % (the paper: one run)"
             }
             Table::Table4 => "Table 4: fine-tuning ResNet-18 on CUB and Scenes, test error %",
-            Table::Table5 => "Table 5: ImageNet, ResNet-18 <- ResNet-34, top-1 error %",
+            Table::Table5 => {
+                "Table 5: ImageNet, ResNet-18 trained from scratch <- ResNet-34, top-1 error %"
+            }
         }
     }
 }

@@ -286,3 +286,24 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
 }
+
+/// A loss that is not finite stops every rank at the same read of the (global) metric sums,
+/// each saying why, instead of one rank leaving the others waiting.
+#[test]
+fn a_nan_loss_stops_every_rank_with_the_reason() {
+    let root = tempfile::tempdir().unwrap();
+    let mut sets = sets("nin-thin-nobn", 1, 6);
+    sets.push("optim.lr=1e12".into());
+    let dir = root.path().join("r");
+    let mut args: Vec<String> =
+        ["-np", "2", BIN, "train", "--preset", "quick"].map(String::from).to_vec();
+    args.extend(set_args(&sets));
+    args.extend(["--run-dir".into(), dir.to_str().unwrap().into()]);
+    let started = std::time::Instant::now();
+    let out = mpirun(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("not finite"), "{stderr}");
+    assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
+    assert!(!dir.join("model.safetensors").exists());
+}
