@@ -86,4 +86,19 @@ strip "$BIN" 2>/dev/null || true
 gzip -9 -kf "$BIN"
 # It must at least start here: every library it links is found (libcuda's stub included).
 LD_LIBRARY_PATH=$LIBS "$BIN" --help > /dev/null
+# The launcher on the GPU machine: the CUDA 13, cuDNN 9 and NCCL libraries of PyTorch's venv
+# there (and of a toolkit, if one is installed) on the library path.
+cat > "$DIST/run-gpu.sh" <<'LAUNCHER'
+#!/bin/sh
+# usage: run-gpu.sh ./at-train-FEATURES [args]
+dirs=""
+for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib \
+         /opt/torch/.venv/lib/python3*/site-packages/nvidia/cudnn/lib \
+         /opt/torch/.venv/lib/python3*/site-packages/nvidia/nccl/lib \
+         /usr/local/cuda/lib64; do
+  [ -d "$d" ] && dirs="$dirs:$d"
+done
+LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$dirs" exec "$@"
+LAUNCHER
+chmod +x "$DIST/run-gpu.sh"
 echo "built $BIN (and .gz, $(du -h "$BIN.gz" | cut -f1)); it starts here on the CPU path"

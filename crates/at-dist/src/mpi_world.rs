@@ -92,6 +92,20 @@ impl Collective for Mpi {
         check_dtype(t, "an MPI all-reduce")?;
         let flat = t.flatten_all()?;
         let out = match t.dtype() {
+            DType::F32 if t.device().is_cpu() => {
+                // Sent from the tensor's own memory: no copy of a gradient buffer on the way out.
+                let flat = flat.contiguous()?;
+                let (storage, layout) = flat.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    candle_core::bail!("a CPU tensor without CPU storage")
+                };
+                let n = layout.shape().elem_count();
+                let send = &cpu.as_slice::<f32>()?[layout.start_offset()..][..n];
+                let mut recv = vec![0f32; n];
+                let _serial = self.serial();
+                self.world.all_reduce_into(send, &mut recv[..], SystemOperation::sum());
+                Tensor::from_vec(recv, t.shape(), t.device())?
+            }
             DType::F32 => {
                 let send: Vec<f32> = flat.to_vec1()?;
                 let mut recv = vec![0f32; send.len()];

@@ -178,7 +178,7 @@ impl Run {
             self.sgd.params().iter().map(|(_, v)| v.clone()).collect();
         let sizes: Vec<usize> = params.iter().map(|v| v.elem_count()).collect();
         let total: usize = sizes.iter().sum();
-        let mut flat = Tensor::zeros(total + params.len(), DType::F32, &device)?;
+        let mut flat: Option<Tensor> = None;
         let pairs = if self.loss.beta > 0.0 { self.loss.pairs.len() } else { 0 };
         let mut metric = Tensor::zeros(FIXED + pairs, DType::F64, &device)?;
         // With several parts here, the batch-norm statistics kept are the first part's, as a
@@ -198,26 +198,41 @@ impl Run {
             }
             let part_images = images.narrow(0, range.start, range.len())?;
             let part_labels = labels.narrow(0, range.start, range.len())?;
-            let (parts, grads) = self.loss_and_grads(&part_images, &part_labels)?;
             let share = range.len() as f64 / len as f64;
+            // The plain step scales its loss by the share, so that backward makes the weighted
+            // gradients; the gradient-based step's are scaled after.
+            let (parts, grads, scaled) =
+                self.loss_and_grads_scaled(&part_images, &part_labels, share)?;
             let mut pieces = Vec::with_capacity(params.len() + 1);
             let mut mask = vec![0f32; params.len()];
             for (i, var) in params.iter().enumerate() {
                 match grads.get(var) {
                     Some(g) => {
-                        pieces.push(g.flatten_all()?.to_dtype(DType::F32)?.affine(share, 0.0)?);
+                        pieces.push(g.flatten_all()?.to_dtype(DType::F32)?);
                         mask[i] = 1.0;
                     }
                     None => pieces.push(Tensor::zeros(sizes[i], DType::F32, &device)?),
                 }
             }
             pieces.push(Tensor::from_vec(mask, params.len(), &device)?);
-            flat = (flat + Tensor::cat(&pieces, 0)?)?;
+            let mut piece = Tensor::cat(&pieces, 0)?;
+            if !scaled && share != 1.0 {
+                // The mask is scaled too: only its sign is read.
+                piece = piece.affine(share, 0.0)?;
+            }
+            flat = Some(match flat {
+                None => piece,
+                Some(flat) => (flat + piece)?,
+            });
             metric = (metric + step_vector(&parts, &part_labels)?)?;
         }
         for (var, value) in first_statistics.into_iter().flatten() {
             var.set(&value)?;
         }
+        let flat = match flat {
+            Some(flat) => flat,
+            None => Tensor::zeros(total + params.len(), DType::F32, &device)?,
+        };
         let flat = parallel.world.all_reduce_sum(&flat)?;
         let metric = parallel.world.all_reduce_sum(&metric)?;
         let mask: Vec<f32> = flat.narrow(0, total, params.len())?.to_vec1()?;

@@ -32,6 +32,29 @@ impl Run {
         Ok(())
     }
 
+    /// [`Run::loss_and_grads`] with the gradients of `scale` times the loss where the step can
+    /// scale its loss before backward (the plain step: then `true`); the gradient-based step's
+    /// are returned unscaled (`false`). The parts are the loss's, unscaled.
+    pub(super) fn loss_and_grads_scaled(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        scale: f64,
+    ) -> Result<(LossParts, GradStore, bool)> {
+        if self.gradient.is_some() || scale == 1.0 {
+            let (parts, grads) = self.loss_and_grads(images, labels)?;
+            return Ok((parts, grads, scale == 1.0));
+        }
+        let parts = student_loss(
+            self.student.as_ref(),
+            self.teacher.as_deref(),
+            (images, labels),
+            &self.loss,
+        )?;
+        let grads = parts.total.affine(scale, 0.0)?.backward()?;
+        Ok((parts, grads, true))
+    }
+
     /// The loss of `images` and its gradients: the plain step's, or with a gradient-based
     /// penalty (built on the second-order thread).
     pub(super) fn loss_and_grads(
