@@ -3,10 +3,10 @@
 # ours (a CUDA build of at-train) against eager PyTorch on the same card, alternating, one JSON
 # line per measurement into $OUT/gpu-bench.jsonl (or ./gpu-bench.jsonl).
 #
-# Build here first (no GPU needed; 12-16 minutes the first time; DIST_DIR absolute: the script
-# resolves a relative one from the crate directory):
-#   CARGO_TARGET_DIR=/work/cuda-target DIST_DIR=$PWD/target/cuda-dist \
-#     bash ../shared/cuda/build-cuda.sh crates/at-train cuda,cudnn at-train
+# Build here first (no GPU needed; 12-16 minutes the first time, 5 on a warm target dir):
+#   cargo xtask cuda-build cuda,cudnn
+# (target/cuda-dist/at-train-cuda,cudnn.gz and run-gpu.sh; without nccl it needs no Open MPI
+# there; for #24's NCCL check see gpu_nccl.sh).
 # then, on the device machine, from the repository root:
 #   bash xtask/bench/gpu.sh target/cuda-dist/at-train-cuda,cudnn.gz [PYTHON]
 # PYTHON defaults to /opt/torch/.venv/bin/python (the device machine's PyTorch).
