@@ -1,7 +1,10 @@
 """The PyTorch side of `cargo xtask bench`: the same training steps as
 `crates/at-trainer/examples/step_bench.rs`, on the same CPU, in eager PyTorch.
 
-Usage: python torch_step.py STUDENT STEP [TEACHER] [BATCH] [WARMUP] [STEPS] [THREADS] [DEVICE]
+Usage: python torch_step.py STUDENT STEP [TEACHER] [BATCH] [WARMUP] [STEPS] [THREADS] [DEVICE] [SIDE]
+
+SIDE: the images' side, 32 by default; the ResNets (resnet18, resnet34: torchvision's, 10
+classes) run at 224, attention transfer on their first three groups as the Rust side's pairs.
 
 DEVICE: cpu (default) or cuda; on cuda each step ends with a synchronisation, as the Rust side
 reads its loss back.
@@ -15,6 +18,7 @@ the shape changes), as in crates/at-models; the losses as in crates/at-losses.
 """
 
 import json
+import resource
 import sys
 import time
 
@@ -70,7 +74,28 @@ class Wrn(nn.Module):
         return self.fc(x), acts
 
 
+class ResNet(nn.Module):
+    """torchvision's ResNet returning its logits and the outputs of its four groups."""
+
+    def __init__(self, name):
+        super().__init__()
+        import torchvision
+
+        self.net = getattr(torchvision.models, name)(num_classes=10)
+
+    def forward(self, x):
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        acts = []
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            x = layer(x)
+            acts.append(x)
+        return n.fc(torch.flatten(n.avgpool(x), 1)), acts
+
+
 def build(name):
+    if name.startswith("resnet"):
+        return ResNet(name)
     _, depth, width = name.split("-")
     return Wrn(int(depth), int(width))
 
@@ -90,7 +115,8 @@ def main():
     student = build(student_name).train().to(device)
     teacher = build(teacher_name).eval().to(device) if step != "student" else None
     opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    side = int(arg(8, "32"))
+    x = torch.randn(batch, 3, side, side, device=device)
     y = torch.arange(batch, device=device) % 10
     alpha = 0.9 if step == "at-kd" else 0.0
     times = []
@@ -111,7 +137,8 @@ def main():
                         reduction="batchmean",
                     )
                     loss = loss + alpha * 16 * kd
-                for s, t in zip(acts, t_acts):
+                # The Rust side pairs the first three groups (all of a WRN's).
+                for s, t in list(zip(acts, t_acts))[:3]:
                     loss = loss + 1e3 * (at_map(s) - at_map(t)).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,6 +151,8 @@ def main():
         "batch": batch, "device": str(device), "ms": [round(t, 1) for t in times],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # The process's peak resident size in KiB (Linux's ru_maxrss unit).
+        "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }))
 
 

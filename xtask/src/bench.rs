@@ -6,8 +6,12 @@
 //! round. Writes `docs/benchmarks.json` (one entry per measurement) and the table between the
 //! markers in `docs/benchmarks.md`.
 //!
+//! It also times the 224-pixel ResNet steps of Tables 4 and 5 (`RESNET_CONFIGS`, at batch 8 and
+//! 32), written to their own table between their own markers.
+//!
 //! Options: `--rounds N` (default 2), `--steps N` (5), `--warmup N` (2), `--quick` (WRN-16-1
-//! only), `--threads N` (PyTorch's threads; default: every core, as rayon uses).
+//! only), `--resnet` (the 224-pixel ResNet rows only), `--no-resnet` (without them), `--threads
+//! N` (PyTorch's threads; default: every core, as rayon uses).
 
 use std::env;
 use std::path::PathBuf;
@@ -31,21 +35,42 @@ const CONFIGS: &[(&str, &str, &str)] = &[
     ("wrn-40-2", "student", ""),
 ];
 
+/// (student, step, teacher, batch): the ResNet steps of Tables 4 and 5, on 224x224 images.
+const RESNET_CONFIGS: &[(&str, &str, &str, usize)] = &[
+    ("resnet18", "student", "", 8),
+    ("resnet18", "at", "resnet34", 8),
+    ("resnet34", "student", "", 8),
+    ("resnet18", "student", "", 32),
+    ("resnet18", "at", "resnet34", 32),
+];
+const RESNET_SIDE: usize = 224;
+
 const BATCH: usize = 128;
 const START: &str = "<!-- xtask bench: start -->";
 const END: &str = "<!-- xtask bench: end -->";
+const RESNET_START: &str = "<!-- xtask bench 224: start -->";
+const RESNET_END: &str = "<!-- xtask bench 224: end -->";
 
 struct Options {
     rounds: usize,
     steps: usize,
     warmup: usize,
     quick: bool,
+    /// Which tables: (the CIFAR-sized one, the 224-pixel ResNets).
+    tables: (bool, bool),
     threads: usize,
 }
 
 fn options(args: &[String]) -> Result<Options> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut o = Options { rounds: 2, steps: 5, warmup: 2, quick: false, threads: cores };
+    let mut o = Options {
+        rounds: 2,
+        steps: 5,
+        warmup: 2,
+        quick: false,
+        tables: (true, true),
+        threads: cores,
+    };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| -> Result<usize> {
@@ -59,9 +84,12 @@ fn options(args: &[String]) -> Result<Options> {
             "--steps" => o.steps = value("--steps")?,
             "--warmup" => o.warmup = value("--warmup")?,
             "--threads" => o.threads = value("--threads")?,
-            "--quick" => o.quick = true,
+            "--quick" => (o.quick, o.tables.1) = (true, false),
+            "--resnet" => o.tables = (false, true),
+            "--no-resnet" => o.tables.1 = false,
             other => bail!(
-                "unknown option `{other}`: --rounds N, --steps N, --warmup N, --threads N, --quick"
+                "unknown option `{other}`: --rounds N, --steps N, --warmup N, --threads N, \
+                 --quick, --resnet, --no-resnet"
             ),
         }
     }
@@ -156,6 +184,12 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
     println!("building the Rust side (release)");
     let ours_bin = build_example("at-trainer", "step_bench")?;
     let script = root().join("xtask/bench/torch_step.py");
+    if o.tables.1 {
+        resnet_rounds(&ours_bin, &python, &script, &o)?;
+    }
+    if !o.tables.0 {
+        return Ok(());
+    }
     let configs: Vec<_> =
         CONFIGS.iter().filter(|c| !o.quick || c.0 == "wrn-16-1").copied().collect();
     let mut ours: Vec<Vec<f64>> = vec![vec![]; configs.len()];
@@ -194,6 +228,94 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
         })
         .collect();
     write(&rows, &convs, &o, &torch_version)
+}
+
+/// The 224-pixel ResNet rows: both sides alternating, as the CIFAR rows; their table is
+/// written between its own markers.
+fn resnet_rounds(
+    ours_bin: &PathBuf,
+    python: &PathBuf,
+    script: &PathBuf,
+    o: &Options,
+) -> Result<()> {
+    let n = RESNET_CONFIGS.len();
+    let (mut ours, mut torch): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (vec![vec![]; n], vec![vec![]; n]);
+    let mut peaks: Vec<(u64, u64)> = vec![(0, 0); n];
+    let mut torch_version = String::new();
+    let (warmup, steps, side) =
+        (o.warmup.to_string(), o.steps.to_string(), RESNET_SIDE.to_string());
+    for round in 1..=o.rounds {
+        for (i, &(model, step, teacher, batch)) in RESNET_CONFIGS.iter().enumerate() {
+            let teacher_arg = if teacher.is_empty() { "none" } else { teacher };
+            let batch = batch.to_string();
+            let common = [model, step, teacher_arg, &batch, &warmup, &steps];
+            let (line, peak) = output_with_peak(Command::new(ours_bin).args(common).arg(&side))?;
+            ours[i].extend(times(&line).context("ours")?);
+            peaks[i].0 = peaks[i].0.max(peak);
+            let (line, peak) =
+                output_with_peak(Command::new(python).arg(script).args(common).args([
+                    o.threads.to_string(),
+                    "cpu".into(),
+                    side.clone(),
+                ]))?;
+            torch[i].extend(times(&line).context("torch")?);
+            peaks[i].1 = peaks[i].1.max(peak);
+            if let Some(v) = field(&line, "torch") {
+                torch_version = v.to_owned();
+            }
+            let (a, b) = (median(&mut ours[i].clone()), median(&mut torch[i].clone()));
+            println!(
+                "round {round}/{}: {model} {step} {teacher} batch {batch} at {side}px: ours {a:.0} ms, torch {b:.0} ms",
+                o.rounds
+            );
+        }
+    }
+    let mut table = format!(
+        "{RESNET_START}\n## Training step at 224x224: the ResNets of Tables 4 and 5 (`cargo xtask bench`)\n\n\
+         Machine: {}. Date: {}. PyTorch {torch_version} (eager, {} threads; torchvision's ResNets, \
+         10 classes) against our release build, random 224x224 input, SGD with momentum and \
+         weight decay; AT on the first three groups, beta 1e3. Median over {} rounds of {} timed \
+         steps each (after {} untimed), alternating. `speedup` = torch / ours: above 1 we are \
+         faster. Peak memory: each process's largest resident size (`VmHWM`, `ru_maxrss`), the \
+         largest over the rounds.\n\n\
+         | student | step | teacher | batch | ours (ms) | PyTorch (ms) | speedup | ours peak (MB) | PyTorch peak (MB) |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|\n",
+        machine(),
+        today(),
+        o.threads,
+        o.rounds,
+        o.steps,
+        o.warmup
+    );
+    for (i, &(model, step, teacher, batch)) in RESNET_CONFIGS.iter().enumerate() {
+        let (a, b) = (median(&mut ours[i]), median(&mut torch[i]));
+        table.push_str(&format!(
+            "| {model} | {step} | {} | {batch} | {a:.0} | {b:.0} | {:.2} | {} | {} |\n",
+            if teacher.is_empty() { "-" } else { teacher },
+            b / a,
+            peaks[i].0 / 1024,
+            peaks[i].1 / 1024
+        ));
+    }
+    table.push_str(RESNET_END);
+    let path = root().join("docs/benchmarks.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let text = match (text.find(RESNET_START), text.find(RESNET_END)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{table}{}", &text[..a], &text[b + RESNET_END.len()..])
+        }
+        _ => format!("{}\n\n{table}\n", text.trim_end()),
+    };
+    std::fs::write(&path, text)?;
+    println!("written: {}", path.display());
+    Ok(())
+}
+
+/// The last JSON line a benchmark printed and the peak resident size (KiB) it reports.
+fn output_with_peak(command: &mut Command) -> Result<(Value, u64)> {
+    let line = output(command)?;
+    let peak = line["peak_kib"].as_u64().unwrap_or(0);
+    Ok((line, peak))
 }
 
 /// (layer, op, ours ms, torch ms): the convolution kernels alone, medians over the rounds.

@@ -3,8 +3,10 @@
 //! device).
 //!
 //! ```text
-//! cargo run --release -p at-train --example step_bench -- STUDENT STEP [TEACHER] [BATCH] [WARMUP] [STEPS]
+//! cargo run --release -p at-trainer --example step_bench -- STUDENT STEP [TEACHER] [BATCH] [WARMUP] [STEPS] [SIDE]
 //! ```
+//!
+//! `SIDE` is the images' side, 32 by default (224 for the ResNets of Tables 4 and 5).
 //!
 //! `STEP` is `student` (cross-entropy), `at` (plus attention transfer from `TEACHER` on every
 //! group, beta 1e3, the teacher's forward included), `at-kd` (plus distillation, alpha 0.9, T 4)
@@ -13,7 +15,7 @@
 //! timed step in milliseconds.
 
 use anyhow::Result;
-use at_trainer::bench::{Step, json_line, time_steps};
+use at_trainer::bench::{Step, json_line, time_steps_sized};
 use candle_core::Device;
 
 fn main() -> Result<()> {
@@ -30,9 +32,10 @@ fn main() -> Result<()> {
     let batch: usize = arg(3, "128").parse()?;
     let warmup: usize = arg(4, "2").parse()?;
     let steps: usize = arg(5, "5").parse()?;
+    let side: usize = arg(6, "32").parse()?;
     let kind = Step::parse(&step)?;
-    let times =
-        time_steps((&student, kind, &teacher), batch, (warmup, steps), backend, &Device::Cpu)?;
+    let names = (student.as_str(), kind, teacher.as_str());
+    let times = time_steps_sized(names, (batch, side), (warmup, steps), backend, &Device::Cpu)?;
     if std::env::var_os("AT_PHASES").is_some() {
         for (_, p) in &times {
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;

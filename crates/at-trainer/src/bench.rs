@@ -232,15 +232,25 @@ pub fn json_line(
     // Milliseconds to a tenth, as the PyTorch side rounds them.
     let ms: Vec<f64> = times.iter().map(|(t, _)| (t.as_secs_f64() * 1e4).round() / 10.0).collect();
     let teacher = if step == Step::Student { "" } else { teacher };
-    serde_json::json!({
+    let mut line = serde_json::json!({
         "model": student,
         "step": step.name(),
         "teacher": teacher,
         "batch": batch,
         "device": device,
         "ms": ms,
-    })
-    .to_string()
+    });
+    if let Some(peak) = peak_resident_kib() {
+        line["peak_kib"] = peak.into();
+    }
+    line.to_string()
+}
+
+/// The process's peak resident size so far in KiB (`VmHWM`; Linux only).
+pub fn peak_resident_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]
