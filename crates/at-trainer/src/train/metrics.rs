@@ -220,7 +220,15 @@ impl Run {
             test_error: 100.0 - top1,
             seconds,
             interrupted,
-            machine: format!("{} ({})", crate::machine(), self.config.device),
+            machine: match &self.parallel {
+                Some(p) if p.world.size() > 1 => format!(
+                    "{} per rank x {} ranks ({})",
+                    crate::machine(),
+                    p.world.size(),
+                    self.config.device
+                ),
+                _ => format!("{} ({})", crate::machine(), self.config.device),
+            },
         })
     }
 }
