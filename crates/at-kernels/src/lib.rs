@@ -24,6 +24,7 @@ pub mod block;
 pub mod conv;
 mod gather;
 pub mod norm;
+pub mod pool;
 pub mod second_order;
 
 use std::mem::MaybeUninit;
@@ -40,6 +41,7 @@ pub use block::{
 };
 pub use conv::{conv2d, conv2d_device, conv2d_input_grad, conv2d_weight_grad};
 pub use norm::{BatchStats, batch_norm_eval, batch_norm_train, batch_norm_train_with};
+pub use pool::max_pool2d;
 
 /// The elements of a contiguous operand; `what` names it in the error otherwise.
 pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {

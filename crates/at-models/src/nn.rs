@@ -334,10 +334,11 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     max_pool2d_on(x, (kernel, stride, padding), Backend::Kernels)
 }
 
-/// [`max_pool2d`] as `backend` runs it. On the CPU a second-order pool takes
-/// [`max_pool2d_flat`]'s path, whose serial backward is the fastest there (the one-index-per-
-/// window-element path made Table 3's step 1.5x slower on 2 cores); `Backend::Device` takes the
-/// path of a GPU on any device.
+/// [`max_pool2d`] as `backend` runs it. On the CPU a first-order pool with at-kernels
+/// (`Backend::Kernels`, f32) is `at_kernels::max_pool2d`, one pass each way; a second-order pool
+/// takes [`max_pool2d_flat`]'s path, whose serial backward is the fastest there (the
+/// one-index-per-window-element path made Table 3's step 1.5x slower on 2 cores);
+/// `Backend::Device` takes the path of a GPU on any device.
 pub fn max_pool2d_on(
     x: &Tensor,
     (kernel, stride, padding): (usize, usize, usize),
@@ -346,6 +347,14 @@ pub fn max_pool2d_on(
     let second_order = at_kernels::second_order::is_second_order_thread();
     if second_order && x.device().is_cpu() && backend != Backend::Device {
         return max_pool2d_flat(x, kernel, stride, padding);
+    }
+    if !second_order
+        && x.device().is_cpu()
+        && backend == Backend::Kernels
+        && x.dtype() == DType::F32
+    {
+        // One pass each way (at-kernels' op); the same maxima and gradients.
+        return at_kernels::max_pool2d(x, (kernel, stride, padding));
     }
     let (b, c, _, _) = x.dims4()?;
     let Pool { index, ext, table, local, out: (oh, ow) } = pool(x, kernel, stride, padding)?;
