@@ -25,23 +25,31 @@ struct Window {
     ow: usize,
 }
 
+/// The output's `(height, width)` of a max pool of `(kernel, stride, padding)` over an `h x w`
+/// input, or the error that says it does not fit (at-models' pooling paths ask here too).
+pub fn pool_output(
+    (h, w): (usize, usize),
+    (kernel, stride, padding): (usize, usize, usize),
+) -> Result<(usize, usize)> {
+    if kernel == 0
+        || stride == 0
+        || padding * 2 > kernel
+        || h + 2 * padding < kernel
+        || w + 2 * padding < kernel
+    {
+        bail!(
+            "max_pool2d: kernel {kernel}, stride {stride}, padding {padding} do not fit an input of {h}x{w}"
+        )
+    }
+    Ok(((h + 2 * padding - kernel) / stride + 1, (w + 2 * padding - kernel) / stride + 1))
+}
+
 impl Window {
     fn new(
         (h, w): (usize, usize),
         (kernel, stride, padding): (usize, usize, usize),
     ) -> Result<Self> {
-        if kernel == 0
-            || stride == 0
-            || padding * 2 > kernel
-            || h + 2 * padding < kernel
-            || w + 2 * padding < kernel
-        {
-            bail!(
-                "max_pool2d: kernel {kernel}, stride {stride}, padding {padding} do not fit an input of {h}x{w}"
-            )
-        }
-        let oh = (h + 2 * padding - kernel) / stride + 1;
-        let ow = (w + 2 * padding - kernel) / stride + 1;
+        let (oh, ow) = pool_output((h, w), (kernel, stride, padding))?;
         Ok(Self { kernel, stride, padding, h, w, oh, ow })
     }
 

@@ -414,18 +414,7 @@ struct Pool {
 
 fn pool(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Pool> {
     let (b, c, h, w) = x.dims4()?;
-    if kernel == 0
-        || stride == 0
-        || padding * 2 > kernel
-        || h + 2 * padding < kernel
-        || w + 2 * padding < kernel
-    {
-        bail!(
-            "max_pool2d: kernel {kernel}, stride {stride}, padding {padding} do not fit an input of {h}x{w}"
-        )
-    }
-    let oh = (h + 2 * padding - kernel) / stride + 1;
-    let ow = (w + 2 * padding - kernel) / stride + 1;
+    let (oh, ow) = at_kernels::pool::pool_output((h, w), (kernel, stride, padding))?;
     let kk = kernel * kernel;
     let mut table = Vec::with_capacity(oh * ow * kk);
     for i in 0..oh {
