@@ -913,9 +913,19 @@ impl RunConfig {
     }
 }
 
+/// The keys of `[teacher]`.
+const TEACHER_KEYS: [&str; 2] = ["model", "checkpoint"];
+
+/// The key a `[teacher]` table still lacks, if it has one and lacks one.
+fn incomplete_teacher(table: &toml::Table) -> Option<&'static str> {
+    let teacher = table.get("teacher")?.as_table()?;
+    TEACHER_KEYS.into_iter().find(|key| !teacher.contains_key(*key))
+}
+
 /// The config of a file (or the defaults) with `KEY=VALUE` overrides applied. A key that the
-/// config does not have is an error; values are TOML (`2`, `1e3`, `true`, `"text"`, `[60, 120]`),
-/// and a bare word is taken as a string.
+/// config does not have is an error (but a config without a teacher takes `teacher.model` and
+/// `teacher.checkpoint`, which must come together); values are TOML (`2`, `1e3`, `true`,
+/// `"text"`, `[60, 120]`), and a bare word is taken as a string.
 pub fn resolve(file: Option<&Path>, preset: Option<&str>, sets: &[String]) -> Result<RunConfig> {
     let base = match (file, preset) {
         (Some(path), _) => RunConfig::load(path)?,
@@ -936,7 +946,9 @@ pub fn resolve(file: Option<&Path>, preset: Option<&str>, sets: &[String]) -> Re
         let parts: Vec<&str> = key.trim().split('.').collect();
         let mut node = &mut table;
         for (i, part) in parts.iter().enumerate() {
-            let known = node.contains_key(*part) || (i == 0 && *part == "teacher");
+            // A config without a teacher gets one key by key: `teacher.model`, `teacher.checkpoint`.
+            let teacher_key = i == 1 && parts[0] == "teacher" && TEACHER_KEYS.contains(part);
+            let known = node.contains_key(*part) || (i == 0 && *part == "teacher") || teacher_key;
             if !known {
                 bail!("unknown config key `{key}` (`at-train config` lists every key)")
             }
@@ -953,10 +965,16 @@ pub fn resolve(file: Option<&Path>, preset: Option<&str>, sets: &[String]) -> Re
             }
         }
         // Each override is checked as it is applied, so that an error names it (the document
-        // parsed here is generated, its line numbers would mean nothing to the user).
-        if let Err(e) = toml::from_str::<RunConfig>(&toml::to_string(&table)?) {
+        // parsed here is generated, its line numbers would mean nothing to the user); a teacher
+        // given key by key is checked once it has both keys.
+        if incomplete_teacher(&table).is_none()
+            && let Err(e) = toml::from_str::<RunConfig>(&toml::to_string(&table)?)
+        {
             bail!("--set {set}: {}", e.message().trim())
         }
+    }
+    if let Some(missing) = incomplete_teacher(&table) {
+        bail!("--set teacher.{missing}=... is needed too: a teacher has a model and a checkpoint")
     }
     let config: RunConfig = toml::from_str(&toml::to_string(&table)?)
         .context("the overrides do not make a valid config")?;

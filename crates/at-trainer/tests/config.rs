@@ -60,6 +60,19 @@ fn unknown_keys_and_values_are_errors_that_name_them() {
     assert!(err.contains("unknown preset `nope`") && err.contains("cifar-at"), "{err}");
     let err = format!("{:#}", resolve(None, None, &["loss.beta=1000".into()]).unwrap_err());
     assert!(err.contains("no [teacher]"), "{err}");
+    // A teacher key by key on a config without one: both keys, in any order.
+    let sets = ["teacher.checkpoint=t.safetensors", "teacher.model=wrn-16-2", "loss.beta=1000"];
+    let with = resolve(None, Some("quick"), &sets.map(String::from)).unwrap();
+    let teacher = with.teacher.unwrap();
+    assert_eq!(
+        (teacher.model.as_str(), teacher.checkpoint.to_str()),
+        ("wrn-16-2", Some("t.safetensors"))
+    );
+    let err = format!(
+        "{:#}",
+        resolve(None, Some("quick"), &["teacher.model=wrn-16-2".into()]).unwrap_err()
+    );
+    assert!(err.contains("--set teacher.checkpoint=... is needed too"), "{err}");
 
     let config = resolve(
         None,
