@@ -11,7 +11,6 @@
 //! at-models keeps its own ops on second-order threads and off the CPU.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
-use rayon::prelude::*;
 
 /// The geometry of a pooling: kernel, stride, padding, and the input's and output's sides.
 #[derive(Clone, Copy, Debug)]
@@ -81,12 +80,9 @@ impl Window {
 }
 
 /// The f32 values of a contiguous CPU tensor's storage.
-fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+fn values<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = storage else { bail!("at-kernels' max pool takes f32") };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("at-kernels' max pool takes a contiguous tensor")
-    };
-    Ok(&v[start..end])
+    crate::contiguous(v, layout, what)
 }
 
 /// `y = max_pool2d(x)` (f32, `[B, C, H, W]`, on the CPU), differentiable once; see the module.
@@ -104,17 +100,22 @@ impl CustomOp1 for MaxPool {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = values(storage, layout)?;
+        let x = values(storage, layout, "the max pool's input")?;
         let (b, c, _, _) = layout.shape().dims4()?;
         let Window { h, w, oh, ow, .. } = self.0;
-        let mut y = vec![0f32; b * c * oh * ow];
-        y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(out, plane)| {
-            for i in 0..oh {
-                for j in 0..ow {
-                    out[i * ow + j] = plane[self.0.argmax(plane, i, j)];
+        let y = crate::par_chunks_zeroed(
+            b * c * oh * ow,
+            oh * ow,
+            || (),
+            |_, n, out: &mut [f32]| {
+                let plane = &x[n * h * w..(n + 1) * h * w];
+                for i in 0..oh {
+                    for j in 0..ow {
+                        out[i * ow + j] = plane[self.0.argmax(plane, i, j)];
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
     }
 
@@ -142,11 +143,17 @@ impl CustomOp2 for MaxPoolGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (values(s1, l1)?, values(s2, l2)?);
+        let x = values(s1, l1, "the max pool's input")?;
+        let g = values(s2, l2, "the max pool's output gradient")?;
         let Window { h, w, oh, ow, .. } = self.0;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(h * w).zip(x.par_chunks(h * w)).zip(g.par_chunks(oh * ow)).for_each(
-            |((dplane, plane), gplane)| {
+        // Zeroed chunks, one plane each: the gradients are added into them.
+        let dx = crate::par_chunks_zeroed(
+            x.len(),
+            h * w,
+            || (),
+            |_, n, dplane: &mut [f32]| {
+                let plane = &x[n * h * w..(n + 1) * h * w];
+                let gplane = &g[n * oh * ow..(n + 1) * oh * ow];
                 for i in 0..oh {
                     for j in 0..ow {
                         dplane[self.0.argmax(plane, i, j)] += gplane[i * ow + j];
