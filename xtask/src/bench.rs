@@ -190,41 +190,22 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
     if !o.tables.0 {
         return Ok(());
     }
-    let configs: Vec<_> =
-        CONFIGS.iter().filter(|c| !o.quick || c.0 == "wrn-16-1").copied().collect();
-    let mut ours: Vec<Vec<f64>> = vec![vec![]; configs.len()];
-    let mut torch: Vec<Vec<f64>> = vec![vec![]; configs.len()];
-    let mut torch_version = String::new();
-    let (batch, warmup, steps) = (BATCH.to_string(), o.warmup.to_string(), o.steps.to_string());
-    for round in 1..=o.rounds {
-        for (i, &(model, step, teacher)) in configs.iter().enumerate() {
-            let teacher_arg = if teacher.is_empty() { "none" } else { teacher };
-            let common = [model, step, teacher_arg, &batch, &warmup, &steps];
-            let line = output(Command::new(&ours_bin).args(common))?;
-            ours[i].extend(times(&line).context("ours")?);
-            let line =
-                output(Command::new(&python).arg(&script).args(common).arg(o.threads.to_string()))?;
-            torch[i].extend(times(&line).context("torch")?);
-            if let Some(v) = field(&line, "torch") {
-                torch_version = v.to_owned();
-            }
-            let (a, b) = (median(&mut ours[i].clone()), median(&mut torch[i].clone()));
-            println!(
-                "round {round}/{}: {model} {step} {teacher}: ours {a:.0} ms, torch {b:.0} ms",
-                o.rounds
-            );
-        }
-    }
+    let configs: Vec<_> = CONFIGS
+        .iter()
+        .filter(|c| !o.quick || c.0 == "wrn-16-1")
+        .map(|&(model, step, teacher)| (model, step, teacher, BATCH))
+        .collect();
+    let (mut measured, torch_version) = alternate(&configs, 32, (&ours_bin, &python, &script), &o)?;
     let convs = conv_rounds(&python, &o)?;
     let rows: Vec<Row> = configs
         .iter()
         .enumerate()
-        .map(|(i, &(model, step, teacher))| Row {
+        .map(|(i, &(model, step, teacher, _))| Row {
             model,
             step,
             teacher,
-            ours: median(&mut ours[i]),
-            torch: median(&mut torch[i]),
+            ours: median(&mut measured[i].ours),
+            torch: median(&mut measured[i].torch),
         })
         .collect();
     write(&rows, &convs, &o, &torch_version)
@@ -238,38 +219,8 @@ fn resnet_rounds(
     script: &PathBuf,
     o: &Options,
 ) -> Result<()> {
-    let n = RESNET_CONFIGS.len();
-    let (mut ours, mut torch): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (vec![vec![]; n], vec![vec![]; n]);
-    let mut peaks: Vec<(u64, u64)> = vec![(0, 0); n];
-    let mut torch_version = String::new();
-    let (warmup, steps, side) =
-        (o.warmup.to_string(), o.steps.to_string(), RESNET_SIDE.to_string());
-    for round in 1..=o.rounds {
-        for (i, &(model, step, teacher, batch)) in RESNET_CONFIGS.iter().enumerate() {
-            let teacher_arg = if teacher.is_empty() { "none" } else { teacher };
-            let batch = batch.to_string();
-            let common = [model, step, teacher_arg, &batch, &warmup, &steps];
-            let (line, peak) = output_with_peak(Command::new(ours_bin).args(common).arg(&side))?;
-            ours[i].extend(times(&line).context("ours")?);
-            peaks[i].0 = peaks[i].0.max(peak);
-            let (line, peak) =
-                output_with_peak(Command::new(python).arg(script).args(common).args([
-                    o.threads.to_string(),
-                    "cpu".into(),
-                    side.clone(),
-                ]))?;
-            torch[i].extend(times(&line).context("torch")?);
-            peaks[i].1 = peaks[i].1.max(peak);
-            if let Some(v) = field(&line, "torch") {
-                torch_version = v.to_owned();
-            }
-            let (a, b) = (median(&mut ours[i].clone()), median(&mut torch[i].clone()));
-            println!(
-                "round {round}/{}: {model} {step} {teacher} batch {batch} at {side}px: ours {a:.0} ms, torch {b:.0} ms",
-                o.rounds
-            );
-        }
-    }
+    let (mut measured, torch_version) =
+        alternate(RESNET_CONFIGS, RESNET_SIDE, (ours_bin, python, script), o)?;
     let mut table = format!(
         "{RESNET_START}\n## Training step at 224x224: the ResNets of Tables 4 and 5 (`cargo xtask bench`)\n\n\
          Machine: {}. Date: {}. PyTorch {torch_version} (eager, {} threads; torchvision's ResNets, \
@@ -288,27 +239,80 @@ fn resnet_rounds(
         o.warmup
     );
     for (i, &(model, step, teacher, batch)) in RESNET_CONFIGS.iter().enumerate() {
-        let (a, b) = (median(&mut ours[i]), median(&mut torch[i]));
+        let m = &mut measured[i];
+        let (a, b) = (median(&mut m.ours), median(&mut m.torch));
         table.push_str(&format!(
             "| {model} | {step} | {} | {batch} | {a:.0} | {b:.0} | {:.2} | {} | {} |\n",
             if teacher.is_empty() { "-" } else { teacher },
             b / a,
-            peaks[i].0 / 1024,
-            peaks[i].1 / 1024
+            m.peaks.0 / 1024,
+            m.peaks.1 / 1024
         ));
     }
     table.push_str(RESNET_END);
+    let path = replace_section(&table, (RESNET_START, RESNET_END))?;
+    println!("written: {}", path.display());
+    Ok(())
+}
+
+/// One configuration's measurements over the rounds: each side's step times (ms) and largest
+/// peak resident size (KiB).
+#[derive(Clone, Default)]
+struct Measured {
+    ours: Vec<f64>,
+    torch: Vec<f64>,
+    peaks: (u64, u64),
+}
+
+/// Runs every `(student, step, teacher, batch)` on `side`-pixel images on both sides, one fresh
+/// process each, alternating, `o.rounds` times; returns each configuration's measurements and
+/// PyTorch's version.
+fn alternate(
+    configs: &[(&str, &str, &str, usize)],
+    side: usize,
+    (ours_bin, python, script): (&PathBuf, &PathBuf, &PathBuf),
+    o: &Options,
+) -> Result<(Vec<Measured>, String)> {
+    let mut measured = vec![Measured::default(); configs.len()];
+    let mut torch_version = String::new();
+    let (warmup, steps, side) = (o.warmup.to_string(), o.steps.to_string(), side.to_string());
+    for round in 1..=o.rounds {
+        for (m, &(model, step, teacher, batch)) in measured.iter_mut().zip(configs) {
+            let teacher_arg = if teacher.is_empty() { "none" } else { teacher };
+            let batch = batch.to_string();
+            let common = [model, step, teacher_arg, &batch, &warmup, &steps];
+            let (line, peak) = output_with_peak(Command::new(ours_bin).args(common).arg(&side))?;
+            m.ours.extend(times(&line).context("ours")?);
+            m.peaks.0 = m.peaks.0.max(peak);
+            let torch_args = [o.threads.to_string(), "cpu".into(), side.clone()];
+            let (line, peak) =
+                output_with_peak(Command::new(python).arg(script).args(common).args(torch_args))?;
+            m.torch.extend(times(&line).context("torch")?);
+            m.peaks.1 = m.peaks.1.max(peak);
+            if let Some(v) = field(&line, "torch") {
+                torch_version = v.to_owned();
+            }
+            let (a, b) = (median(&mut m.ours.clone()), median(&mut m.torch.clone()));
+            println!(
+                "round {round}/{}: {model} {step} {teacher} batch {batch} at {side}px: ours {a:.0} ms, torch {b:.0} ms",
+                o.rounds
+            );
+        }
+    }
+    Ok((measured, torch_version))
+}
+
+/// Puts `table` (which holds its markers) in docs/benchmarks.md in place of what lies between
+/// `markers`, or at the end; returns the file.
+fn replace_section(table: &str, (start, end): (&str, &str)) -> Result<PathBuf> {
     let path = root().join("docs/benchmarks.md");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let text = match (text.find(RESNET_START), text.find(RESNET_END)) {
-        (Some(a), Some(b)) if a < b => {
-            format!("{}{table}{}", &text[..a], &text[b + RESNET_END.len()..])
-        }
+    let text = match (text.find(start), text.find(end)) {
+        (Some(a), Some(b)) if a < b => format!("{}{table}{}", &text[..a], &text[b + end.len()..]),
         _ => format!("{}\n\n{table}\n", text.trim_end()),
     };
     std::fs::write(&path, text)?;
-    println!("written: {}", path.display());
-    Ok(())
+    Ok(path)
 }
 
 /// The last JSON line a benchmark printed and the peak resident size (KiB) it reports.
@@ -445,13 +449,7 @@ fn write(rows: &[Row], convs: &[ConvRow], o: &Options, torch_version: &str) -> R
         }
     }
     table.push_str(END);
-    let path = docs.join("benchmarks.md");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let text = match (text.find(START), text.find(END)) {
-        (Some(a), Some(b)) if a < b => format!("{}{table}{}", &text[..a], &text[b + END.len()..]),
-        _ => format!("{}\n{table}\n", text.trim_end()),
-    };
-    std::fs::write(&path, text)?;
+    let path = replace_section(&table, (START, END))?;
     println!("wrote {} and docs/benchmarks.json", path.display());
     Ok(())
 }
