@@ -33,6 +33,11 @@ use serde_json::{Value, json};
 use super::{HubOptions, OnProgress, client, owner_name};
 use crate::error::{Error, Result};
 
+/// The media type of the Hub's API.
+const JSON: &str = "application/json";
+/// Git LFS's media type (its batch and verify calls).
+const LFS_JSON: &str = "application/vnd.git-lfs+json";
+
 /// A commit to a model repository: what [`upload`] sends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upload {
@@ -344,6 +349,33 @@ impl<'a> Hub<'a> {
         }
     }
 
+    /// POSTs `body` (of `content_type`) to the Hub's `url` with the token, and reads the JSON it
+    /// answers; errors as [`Hub::expect`] says them, `what` naming the step.
+    fn post_for_json(
+        &self,
+        what: &str,
+        url: &str,
+        content_type: &str,
+        body: String,
+    ) -> Result<Value> {
+        // Git LFS answers in its own media type; the Hub's API in plain JSON.
+        let accept = if content_type == LFS_JSON { LFS_JSON } else { JSON };
+        let text = self
+            .expect(what, &|| {
+                Ok(self
+                    .http
+                    .post(url)
+                    .header("Authorization", self.bearer())
+                    .header("Content-Type", content_type)
+                    .header("Accept", accept)
+                    .body(body.clone()))
+            })?
+            .text()
+            .map_err(|e| Error::Hub(format!("the Hub's answer to {what} was cut short: {e}")))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::Hub(format!("the Hub's answer to {what} is not JSON: {e}")))
+    }
+
     /// `text` without the token (hf-hub's and reqwest's messages hold none; this makes sure).
     fn scrub(&self, text: &str) -> String {
         text.replace(self.token, "***")
@@ -358,12 +390,7 @@ impl<'a> Hub<'a> {
             })).collect::<Vec<_>>(),
         });
         let url = self.api("preupload", revision);
-        let answer: Value = self
-            .expect("the preupload check", &|| {
-                Ok(self.http.post(&url).header("Authorization", self.bearer()).json(&body))
-            })?
-            .json()
-            .map_err(|e| Error::Hub(format!("the Hub's preupload answer is not JSON: {e}")))?;
+        let answer = self.post_for_json("the preupload check", &url, JSON, body.to_string())?;
         let lfs: Vec<String> = answer["files"]
             .as_array()
             .into_iter()
@@ -400,19 +427,7 @@ impl<'a> Hub<'a> {
             "ref": {"name": revision},
         });
         let url = format!("{}/{}.git/info/lfs/objects/batch", self.endpoint, self.repo);
-        let lfs_json = "application/vnd.git-lfs+json";
-        let answer: Value = self
-            .expect("the LFS batch call", &|| {
-                Ok(self
-                    .http
-                    .post(&url)
-                    .header("Authorization", self.bearer())
-                    .header("Accept", lfs_json)
-                    .header("Content-Type", lfs_json)
-                    .body(body.to_string()))
-            })?
-            .json()
-            .map_err(|e| Error::Hub(format!("the Hub's LFS batch answer is not JSON: {e}")))?;
+        let answer = self.post_for_json("the LFS batch call", &url, LFS_JSON, body.to_string())?;
         // Git LFS: no `transfer` in the answer means `basic`.
         let transfer = match answer["transfer"].as_str().unwrap_or("basic") {
             "basic" => Transfer::Basic,
@@ -478,8 +493,8 @@ impl<'a> Hub<'a> {
             let mut request = self
                 .http
                 .post(&verify.href)
-                .header("Accept", "application/vnd.git-lfs+json")
-                .header("Content-Type", "application/vnd.git-lfs+json")
+                .header("Accept", LFS_JSON)
+                .header("Content-Type", LFS_JSON)
                 .body(body.to_string());
             if own && !has_auth {
                 request = request.header("Authorization", self.bearer());
@@ -519,17 +534,7 @@ impl<'a> Hub<'a> {
             body.push('\n');
         }
         let url = self.api("commit", revision);
-        let answer: Value = self
-            .expect("the commit", &|| {
-                Ok(self
-                    .http
-                    .post(&url)
-                    .header("Authorization", self.bearer())
-                    .header("Content-Type", "application/x-ndjson")
-                    .body(body.clone()))
-            })?
-            .json()
-            .map_err(|e| Error::Hub(format!("the Hub's commit answer is not JSON: {e}")))?;
+        let answer = self.post_for_json("the commit", &url, "application/x-ndjson", body)?;
         let field = |name: &str| answer[name].as_str().map(str::to_owned);
         Ok((field("commitUrl"), field("commitOid")))
     }
