@@ -39,28 +39,50 @@ fn set_args(sets: &[String]) -> Vec<String> {
 
 /// `mpirun` with Open MPI's run-as-root consent (CI runs as root) and more ranks than cores
 /// allowed; `args` are mpirun's (an MPMD `:` included).
-fn mpirun(args: &[String]) -> Output {
-    Command::new("mpirun")
+fn mpirun_command(args: &[String]) -> Command {
+    let mut command = Command::new("mpirun");
+    command
         .args(["--oversubscribe", "--bind-to", "none"])
         .args(args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .expect("mpirun runs (Open MPI's openmpi-bin installed)")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    command
 }
 
-/// `at-train train` of the quick preset with `sets` into `dir`, under `mpirun -np ranks`, or
-/// alone for `ranks == 0`.
-fn train(ranks: usize, sets: &[String], dir: &Path, extra: &[&str]) {
-    let mut args: Vec<String> = vec![BIN.into(), "train".into(), "--preset".into(), "quick".into()];
+/// [`mpirun_command`] run to its end.
+fn mpirun(args: &[String]) -> Output {
+    mpirun_command(args).output().expect("mpirun runs (Open MPI's openmpi-bin installed)")
+}
+
+/// `-np ranks` followed by `args`: one program of an mpirun command line.
+fn ranks_of(ranks: usize, args: Vec<String>) -> Vec<String> {
+    [vec!["-np".to_owned(), ranks.to_string()], args].concat()
+}
+
+/// `at-train train` of the quick preset with `sets` into `dir`, then `extra`.
+fn train_args(sets: &[String], dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [BIN, "train", "--preset", "quick"].map(String::from).to_vec();
     args.extend(set_args(sets));
     args.extend(["--run-dir".into(), dir.to_str().unwrap().into()]);
     args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// [`train_args`] under `mpirun -np ranks`, or alone for `ranks == 0`; it must succeed.
+fn train(ranks: usize, sets: &[String], dir: &Path, extra: &[&str]) {
+    let args = train_args(sets, dir, extra);
     let out = if ranks == 0 {
         Command::new(&args[0]).args(&args[1..]).output().unwrap()
     } else {
-        mpirun(&[["-np".to_owned(), ranks.to_string()].as_slice(), &args].concat())
+        mpirun(&ranks_of(ranks, args))
     };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `at-train train --resume dir` under `mpirun -np ranks`; it must succeed.
+fn resume(ranks: usize, dir: &Path) {
+    let args = [BIN, "train", "--resume", dir.to_str().unwrap()].map(String::from).to_vec();
+    let out = mpirun(&ranks_of(ranks, args));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -168,15 +190,7 @@ fn stopped_mid_epoch_and_resumed_with_another_number_of_ranks_ends_as_uninterrup
     assert!(!dir.join("model.safetensors").exists(), "stopped mid-epoch");
     let tag = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
     assert_eq!(tag.trim(), "epoch-0000-batch-00004");
-    let out = mpirun(&[
-        "-np".into(),
-        "3".into(),
-        BIN.into(),
-        "train".into(),
-        "--resume".into(),
-        dir.to_str().unwrap().into(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    resume(3, &dir);
     let d = difference(&root.path().join("straight"), &dir);
     assert!(d < TOLERANCE, "{d}");
 }
@@ -186,13 +200,9 @@ fn a_config_that_differs_between_ranks_is_refused_before_any_step() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("r");
     let rank = |seed: u32| -> Vec<String> {
-        let mut args: Vec<String> =
-            vec!["-np".into(), "1".into(), BIN.into(), "train".into(), "--preset".into()];
-        args.push("quick".into());
-        args.extend(set_args(&sets("nin-thin-nobn", 1, 2)));
-        args.extend(["--set".into(), format!("seed={seed}"), "--run-dir".into()]);
-        args.push(dir.to_str().unwrap().into());
-        args
+        let mut sets = sets("nin-thin-nobn", 1, 2);
+        sets.push(format!("seed={seed}"));
+        ranks_of(1, train_args(&sets, &dir, &[]))
     };
     let out = mpirun(&[rank(1), vec![":".into()], rank(2)].concat());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -213,14 +223,11 @@ fn a_rank_that_fails_alone_ends_every_rank_with_its_message() {
     std::fs::create_dir_all(&there).unwrap();
     std::fs::copy(trained.join("model.safetensors"), here.join("start.safetensors")).unwrap();
     let dir = root.path().join("r");
+    let mut start = sets_.clone();
+    start.push("pretrained=start.safetensors".into());
     let rank = |wdir: &Path| -> Vec<String> {
-        let mut args: Vec<String> = vec!["-np".into(), "1".into(), "-wdir".into()];
-        args.push(wdir.to_str().unwrap().into());
-        args.extend([BIN.into(), "train".into(), "--preset".into(), "quick".into()]);
-        args.extend(set_args(&sets_));
-        args.extend(["--set".into(), "pretrained=start.safetensors".into()]);
-        args.extend(["--run-dir".into(), dir.to_str().unwrap().into()]);
-        args
+        let wdir = vec!["-wdir".to_owned(), wdir.to_str().unwrap().into()];
+        ranks_of(1, [wdir, train_args(&start, &dir, &[])].concat())
     };
     let started = std::time::Instant::now();
     let out = mpirun(&[rank(&here), vec![":".into()], rank(&there)].concat());
@@ -240,16 +247,7 @@ fn interrupted_through_mpirun_and_resumed_ends_exactly_as_uninterrupted() {
     let root = tempfile::tempdir().unwrap();
     let sets = sets("nin-thin-nobn", 2, 24);
     let dir = root.path().join("r");
-    let mut args: Vec<String> = ["--oversubscribe", "--bind-to", "none", "-np", "2", BIN, "train"]
-        .map(String::from)
-        .to_vec();
-    args.extend(["--preset".into(), "quick".into()]);
-    args.extend(set_args(&sets));
-    args.extend(["--run-dir".into(), dir.to_str().unwrap().into()]);
-    let child = Command::new("mpirun")
-        .args(&args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    let child = mpirun_command(&ranks_of(2, train_args(&sets, &dir, &[])))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -260,8 +258,8 @@ fn interrupted_through_mpirun_and_resumed_ends_exactly_as_uninterrupted() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    // SAFETY: kill(2) with a child's pid and a signal number.
-    unsafe { libc_kill(child.id() as i32, 2) };
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!dir.join("model.safetensors").exists(), "stopped before the end: {stderr}");
@@ -269,22 +267,9 @@ fn interrupted_through_mpirun_and_resumed_ends_exactly_as_uninterrupted() {
     // Almost always mid-epoch (the signal comes 1.5 s into epochs of seconds); at an epoch's
     // end the check below holds as well.
     assert!(tag.starts_with("epoch-000"), "{tag} {stderr}");
-    let out = mpirun(&[
-        "-np".into(),
-        "2".into(),
-        BIN.into(),
-        "train".into(),
-        "--resume".into(),
-        dir.to_str().unwrap().into(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    resume(2, &dir);
     train(2, &sets, &root.path().join("straight"), &[]);
     assert_eq!(weights(&root.path().join("straight")), weights(&dir), "bit for bit");
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, signal: i32) -> i32;
 }
 
 /// A loss that is not finite stops every rank at the same read of the (global) metric sums,
@@ -295,12 +280,8 @@ fn a_nan_loss_stops_every_rank_with_the_reason() {
     let mut sets = sets("nin-thin-nobn", 1, 6);
     sets.push("optim.lr=1e12".into());
     let dir = root.path().join("r");
-    let mut args: Vec<String> =
-        ["-np", "2", BIN, "train", "--preset", "quick"].map(String::from).to_vec();
-    args.extend(set_args(&sets));
-    args.extend(["--run-dir".into(), dir.to_str().unwrap().into()]);
     let started = std::time::Instant::now();
-    let out = mpirun(&args);
+    let out = mpirun(&ranks_of(2, train_args(&sets, &dir, &[])));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("not finite"), "{stderr}");
