@@ -387,13 +387,25 @@ fn interrupt_on_signals() -> anyhow::Result<Interrupt> {
 }
 
 /// The options every training command runs with: stops on signals, the progress display, the
-/// second-order thread and `hf://` weights from the Hub.
-fn run_options(second_order: &SecondOrder) -> anyhow::Result<RunOptions> {
+/// second-order thread, `hf://` weights from the Hub, and the data-parallel job (whose rank 0
+/// says what it runs on, and whose other ranks show no progress).
+fn run_options(
+    second_order: &SecondOrder,
+    parallel: Option<train::Parallel>,
+) -> anyhow::Result<RunOptions> {
+    let observer: Arc<dyn train::Observer> = match &parallel {
+        Some(p) if !p.is_leader() => Arc::new(ranks::Quiet),
+        _ => Arc::new(progress::TrainingBar::default()),
+    };
+    if let Some(p) = parallel.as_ref().filter(|p| p.is_leader()) {
+        eprintln!("data-parallel: {}", p.world.describe());
+    }
     Ok(RunOptions {
         interrupt: interrupt_on_signals()?,
-        observer: Some(Arc::new(progress::TrainingBar::default())),
+        observer: Some(observer),
         second_order: Some(second_order.clone()),
         resolve_weights: Some(at_hub::resolver(progress::download_display)),
+        parallel,
         ..RunOptions::default()
     })
 }
@@ -432,20 +444,12 @@ fn run(
             let stop_after_epochs = stop_after_epochs.map(|n| n as usize);
             let stop_after_batches = stop_after_batches.map(|n| n as usize);
             let device = ranks::device_of(device, parallel.as_ref());
-            let mut options = RunOptions {
+            let options = RunOptions {
                 device,
                 stop_after_epochs,
                 stop_after_batches,
-                ..run_options(&second_order)?
+                ..run_options(&second_order, parallel)?
             };
-            if let Some(p) = &parallel {
-                if p.is_leader() {
-                    eprintln!("data-parallel: {}", p.world.describe());
-                } else {
-                    options.observer = Some(Arc::new(ranks::Quiet));
-                }
-            }
-            options.parallel = parallel;
             let result = match (resume, run_dir) {
                 (Some(dir), _) => train::resume(&dir, &options)?,
                 (None, Some(dir)) => train::train(
@@ -720,8 +724,6 @@ fn publish(
     Ok(())
 }
 
-/// `at-train repro`: plans, trains and reports the tables `what` names; the reports go into
-/// `report_dir`.
 /// How `repro` runs: a dry run or not, the second-order thread, the data-parallel job.
 struct How {
     dry_run: bool,
@@ -729,6 +731,8 @@ struct How {
     parallel: Option<train::Parallel>,
 }
 
+/// `at-train repro`: plans, trains and reports the tables `what` names; the reports go into
+/// `report_dir`.
 fn repro(
     what: What,
     table: Option<Table>,
@@ -753,18 +757,7 @@ fn repro(
     };
     let trains = !dry_run && matches!(what, What::Table(_) | What::All);
     let run_options = match trains {
-        true => {
-            let mut o = run_options(&second_order)?;
-            if let Some(p) = &parallel {
-                if p.is_leader() {
-                    eprintln!("data-parallel, every run: {}", p.world.describe());
-                } else {
-                    o.observer = Some(Arc::new(ranks::Quiet));
-                }
-            }
-            o.parallel = parallel.clone();
-            Some(o)
-        }
+        true => Some(run_options(&second_order, parallel.clone())?),
         false => None,
     };
     // One timer for every table of a dry run, so that each step is measured once.
