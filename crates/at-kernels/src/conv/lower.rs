@@ -689,13 +689,10 @@ pub(crate) fn weight_grad_same3x3<T: Element>(
         },
     );
     // total[o][c][ki][kj] from acc[ki][(c, kj)][o]
-    (0..d.o * d.c * 9)
-        .map(|i| {
-            let (oc, ki, kj) = (i / 9, i / 3 % 3, i % 3);
-            let (oo, cc) = (oc / d.c, oc % d.c);
-            acc[(ki * k3 + cc * 3 + kj) * d.o + oo]
-        })
-        .collect()
+    per_output_channel(d.o, d.c * 9, |oo, i| {
+        let (cc, ki, kj) = (i / 9, i / 3 % 3, i % 3);
+        acc[(ki * k3 + cc * 3 + kj) * d.o + oo]
+    })
 }
 
 /// Whether [`weight_grad_pixels`] takes this convolution: 3x3 with padding 1 or 1x1 without,
@@ -704,14 +701,29 @@ pub(super) fn pixel_weight_grad(d: &Dims) -> bool {
     d.kh == d.kw && d.kh == 2 * d.pad + 1 && d.pad <= 1
 }
 
+/// Output pixels per image below which [`weight_grad_pixels`] splits the output's rows among
+/// the threads and runs each row's sum over the whole batch in one GEMM, instead of one GEMM
+/// per image into a per-thread accumulator: with few pixels per image the inner dimension of
+/// each image's GEMM is short and the accumulator (`kh x o x kw c`, megabytes at 512 channels)
+/// is read and written once per image. Measured at 224 px, batch 8 (`conv_bench resnet`):
+/// ResNet's 7x7 layers (49 pixels) 21 -> 15.5 ms this way, its 14x14 ones (196) 10.5 -> 11.5,
+/// so only the former.
+const ROWS_OVER_BATCH_PIXELS: usize = 100;
+
 /// The weight gradient on the gather GEMM (f32 on AVX-512), per kernel row `ki`:
 /// `dW_ki[o][(kj, c)] = sum over output pixels j of dy[o][j] x_pix[run(ki, j)][(kj, c)]`, where
 /// `x_pix` is `map(x)` stored pixel by pixel ([`gather::to_pixels`]) on a grid of `w + 1`
 /// columns with a zero row above and below: the last column is zero, so the `kw` pixels that
 /// kernel row `ki` reads for output pixel `j` are one contiguous run of `kw * c` values (the
 /// pixel left of column 0 is the zero column of the row above, the pixel right of column
-/// `w - 1` this row's). The output gradient is the left operand as it is (rows of `p`); no
-/// shifted copies, no im2col.
+/// `w - 1` this row's). The output gradient is the left operand (rows of `p` values per image);
+/// no shifted copies, no im2col.
+///
+/// Large images: one GEMM per image into a per-thread accumulator (chunks of images summed in
+/// order, [`sum_over_images`]). Small ones ([`ROWS_OVER_BATCH_PIXELS`]): every image's grid
+/// first, then each thread takes a band of output rows and sums over the whole batch (its rows
+/// of the output gradient copied side by side, image after image). Either way the sum over the
+/// batch is in a fixed order.
 pub(super) fn weight_grad_pixels<T: Element>(
     d: &Dims,
     x: &[T],
@@ -739,41 +751,96 @@ pub(super) fn weight_grad_pixels<T: Element>(
         .collect();
     // The identity map reads the image itself; others map it into a copy first.
     let copy = if map.is_identity() { 0 } else { image };
-    let acc = sum_over_images(
-        d.n,
-        kh * d.o * c3,
-        || (vec![T::default(); copy], vec![0f32; pixels * d.c]),
-        |(mapped, x_pix), acc, n| {
-            let x = &x[n * image..(n + 1) * image];
-            let planes = if map.is_identity() {
-                x
-            } else {
-                for (ch, (src, dst)) in
-                    x.chunks_exact(hw).zip(mapped.chunks_exact_mut(hw)).enumerate()
-                {
-                    map.copy(ch, src, dst);
-                }
-                &mapped[..]
-            };
-            let mapped = T::as_f32(planes).expect("f32");
-            // Image pixel (y, x) at grid pixel (y + 1, x).
-            gather::to_pixels(mapped, (d.c, d.h, d.w), (1 + stride, stride), x_pix);
-            let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
-            let acc = T::as_f32_mut(acc).expect("f32");
-            for (ki, rows) in rows.iter().enumerate() {
-                let acc = &mut acc[ki * d.o * c3..(ki + 1) * d.o * c3];
-                gather::gather_gemm_add((dy, p, d.o), (x_pix, rows), c3, (acc, c3));
+    // Image `n`'s grid (the rest of `x_pix` is left as it is: zero).
+    let grid = |mapped: &mut Vec<T>, n: usize, x_pix: &mut [f32]| {
+        let x = &x[n * image..(n + 1) * image];
+        let planes = if map.is_identity() {
+            x
+        } else {
+            for (ch, (src, dst)) in x.chunks_exact(hw).zip(mapped.chunks_exact_mut(hw)).enumerate()
+            {
+                map.copy(ch, src, dst);
             }
-        },
-    );
-    // total[o][c][ki][kj] from acc[ki][o][(kj, c)]
-    (0..d.o * d.c * kh * kw)
-        .map(|i| {
-            let (oc, ki, kj) = (i / (kh * kw), i / kw % kh, i % kw);
-            let (oo, cc) = (oc / d.c, oc % d.c);
-            acc[((ki * d.o + oo) * kw + kj) * d.c + cc]
-        })
-        .collect()
+            &mapped[..]
+        };
+        let mapped = T::as_f32(planes).expect("f32");
+        // Image pixel (y, x) at grid pixel (y + 1, x).
+        gather::to_pixels(mapped, (d.c, d.h, d.w), (1 + stride, stride), x_pix);
+    };
+    // acc[o][ki][(kj, c)] (by rows over the batch) or acc[ki][o][(kj, c)] (by images).
+    let (acc, row_major) = if p < ROWS_OVER_BATCH_PIXELS {
+        let grids = crate::par_chunks_zeroed(
+            d.n * pixels * d.c,
+            pixels * d.c,
+            || vec![T::default(); copy],
+            grid,
+        );
+        // Image `n`'s runs are its grid's, `n` grids further.
+        let rows: Vec<Vec<usize>> = rows
+            .iter()
+            .map(|rows| {
+                (0..d.n).flat_map(|n| rows.iter().map(move |r| n * pixels * d.c + r)).collect()
+            })
+            .collect();
+        let band = d.o.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(6).min(d.o);
+        let acc = crate::par_chunks_zeroed(
+            d.o * kh * c3,
+            band * kh * c3,
+            Vec::new,
+            |left: &mut Vec<f32>, b, acc: &mut [T]| {
+                let (o0, m) = (b * band, acc.len() / (kh * c3));
+                let acc = T::as_f32_mut(acc).expect("f32");
+                // This band's rows of the output gradient, image after image: `m x n p`.
+                left.clear();
+                for o in o0..o0 + m {
+                    left.extend((0..d.n).flat_map(|n| &dy[(n * d.o + o) * p..][..p]));
+                }
+                for (ki, rows) in rows.iter().enumerate() {
+                    let acc = &mut acc[ki * c3..];
+                    gather::gather_gemm_add((left, d.n * p, m), (&grids, rows), c3, (acc, kh * c3));
+                }
+            },
+        );
+        (acc, true)
+    } else {
+        let acc = sum_over_images(
+            d.n,
+            kh * d.o * c3,
+            || (vec![T::default(); copy], vec![0f32; pixels * d.c]),
+            |(mapped, x_pix), acc, n| {
+                grid(mapped, n, x_pix);
+                let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
+                let acc = T::as_f32_mut(acc).expect("f32");
+                for (ki, rows) in rows.iter().enumerate() {
+                    let acc = &mut acc[ki * d.o * c3..(ki + 1) * d.o * c3];
+                    gather::gather_gemm_add((dy, p, d.o), (x_pix, rows), c3, (acc, c3));
+                }
+            },
+        );
+        (acc, false)
+    };
+    // total[o][c][ki][kj] from acc
+    per_output_channel(d.o, d.c * kh * kw, |oo, i| {
+        let (cc, ki, kj) = (i / (kh * kw), i / kw % kh, i % kw);
+        let row = if row_major { oo * kh + ki } else { ki * d.o + oo };
+        acc[row * c3 + kj * d.c + cc]
+    })
+}
+
+/// A weight gradient (`o x rest`) from an accumulator in another order: `value(o, i)` is
+/// element `i` of output channel `o`'s row. One channel per chunk on rayon's threads: the
+/// permutation reads its source with a stride, which on one thread took as long as the GEMM
+/// for ResNet's 512-channel layers.
+fn per_output_channel<T: Element>(
+    o: usize,
+    rest: usize,
+    value: impl Fn(usize, usize) -> T + Sync,
+) -> Vec<T> {
+    let row = |_: &mut (), oo: usize, out: &mut [MaybeUninit<T>]| {
+        crate::write_each(out, |i| value(oo, i))
+    };
+    // SAFETY: `write_each` initialises every element of each chunk.
+    unsafe { crate::par_chunks_uninit(o * rest, rest, || (), row) }
 }
 
 pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
@@ -833,7 +900,7 @@ pub(crate) fn weight_grad<T: Element>(d: &Dims, x: &[T], dy: &[T]) -> Vec<T> {
         },
     );
     // total[o][j] from acc[j][o]
-    (0..d.o * k).map(|i| acc[i % k * d.o + i / k]).collect()
+    per_output_channel(d.o, k, |oo, j| acc[j * d.o + oo])
 }
 
 /// The sum over the batch of what `image(scratch, acc, n)` adds into `acc` (`len` values) for

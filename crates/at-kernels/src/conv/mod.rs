@@ -279,8 +279,11 @@ mod tests {
     }
 
     /// Convolution geometries with ragged channel counts, a non-square image, "same" 3x3
-    /// convolutions and the im2col path (stride 2, 1x1 projections).
-    const GEOMETRIES: [Geometry; 8] = [
+    /// convolutions and the im2col path (stride 2, 1x1 projections); then ResNet's at 224 px
+    /// with fewer channels: the 7x7/2 stem, a 14x14 layer (weight gradient image by image), 7x7
+    /// outputs (weight gradient by bands of output channels over the batch, 13 channels in
+    /// bands of 6, 6 and 1) and a 1x1/2 projection.
+    const GEOMETRIES: [Geometry; 13] = [
         ((3, 5, 9, 7), (7, 5, 3, 3), 1, 1),
         ((2, 16, 8, 8), (32, 16, 3, 3), 1, 1),
         ((2, 32, 4, 16), (16, 32, 3, 3), 1, 1),
@@ -289,6 +292,11 @@ mod tests {
         ((2, 16, 8, 8), (32, 16, 3, 3), 2, 1),
         ((2, 16, 8, 8), (32, 16, 1, 1), 2, 0),
         ((2, 16, 8, 8), (32, 16, 1, 1), 1, 0),
+        ((2, 3, 32, 32), (8, 3, 7, 7), 2, 3),
+        ((2, 16, 14, 14), (16, 16, 3, 3), 1, 1),
+        ((3, 24, 7, 7), (13, 24, 3, 3), 1, 1),
+        ((5, 32, 14, 14), (64, 32, 3, 3), 2, 1),
+        ((3, 16, 28, 28), (32, 16, 1, 1), 2, 0),
     ];
 
     type Geometry = ((usize, usize, usize, usize), (usize, usize, usize, usize), usize, usize);
