@@ -26,6 +26,7 @@ mod gather;
 pub mod norm;
 pub mod pool;
 pub mod second_order;
+pub mod sgd;
 
 use std::mem::MaybeUninit;
 
@@ -42,6 +43,7 @@ pub use block::{
 pub use conv::{conv2d, conv2d_device, conv2d_input_grad, conv2d_weight_grad};
 pub use norm::{BatchStats, batch_norm_eval, batch_norm_train, batch_norm_train_with};
 pub use pool::max_pool2d;
+pub use sgd::{SgdStep, sgd_step_in_place};
 
 /// The elements of a contiguous operand; `what` names it in the error otherwise.
 pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {

@@ -83,18 +83,25 @@ impl Sgd {
         if grads.len() != self.params.len() {
             candle_core::bail!("{} gradients for {} parameters", grads.len(), self.params.len())
         }
+        let step = at_kernels::SgdStep { lr, momentum, nesterov, weight_decay };
         for ((name, var), grad) in self.params.iter().zip(grads) {
             let Some(grad) = grad else { continue };
+            if momentum != 0.0 && !self.momentum.contains_key(name) {
+                // `buf = d` at the first step, as `momentum * 0 + d`.
+                self.momentum.insert(name.clone(), var.as_tensor().zeros_like()?);
+            }
+            let buf = self.momentum.get(name);
+            // In place on the CPU (the same values to the bit), tensor ops elsewhere.
+            if at_kernels::sgd_step_in_place(var.as_tensor(), grad, buf, step)? {
+                continue;
+            }
             let p = var.as_tensor().detach();
             let mut d = grad.detach();
             if weight_decay != 0.0 {
                 d = (d + (&p * weight_decay)?)?;
             }
-            if momentum != 0.0 {
-                let buf = match self.momentum.get(name) {
-                    Some(buf) => ((buf * momentum)? + &d)?,
-                    None => d.copy()?,
-                };
+            if let Some(buf) = buf {
+                let buf = ((buf * momentum)? + &d)?;
                 d = if nesterov { (d + (&buf * momentum)?)? } else { buf.clone() };
                 self.momentum.insert(name.clone(), buf);
             }
