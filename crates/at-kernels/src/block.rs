@@ -123,7 +123,7 @@ fn conv_dims(o: &Offsets, stride: usize, (n, h, w): (usize, usize, usize)) -> Re
 
 /// `relu(x * scale + shift)` per channel: a batch norm and ReLU applied as a convolution's
 /// input map.
-struct AffineRelu(Vec<(f32, f32)>);
+pub(crate) struct AffineRelu(pub(crate) Vec<(f32, f32)>);
 
 impl conv::InputMap<f32> for AffineRelu {
     fn copy(&self, channel: usize, src: &[f32], dst: &mut [f32]) {
@@ -139,7 +139,7 @@ impl conv::InputMap<f32> for AffineRelu {
 /// image's planes right after the GEMM, otherwise in a pass of their own; the numbers are the
 /// same either way.
 /// `map`: how conv0 reads its input (`relu(bn0(x))` from `x` itself, or the stored `o1` as is).
-fn conv0_with_stats(
+pub(crate) fn conv0_with_stats(
     d: &Dims,
     x: &[f32],
     w: &[f32],
@@ -165,7 +165,7 @@ fn conv0_with_stats(
 /// The first backward pass of a batch norm + ReLU (`norm::plane_grad_sums` of every plane),
 /// taken image by image in a convolution's input-gradient epilogue, while the gradient is in
 /// cache; `x` is the batch norm's input.
-struct PlaneSums<'a> {
+pub(crate) struct PlaneSums<'a> {
     x: &'a [f32],
     coefficients: &'a [(f32, f32)],
     stats: &'a BatchStats,
@@ -175,7 +175,7 @@ struct PlaneSums<'a> {
 }
 
 impl<'a> PlaneSums<'a> {
-    fn new(
+    pub(crate) fn new(
         x: &'a [f32],
         coefficients: &'a [(f32, f32)],
         stats: &'a BatchStats,
@@ -192,7 +192,7 @@ impl<'a> PlaneSums<'a> {
     }
 
     /// Takes the sums of image `image`, whose gradient is `g` (`c x h * w`).
-    fn take(&self, image: usize, g: &[f32]) {
+    pub(crate) fn take(&self, image: usize, g: &[f32]) {
         let (c, hw) = self.dims;
         let x = &self.x[image * c * hw..(image + 1) * c * hw];
         let planes: Vec<(f64, f64)> = (0..c)
@@ -207,13 +207,13 @@ impl<'a> PlaneSums<'a> {
     }
 
     /// The sums of every plane, `[image * c + channel]`.
-    fn into_sums(self) -> Vec<(f64, f64)> {
+    pub(crate) fn into_sums(self) -> Vec<(f64, f64)> {
         self.sums.into_inner().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// `dst += src`, in parallel.
-fn add_into(dst: &mut [f32], src: &[f32]) {
+pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
     const CHUNK: usize = 1 << 14;
     dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
         for (d, s) in d.iter_mut().zip(s) {
@@ -222,7 +222,11 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
     });
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         bail!("the residual-block kernel takes f32, got {:?} for {what}", storage.dtype())
     };

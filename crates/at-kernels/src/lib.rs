@@ -9,7 +9,9 @@
 //! [`preact_blocks_train`] makes pre-activation residual blocks (a WRN group) one op, so that
 //! candle's backward pass accumulates one gradient per group instead of six per block (see
 //! [`block`]); [`preact_block_eval`] is the evaluation-mode block, forward only
-//! ([`preact_block_eval_map`] with its output's attention map). [`at_distance`] fuses the
+//! ([`preact_block_eval_map`] with its output's attention map). [`basic_blocks_train`] does the
+//! same for a layer of a ResNet's post-activation basic blocks (see [`basic_block`]).
+//! [`at_distance`] fuses the
 //! attention maps' normalisation and distance; [`channel_power_deferred`] makes an attention map
 //! whose gradient the op consuming its activation adds in its own backward pass (see
 //! [`attention`]). Other devices and dtypes go to candle's own ops.
@@ -20,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub mod attention;
+pub mod basic_block;
 pub mod block;
 pub mod conv;
 mod gather;
@@ -36,6 +39,7 @@ use rayon::prelude::*;
 pub use attention::{
     AT_OPS_KERNELS, MapGradient, at_distance, channel_power, channel_power_deferred,
 };
+pub use basic_block::{BasicBlock, BasicBlockStats, basic_blocks_train};
 pub use block::{
     PreactBlock, preact_block_eval, preact_block_eval_map, preact_block_train, preact_blocks_train,
     preact_blocks_train_with,

@@ -151,6 +151,23 @@ fn fused_block_declines_on_a_second_order_thread() {
     assert!(at_kernels::preact_block_train(&x, &block).unwrap().is_none());
 }
 
+fn fused_basic_blocks_decline_on_a_second_order_thread() {
+    let t = |shape: &[usize], seed| values(shape, seed).to_dtype(DType::F32).unwrap();
+    let (x, g, b) = (t(&[2, 3, 4, 4], 1), t(&[3], 2), t(&[3], 3));
+    let w = t(&[3, 3, 3, 3], 4);
+    let block = at_kernels::BasicBlock {
+        conv1: &w,
+        bn1: (&g, &b),
+        conv2: &w,
+        bn2: (&g, &b),
+        downsample: None,
+        stride: 1,
+        eps: 1e-5,
+    };
+    // Their backward builds no graph: the caller must build the blocks from separate ops here.
+    assert!(at_kernels::basic_blocks_train(&x, &[block]).unwrap().is_none());
+}
+
 fn main() -> std::process::ExitCode {
     at_kernels::second_order::run_tests(&[
         ("second_order_gradients_match_candle_stride_one", |so| {
@@ -167,6 +184,9 @@ fn main() -> std::process::ExitCode {
         }),
         ("fused_block_declines_on_a_second_order_thread", |so| {
             so.run(fused_block_declines_on_a_second_order_thread)
+        }),
+        ("fused_basic_blocks_decline_on_a_second_order_thread", |so| {
+            so.run(fused_basic_blocks_decline_on_a_second_order_thread)
         }),
     ])
 }

@@ -11,7 +11,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::nn::{
-    Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool, max_pool2d_on,
+    BN_EPS, Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool,
+    max_pool2d_on,
 };
 use crate::{AttentionModel, Output};
 
@@ -96,6 +97,34 @@ impl BasicBlock {
         })
     }
 
+    /// The block as at-kernels' training-mode kernel takes it, `None` where it does not apply
+    /// (evaluation, frozen batch norms, convolutions with a bias or off at-kernels).
+    fn fused(&self, train: bool) -> Option<at_kernels::BasicBlock<'_>> {
+        let downsample = match &self.downsample {
+            Some((conv, bn)) => Some((conv.plain_weight(0)?, bn.batch_affine(train)?)),
+            None => None,
+        };
+        Some(at_kernels::BasicBlock {
+            conv1: self.conv1.plain_weight(1)?,
+            bn1: self.bn1.batch_affine(train)?,
+            conv2: self.conv2.plain_weight(1)?,
+            bn2: self.bn2.batch_affine(train)?,
+            downsample,
+            stride: self.conv1.stride(),
+            eps: BN_EPS,
+        })
+    }
+
+    /// Updates the running statistics from the kernel's batch statistics.
+    fn update_running_from(&self, stats: &at_kernels::BasicBlockStats) -> Result<()> {
+        self.bn1.update_running_from(&stats.bn1)?;
+        self.bn2.update_running_from(&stats.bn2)?;
+        if let (Some((_, bn)), Some(stats)) = (&self.downsample, &stats.downsample) {
+            bn.update_running_from(stats)?;
+        }
+        Ok(())
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
@@ -105,6 +134,23 @@ impl BasicBlock {
         };
         (y + shortcut)?.relu()
     }
+}
+
+/// A layer's blocks in training mode as one at-kernels op (`at_kernels::basic_blocks_train`:
+/// one candle graph edge for the layer instead of about ten per block), their running
+/// statistics updated; `None` where the kernel does not apply.
+fn fused_layer(blocks: &[BasicBlock], x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+    if !train {
+        return Ok(None);
+    }
+    let Some(fused) = blocks.iter().map(|b| b.fused(train)).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    let Some((y, stats)) = at_kernels::basic_blocks_train(x, &fused)? else { return Ok(None) };
+    for (block, stats) in blocks.iter().zip(&stats) {
+        block.update_running_from(stats)?;
+    }
+    Ok(Some(y))
 }
 
 /// A ResNet with basic blocks; see the module documentation.
@@ -166,9 +212,10 @@ impl AttentionModel for ResNet {
         let mut groups = Vec::with_capacity(4);
         for (l, blocks) in self.layers.iter().enumerate() {
             let layer_train = if l == 0 { first_train } else { train };
-            for block in blocks {
-                o = block.forward_t(&o, layer_train)?;
-            }
+            o = match fused_layer(blocks, &o, layer_train)? {
+                Some(y) => y,
+                None => blocks.iter().try_fold(o, |o, block| block.forward_t(&o, layer_train))?,
+            };
             if l == 0 && self.freeze_first_group {
                 o = o.detach();
             }

@@ -1,0 +1,176 @@
+//! The fused layer of ResNet basic blocks against the same blocks built from separate ops
+//! (`conv2d`, `batch_norm_train`, candle's addition and ReLU, each tested against candle's own
+//! ops elsewhere): output, batch statistics, and the gradients of the input and of every weight
+//! (f32), on the layer shapes of a ResNet (a strided first block with a projection, then
+//! identity blocks) and on small and oblong images; and its refusals. (It declines on a
+//! second-order thread: tests/second_order.rs.)
+
+use at_kernels::{BasicBlock, BasicBlockStats, basic_blocks_train, batch_norm_train, conv2d};
+use candle_core::{Device, Result, Tensor, Var};
+
+fn values(shape: &[usize], seed: f64, scale: f64) -> Var {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (((i as f64 + 1.0) * (seed + 0.618)).sin() * scale + 0.1 * scale) as f32)
+        .collect();
+    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+/// One block from separate ops: `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)`.
+fn composite(x: &Tensor, b: &BasicBlock) -> Result<(Tensor, BasicBlockStats)> {
+    let z1 = conv2d(x, b.conv1, b.stride, 1)?;
+    let (y1, bn1) = batch_norm_train(&z1, b.bn1.0, b.bn1.1, b.eps, true)?.expect("kernel");
+    let z2 = conv2d(&y1, b.conv2, 1, 1)?;
+    let (y2, bn2) = batch_norm_train(&z2, b.bn2.0, b.bn2.1, b.eps, false)?.expect("kernel");
+    let (shortcut, downsample) = match b.downsample {
+        Some((w, (gamma, beta))) => {
+            let zd = conv2d(x, w, b.stride, 0)?;
+            let (s, stats) = batch_norm_train(&zd, gamma, beta, b.eps, false)?.expect("kernel");
+            (s, Some(stats))
+        }
+        None => (x.clone(), None),
+    };
+    Ok(((y2 + shortcut)?.relu()?, BasicBlockStats { bn1, bn2, downsample }))
+}
+
+fn max_rel(what: &str, a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30)
+}
+
+/// A layer of `count` blocks from `c_in` to `c_out` channels, the first with `stride` (and a
+/// projection where the shape changes), on a batch of `n` images of `h x w`: fused against
+/// separate ops.
+fn check_layer(
+    n: usize,
+    (c_in, c_out): (usize, usize),
+    stride: usize,
+    count: usize,
+    (h, w): (usize, usize),
+) {
+    let tag = format!("{count} blocks {c_in}->{c_out}, stride {stride}, {n}x{h}x{w}");
+    let x = values(&[n, c_in, h, w], 1.0, 1.0);
+    let mut vars = vec![];
+    for i in 0..count {
+        let c = if i == 0 { c_in } else { c_out };
+        let s = 10.0 * (i + 1) as f64;
+        vars.push([
+            values(&[c_out, c, 3, 3], s + 1.0, 0.3),
+            values(&[c_out], s + 2.0, 0.5),
+            values(&[c_out], s + 3.0, 0.2),
+            values(&[c_out, c_out, 3, 3], s + 4.0, 0.3),
+            values(&[c_out], s + 5.0, 0.5),
+            values(&[c_out], s + 6.0, 0.2),
+            values(&[c_out, c, 1, 1], s + 7.0, 0.3),
+            values(&[c_out], s + 8.0, 0.5),
+            values(&[c_out], s + 9.0, 0.2),
+        ]);
+    }
+    let projection = |i: usize| i == 0 && (stride != 1 || c_in != c_out);
+    let blocks: Vec<BasicBlock> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| BasicBlock {
+            conv1: v[0].as_tensor(),
+            bn1: (v[1].as_tensor(), v[2].as_tensor()),
+            conv2: v[3].as_tensor(),
+            bn2: (v[4].as_tensor(), v[5].as_tensor()),
+            downsample: projection(i)
+                .then(|| (v[6].as_tensor(), (v[7].as_tensor(), v[8].as_tensor()))),
+            stride: if i == 0 { stride } else { 1 },
+            eps: 1e-5,
+        })
+        .collect();
+    let (ours, ours_stats) = basic_blocks_train(x.as_tensor(), &blocks).unwrap().expect("fused");
+    let mut theirs = x.as_tensor().clone();
+    let mut their_stats = vec![];
+    for block in &blocks {
+        let (y, stats) = composite(&theirs, block).unwrap();
+        theirs = y;
+        their_stats.push(stats);
+    }
+    assert!(max_rel(&format!("{tag}: output"), &ours, &theirs) < 1e-5, "{tag}: output");
+    assert_eq!(ours_stats, their_stats, "{tag}: batch statistics of every block");
+    // Gradients of sum(out * r) for a fixed r.
+    let r = values(theirs.dims(), 99.0, 1.0);
+    let grads_ours = (ours * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads_theirs = (theirs * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut checked = 0;
+    for (k, var) in std::iter::once(&x).chain(vars.iter().flatten()).enumerate() {
+        match (grads_ours.get(var), grads_theirs.get(var)) {
+            (Some(a), Some(b)) => {
+                let err = max_rel(&tag, a, b);
+                assert!(err < 1e-4, "{tag}: gradient {k} differs by {err}");
+                checked += 1;
+            }
+            (None, None) => {}
+            _ => panic!("{tag}: gradient {k} exists on one side only"),
+        }
+    }
+    let projections = (0..count).filter(|&i| projection(i)).count();
+    assert_eq!(checked, 1 + 6 * count + 3 * projections, "{tag}: the input and every used weight");
+}
+
+#[test]
+fn fused_layer_with_identity_blocks_matches_separate_ops() {
+    check_layer(3, (8, 8), 1, 2, (8, 8));
+}
+
+#[test]
+fn fused_layer_opening_with_a_strided_projection_matches_separate_ops() {
+    // As ResNet's layers 2 to 4: 14x14 -> 7x7 (the weight gradient by bands over the batch).
+    check_layer(2, (16, 32), 2, 2, (14, 14));
+    check_layer(3, (6, 13), 2, 3, (9, 7));
+    // A projection without a stride (a width change only).
+    check_layer(2, (4, 6), 1, 1, (6, 6));
+}
+
+#[test]
+fn fused_layer_matches_separate_ops_on_tiny_and_oblong_images() {
+    check_layer(2, (3, 3), 1, 1, (1, 1));
+    check_layer(2, (2, 4), 2, 2, (2, 2));
+    check_layer(3, (3, 3), 1, 2, (5, 2));
+}
+
+#[test]
+fn fused_layer_refuses_blocks_that_do_not_chain_or_lack_a_projection() {
+    let x = values(&[1, 4, 4, 4], 1.0, 1.0);
+    let (g, b) = (values(&[4], 2.0, 1.0), values(&[4], 3.0, 1.0));
+    let w = values(&[4, 4, 3, 3], 4.0, 1.0);
+    let block = BasicBlock {
+        conv1: w.as_tensor(),
+        bn1: (g.as_tensor(), b.as_tensor()),
+        conv2: w.as_tensor(),
+        bn2: (g.as_tensor(), b.as_tensor()),
+        downsample: None,
+        stride: 2,
+        eps: 1e-5,
+    };
+    let err = basic_blocks_train(x.as_tensor(), &[block]).unwrap_err().to_string();
+    assert!(err.contains("needs a projection"), "{err}");
+    let w6 = values(&[6, 4, 3, 3], 5.0, 1.0);
+    let wide = BasicBlock { conv1: w6.as_tensor(), stride: 1, ..block };
+    let err = basic_blocks_train(x.as_tensor(), &[wide]).unwrap_err().to_string();
+    assert!(err.contains("3x3 convolutions"), "{err}");
+    let err = basic_blocks_train(x.as_tensor(), &[]).unwrap_err().to_string();
+    assert!(err.contains("at least one block"), "{err}");
+}
+
+#[test]
+fn fused_layer_leaves_f64_to_separate_ops() {
+    let x = values(&[1, 4, 4, 4], 1.0, 1.0);
+    let (g, b) = (values(&[4], 2.0, 1.0), values(&[4], 3.0, 1.0));
+    let w = values(&[4, 4, 3, 3], 4.0, 1.0);
+    let block = BasicBlock {
+        conv1: w.as_tensor(),
+        bn1: (g.as_tensor(), b.as_tensor()),
+        conv2: w.as_tensor(),
+        bn2: (g.as_tensor(), b.as_tensor()),
+        downsample: None,
+        stride: 1,
+        eps: 1e-5,
+    };
+    let x64 = x.as_tensor().to_dtype(candle_core::DType::F64).unwrap();
+    assert!(basic_blocks_train(&x64, &[block]).unwrap().is_none(), "f64 is left to separate ops");
+}
