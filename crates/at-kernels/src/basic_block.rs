@@ -134,12 +134,15 @@ fn conv_with_stats(d: &Dims, x: &[f32], w: &[f32]) -> (Vec<f32>, BatchStats) {
     conv0_with_stats(d, x, w, &Plain)
 }
 
+/// The shortcut's values and, for a projection, its batch norm's per-channel `(scale, shift)`.
+type Shortcut<'a> = (&'a [f32], Option<&'a [(f32, f32)]>);
+
 /// `relu((z2 a2 + b2) + shortcut)` per plane, the shortcut `zd ad + bd` or `x`: the expressions
 /// of the batch-norm kernel and of candle's addition and ReLU, so the values are the same as
 /// the separate ops'.
 fn output(
     (z2, bn2): (&[f32], &[(f32, f32)]),
-    shortcut: (&[f32], Option<&[(f32, f32)]>),
+    shortcut: Shortcut,
     (c, p): (usize, usize),
 ) -> Vec<f32> {
     let plane = |_: &mut (), i: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
