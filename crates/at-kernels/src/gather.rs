@@ -109,10 +109,35 @@ pub(crate) fn gather_gemm_add(
 ) {
     let k = rows.len();
     assert!(m == 0 || k == 0 || (m - 1) * lda + k <= a.len(), "the left operand is too short");
-    let blocks = row_blocks(m);
+    let starts: Vec<usize> = (0..m).map(|i| i * lda).collect();
     // SAFETY: `run` writes only initialised values (and reads `c` only when accumulating).
     let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    run(Left::Rows { a, lda, blocks: &blocks }, m, (b, rows), n, (c, ldc), true);
+    gather_gemm_runs((a, &starts), (b, rows), n, (c, ldc), true);
+}
+
+/// `c (+)= a * b` where row `i` of the left operand is the `k = rows.len()` values at
+/// `a[starts[i]..]` (runs anywhere in `a`, in any order, overlapping or not), the rest as
+/// [`gather_gemm`]; `c` need not be initialised unless `accumulate`. A convolution on few pixels
+/// and many channels takes its input this way, pixel-major: row `i` is output pixel `i`'s run
+/// of input pixels, read where it lies in the image.
+///
+/// # Panics
+///
+/// As [`gather_gemm`], or where a run ends past `a`.
+pub(crate) fn gather_gemm_runs(
+    (a, starts): (&[f32], &[usize]),
+    (b, rows): (&[f32], &[usize]),
+    n: usize,
+    (c, ldc): (&mut [MaybeUninit<f32>], usize),
+    accumulate: bool,
+) {
+    let (m, k) = (starts.len(), rows.len());
+    assert!(
+        k == 0 || starts.iter().all(|&s| s + k <= a.len()),
+        "a run of the left operand is out of range"
+    );
+    let blocks = row_blocks(m);
+    run(Left::Runs { a, starts, blocks: &blocks }, m, (b, rows), n, (c, ldc), accumulate);
 }
 
 /// Where [`run`] finds the left operand.
@@ -120,8 +145,8 @@ pub(crate) fn gather_gemm_add(
 enum Left<'a> {
     /// Packed.
     Packed(&'a Lhs),
-    /// Row `i`, inner index `kk` at `a[i * lda + kk]`, rows in `blocks`.
-    Rows { a: &'a [f32], lda: usize, blocks: &'a [(usize, usize)] },
+    /// Row `i`, inner index `kk` at `a[starts[i] + kk]`, rows in `blocks`.
+    Runs { a: &'a [f32], starts: &'a [usize], blocks: &'a [(usize, usize)] },
 }
 
 /// `c (+)= a * b` over the inner indices `rows` covers; `c` must be initialised where
@@ -154,7 +179,7 @@ fn run(
     // SAFETY: AVX-512F is available (asserted); the asserts above keep every row of `b` read
     // (`rows[kk] + j`, `j < n`), every element of `c` written (`i * ldc + j`, `i < m`,
     // `j < n`) in range, and the callers keep the left operand's rows and inner indices in
-    // range (`a.k == k` values per packed row, or `(m - 1) * lda + k`).
+    // range (`a.k == k` values per packed row, or `starts[i] + k` for each row's run).
     unsafe {
         avx512::gemm(a, (b.as_ptr(), rows), n, (c.as_mut_ptr().cast::<f32>(), ldc), accumulate)
     }
@@ -197,7 +222,7 @@ pub(crate) fn to_pixels(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{KC, Left, NR};
+    use super::{KC, Left, MR, NR};
 
     /// # Safety
     ///
@@ -216,7 +241,7 @@ mod avx512 {
             let k = rows.len();
             let blocks = match a {
                 Left::Packed(lhs) => &lhs.blocks[..],
-                Left::Rows { blocks, .. } => blocks,
+                Left::Runs { blocks, .. } => blocks,
             };
             // Slices of equal length (288 = 144 + 144, not 256 + 32).
             let kc_even = k.div_ceil(k.div_ceil(KC));
@@ -229,17 +254,23 @@ mod avx512 {
                     let tail = cols - (cols - 1) / 16 * 16;
                     let mask: __mmask16 = if tail == 16 { 0xffff } else { (1 << tail) - 1 };
                     for &(first, live) in blocks {
-                        let (a, a_row, packed) = match a {
+                        let mut runs = [std::ptr::null(); MR];
+                        let (a, packed) = match a {
                             Left::Packed(lhs) => {
-                                (lhs.data.as_ptr().add(first * lhs.k + k0 * live), 1, true)
+                                (lhs.data.as_ptr().add(first * lhs.k + k0 * live), true)
                             }
-                            Left::Rows { a, lda, .. } => {
-                                (a.as_ptr().add(first * lda + k0), lda, false)
+                            Left::Runs { a, starts, .. } => {
+                                for (run, &start) in
+                                    runs.iter_mut().zip(&starts[first..first + live])
+                                {
+                                    *run = a.as_ptr().add(start + k0);
+                                }
+                                (a.as_ptr(), false)
                             }
                         };
                         let t = Tile {
                             a,
-                            a_row,
+                            runs,
                             packed,
                             b: b.add(j0),
                             rows,
@@ -339,10 +370,10 @@ mod avx512 {
 
     /// One `R x 16V` block of the output over one slice of the inner dimension.
     struct Tile<'a> {
-        /// The left block at this slice: packed, row `r` at inner step `kk` is `a[kk * R + r]`;
-        /// otherwise it is `a[r * a_row + kk]`.
+        /// The left block at this slice, packed: row `r` at inner step `kk` is `a[kk * R + r]`.
         a: *const f32,
-        a_row: usize,
+        /// Otherwise row `r` at inner step `kk` is `runs[r][kk]`.
+        runs: [*const f32; MR],
         packed: bool,
         /// The right operand at the tile's first column (rows at `rows[kk]` from here).
         b: *const f32,
@@ -390,18 +421,15 @@ mod avx512 {
                 let lanes = |v: usize| if v + 1 == V { self.mask } else { 0xffff };
                 let mut acc = [[_mm512_setzero_ps(); V]; R];
                 for (kk, &row) in self.rows.iter().enumerate() {
-                    // Packed: `R` values per step; rows: one value per step in each row.
-                    let (b, a) = if PACKED {
-                        (self.b.add(row), self.a.add(kk * R))
-                    } else {
-                        (self.b.add(row), self.a.add(kk))
-                    };
+                    let b = self.b.add(row);
                     let mut bv = [_mm512_setzero_ps(); V];
                     for (v, bv) in bv.iter_mut().enumerate() {
                         *bv = _mm512_maskz_loadu_ps(lanes(v), b.add(16 * v));
                     }
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let av = _mm512_set1_ps(*a.add(if PACKED { r } else { r * self.a_row }));
+                        // Packed: `R` values per step; runs: one value per step in each.
+                        let a = if PACKED { self.a.add(kk * R + r) } else { self.runs[r].add(kk) };
+                        let av = _mm512_set1_ps(*a);
                         for (acc, bv) in acc.iter_mut().zip(&bv) {
                             *acc = _mm512_fmadd_ps(av, *bv, *acc);
                         }

@@ -9,6 +9,7 @@ use candle_core::{Result, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::pixels;
 use crate::gather;
 
 /// A float type the kernels run in.
@@ -561,6 +562,9 @@ pub(crate) fn forward_same3x3<T: Element>(
     epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
 ) -> Vec<T> {
     assert!(d.same3x3(), "forward_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
+    if pixels::takes::<T>(d) {
+        return pixels::forward_same3x3(d, x, w, map, epilogue);
+    }
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
     // With the gather GEMM: the weights as they are (`o x 9c`), and row `(c, ki, kj)` of the
     // im2col matrix read from the shifted copy `(c, kj)` at kernel row `ki`.
@@ -610,6 +614,9 @@ pub(crate) fn input_grad_same3x3<T: Element>(
     epilogue: &(dyn Fn(usize, &[T]) + Sync),
 ) -> Vec<T> {
     assert!(d.same3x3(), "input_grad_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
+    if pixels::takes::<T>(d) {
+        return pixels::input_grad_same3x3(d, dy, w, epilogue);
+    }
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
     // With the gather GEMM, one GEMM per image: `g[(c, kj)][q] = sum over (ki, o) of
     // w[o][c][ki][kj] dy[o][q - (ki - 1) w]`, the output gradient read from a copy whose rows

@@ -21,6 +21,7 @@
 //! chunk of images, the chunks added in order), so results do not depend on thread scheduling.
 mod device;
 mod lower;
+mod pixels;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};

@@ -1,0 +1,208 @@
+//! Convolutions computed pixel-major on the gather GEMM: an image stored pixel by pixel on a
+//! zero-bordered grid ([`Grid`]), so that the input pixels one kernel row reads for one output
+//! pixel are one contiguous run of values, read where they lie.
+//!
+//! The weight gradient of a 3x3 or 1x1 convolution reads its input this way (`weight_grad_pixels`
+//! in `lower.rs`). The forward pass and the input gradient of a "same" 3x3 convolution do too on
+//! small images ([`PIXEL_MAJOR_PIXELS`]): there the channel-major GEMM's columns are the image's
+//! few pixels (49 at ResNet's 7x7 layers: a 64-column tile 77% full, and the 9 MiB of 512-channel
+//! weights read for every image), while pixel-major its rows are the pixels of several images
+//! and its columns the many channels, in full tiles.
+
+use std::mem::MaybeUninit;
+
+use super::lower::{Dims, Element, InputMap};
+use crate::gather;
+
+/// Output pixels per image below which a "same" 3x3 convolution's forward pass and input
+/// gradient run pixel-major (with the gather GEMM). Measured at 224 px, batch 8
+/// (`conv_bench resnet`): ResNet-18's 7x7 layers (49 pixels) go this way.
+pub(super) const PIXEL_MAJOR_PIXELS: usize = 100;
+
+/// An image of `c` channels, `h x w`, stored pixel by pixel (`c` values each) on a grid of
+/// `w + 1` columns with a zero row above and below and one zero pixel first: image pixel
+/// `(y, x)` is grid pixel `1 + (y + 1) (w + 1) + x`. The last column is zero, so the pixel left
+/// of column 0 is the zero column of the row above and the pixel right of column `w - 1` the
+/// zero column of its own row: a run of `k` pixels from column `x - 1` (`x <= w - k + 2`) reads
+/// zeros where it leaves the image.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Grid {
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Grid {
+    pub(super) fn new(c: usize, h: usize, w: usize) -> Self {
+        Self { c, h, w }
+    }
+
+    /// Values per image on the grid.
+    pub(super) fn len(&self) -> usize {
+        (1 + (self.h + 2) * (self.w + 1) + 1) * self.c
+    }
+
+    /// Where the pixel of image row `y1 - 1` and column `x1 - 1` starts (`y1` from 0 to
+    /// `h + 1`, `x1` from 0 to `w + 1`: one outside the image on each side reads zeros).
+    pub(super) fn at(&self, y1: usize, x1: usize) -> usize {
+        (y1 * (self.w + 1) + x1) * self.c
+    }
+
+    /// Writes `map(planes)` (`c` planes of `h x w`) onto `out` (`len` values, zero where the
+    /// image is not), using `mapped` as scratch where `map` is not the identity.
+    pub(super) fn write<T: Element>(
+        &self,
+        planes: &[T],
+        map: &impl InputMap<T>,
+        mapped: &mut Vec<T>,
+        out: &mut [f32],
+    ) {
+        let hw = self.h * self.w;
+        let planes = if map.is_identity() {
+            planes
+        } else {
+            mapped.resize(self.c * hw, T::default());
+            for (ch, (src, dst)) in
+                planes.chunks_exact(hw).zip(mapped.chunks_exact_mut(hw)).enumerate()
+            {
+                map.copy(ch, src, dst);
+            }
+            &mapped[..]
+        };
+        let planes = T::as_f32(planes).expect("the grid is f32");
+        let stride = self.w + 1;
+        gather::to_pixels(planes, (self.c, self.h, self.w), (1 + stride, stride), out);
+    }
+
+    /// The grids of every image of `x` (`n` images), built on rayon's threads.
+    pub(super) fn build<T: Element>(&self, n: usize, x: &[T], map: &impl InputMap<T>) -> Vec<f32> {
+        let image = self.c * self.h * self.w;
+        crate::par_chunks_zeroed(n * self.len(), self.len(), Vec::new, |mapped, i, out| {
+            self.write(&x[i * image..(i + 1) * image], map, mapped, out)
+        })
+    }
+}
+
+/// Whether a "same" 3x3 convolution runs pixel-major: f32 on the gather GEMM, small images.
+pub(super) fn takes<T: Element>(d: &Dims) -> bool {
+    d.same3x3() && d.gather && d.p() < PIXEL_MAJOR_PIXELS && T::as_f32(&[]).is_some()
+}
+
+/// `out[n][col][j] = sum over ki, t < 3, ch < C of src_n[row(ki) + j_y - 1, j_x - 1 + t][ch] *
+/// b[rows(ki, t, ch) + col]` for the `h x w` images of `src` (`C` channels, read through `map`),
+/// `row(ki)` = `ki` or, with `flip`, `2 - ki`: a "same" 3x3 convolution's forward pass (`b` the
+/// weights transposed) or its input gradient (`flip`, the kernel's columns reversed).
+/// `epilogue(n, out_n)` runs on each image's output.
+#[allow(clippy::too_many_arguments)]
+fn same3x3<T: Element>(
+    (n, channels, h, w): (usize, usize, usize, usize),
+    src: &[T],
+    map: &impl InputMap<T>,
+    (b, b_rows): (&[f32], impl Fn(usize, usize, usize) -> usize),
+    cols: usize,
+    flip: bool,
+    epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
+) -> Vec<T> {
+    let (grid, p, k) = (Grid::new(channels, h, w), h * w, 3 * channels);
+    let grids = grid.build(n, src, map);
+    // The run of output pixel j for kernel row ki, in image 0's grid.
+    let starts: Vec<Vec<usize>> = (0..3)
+        .map(|ki| {
+            let row = if flip { 2 - ki } else { ki };
+            (0..p).map(|j| grid.at(j / w + row, j % w)).collect()
+        })
+        .collect();
+    let b_rows: Vec<Vec<usize>> = (0..3)
+        .map(|ki| (0..k).map(|kk| b_rows(ki, kk / channels, kk % channels)).collect())
+        .collect();
+    let threads = rayon::current_num_threads().max(1);
+    let group = n.div_ceil(threads).max(1);
+    let task = |scratch: &mut (Vec<usize>, Vec<MaybeUninit<f32>>),
+                t: usize,
+                out: &mut [MaybeUninit<T>]| {
+        let (first, count) = (t * group, out.len() / (cols * p));
+        let (starts_task, yt) = scratch;
+        yt.resize(count * p * cols, MaybeUninit::new(0.0));
+        for (ki, starts) in starts.iter().enumerate() {
+            starts_task.clear();
+            for i in first..first + count {
+                starts_task.extend(starts.iter().map(|s| i * grid.len() + s));
+            }
+            let b = (b, &b_rows[ki][..]);
+            gather::gather_gemm_runs((&grids, starts_task), b, cols, (yt, cols), ki > 0);
+        }
+        // SAFETY: the first GEMM wrote every element of `yt` (`count p x cols`).
+        let yt = unsafe { crate::assume_init_mut(&mut yt[..count * p * cols]) };
+        for (i, out) in out.chunks_exact_mut(cols * p).enumerate() {
+            let yt = &yt[i * p * cols..(i + 1) * p * cols];
+            // out[col][j] = yt[j][col]
+            crate::write_each(T::as_f32_uninit(out).expect("f32"), |e| yt[(e % p) * cols + e / p]);
+            // SAFETY: `write_each` initialised every element.
+            epilogue(first + i, unsafe { crate::assume_init_mut(out) });
+        }
+    };
+    // SAFETY: each task writes its whole chunk (`write_each`).
+    unsafe { crate::par_chunks_uninit(n * cols * p, group * cols * p, Default::default, task) }
+}
+
+/// Rows of the result per task of [`transpose`] (measured: 16, 64 and 256 at 512 x 4608).
+const TRANSPOSE_ROWS: usize = 64;
+
+/// `a` (`m x k`, row-major) transposed (`k x m`), on rayon's threads, [`TRANSPOSE_ROWS`] rows
+/// of the result per task.
+fn transpose(a: &[f32], (m, k): (usize, usize)) -> Vec<f32> {
+    let rows = |_: &mut (), t: usize, out: &mut [MaybeUninit<f32>]| {
+        let (r0, count) = (t * TRANSPOSE_ROWS, out.len() / m);
+        // 16 rows of `a` at a time: their runs stay in L1 while each output row takes its 16
+        // values from them (one cache line written whole).
+        for i0 in (0..m).step_by(16) {
+            let i1 = (i0 + 16).min(m);
+            for r in 0..count {
+                let dst = &mut out[r * m + i0..r * m + i1];
+                for (d, i) in dst.iter_mut().zip(i0..i1) {
+                    d.write(a[i * k + r0 + r]);
+                }
+            }
+        }
+    };
+    // SAFETY: each task writes every element of its `count x m` rows.
+    unsafe { crate::par_chunks_uninit(k * m, TRANSPOSE_ROWS * m, || (), rows) }
+}
+
+/// The forward pass of a "same" 3x3 convolution of `map(x)` pixel-major (see [`takes`]).
+pub(super) fn forward_same3x3<T: Element>(
+    d: &Dims,
+    x: &[T],
+    w: &[T],
+    map: &impl InputMap<T>,
+    epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
+) -> Vec<T> {
+    let (o, c) = (d.o, d.c);
+    // wt[(ch, ki, kj)][o] = w[o][ch][ki][kj]
+    let wt = transpose(T::as_f32(w).expect("f32"), (o, 9 * c));
+    let rows = |ki: usize, kj: usize, ch: usize| (ch * 9 + ki * 3 + kj) * o;
+    same3x3((d.n, c, d.h, d.w), x, map, (&wt, rows), o, false, epilogue)
+}
+
+/// The input gradient of a "same" 3x3 convolution pixel-major (see [`takes`]).
+pub(super) fn input_grad_same3x3<T: Element>(
+    d: &Dims,
+    dy: &[T],
+    w: &[T],
+    epilogue: &(dyn Fn(usize, &[T]) + Sync),
+) -> Vec<T> {
+    let (o, c) = (d.o, d.c);
+    let w = T::as_f32(w).expect("f32");
+    // wt[o][(ki, kj)][ch] = w[o][ch][ki][kj]: each output channel's `c x 9` transposed.
+    let per_channel = |_: &mut (), oo: usize, out: &mut [MaybeUninit<f32>]| {
+        let src = &w[oo * 9 * c..(oo + 1) * 9 * c];
+        crate::write_each(out, |e| src[(e % c) * 9 + e / c]);
+    };
+    // SAFETY: `write_each` initialises every element of each chunk.
+    let wt = unsafe { crate::par_chunks_uninit(o * 9 * c, 9 * c, || (), per_channel) };
+    // Run pixel t of kernel row ki is kernel column 2 - t.
+    let rows = |ki: usize, t: usize, oo: usize| (oo * 9 + ki * 3 + 2 - t) * c;
+    let plain = super::lower::Plain;
+    let epilogue = |i: usize, dx: &mut [T]| epilogue(i, dx);
+    same3x3((d.n, o, d.h, d.w), dy, &plain, (&wt, rows), c, true, &epilogue)
+}
