@@ -5,7 +5,9 @@
 //! identity blocks) and on small and oblong images; and its refusals. (It declines on a
 //! second-order thread: tests/second_order.rs.)
 
-use at_kernels::{BasicBlock, BasicBlockStats, basic_blocks_train, batch_norm_train, conv2d};
+use at_kernels::{
+    BasicBlock, BasicBlockStats, ParamGrads, basic_blocks_train, batch_norm_train, conv2d,
+};
 use candle_core::{Device, Result, Tensor, Var};
 
 fn values(shape: &[usize], seed: f64, scale: f64) -> Var {
@@ -82,7 +84,9 @@ fn check_layer(
             eps: 1e-5,
         })
         .collect();
-    let (ours, ours_stats) = basic_blocks_train(x.as_tensor(), &blocks).unwrap().expect("fused");
+    let deferred = ParamGrads::new();
+    let (ours, ours_stats) =
+        basic_blocks_train(x.as_tensor(), &blocks, &deferred).unwrap().expect("fused");
     let mut theirs = x.as_tensor().clone();
     let mut their_stats = vec![];
     for block in &blocks {
@@ -94,7 +98,12 @@ fn check_layer(
     assert_eq!(ours_stats, their_stats, "{tag}: batch statistics of every block");
     // Gradients of sum(out * r) for a fixed r.
     let r = values(theirs.dims(), 99.0, 1.0);
-    let grads_ours = (ours * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut grads_ours = (ours * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    // The input's gradient came through the graph, the parameters' through `deferred`.
+    for var in vars.iter().flatten() {
+        assert!(grads_ours.get(var).is_none(), "{tag}: a parameter's gradient in the graph");
+    }
+    deferred.merge_into(&mut grads_ours).unwrap();
     let grads_theirs = (theirs * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
     let mut checked = 0;
     for (k, var) in std::iter::once(&x).chain(vars.iter().flatten()).enumerate() {
@@ -147,13 +156,15 @@ fn fused_layer_refuses_blocks_that_do_not_chain_or_lack_a_projection() {
         stride: 2,
         eps: 1e-5,
     };
-    let err = basic_blocks_train(x.as_tensor(), &[block]).unwrap_err().to_string();
+    let err =
+        basic_blocks_train(x.as_tensor(), &[block], &ParamGrads::new()).unwrap_err().to_string();
     assert!(err.contains("needs a projection"), "{err}");
     let w6 = values(&[6, 4, 3, 3], 5.0, 1.0);
     let wide = BasicBlock { conv1: w6.as_tensor(), stride: 1, ..block };
-    let err = basic_blocks_train(x.as_tensor(), &[wide]).unwrap_err().to_string();
+    let err =
+        basic_blocks_train(x.as_tensor(), &[wide], &ParamGrads::new()).unwrap_err().to_string();
     assert!(err.contains("3x3 convolutions"), "{err}");
-    let err = basic_blocks_train(x.as_tensor(), &[]).unwrap_err().to_string();
+    let err = basic_blocks_train(x.as_tensor(), &[], &ParamGrads::new()).unwrap_err().to_string();
     assert!(err.contains("at least one block"), "{err}");
 }
 
@@ -172,5 +183,38 @@ fn fused_layer_leaves_f64_to_separate_ops() {
         eps: 1e-5,
     };
     let x64 = x.as_tensor().to_dtype(candle_core::DType::F64).unwrap();
-    assert!(basic_blocks_train(&x64, &[block]).unwrap().is_none(), "f64 is left to separate ops");
+    assert!(
+        basic_blocks_train(&x64, &[block], &ParamGrads::new()).unwrap().is_none(),
+        "f64 is left to separate ops"
+    );
+}
+
+#[test]
+fn deferred_gradients_add_to_what_the_graph_gave_the_same_parameter() {
+    let (x, g, b) =
+        (values(&[2, 4, 5, 5], 1.0, 1.0), values(&[4], 2.0, 0.5), values(&[4], 3.0, 0.2));
+    let w = values(&[4, 4, 3, 3], 4.0, 0.3);
+    let block = BasicBlock {
+        conv1: w.as_tensor(),
+        bn1: (g.as_tensor(), b.as_tensor()),
+        conv2: w.as_tensor(),
+        bn2: (g.as_tensor(), b.as_tensor()),
+        downsample: None,
+        stride: 1,
+        eps: 1e-5,
+    };
+    let deferred = ParamGrads::new();
+    let (y, _) = basic_blocks_train(x.as_tensor(), &[block], &deferred).unwrap().unwrap();
+    // The loss also uses `w` directly: its graph gradient is `1` everywhere.
+    let loss = (y.sum_all().unwrap() + w.as_tensor().sum_all().unwrap()).unwrap();
+    let mut grads = loss.backward().unwrap();
+    deferred.merge_into(&mut grads).unwrap();
+    let (theirs, _) = composite(x.as_tensor(), &block).unwrap();
+    let loss = (theirs.sum_all().unwrap() + w.as_tensor().sum_all().unwrap()).unwrap();
+    let reference = loss.backward().unwrap();
+    // conv1 and conv2 share `w`, as bn1 and bn2 share their weights: three contributions each.
+    for (name, var) in [("w", &w), ("gamma", &g), ("beta", &b)] {
+        let err = max_rel(name, grads.get(var).unwrap(), reference.get(var).unwrap());
+        assert!(err < 1e-4, "{name}: {err}");
+    }
 }

@@ -165,7 +165,8 @@ fn fused_basic_blocks_decline_on_a_second_order_thread() {
         eps: 1e-5,
     };
     // Their backward builds no graph: the caller must build the blocks from separate ops here.
-    assert!(at_kernels::basic_blocks_train(&x, &[block]).unwrap().is_none());
+    let deferred = at_kernels::ParamGrads::new();
+    assert!(at_kernels::basic_blocks_train(&x, &[block], &deferred).unwrap().is_none());
 }
 
 fn main() -> std::process::ExitCode {

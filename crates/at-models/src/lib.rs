@@ -40,6 +40,7 @@ pub mod wrn;
 use candle_core::{Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
+pub use at_kernels::ParamGrads;
 pub use nn::{Backend, InitScheme, max_pool2d, max_pool2d_on};
 pub use state::{LoadReport, is_buffer, load, parameter_count, save};
 
@@ -76,6 +77,16 @@ pub trait AttentionModel: Send + Sync {
     fn forward_with_maps(&self, x: &Tensor, train: bool, maps: &[usize]) -> Result<Output> {
         let _ = maps;
         self.forward_t(x, train)
+    }
+
+    /// [`forward_with_maps`](Self::forward_with_maps) in training mode, where the network's
+    /// fused kernels may hand their parameters' gradients to `grads` in the backward pass
+    /// instead of through candle's graph (cheaper: see `at_kernels::basic_block`): the caller
+    /// merges them into the `GradStore` after `backward` (`ParamGrads::merge_into`). Networks
+    /// without such kernels (the default) ignore `grads`.
+    fn forward_deferred(&self, x: &Tensor, maps: &[usize], grads: &ParamGrads) -> Result<Output> {
+        let _ = grads;
+        self.forward_with_maps(x, true, maps)
     }
 
     /// The number of attention points (groups) [`forward_t`](Self::forward_t) returns.

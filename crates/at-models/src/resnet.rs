@@ -14,7 +14,7 @@ use crate::nn::{
     BN_EPS, Backend, BatchNorm2d, Conv2d, ConvSpec, InitScheme, Linear, global_avg_pool,
     max_pool2d_on,
 };
-use crate::{AttentionModel, Output};
+use crate::{AttentionModel, Output, ParamGrads};
 
 /// The shape and fine-tuning options of a ResNet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,16 +137,24 @@ impl BasicBlock {
 }
 
 /// A layer's blocks in training mode as one at-kernels op (`at_kernels::basic_blocks_train`:
-/// one candle graph edge for the layer instead of about ten per block), their running
-/// statistics updated; `None` where the kernel does not apply.
-fn fused_layer(blocks: &[BasicBlock], x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+/// one candle graph edge for the layer instead of about ten per block, the parameters'
+/// gradients handed to `grads`), their running statistics updated; `None` where the kernel
+/// does not apply.
+fn fused_layer(
+    blocks: &[BasicBlock],
+    x: &Tensor,
+    train: bool,
+    grads: &ParamGrads,
+) -> Result<Option<Tensor>> {
     if !train {
         return Ok(None);
     }
     let Some(fused) = blocks.iter().map(|b| b.fused(train)).collect::<Option<Vec<_>>>() else {
         return Ok(None);
     };
-    let Some((y, stats)) = at_kernels::basic_blocks_train(x, &fused)? else { return Ok(None) };
+    let Some((y, stats)) = at_kernels::basic_blocks_train(x, &fused, grads)? else {
+        return Ok(None);
+    };
     for (block, stats) in blocks.iter().zip(&stats) {
         block.update_running_from(stats)?;
     }
@@ -195,16 +203,15 @@ impl ResNet {
     }
 }
 
-impl AttentionModel for ResNet {
-    fn group_count(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn group_names(&self) -> Vec<String> {
-        (1..=self.layers.len()).map(|l| format!("layer{l}")).collect()
-    }
-
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
+impl ResNet {
+    /// The forward pass; with `deferred`, the training-mode layers run as fused kernels that
+    /// hand their parameters' gradients to it (see [`AttentionModel::forward_deferred`]).
+    fn forward_inner(
+        &self,
+        x: &Tensor,
+        train: bool,
+        deferred: Option<&ParamGrads>,
+    ) -> Result<Output> {
         // The frozen first group runs as in evaluation and is cut from the graph after layer1.
         let first_train = train && !self.freeze_first_group;
         let o = self.bn1.forward_relu_t(&self.conv1.forward(x)?, first_train)?;
@@ -212,7 +219,11 @@ impl AttentionModel for ResNet {
         let mut groups = Vec::with_capacity(4);
         for (l, blocks) in self.layers.iter().enumerate() {
             let layer_train = if l == 0 { first_train } else { train };
-            o = match fused_layer(blocks, &o, layer_train)? {
+            let fused = match deferred {
+                Some(grads) => fused_layer(blocks, &o, layer_train, grads)?,
+                None => None,
+            };
+            o = match fused {
                 Some(y) => y,
                 None => blocks.iter().try_fold(o, |o, block| block.forward_t(&o, layer_train))?,
             };
@@ -223,5 +234,24 @@ impl AttentionModel for ResNet {
         }
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
         Ok(Output::new(logits, groups))
+    }
+}
+
+impl AttentionModel for ResNet {
+    fn group_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn group_names(&self) -> Vec<String> {
+        (1..=self.layers.len()).map(|l| format!("layer{l}")).collect()
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Output> {
+        self.forward_inner(x, train, None)
+    }
+
+    fn forward_deferred(&self, x: &Tensor, maps: &[usize], grads: &ParamGrads) -> Result<Output> {
+        let _ = maps;
+        self.forward_inner(x, true, Some(grads))
     }
 }

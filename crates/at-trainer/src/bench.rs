@@ -114,7 +114,8 @@ pub fn time_steps_sized(
             t.logits.to_vec2::<f32>()?;
         } else {
             let (maps_s, maps_t) = crate::train::wanted_maps(&loss, teacher.is_some());
-            let out = student.forward_with_maps(&x, true, &maps_s)?;
+            let deferred = at_models::ParamGrads::new();
+            let out = student.forward_deferred(&x, &maps_s, &deferred)?;
             phases.forward = started.elapsed();
             let teacher_out =
                 teacher.as_ref().map(|t| t.forward_with_maps(&x, false, &maps_t)).transpose()?;
@@ -125,7 +126,7 @@ pub fn time_steps_sized(
             };
             let parts = student_loss_with_maps(&out.logits, &labels, &out.groups, t, &loss, maps)?;
             phases.loss = started.elapsed() - phases.forward;
-            let grads = parts.total.backward()?;
+            let grads = crate::train::backward_merged(&parts.total, &deferred)?;
             phases.backward = started.elapsed() - phases.forward - phases.loss;
             sgd.step(&grads)?;
             parts.total.to_dtype(DType::F32)?.to_vec0::<f32>()?;

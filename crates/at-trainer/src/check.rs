@@ -285,7 +285,7 @@ fn one_side(
                 ..LossConfig::default()
             };
             let teacher = teacher.as_deref().filter(|_| with_teacher);
-            let parts = student_loss(student.as_ref(), teacher, (&x, &labels), &loss)?;
+            let parts = student_loss(student.as_ref(), teacher, (&x, &labels), &loss, None)?;
             let grads = parts.total.backward()?;
             (parts.total, grads)
         }

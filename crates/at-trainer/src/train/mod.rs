@@ -37,7 +37,7 @@ pub use checkpoint::write_atomically;
 pub use evaluate::{RunModel, evaluate, top_k_correct};
 pub use metrics::{EpochMetrics, RunResult, read_metrics};
 pub use parallel::Parallel;
-pub use step::{detach_all, gradient_step, student_loss, wanted_maps};
+pub use step::{backward_merged, detach_all, gradient_step, student_loss, wanted_maps};
 pub use teacher::load_teacher;
 
 use checkpoint::Position;

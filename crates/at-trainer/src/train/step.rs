@@ -8,7 +8,7 @@ use at_losses::gradient::{
 };
 use at_losses::second_order::SecondOrder;
 use at_losses::{GroupMaps, LossConfig, LossParts, student_loss_with_maps};
-use at_models::AttentionModel;
+use at_models::{AttentionModel, ParamGrads};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
@@ -45,13 +45,15 @@ impl Run {
             let (parts, grads) = self.loss_and_grads(images, labels)?;
             return Ok((parts, grads, scale == 1.0));
         }
+        let deferred = ParamGrads::new();
         let parts = student_loss(
             self.student.as_ref(),
             self.teacher.as_deref(),
             (images, labels),
             &self.loss,
+            Some(&deferred),
         )?;
-        let grads = parts.total.affine(scale, 0.0)?.backward()?;
+        let grads = backward_merged(&parts.total.affine(scale, 0.0)?, &deferred)?;
         Ok((parts, grads, true))
     }
 
@@ -76,27 +78,47 @@ impl Run {
                 )?
             }
             None => {
-                let teacher = self.teacher.as_deref();
-                let parts =
-                    student_loss(self.student.as_ref(), teacher, (images, labels), &self.loss)?;
-                let grads = parts.total.backward()?;
+                let (teacher, deferred) = (self.teacher.as_deref(), ParamGrads::new());
+                let batch = (images, labels);
+                let parts = student_loss(
+                    self.student.as_ref(),
+                    teacher,
+                    batch,
+                    &self.loss,
+                    Some(&deferred),
+                )?;
+                let grads = backward_merged(&parts.total, &deferred)?;
                 (parts, grads)
             }
         })
     }
 }
 
+/// `total.backward()` with the parameter gradients the student's fused kernels handed to
+/// `deferred` merged in: the gradients of every parameter.
+pub fn backward_merged(total: &Tensor, deferred: &ParamGrads) -> Result<GradStore> {
+    let mut grads = total.backward()?;
+    deferred.merge_into(&mut grads)?;
+    Ok(grads)
+}
+
 /// The loss of one step without a gradient-based penalty: the student's forward in training mode
 /// (making the paired groups' maps itself), the teacher's in evaluation where distillation or
-/// attention transfer needs it, and the combined loss with each part.
+/// attention transfer needs it, and the combined loss with each part. With `deferred`, the
+/// student's fused kernels may hand their parameters' gradients to it instead of candle's
+/// graph: take the gradients with [`backward_merged`].
 pub fn student_loss(
     student: &dyn AttentionModel,
     teacher: Option<&dyn AttentionModel>,
     (images, labels): (&Tensor, &Tensor),
     loss: &LossConfig,
+    deferred: Option<&ParamGrads>,
 ) -> Result<LossParts> {
     let (maps_s, maps_t) = wanted_maps(loss, teacher.is_some());
-    let out = student.forward_with_maps(images, true, &maps_s)?;
+    let out = match deferred {
+        Some(grads) => student.forward_deferred(images, &maps_s, grads)?,
+        None => student.forward_with_maps(images, true, &maps_s)?,
+    };
     let teacher_out = match teacher {
         Some(t) if loss.alpha > 0.0 || loss.beta > 0.0 => {
             Some(t.forward_with_maps(images, false, &maps_t)?)
