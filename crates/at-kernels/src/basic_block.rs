@@ -518,3 +518,90 @@ fn check(block: &BasicBlock) -> Result<(usize, usize)> {
     }
     Ok((c_in, c_out))
 }
+
+/// One evaluation-mode basic block (batch norms with their running statistics), forward only:
+/// conv2 reads `relu(bn1(z1))` through its input map, and `bn2`, the shortcut's batch norm, the
+/// addition and the ReLU are one pass (see the module documentation).
+struct EvalOp {
+    spec: Spec,
+    eps: f64,
+    /// Each batch norm's running statistics: bn1, bn2, then the projection's.
+    running: Vec<BatchStats>,
+}
+
+impl CustomOp1 for EvalOp {
+    fn name(&self) -> &'static str {
+        "at-basic-block-eval"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let spec = &self.spec;
+        let (n, h, w) = match *l1.dims() {
+            [n, c, h, w] if c == spec.c_in => (n, h, w),
+            ref dims => bail!("a basic block over {} channels got {dims:?}", spec.c_in),
+        };
+        let x = f32_slice(s1, l1, "the input")?;
+        let [d1, d2, dd] = spec.dims((n, h, w))?;
+        let running = &self.running;
+        let out = with_params(std::slice::from_ref(spec), |params| {
+            let p = &params[0];
+            let z1 = conv::forward(&d1, x, p.w1());
+            let map1 = AffineRelu(norm::coefficients(p.bn1(), &running[0], self.eps));
+            let z2 = conv::forward_same3x3(&d2, &z1, p.w2(), &map1, &|_, _| {});
+            drop(z1);
+            let a2 = norm::coefficients(p.bn2(), &running[1], self.eps);
+            let zd = spec.projection().then(|| conv::forward(&dd, x, p.wd()));
+            let ad = zd.as_ref().map(|_| norm::coefficients(p.bnd(), &running[2], self.eps));
+            let shortcut = match &zd {
+                Some(zd) => (&zd[..], ad.as_deref()),
+                None if x.len() == z2.len() => (x, None),
+                None => bail!("a basic block without a projection must keep its input's shape"),
+            };
+            Ok(output((&z2, &a2), shortcut, (spec.c_out, d2.p())))
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from((n, spec.c_out, d2.ho, d2.wo))))
+    }
+}
+
+/// One evaluation-mode basic block on `x` (`[N, C, H, W]`), its batch norms with their running
+/// statistics (`running`: bn1's `(mean, var)`, bn2's, then the projection's), forward only: a
+/// teacher's block in one op, neither `relu(bn1(z1))` nor the batch norms' outputs stored. `None`
+/// where it does not apply: not f32 on the CPU, or any operand tracked for gradients (a frozen
+/// batch norm in a student, whose convolutions train), where the caller builds the block from
+/// separate ops.
+///
+/// # Errors
+///
+/// Shapes that do not make a basic block, running statistics of the wrong length.
+pub fn basic_block_eval(
+    x: &Tensor,
+    block: &BasicBlock,
+    running: &[(&Tensor, &Tensor)],
+) -> Result<Option<Tensor>> {
+    let tensors = weights(block);
+    let applies = x.device().is_cpu()
+        && x.rank() == 4
+        && x.dtype() == DType::F32
+        && !x.track_op()
+        && tensors.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op());
+    if !applies {
+        return Ok(None);
+    }
+    let (c_in, c_out) = check(block)?;
+    let norms = if block.downsample.is_some() { 3 } else { 2 };
+    if running.len() != norms
+        || running.iter().any(|(m, v)| m.elem_count() != c_out || v.elem_count() != c_out)
+    {
+        bail!("a basic block's {norms} batch norms need running statistics of {c_out} channels")
+    }
+    let spec =
+        Spec { tensors: tensors.into_iter().cloned().collect(), c_in, c_out, stride: block.stride };
+    let values =
+        |t: &Tensor| -> Result<Vec<f64>> { t.flatten_all()?.to_dtype(DType::F64)?.to_vec1() };
+    let running = running
+        .iter()
+        .map(|(mean, var)| Ok(BatchStats { mean: values(mean)?, var: values(var)?, count: 0 }))
+        .collect::<Result<_>>()?;
+    let op = EvalOp { spec, eps: block.eps, running };
+    Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
+}

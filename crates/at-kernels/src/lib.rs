@@ -39,7 +39,9 @@ use rayon::prelude::*;
 pub use attention::{
     AT_OPS_KERNELS, MapGradient, at_distance, channel_power, channel_power_deferred,
 };
-pub use basic_block::{BasicBlock, BasicBlockStats, ParamGrads, basic_blocks_train};
+pub use basic_block::{
+    BasicBlock, BasicBlockStats, ParamGrads, basic_block_eval, basic_blocks_train,
+};
 pub use block::{
     PreactBlock, preact_block_eval, preact_block_eval_map, preact_block_train, preact_blocks_train,
     preact_blocks_train_with,

@@ -218,3 +218,69 @@ fn deferred_gradients_add_to_what_the_graph_gave_the_same_parameter() {
         assert!(err < 1e-4, "{name}: {err}");
     }
 }
+
+/// The evaluation-mode block on plain tensors (a teacher's) against the same block from
+/// `conv2d`, `batch_norm_eval`, candle's addition and ReLU, with the identity shortcut and with
+/// a strided projection (7x7 outputs, the pixel-major convolution); tracked operands and
+/// running statistics of the wrong size are declined or refused.
+#[test]
+fn eval_block_matches_separate_ops_and_declines_tracked_operands() {
+    use at_kernels::{basic_block_eval, batch_norm_eval};
+    for (c_in, c_out, stride, hw) in [(8, 8, 1, 8), (16, 32, 2, 14), (5, 7, 1, 6)] {
+        let t = |shape: &[usize], seed: f64, scale: f64| {
+            values(shape, seed, scale).as_tensor().detach()
+        };
+        let x = t(&[3, c_in, hw, hw], 1.0, 1.0);
+        let (w1, w2, wd) = (
+            t(&[c_out, c_in, 3, 3], 2.0, 0.3),
+            t(&[c_out, c_out, 3, 3], 3.0, 0.3),
+            t(&[c_out, c_in, 1, 1], 4.0, 0.3),
+        );
+        let norm = |seed: f64| {
+            let var = (t(&[c_out], seed + 3.0, 0.4).abs().unwrap() + 0.5).unwrap();
+            (
+                t(&[c_out], seed, 0.5),
+                t(&[c_out], seed + 1.0, 0.2),
+                t(&[c_out], seed + 2.0, 0.3),
+                var,
+            )
+        };
+        let (n1, n2, nd) = (norm(10.0), norm(20.0), norm(30.0));
+        let projection = stride != 1 || c_in != c_out;
+        let block = BasicBlock {
+            conv1: &w1,
+            bn1: (&n1.0, &n1.1),
+            conv2: &w2,
+            bn2: (&n2.0, &n2.1),
+            downsample: projection.then_some((&wd, (&nd.0, &nd.1))),
+            stride,
+            eps: 1e-5,
+        };
+        let mut running = vec![(&n1.2, &n1.3), (&n2.2, &n2.3)];
+        if projection {
+            running.push((&nd.2, &nd.3));
+        }
+        let ours = basic_block_eval(&x, &block, &running).unwrap().expect("plain f32 tensors fuse");
+        let eval = |x: &Tensor, n: &(Tensor, Tensor, Tensor, Tensor), relu: bool| {
+            batch_norm_eval(x, &n.0, &n.1, &n.2, &n.3, 1e-5, relu).unwrap().unwrap()
+        };
+        let y1 = eval(&conv2d(&x, &w1, stride, 1).unwrap(), &n1, true);
+        let y2 = eval(&conv2d(&y1, &w2, 1, 1).unwrap(), &n2, false);
+        let shortcut = if projection {
+            eval(&conv2d(&x, &wd, stride, 0).unwrap(), &nd, false)
+        } else {
+            x.clone()
+        };
+        let theirs = (y2 + shortcut).unwrap().relu().unwrap();
+        let tag = format!("{c_in}->{c_out} stride {stride}, {hw}x{hw}");
+        assert!(max_rel(&tag, &ours, &theirs) < 1e-5, "{tag}");
+        // A tracked input (a student's) is left to separate ops.
+        let tracked = Var::from_tensor(&x).unwrap();
+        assert!(
+            basic_block_eval(tracked.as_tensor(), &block, &running).unwrap().is_none(),
+            "{tag}"
+        );
+        let err = basic_block_eval(&x, &block, &running[..1]).unwrap_err().to_string();
+        assert!(err.contains("running statistics"), "{err}");
+    }
+}

@@ -125,7 +125,45 @@ impl BasicBlock {
         Ok(())
     }
 
+    /// The block in evaluation mode as one at-kernels op (`at_kernels::basic_block_eval`), `None`
+    /// where it does not apply (gradients tracked, not f32 on the CPU, convolutions off
+    /// at-kernels).
+    fn eval_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let ((g1, b1), r1) = self.bn1.running_affine();
+        let ((g2, b2), r2) = self.bn2.running_affine();
+        let mut running = vec![r1, r2];
+        let downsample = match &self.downsample {
+            Some((conv, bn)) => {
+                let (affine, r) = bn.running_affine();
+                running.push(r);
+                match conv.plain_weight(0) {
+                    Some(w) => Some((w, affine)),
+                    None => return Ok(None),
+                }
+            }
+            None => None,
+        };
+        let (Some(conv1), Some(conv2)) = (self.conv1.plain_weight(1), self.conv2.plain_weight(1))
+        else {
+            return Ok(None);
+        };
+        let block = at_kernels::BasicBlock {
+            conv1,
+            bn1: (g1, b1),
+            conv2,
+            bn2: (g2, b2),
+            downsample,
+            stride: self.conv1.stride(),
+            eps: BN_EPS,
+        };
+        let running: Vec<_> = running.iter().map(|(m, v)| (m, v)).collect();
+        at_kernels::basic_block_eval(x, &block, &running)
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train && let Some(y) = self.eval_fused(x)? {
+            return Ok(y);
+        }
         let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
         let shortcut = match &self.downsample {
