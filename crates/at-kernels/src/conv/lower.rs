@@ -735,55 +735,29 @@ pub(super) fn weight_grad_pixels<T: Element>(
     map: &impl InputMap<T>,
 ) -> Vec<T> {
     assert!(pixel_weight_grad(d), "weight_grad_pixels takes 3x3 (padding 1) or 1x1 (padding 0)");
-    let (p, hw, image, (kh, kw)) = (d.p(), d.h * d.w, d.c * d.h * d.w, (d.kh, d.kw));
+    let (p, image, (kh, kw)) = (d.p(), d.c * d.h * d.w, (d.kh, d.kw));
     let c3 = kw * d.c;
-    let stride = d.w + 1;
-    // One zero pixel first (left of the top zero row's first column), then `h + 2` rows; image
-    // pixel (y, x) at grid pixel (y + 1, x), which is `1 + (y + 1) * stride + x`.
-    let pixels = 1 + (d.h + 2) * stride + 1;
-    // rows[ki][(oy, ox)]: the run from input pixel (oy s + ki - pad, ox s - pad).
+    let grid = pixels::Grid::new(d.c, d.h, d.w);
+    // rows[ki][(oy, ox)]: the run from input pixel (oy s + ki - pad, ox s - pad), which is grid
+    // position (oy s + ki - pad + 1, ox s - pad + 1).
     let rows: Vec<Vec<usize>> = (0..kh)
         .map(|ki| {
             (0..p)
                 .map(|j| {
                     let (oy, ox) = (j / d.wo, j % d.wo);
-                    let (gy, gx) = (oy * d.stride + ki + 1 - d.pad, ox * d.stride);
-                    (1 + gy * stride + gx - d.pad) * d.c
+                    grid.at(oy * d.stride + ki + 1 - d.pad, ox * d.stride + 1 - d.pad)
                 })
                 .collect()
         })
         .collect();
-    // The identity map reads the image itself; others map it into a copy first.
-    let copy = if map.is_identity() { 0 } else { image };
-    // Image `n`'s grid (the rest of `x_pix` is left as it is: zero).
-    let grid = |mapped: &mut Vec<T>, n: usize, x_pix: &mut [f32]| {
-        let x = &x[n * image..(n + 1) * image];
-        let planes = if map.is_identity() {
-            x
-        } else {
-            for (ch, (src, dst)) in x.chunks_exact(hw).zip(mapped.chunks_exact_mut(hw)).enumerate()
-            {
-                map.copy(ch, src, dst);
-            }
-            &mapped[..]
-        };
-        let mapped = T::as_f32(planes).expect("f32");
-        // Image pixel (y, x) at grid pixel (y + 1, x).
-        gather::to_pixels(mapped, (d.c, d.h, d.w), (1 + stride, stride), x_pix);
-    };
     // acc[o][ki][(kj, c)] (by rows over the batch) or acc[ki][o][(kj, c)] (by images).
     let (acc, row_major) = if p < ROWS_OVER_BATCH_PIXELS {
-        let grids = crate::par_chunks_zeroed(
-            d.n * pixels * d.c,
-            pixels * d.c,
-            || vec![T::default(); copy],
-            grid,
-        );
+        let grids = grid.build(d.n, x, map);
         // Image `n`'s runs are its grid's, `n` grids further.
         let rows: Vec<Vec<usize>> = rows
             .iter()
             .map(|rows| {
-                (0..d.n).flat_map(|n| rows.iter().map(move |r| n * pixels * d.c + r)).collect()
+                (0..d.n).flat_map(|n| rows.iter().map(move |r| n * grid.len() + r)).collect()
             })
             .collect();
         let band = d.o.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(6).min(d.o);
@@ -810,9 +784,9 @@ pub(super) fn weight_grad_pixels<T: Element>(
         let acc = sum_over_images(
             d.n,
             kh * d.o * c3,
-            || (vec![T::default(); copy], vec![0f32; pixels * d.c]),
+            || (Vec::new(), vec![0f32; grid.len()]),
             |(mapped, x_pix), acc, n| {
-                grid(mapped, n, x_pix);
+                grid.write(&x[n * image..(n + 1) * image], map, mapped, x_pix);
                 let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
                 let acc = T::as_f32_mut(acc).expect("f32");
                 for (ki, rows) in rows.iter().enumerate() {
