@@ -562,7 +562,7 @@ pub(crate) fn forward_same3x3<T: Element>(
     epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
 ) -> Vec<T> {
     assert!(d.same3x3(), "forward_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
-    if pixels::takes::<T>(d) {
+    if pixels::takes::<T>(d, pixels::PIXEL_MAJOR_FORWARD) {
         return pixels::forward_same3x3(d, x, w, map, epilogue);
     }
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
@@ -614,7 +614,7 @@ pub(crate) fn input_grad_same3x3<T: Element>(
     epilogue: &(dyn Fn(usize, &[T]) + Sync),
 ) -> Vec<T> {
     assert!(d.same3x3(), "input_grad_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
-    if pixels::takes::<T>(d) {
+    if pixels::takes::<T>(d, pixels::PIXEL_MAJOR_INPUT_GRAD) {
         return pixels::input_grad_same3x3(d, dy, w, epilogue);
     }
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);

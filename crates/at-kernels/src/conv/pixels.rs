@@ -4,7 +4,7 @@
 //!
 //! The weight gradient of a 3x3 or 1x1 convolution reads its input this way (`weight_grad_pixels`
 //! in `lower.rs`). The forward pass and the input gradient of a "same" 3x3 convolution do too on
-//! small images ([`PIXEL_MAJOR_PIXELS`]): there the channel-major GEMM's columns are the image's
+//! small images ([`PIXEL_MAJOR_FORWARD`], [`PIXEL_MAJOR_INPUT_GRAD`]): there the channel-major GEMM's columns are the image's
 //! few pixels (49 at ResNet's 7x7 layers: a 64-column tile 77% full, and the 9 MiB of 512-channel
 //! weights read for every image), while pixel-major its rows are the pixels of several images
 //! and its columns the many channels, in full tiles.
@@ -14,10 +14,14 @@ use std::mem::MaybeUninit;
 use super::lower::{Dims, Element, InputMap};
 use crate::gather;
 
-/// Output pixels per image below which a "same" 3x3 convolution's forward pass and input
-/// gradient run pixel-major (with the gather GEMM). Measured at 224 px, batch 8
-/// (`conv_bench resnet`): ResNet-18's 7x7 layers (49 pixels) go this way.
-pub(super) const PIXEL_MAJOR_PIXELS: usize = 100;
+/// Output pixels per image below which a "same" 3x3 convolution's forward pass runs pixel-major
+/// (with the gather GEMM). Measured at 224 px, batch 8 (`conv_bench resnet`): ResNet-18's 7x7
+/// layers (49 pixels) go this way (13.2 -> 11.6 ms); its 14x14 ones (196) gain nothing.
+pub(super) const PIXEL_MAJOR_FORWARD: usize = 100;
+
+/// The same for the input gradient: the 7x7 layers (17.7 -> 11.5 ms) and the 14x14 ones
+/// (11.4-12.7 -> 9.7-11.6 ms over three alternating runs).
+pub(super) const PIXEL_MAJOR_INPUT_GRAD: usize = 200;
 
 /// An image of `c` channels, `h x w`, stored pixel by pixel (`c` values each) on a grid of
 /// `w + 1` columns with a zero row above and below and one zero pixel first: image pixel
@@ -83,9 +87,10 @@ impl Grid {
     }
 }
 
-/// Whether a "same" 3x3 convolution runs pixel-major: f32 on the gather GEMM, small images.
-pub(super) fn takes<T: Element>(d: &Dims) -> bool {
-    d.same3x3() && d.gather && d.p() < PIXEL_MAJOR_PIXELS && T::as_f32(&[]).is_some()
+/// Whether a "same" 3x3 convolution runs pixel-major: f32 on the gather GEMM, images of fewer
+/// than `pixels` pixels ([`PIXEL_MAJOR_FORWARD`], [`PIXEL_MAJOR_INPUT_GRAD`]).
+pub(super) fn takes<T: Element>(d: &Dims, pixels: usize) -> bool {
+    d.same3x3() && d.gather && d.p() < pixels && T::as_f32(&[]).is_some()
 }
 
 /// `out[n][col][j] = sum over ki, t < 3, ch < C of src_n[row(ki) + j_y - 1, j_x - 1 + t][ch] *
