@@ -495,6 +495,9 @@ pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
     if d.same3x3() {
         return forward_same3x3(d, x, w, &Plain, &|_, _| {});
     }
+    if pixels::takes_forward::<T>(d) {
+        return pixels::forward3x3(d, x, w, &Plain, &|_, _| {});
+    }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
     let gather = dense_gather(d.gather, w, (d.o, k, p), false);
@@ -562,8 +565,8 @@ pub(crate) fn forward_same3x3<T: Element>(
     epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
 ) -> Vec<T> {
     assert!(d.same3x3(), "forward_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
-    if pixels::takes::<T>(d, pixels::PIXEL_MAJOR_FORWARD) {
-        return pixels::forward_same3x3(d, x, w, map, epilogue);
+    if pixels::takes_forward::<T>(d) {
+        return pixels::forward3x3(d, x, w, map, epilogue);
     }
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
     // With the gather GEMM: the weights as they are (`o x 9c`), and row `(c, ki, kj)` of the
@@ -614,7 +617,7 @@ pub(crate) fn input_grad_same3x3<T: Element>(
     epilogue: &(dyn Fn(usize, &[T]) + Sync),
 ) -> Vec<T> {
     assert!(d.same3x3(), "input_grad_same3x3 takes a 3x3 convolution with stride 1 and padding 1");
-    if pixels::takes::<T>(d, pixels::PIXEL_MAJOR_INPUT_GRAD) {
+    if pixels::takes_input_grad::<T>(d) {
         return pixels::input_grad_same3x3(d, dy, w, epilogue);
     }
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);

@@ -87,20 +87,31 @@ impl Grid {
     }
 }
 
-/// Whether a "same" 3x3 convolution runs pixel-major: f32 on the gather GEMM, images of fewer
-/// than `pixels` pixels ([`PIXEL_MAJOR_FORWARD`], [`PIXEL_MAJOR_INPUT_GRAD`]).
-pub(super) fn takes<T: Element>(d: &Dims, pixels: usize) -> bool {
-    d.same3x3() && d.gather && d.p() < pixels && T::as_f32(&[]).is_some()
+/// Whether a 3x3 convolution with padding 1 runs its forward pass pixel-major (any stride): f32
+/// on the gather GEMM, outputs of fewer than [`PIXEL_MAJOR_FORWARD`] pixels.
+pub(super) fn takes_forward<T: Element>(d: &Dims) -> bool {
+    (d.kh, d.kw, d.pad) == (3, 3, 1)
+        && d.gather
+        && d.p() < PIXEL_MAJOR_FORWARD
+        && T::as_f32(&[]).is_some()
 }
 
-/// `out[n][col][j] = sum over ki, t < 3, ch < C of src_n[row(ki) + j_y - 1, j_x - 1 + t][ch] *
-/// b[rows(ki, t, ch) + col]` for the `h x w` images of `src` (`C` channels, read through `map`),
-/// `row(ki)` = `ki` or, with `flip`, `2 - ki`: a "same" 3x3 convolution's forward pass (`b` the
-/// weights transposed) or its input gradient (`flip`, the kernel's columns reversed).
-/// `epilogue(n, out_n)` runs on each image's output.
+/// Whether a "same" 3x3 convolution runs its input gradient pixel-major: f32 on the gather
+/// GEMM, images of fewer than [`PIXEL_MAJOR_INPUT_GRAD`] pixels.
+pub(super) fn takes_input_grad<T: Element>(d: &Dims) -> bool {
+    d.same3x3() && d.gather && d.p() < PIXEL_MAJOR_INPUT_GRAD && T::as_f32(&[]).is_some()
+}
+
+/// `out[n][col][j] = sum over ki, t < 3, ch < C of src_n[s j_y + row(ki) - 1, s j_x - 1 + t][ch]
+/// * b[rows(ki, t, ch) + col]` for the `h x w` images of `src` (`C` channels, read through
+/// `map`) and the `ho x wo` outputs `j` (stride `s`), `row(ki)` = `ki` or, with `flip`,
+/// `2 - ki`: a 3x3 convolution's forward pass with padding 1 (`b` the weights transposed) or a
+/// "same" one's input gradient (`flip`, the kernel's columns reversed). `epilogue(n, out_n)`
+/// runs on each image's output.
 #[allow(clippy::too_many_arguments)]
-fn same3x3<T: Element>(
+fn conv3x3<T: Element>(
     (n, channels, h, w): (usize, usize, usize, usize),
+    (ho, wo, stride): (usize, usize, usize),
     src: &[T],
     map: &impl InputMap<T>,
     (b, b_rows): (&[f32], impl Fn(usize, usize, usize) -> usize),
@@ -108,13 +119,13 @@ fn same3x3<T: Element>(
     flip: bool,
     epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
 ) -> Vec<T> {
-    let (grid, p, k) = (Grid::new(channels, h, w), h * w, 3 * channels);
+    let (grid, p, k) = (Grid::new(channels, h, w), ho * wo, 3 * channels);
     let grids = grid.build(n, src, map);
     // The run of output pixel j for kernel row ki, in image 0's grid.
     let starts: Vec<Vec<usize>> = (0..3)
         .map(|ki| {
             let row = if flip { 2 - ki } else { ki };
-            (0..p).map(|j| grid.at(j / w + row, j % w)).collect()
+            (0..p).map(|j| grid.at(j / wo * stride + row, j % wo * stride)).collect()
         })
         .collect();
     let b_rows: Vec<Vec<usize>> = (0..3)
@@ -174,8 +185,9 @@ fn transpose(a: &[f32], (m, k): (usize, usize)) -> Vec<f32> {
     unsafe { crate::par_chunks_uninit(k * m, TRANSPOSE_ROWS * m, || (), rows) }
 }
 
-/// The forward pass of a "same" 3x3 convolution of `map(x)` pixel-major (see [`takes`]).
-pub(super) fn forward_same3x3<T: Element>(
+/// The forward pass of a 3x3 convolution (padding 1, any stride) of `map(x)` pixel-major (see
+/// [`takes_forward`]).
+pub(super) fn forward3x3<T: Element>(
     d: &Dims,
     x: &[T],
     w: &[T],
@@ -186,10 +198,11 @@ pub(super) fn forward_same3x3<T: Element>(
     // wt[(ch, ki, kj)][o] = w[o][ch][ki][kj]
     let wt = transpose(T::as_f32(w).expect("f32"), (o, 9 * c));
     let rows = |ki: usize, kj: usize, ch: usize| (ch * 9 + ki * 3 + kj) * o;
-    same3x3((d.n, c, d.h, d.w), x, map, (&wt, rows), o, false, epilogue)
+    let out = (d.ho, d.wo, d.stride);
+    conv3x3((d.n, c, d.h, d.w), out, x, map, (&wt, rows), o, false, epilogue)
 }
 
-/// The input gradient of a "same" 3x3 convolution pixel-major (see [`takes`]).
+/// The input gradient of a "same" 3x3 convolution pixel-major (see [`takes_input_grad`]).
 pub(super) fn input_grad_same3x3<T: Element>(
     d: &Dims,
     dy: &[T],
@@ -209,5 +222,6 @@ pub(super) fn input_grad_same3x3<T: Element>(
     let rows = |ki: usize, t: usize, oo: usize| (oo * 9 + ki * 3 + 2 - t) * c;
     let plain = super::lower::Plain;
     let epilogue = |i: usize, dx: &mut [T]| epilogue(i, dx);
-    same3x3((d.n, o, d.h, d.w), dy, &plain, (&wt, rows), c, true, &epilogue)
+    let out = (d.h, d.w, 1);
+    conv3x3((d.n, o, d.h, d.w), out, dy, &plain, (&wt, rows), c, true, &epilogue)
 }
