@@ -102,8 +102,8 @@ pub(super) fn takes_input_grad<T: Element>(d: &Dims) -> bool {
     d.same3x3() && d.gather && d.p() < PIXEL_MAJOR_INPUT_GRAD && T::as_f32(&[]).is_some()
 }
 
-/// `out[n][col][j] = sum over ki, t < 3, ch < C of src_n[s j_y + row(ki) - 1, s j_x - 1 + t][ch]
-/// * b[rows(ki, t, ch) + col]` for the `h x w` images of `src` (`C` channels, read through
+/// `out[n][col][j] = sum over ki, t < 3, ch < C of
+/// src_n[s j_y + row(ki) - 1, s j_x - 1 + t][ch] b[rows(ki, t, ch) + col]` for the `h x w` images of `src` (`C` channels, read through
 /// `map`) and the `ho x wo` outputs `j` (stride `s`), `row(ki)` = `ki` or, with `flip`,
 /// `2 - ki`: a 3x3 convolution's forward pass with padding 1 (`b` the weights transposed) or a
 /// "same" one's input gradient (`flip`, the kernel's columns reversed). `epilogue(n, out_n)`
