@@ -128,16 +128,22 @@ impl BasicBlock {
     /// The block in evaluation mode as one at-kernels op (`at_kernels::basic_block_eval`), `None`
     /// where it does not apply (gradients tracked, not f32 on the CPU, convolutions off
     /// at-kernels).
-    fn eval_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    ///
+    /// `detach`: run on detached weights, for a block whose output is detached anyway (the frozen
+    /// first group), where the weights' tracking would otherwise make the kernel decline.
+    fn eval_fused(&self, x: &Tensor, detach: bool) -> Result<Option<Tensor>> {
+        let d = |t: &Tensor| if detach { t.detach() } else { t.clone() };
         let ((g1, b1), r1) = self.bn1.running_affine();
         let ((g2, b2), r2) = self.bn2.running_affine();
         let mut running = vec![r1, r2];
-        let downsample = match &self.downsample {
+        let mut norms = vec![(d(g1), d(b1)), (d(g2), d(b2))];
+        let projection = match &self.downsample {
             Some((conv, bn)) => {
-                let (affine, r) = bn.running_affine();
+                let ((g, b), r) = bn.running_affine();
                 running.push(r);
+                norms.push((d(g), d(b)));
                 match conv.plain_weight(0) {
-                    Some(w) => Some((w, affine)),
+                    Some(w) => Some(d(w)),
                     None => return Ok(None),
                 }
             }
@@ -147,12 +153,13 @@ impl BasicBlock {
         else {
             return Ok(None);
         };
+        let (conv1, conv2) = (d(conv1), d(conv2));
         let block = at_kernels::BasicBlock {
-            conv1,
-            bn1: (g1, b1),
-            conv2,
-            bn2: (g2, b2),
-            downsample,
+            conv1: &conv1,
+            bn1: (&norms[0].0, &norms[0].1),
+            conv2: &conv2,
+            bn2: (&norms[1].0, &norms[1].1),
+            downsample: projection.as_ref().map(|w| (w, (&norms[2].0, &norms[2].1))),
             stride: self.conv1.stride(),
             eps: BN_EPS,
         };
@@ -160,8 +167,17 @@ impl BasicBlock {
         at_kernels::basic_block_eval(x, &block, &running)
     }
 
+    /// The block of the frozen first group (evaluation mode, output detached by the caller): one
+    /// `basic_block_eval` op where it applies.
+    fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        match self.eval_fused(x, true)? {
+            Some(y) => Ok(y),
+            None => self.forward_t(x, false),
+        }
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train && let Some(y) = self.eval_fused(x)? {
+        if !train && let Some(y) = self.eval_fused(x, false)? {
             return Ok(y);
         }
         let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
@@ -256,6 +272,12 @@ impl ResNet {
         let mut o = max_pool2d_on(&o, (3, 2, 1), self.backend)?;
         let mut groups = Vec::with_capacity(4);
         for (l, blocks) in self.layers.iter().enumerate() {
+            if l == 0 && self.freeze_first_group {
+                // Nothing before layer2 learns: the frozen group runs on detached operands.
+                o = blocks.iter().try_fold(o.detach(), |o, block| block.forward_frozen(&o))?;
+                groups.push(o.clone());
+                continue;
+            }
             let layer_train = if l == 0 { first_train } else { train };
             let fused = match deferred {
                 Some(grads) => fused_layer(blocks, &o, layer_train, grads)?,
@@ -265,9 +287,6 @@ impl ResNet {
                 Some(y) => y,
                 None => blocks.iter().try_fold(o, |o, block| block.forward_t(&o, layer_train))?,
             };
-            if l == 0 && self.freeze_first_group {
-                o = o.detach();
-            }
             groups.push(o.clone());
         }
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
