@@ -11,6 +11,9 @@
 //! is never stored (conv2 reads it through its input map, see `conv::InputMap`), and `bn2`, the
 //! shortcut's batch norm, the addition and the ReLU are one pass.
 //!
+//! With frozen batch norms (fine-tuning: `BasicBlock::frozen`, the running statistics, no
+//! gradient to their weights and biases) each batch norm's backward is a per-channel scale.
+//!
 //! The parameters are read where they are, and their gradients bypass candle's graph: the
 //! backward hands them to a [`ParamGrads`] the caller merges into the `GradStore` after
 //! `backward` ([`ParamGrads::merge_into`]). Through the graph, each parameter would cost a copy
@@ -21,7 +24,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, bail,
+};
 
 use crate::block::{AffineRelu, PlaneSums, add_into, conv0_with_stats, f32_slice};
 use crate::conv::{self, Dims, Plain};
@@ -45,6 +50,10 @@ pub struct BasicBlock<'a> {
     pub stride: usize,
     /// The batch-norm epsilon.
     pub eps: f64,
+    /// Frozen batch norms (fine-tuning): each one's running `(mean, variance)` (bn1, bn2, then
+    /// the projection's), which [`basic_blocks_train`] normalises with, passing no gradient to
+    /// their weights and biases; `None`: the batch's statistics, as in training.
+    pub frozen: Option<&'a [(&'a Tensor, &'a Tensor)]>,
 }
 
 /// The batch statistics one block normalised with, for the running averages.
@@ -103,13 +112,15 @@ impl Drop for ParamGrads {
     }
 }
 
-/// One block of the layer: its tensors (in the order of [`weights`]), channels and stride.
+/// One block of the layer: its tensors (in the order of [`weights`]), channels and stride, and
+/// with frozen batch norms their running statistics (bn1, bn2, then the projection's).
 #[derive(Clone, Debug)]
 struct Spec {
     tensors: Vec<Tensor>,
     c_in: usize,
     c_out: usize,
     stride: usize,
+    frozen: Option<Vec<BatchStats>>,
 }
 
 impl Spec {
@@ -233,14 +244,24 @@ fn block_forward(
     (n, h, w): (usize, usize, usize),
 ) -> Result<(Vec<f32>, Saved)> {
     let [d1, d2, dd] = spec.dims((n, h, w))?;
-    let (z1, bn1) = conv_with_stats(&d1, x, p.w1());
+    // Each batch norm's statistics: the batch's, taken with its convolution, or the frozen
+    // running ones.
+    let frozen = |i: usize| spec.frozen.as_ref().map(|f| f[i].clone());
+    let plain = |d: &Dims, x: &[f32], w: &[f32], i: usize| match frozen(i) {
+        Some(stats) => (conv::forward(d, x, w), stats),
+        None => conv_with_stats(d, x, w),
+    };
+    let (z1, bn1) = plain(&d1, x, p.w1(), 0);
     // conv2 reads relu(bn1(z1)) through its input map: it is never stored.
     let map1 = AffineRelu(norm::coefficients(p.bn1(), &bn1, eps));
-    let (z2, bn2) = conv0_with_stats(&d2, &z1, p.w2(), &map1);
+    let (z2, bn2) = match frozen(1) {
+        Some(stats) => (conv::forward_same3x3(&d2, &z1, p.w2(), &map1, &|_, _| {}), stats),
+        None => conv0_with_stats(&d2, &z1, p.w2(), &map1),
+    };
     let a2 = norm::coefficients(p.bn2(), &bn2, eps);
     let (zd, bnd) = match spec.projection() {
         true => {
-            let (zd, bnd) = conv_with_stats(&dd, x, p.wd());
+            let (zd, bnd) = plain(&dd, x, p.wd(), 2);
             (Some(zd), Some(bnd))
         }
         false => (None, None),
@@ -299,6 +320,9 @@ fn block_backward(
     };
     // SAFETY: `write_each` initialises every element of each plane.
     let gr: Vec<f32> = unsafe { crate::par_chunks_uninit(g.len(), p2, || (), relu) };
+    if spec.frozen.is_some() {
+        return frozen_backward(spec, eps, (x, p), &gr, saved);
+    }
     let (d_z2, dg2, db2) = norm_backward(z2, &gr, (p.bn2(), &stats.bn2, eps), (n, c, p2));
 
     // conv2 of relu(bn1(z1)): its weight gradient through the input map; its input gradient
@@ -342,12 +366,79 @@ fn block_backward(
     Ok((dx, dp))
 }
 
-impl CustomOp1 for Op {
+/// The gradient through a frozen batch norm `y = z a + b` (+ ReLU): `g a`, where the ReLU
+/// passed it.
+fn frozen_norm_backward(
+    z: &[f32],
+    g: &[f32],
+    coefficients: &[(f32, f32)],
+    (c, p): (usize, usize),
+    relu: bool,
+) -> Vec<f32> {
+    let plane = |_: &mut (), i: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
+        let (a, b) = coefficients[i % c];
+        let r = i * p..i * p + out.len();
+        let (z, g) = (&z[r.clone()], &g[r]);
+        crate::write_each(out, |j| if !relu || z[j] * a + b > 0.0 { g[j] * a } else { 0.0 });
+    };
+    // SAFETY: `write_each` initialises every element of each plane.
+    unsafe { crate::par_chunks_uninit(g.len(), p, || (), plane) }
+}
+
+/// [`block_backward`] with frozen batch norms, from the gradient `gr` of `bn2(z2) + shortcut`:
+/// the input's gradient and the convolutions' (the batch norms' weights and biases get none:
+/// empty vectors in their places).
+fn frozen_backward(
+    spec: &Spec,
+    eps: f64,
+    (x, p): (&[f32], &Params),
+    gr: &[f32],
+    saved: &Saved,
+) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let c = spec.c_out;
+    let Saved { z1, z2, zd, stats, dims, .. } = saved;
+    let [d1, d2, dd] = spec.dims(*dims)?;
+    let p2 = d2.p();
+    let a2 = norm::coefficients(p.bn2(), &stats.bn2, eps);
+    let d_z2 = frozen_norm_backward(z2, gr, &a2, (c, p2), false);
+    let map1 = AffineRelu(norm::coefficients(p.bn1(), &stats.bn1, eps));
+    let dw2 = conv::weight_grad_same3x3(&d2, z1, &d_z2, &map1);
+    let d_y1 = conv::input_grad_same3x3(&d2, &d_z2, p.w2(), &|_, _| {});
+    drop(d_z2);
+    let d_z1 = frozen_norm_backward(z1, &d_y1, &map1.0, (c, p2), true);
+    drop(d_y1);
+    let dw1 = conv::weight_grad(&d1, x, &d_z1);
+    let mut dx = conv::input_grad(&d1, &d_z1, p.w1());
+    drop(d_z1);
+    let mut dp = vec![dw1, vec![], vec![], dw2, vec![], vec![]];
+    match (zd, &stats.downsample) {
+        (Some(zd), Some(bnd)) => {
+            let ad = norm::coefficients(p.bnd(), bnd, eps);
+            let d_zd = frozen_norm_backward(zd, gr, &ad, (c, dd.p()), false);
+            dp.extend([conv::weight_grad(&dd, x, &d_zd), vec![], vec![]]);
+            add_into(&mut dx, &conv::input_grad(&dd, &d_zd, p.wd()));
+        }
+        _ => add_into(&mut dx, gr),
+    }
+    Ok((dx, dp))
+}
+
+/// The op's operands are the input and an *anchor*: the layer's first weight, read by nobody,
+/// given no gradient, there so that candle records the op (and runs its backward) whenever a
+/// weight learns, even when the input tracks no gradient (a fine-tuned layer after a frozen
+/// one). The weights' gradients go to the op's `ParamGrads`.
+impl CustomOp2 for Op {
     fn name(&self) -> &'static str {
         "at-basic-blocks"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _anchor: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, mut h, mut w) = match *l1.dims() {
             [n, c, h, w] => (n, c, h, w),
             ref dims => bail!("a basic block needs [N, C, H, W], got {dims:?}"),
@@ -382,7 +473,13 @@ impl CustomOp1 for Op {
         Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))))
     }
 
-    fn bwd(&self, x: &Tensor, out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _anchor: &Tensor,
+        out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         if crate::second_order::is_second_order_thread() {
             bail!(
                 "the fused basic blocks are not twice differentiable; build them from separate \
@@ -421,12 +518,13 @@ impl CustomOp1 for Op {
             Ok(())
         })?;
         for (i, dp) in param_grads {
-            for (t, d) in self.blocks[i].tensors.iter().zip(dp) {
+            // Empty: a frozen batch norm's weight or bias, which gets no gradient.
+            for (t, d) in self.blocks[i].tensors.iter().zip(dp).filter(|(_, d)| !d.is_empty()) {
                 self.grads.push(t, Tensor::from_vec(d, t.shape(), t.device())?);
             }
         }
         let dx = grad.expect("a layer has blocks");
-        Ok(Some(Tensor::from_vec(dx, (n, c, h, w), &device)?))
+        Ok((Some(Tensor::from_vec(dx, (n, c, h, w), &device)?), None))
     }
 }
 
@@ -467,7 +565,9 @@ pub fn basic_blocks_train(
             bail!("a basic block with {c_in} input channels follows one with {previous} outputs")
         }
         let tensors = weights(block).into_iter().cloned().collect();
-        specs.push(Spec { tensors, c_in, c_out, stride: block.stride });
+        let frozen =
+            block.frozen.map(|running| running_stats(block, running, c_out)).transpose()?;
+        specs.push(Spec { tensors, c_in, c_out, stride: block.stride, frozen });
     }
     let stats = Arc::new(Mutex::new(None));
     let op = Op {
@@ -477,9 +577,31 @@ pub fn basic_blocks_train(
         stats: stats.clone(),
         grads: grads.clone(),
     };
-    let y = x.contiguous()?.apply_op1(op)?;
+    let anchor = blocks[0].conv1.clone();
+    let y = x.contiguous()?.apply_op2(&anchor, op)?;
     let stats = stats.lock().unwrap_or_else(|e| e.into_inner()).take();
     Ok(Some((y, stats.expect("the forward pass stored its statistics"))))
+}
+
+/// A block's batch norms' running statistics (`(mean, var)` of bn1, bn2, then the
+/// projection's), checked against its shape, as the kernels take them.
+fn running_stats(
+    block: &BasicBlock,
+    running: &[(&Tensor, &Tensor)],
+    c_out: usize,
+) -> Result<Vec<BatchStats>> {
+    let norms = if block.downsample.is_some() { 3 } else { 2 };
+    if running.len() != norms
+        || running.iter().any(|(m, v)| m.elem_count() != c_out || v.elem_count() != c_out)
+    {
+        bail!("a basic block's {norms} batch norms need running statistics of {c_out} channels")
+    }
+    let values =
+        |t: &Tensor| -> Result<Vec<f64>> { t.flatten_all()?.to_dtype(DType::F64)?.to_vec1() };
+    running
+        .iter()
+        .map(|(mean, var)| Ok(BatchStats { mean: values(mean)?, var: values(var)?, count: 0 }))
+        .collect()
 }
 
 /// A block's tensors in the order the kernel takes them.
@@ -588,20 +710,9 @@ pub fn basic_block_eval(
         return Ok(None);
     }
     let (c_in, c_out) = check(block)?;
-    let norms = if block.downsample.is_some() { 3 } else { 2 };
-    if running.len() != norms
-        || running.iter().any(|(m, v)| m.elem_count() != c_out || v.elem_count() != c_out)
-    {
-        bail!("a basic block's {norms} batch norms need running statistics of {c_out} channels")
-    }
-    let spec =
-        Spec { tensors: tensors.into_iter().cloned().collect(), c_in, c_out, stride: block.stride };
-    let values =
-        |t: &Tensor| -> Result<Vec<f64>> { t.flatten_all()?.to_dtype(DType::F64)?.to_vec1() };
-    let running = running
-        .iter()
-        .map(|(mean, var)| Ok(BatchStats { mean: values(mean)?, var: values(var)?, count: 0 }))
-        .collect::<Result<_>>()?;
+    let running = running_stats(block, running, c_out)?;
+    let tensors = tensors.into_iter().cloned().collect();
+    let spec = Spec { tensors, c_in, c_out, stride: block.stride, frozen: None };
     let op = EvalOp { spec, eps: block.eps, running };
     Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
 }

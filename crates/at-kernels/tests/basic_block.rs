@@ -82,6 +82,7 @@ fn check_layer(
                 .then(|| (v[6].as_tensor(), (v[7].as_tensor(), v[8].as_tensor()))),
             stride: if i == 0 { stride } else { 1 },
             eps: 1e-5,
+            frozen: None,
         })
         .collect();
     let deferred = ParamGrads::new();
@@ -155,6 +156,7 @@ fn fused_layer_refuses_blocks_that_do_not_chain_or_lack_a_projection() {
         downsample: None,
         stride: 2,
         eps: 1e-5,
+        frozen: None,
     };
     let err =
         basic_blocks_train(x.as_tensor(), &[block], &ParamGrads::new()).unwrap_err().to_string();
@@ -181,6 +183,7 @@ fn fused_layer_leaves_f64_to_separate_ops() {
         downsample: None,
         stride: 1,
         eps: 1e-5,
+        frozen: None,
     };
     let x64 = x.as_tensor().to_dtype(candle_core::DType::F64).unwrap();
     assert!(
@@ -202,6 +205,7 @@ fn deferred_gradients_add_to_what_the_graph_gave_the_same_parameter() {
         downsample: None,
         stride: 1,
         eps: 1e-5,
+        frozen: None,
     };
     let deferred = ParamGrads::new();
     let (y, _) = basic_blocks_train(x.as_tensor(), &[block], &deferred).unwrap().unwrap();
@@ -255,6 +259,7 @@ fn eval_block_matches_separate_ops_and_declines_tracked_operands() {
             downsample: projection.then_some((&wd, (&nd.0, &nd.1))),
             stride,
             eps: 1e-5,
+            frozen: None,
         };
         let mut running = vec![(&n1.2, &n1.3), (&n2.2, &n2.3)];
         if projection {
@@ -282,5 +287,94 @@ fn eval_block_matches_separate_ops_and_declines_tracked_operands() {
         );
         let err = basic_block_eval(&x, &block, &running[..1]).unwrap_err().to_string();
         assert!(err.contains("running statistics"), "{err}");
+    }
+}
+
+/// Frozen batch norms (fine-tuning: the running statistics, no gradient to gamma and beta)
+/// against the same blocks from `conv2d`, `batch_norm_eval`, candle's addition and ReLU: output,
+/// and the gradients of the input and of every convolution; the batch norms' weights and biases
+/// get none; a strided block with a projection, then an identity block.
+#[test]
+fn fused_layer_with_frozen_batch_norms_matches_separate_ops() {
+    use at_kernels::batch_norm_eval;
+    let x = values(&[3, 6, 9, 9], 1.0, 1.0);
+    let c = 8;
+    let norm = |seed: f64| {
+        let t = |s: f64, scale: f64| values(&[c], s, scale).as_tensor().detach();
+        (
+            t(seed, 0.5),
+            t(seed + 1.0, 0.2),
+            t(seed + 2.0, 0.3),
+            (t(seed + 3.0, 0.4).abs().unwrap() + 0.5).unwrap(),
+        )
+    };
+    let (w1, w2, wd) = (
+        values(&[c, 6, 3, 3], 2.0, 0.3),
+        values(&[c, c, 3, 3], 3.0, 0.3),
+        values(&[c, 6, 1, 1], 4.0, 0.3),
+    );
+    let (w3, w4) = (values(&[c, c, 3, 3], 5.0, 0.3), values(&[c, c, 3, 3], 6.0, 0.3));
+    let norms: Vec<_> = (0..5).map(|i| norm(10.0 * (i + 1) as f64)).collect();
+    let gammas: Vec<Var> = norms.iter().map(|n| Var::from_tensor(&n.0).unwrap()).collect();
+    let running: Vec<Vec<(&Tensor, &Tensor)>> = vec![
+        norms[..3].iter().map(|n| (&n.2, &n.3)).collect(),
+        norms[3..].iter().map(|n| (&n.2, &n.3)).collect(),
+    ];
+    let blocks = [
+        BasicBlock {
+            conv1: w1.as_tensor(),
+            bn1: (gammas[0].as_tensor(), &norms[0].1),
+            conv2: w2.as_tensor(),
+            bn2: (gammas[1].as_tensor(), &norms[1].1),
+            downsample: Some((wd.as_tensor(), (gammas[2].as_tensor(), &norms[2].1))),
+            stride: 2,
+            eps: 1e-5,
+            frozen: Some(&running[0]),
+        },
+        BasicBlock {
+            conv1: w3.as_tensor(),
+            bn1: (gammas[3].as_tensor(), &norms[3].1),
+            conv2: w4.as_tensor(),
+            bn2: (gammas[4].as_tensor(), &norms[4].1),
+            downsample: None,
+            stride: 1,
+            eps: 1e-5,
+            frozen: Some(&running[1]),
+        },
+    ];
+    let deferred = ParamGrads::new();
+    let (ours, _) = basic_blocks_train(x.as_tensor(), &blocks, &deferred).unwrap().expect("fused");
+    let eval = |z: &Tensor, n: &(Tensor, Tensor, Tensor, Tensor), relu: bool| {
+        batch_norm_eval(z, &n.0, &n.1, &n.2, &n.3, 1e-5, relu).unwrap().unwrap()
+    };
+    let block = |x: &Tensor,
+                 w1: &Tensor,
+                 w2: &Tensor,
+                 n: &[(Tensor, Tensor, Tensor, Tensor)],
+                 wd: Option<&Tensor>,
+                 s: usize| {
+        let y1 = eval(&conv2d(x, w1, s, 1).unwrap(), &n[0], true);
+        let y2 = eval(&conv2d(&y1, w2, 1, 1).unwrap(), &n[1], false);
+        let shortcut = match wd {
+            Some(wd) => eval(&conv2d(x, wd, s, 0).unwrap(), &n[2], false),
+            None => x.clone(),
+        };
+        (y2 + shortcut).unwrap().relu().unwrap()
+    };
+    let y =
+        block(x.as_tensor(), w1.as_tensor(), w2.as_tensor(), &norms[..3], Some(wd.as_tensor()), 2);
+    let theirs = block(&y, w3.as_tensor(), w4.as_tensor(), &norms[3..], None, 1);
+    assert!(max_rel("frozen output", &ours, &theirs) < 1e-5);
+    let r = values(theirs.dims(), 99.0, 1.0);
+    let mut grads_ours = (ours * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    deferred.merge_into(&mut grads_ours).unwrap();
+    let grads_theirs = (theirs * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, var) in [("x", &x), ("w1", &w1), ("w2", &w2), ("wd", &wd), ("w3", &w3), ("w4", &w4)]
+    {
+        let err = max_rel(name, grads_ours.get(var).expect(name), grads_theirs.get(var).unwrap());
+        assert!(err < 1e-4, "frozen: gradient of {name} differs by {err}");
+    }
+    for gamma in &gammas {
+        assert!(grads_ours.get(gamma).is_none(), "a frozen batch norm's weight took a gradient");
     }
 }

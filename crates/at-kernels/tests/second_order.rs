@@ -163,6 +163,7 @@ fn fused_basic_blocks_decline_on_a_second_order_thread() {
         downsample: None,
         stride: 1,
         eps: 1e-5,
+        frozen: None,
     };
     // Their backward builds no graph: the caller must build the blocks from separate ops here.
     let deferred = at_kernels::ParamGrads::new();

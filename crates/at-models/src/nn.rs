@@ -254,6 +254,11 @@ impl BatchNorm2d {
         x.broadcast_mul(&scale)?.broadcast_add(&shift)
     }
 
+    /// Whether it is frozen: running statistics always, no gradient to gamma and beta.
+    pub(crate) fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
     /// Gamma and beta, for a fused kernel that normalises with the batch's statistics; `None`
     /// when this batch norm would not (evaluation, or frozen).
     pub(crate) fn batch_affine(&self, train: bool) -> Option<(&Tensor, &Tensor)> {

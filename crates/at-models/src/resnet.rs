@@ -98,25 +98,52 @@ impl BasicBlock {
     }
 
     /// The block as at-kernels' training-mode kernel takes it, `None` where it does not apply
-    /// (evaluation, frozen batch norms, convolutions with a bias or off at-kernels).
-    fn fused(&self, train: bool) -> Option<at_kernels::BasicBlock<'_>> {
+    /// (evaluation, convolutions with a bias or off at-kernels, some batch norms frozen and
+    /// others not). `frozen`: the running statistics of [`BasicBlock::frozen_running`], for
+    /// frozen batch norms.
+    fn fused<'a>(
+        &'a self,
+        train: bool,
+        frozen: Option<&'a [(&'a Tensor, &'a Tensor)]>,
+    ) -> Option<at_kernels::BasicBlock<'a>> {
+        let affine = |bn: &'a BatchNorm2d| match frozen {
+            Some(_) if train && bn.is_frozen() => Some(bn.running_affine().0),
+            Some(_) => None,
+            None => bn.batch_affine(train),
+        };
         let downsample = match &self.downsample {
-            Some((conv, bn)) => Some((conv.plain_weight(0)?, bn.batch_affine(train)?)),
+            Some((conv, bn)) => Some((conv.plain_weight(0)?, affine(bn)?)),
             None => None,
         };
         Some(at_kernels::BasicBlock {
             conv1: self.conv1.plain_weight(1)?,
-            bn1: self.bn1.batch_affine(train)?,
+            bn1: affine(&self.bn1)?,
             conv2: self.conv2.plain_weight(1)?,
-            bn2: self.bn2.batch_affine(train)?,
+            bn2: affine(&self.bn2)?,
             downsample,
             stride: self.conv1.stride(),
             eps: BN_EPS,
+            frozen,
         })
     }
 
-    /// Updates the running statistics from the kernel's batch statistics.
+    /// The running `(mean, var)` of bn1, bn2 and the projection's batch norm, detached, when
+    /// every one of them is frozen (fine-tuning); `None` otherwise.
+    fn frozen_running(&self) -> Option<Vec<(Tensor, Tensor)>> {
+        let norms = [Some(&self.bn1), Some(&self.bn2), self.downsample.as_ref().map(|(_, bn)| bn)];
+        let norms: Vec<&BatchNorm2d> = norms.into_iter().flatten().collect();
+        norms
+            .iter()
+            .all(|bn| bn.is_frozen())
+            .then(|| norms.iter().map(|bn| bn.running_affine().1).collect())
+    }
+
+    /// Updates the running statistics from the kernel's batch statistics (frozen batch norms
+    /// keep theirs).
     fn update_running_from(&self, stats: &at_kernels::BasicBlockStats) -> Result<()> {
+        if self.bn1.is_frozen() {
+            return Ok(());
+        }
         self.bn1.update_running_from(&stats.bn1)?;
         self.bn2.update_running_from(&stats.bn2)?;
         if let (Some((_, bn)), Some(stats)) = (&self.downsample, &stats.downsample) {
@@ -162,6 +189,7 @@ impl BasicBlock {
             downsample: projection.as_ref().map(|w| (w, (&norms[2].0, &norms[2].1))),
             stride: self.conv1.stride(),
             eps: BN_EPS,
+            frozen: None,
         };
         let running: Vec<_> = running.iter().map(|(m, v)| (m, v)).collect();
         at_kernels::basic_block_eval(x, &block, &running)
@@ -203,7 +231,15 @@ fn fused_layer(
     if !train {
         return Ok(None);
     }
-    let Some(fused) = blocks.iter().map(|b| b.fused(train)).collect::<Option<Vec<_>>>() else {
+    // Frozen batch norms (fine-tuning) normalise with their running statistics.
+    let running: Vec<Option<Vec<(Tensor, Tensor)>>> =
+        blocks.iter().map(BasicBlock::frozen_running).collect();
+    let running: Vec<Option<Vec<(&Tensor, &Tensor)>>> = running
+        .iter()
+        .map(|r| r.as_ref().map(|r| r.iter().map(|(mean, var)| (mean, var)).collect()))
+        .collect();
+    let fused = blocks.iter().zip(&running).map(|(b, r)| b.fused(train, r.as_deref()));
+    let Some(fused) = fused.collect::<Option<Vec<_>>>() else {
         return Ok(None);
     };
     let Some((y, stats)) = at_kernels::basic_blocks_train(x, &fused, grads)? else {

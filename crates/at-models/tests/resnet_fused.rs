@@ -67,7 +67,11 @@ fn compare(name: &str, options: &ModelOptions) -> usize {
                 compared += 1;
             }
             (None, None) => {}
-            _ => panic!("{name}: {n} has a gradient on one side only"),
+            (a, b) => panic!(
+                "{name}: {n} has a gradient on one side only: fused {} separate {}",
+                a.is_some(),
+                b.is_some()
+            ),
         }
     }
     compared
