@@ -24,11 +24,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, bail,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
 
-use crate::block::{AffineRelu, PlaneSums, add_into, conv0_with_stats, f32_slice};
+use crate::block::{AffineRelu, PlaneSums, add_into, conv0_with_stats, f32_slice, with_f32};
 use crate::conv::{self, Dims, Plain};
 use crate::norm::{self, BatchStats};
 
@@ -165,20 +163,19 @@ impl Params<'_> {
 
 /// Runs `f` on every block's parameters as f32 slices, read in place (CPU storage).
 fn with_params<R>(blocks: &[Spec], f: impl FnOnce(&[Params]) -> Result<R>) -> Result<R> {
-    let guards: Vec<Vec<_>> =
-        blocks.iter().map(|b| b.tensors.iter().map(|t| t.storage_and_layout()).collect()).collect();
-    let mut params = Vec::with_capacity(blocks.len());
-    for block in &guards {
-        let mut slices = Vec::with_capacity(block.len());
-        for (storage, layout) in block {
-            let Storage::Cpu(s) = &**storage else {
-                bail!("the basic-block kernel runs on the CPU")
-            };
-            slices.push(f32_slice(s, layout, "a parameter")?);
-        }
-        params.push(Params(slices));
-    }
-    f(&params)
+    let tensors: Vec<&Tensor> = blocks.iter().flat_map(|b| &b.tensors).collect();
+    with_f32(&tensors, &vec!["a parameter"; tensors.len()], |slices| {
+        let mut rest = slices;
+        let params: Vec<Params> = blocks
+            .iter()
+            .map(|b| {
+                let (block, tail) = rest.split_at(b.tensors.len());
+                rest = tail;
+                Params(block.to_vec())
+            })
+            .collect();
+        f(&params)
+    })
 }
 
 /// What a block's backward pass keeps from its forward pass.
@@ -487,35 +484,30 @@ impl CustomOp2 for Op {
             )
         }
         let (n, c, h, w) = x.dims4()?;
-        let device = x.device().clone();
         let g = g.to_dtype(DType::F32)?.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (os, ol) = out.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (Storage::Cpu(xs), Storage::Cpu(os), Storage::Cpu(gs)) = (&*xs, &*os, &*gs) else {
-            bail!("the basic-block kernel's backward runs on the CPU")
-        };
-        let x = f32_slice(xs, xl, "the input")?;
-        let out = f32_slice(os, ol, "the output")?;
-        let g = f32_slice(gs, gl, "the output gradient")?;
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         let Some(saved) = saved.as_ref() else {
             bail!("the basic blocks' backward ran before their forward")
         };
         let mut grad: Option<Vec<f32>> = None;
         let mut param_grads = Vec::with_capacity(self.blocks.len());
-        with_params(&self.blocks, |params| {
-            for (i, (spec, block)) in self.blocks.iter().zip(saved).enumerate().rev() {
-                let input = block.input.as_deref().unwrap_or(x);
-                // This block's output: the next block's input, or the op's.
-                let output = saved.get(i + 1).and_then(|next| next.input.as_deref()).unwrap_or(out);
-                let g = grad.as_deref().unwrap_or(g);
-                let (dx, dp) =
-                    block_backward(spec, self.eps, (input, &params[i]), (output, g), block)?;
-                param_grads.push((i, dp));
-                grad = Some(dx);
-            }
-            Ok(())
+        let what = ["the input", "the output", "the output gradient"];
+        with_f32(&[x, out, &g], &what, |operands| {
+            let &[x, out, g] = operands else { unreachable!("three operands") };
+            with_params(&self.blocks, |params| {
+                for (i, (spec, block)) in self.blocks.iter().zip(saved).enumerate().rev() {
+                    let input = block.input.as_deref().unwrap_or(x);
+                    // This block's output: the next block's input, or the op's.
+                    let output =
+                        saved.get(i + 1).and_then(|next| next.input.as_deref()).unwrap_or(out);
+                    let g = grad.as_deref().unwrap_or(g);
+                    let (dx, dp) =
+                        block_backward(spec, self.eps, (input, &params[i]), (output, g), block)?;
+                    param_grads.push((i, dp));
+                    grad = Some(dx);
+                }
+                Ok(())
+            })
         })?;
         for (i, dp) in param_grads {
             // Empty: a frozen batch norm's weight or bias, which gets no gradient.
@@ -524,7 +516,7 @@ impl CustomOp2 for Op {
             }
         }
         let dx = grad.expect("a layer has blocks");
-        Ok((Some(Tensor::from_vec(dx, (n, c, h, w), &device)?), None))
+        Ok((Some(Tensor::from_vec(dx, (n, c, h, w), x.device())?), None))
     }
 }
 

@@ -222,6 +222,25 @@ pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
     });
 }
 
+/// Runs `f` on the f32 values of contiguous CPU tensors, `what[i]` naming tensor `i` in the
+/// errors: how the kernels' backward passes read operands they get as tensors.
+pub(crate) fn with_f32<R>(
+    tensors: &[&Tensor],
+    what: &[&str],
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .zip(what)
+        .map(|((storage, layout), what)| match &**storage {
+            Storage::Cpu(s) => f32_slice(s, layout, what),
+            _ => bail!("{what} is not on the CPU, where this kernel runs"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&slices)
+}
+
 pub(crate) fn f32_slice<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
@@ -462,40 +481,36 @@ impl CustomOp2 for Op {
         }
         let (n, c, h, w) = x.dims4()?;
         let g = g.to_dtype(DType::F32)?.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (ps, pl) = params.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (Storage::Cpu(xs), Storage::Cpu(ps), Storage::Cpu(gs)) = (&*xs, &*ps, &*gs) else {
-            bail!("the residual-block kernel's backward runs on the CPU")
-        };
-        let x = f32_slice(xs, xl, "the input")?;
-        let p = f32_slice(ps, pl, "the parameters")?;
-        let g = f32_slice(gs, gl, "the output gradient")?;
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         let Some(saved) = saved.as_ref() else {
             bail!("the residual block's backward ran before its forward")
         };
         let map_grad = self.map_grad.as_ref().map(|m| m.take((n, c, h, w))).transpose()?.flatten();
-        let mut dp = vec![0f32; p.len()];
-        let mut grad: Option<Vec<f32>> = None;
-        for (i, (spec, block)) in self.blocks.iter().zip(saved).enumerate().rev() {
-            let range = spec.start..spec.start + spec.offsets.total;
-            let input = block.input.as_deref().unwrap_or(x);
-            let g = grad.as_deref().unwrap_or(g);
-            let dx = block_backward(
-                spec,
-                self.eps,
-                (input, &p[range.clone()], g),
-                block,
-                &mut dp[range],
-                if i == 0 { map_grad.as_deref() } else { None },
-            )?;
-            grad = Some(dx);
-        }
-        let device = params.device();
+        let what = ["the input", "the parameters", "the output gradient"];
+        let (dx, dp) = with_f32(&[x, params, &g], &what, |operands| {
+            let &[x, p, g] = operands else { unreachable!("three operands") };
+            let mut dp = vec![0f32; p.len()];
+            let mut grad: Option<Vec<f32>> = None;
+            for (i, (spec, block)) in self.blocks.iter().zip(saved).enumerate().rev() {
+                let range = spec.start..spec.start + spec.offsets.total;
+                let input = block.input.as_deref().unwrap_or(x);
+                let g = grad.as_deref().unwrap_or(g);
+                let dx = block_backward(
+                    spec,
+                    self.eps,
+                    (input, &p[range.clone()], g),
+                    block,
+                    &mut dp[range],
+                    if i == 0 { map_grad.as_deref() } else { None },
+                )?;
+                grad = Some(dx);
+            }
+            Ok((grad.expect("a group has blocks"), dp))
+        })?;
+        let (device, len) = (params.device(), dp.len());
         Ok((
-            Some(Tensor::from_vec(grad.expect("a group has blocks"), (n, c, h, w), device)?),
-            Some(Tensor::from_vec(dp, p.len(), device)?),
+            Some(Tensor::from_vec(dx, (n, c, h, w), device)?),
+            Some(Tensor::from_vec(dp, len, device)?),
         ))
     }
 }
