@@ -143,21 +143,26 @@ fn fused_layer_matches_separate_ops_on_tiny_and_oblong_images() {
     check_layer(3, (3, 3), 1, 2, (5, 2));
 }
 
-#[test]
-fn fused_layer_refuses_blocks_that_do_not_chain_or_lack_a_projection() {
-    let x = values(&[1, 4, 4, 4], 1.0, 1.0);
-    let (g, b) = (values(&[4], 2.0, 1.0), values(&[4], 3.0, 1.0));
-    let w = values(&[4, 4, 3, 3], 4.0, 1.0);
-    let block = BasicBlock {
+/// An identity block whose two convolutions share `w` and whose batch norms share `(g, b)`.
+fn shared_block<'a>(w: &'a Var, (g, b): (&'a Var, &'a Var), stride: usize) -> BasicBlock<'a> {
+    BasicBlock {
         conv1: w.as_tensor(),
         bn1: (g.as_tensor(), b.as_tensor()),
         conv2: w.as_tensor(),
         bn2: (g.as_tensor(), b.as_tensor()),
         downsample: None,
-        stride: 2,
+        stride,
         eps: 1e-5,
         frozen: None,
-    };
+    }
+}
+
+#[test]
+fn fused_layer_refuses_blocks_that_do_not_chain_or_lack_a_projection() {
+    let x = values(&[1, 4, 4, 4], 1.0, 1.0);
+    let (g, b) = (values(&[4], 2.0, 1.0), values(&[4], 3.0, 1.0));
+    let w = values(&[4, 4, 3, 3], 4.0, 1.0);
+    let block = shared_block(&w, (&g, &b), 2);
     let err =
         basic_blocks_train(x.as_tensor(), &[block], &ParamGrads::new()).unwrap_err().to_string();
     assert!(err.contains("needs a projection"), "{err}");
@@ -175,16 +180,7 @@ fn fused_layer_leaves_f64_to_separate_ops() {
     let x = values(&[1, 4, 4, 4], 1.0, 1.0);
     let (g, b) = (values(&[4], 2.0, 1.0), values(&[4], 3.0, 1.0));
     let w = values(&[4, 4, 3, 3], 4.0, 1.0);
-    let block = BasicBlock {
-        conv1: w.as_tensor(),
-        bn1: (g.as_tensor(), b.as_tensor()),
-        conv2: w.as_tensor(),
-        bn2: (g.as_tensor(), b.as_tensor()),
-        downsample: None,
-        stride: 1,
-        eps: 1e-5,
-        frozen: None,
-    };
+    let block = shared_block(&w, (&g, &b), 1);
     let x64 = x.as_tensor().to_dtype(candle_core::DType::F64).unwrap();
     assert!(
         basic_blocks_train(&x64, &[block], &ParamGrads::new()).unwrap().is_none(),
@@ -197,16 +193,7 @@ fn deferred_gradients_add_to_what_the_graph_gave_the_same_parameter() {
     let (x, g, b) =
         (values(&[2, 4, 5, 5], 1.0, 1.0), values(&[4], 2.0, 0.5), values(&[4], 3.0, 0.2));
     let w = values(&[4, 4, 3, 3], 4.0, 0.3);
-    let block = BasicBlock {
-        conv1: w.as_tensor(),
-        bn1: (g.as_tensor(), b.as_tensor()),
-        conv2: w.as_tensor(),
-        bn2: (g.as_tensor(), b.as_tensor()),
-        downsample: None,
-        stride: 1,
-        eps: 1e-5,
-        frozen: None,
-    };
+    let block = shared_block(&w, (&g, &b), 1);
     let deferred = ParamGrads::new();
     let (y, _) = basic_blocks_train(x.as_tensor(), &[block], &deferred).unwrap().unwrap();
     // The loss also uses `w` directly: its graph gradient is `1` everywhere.
