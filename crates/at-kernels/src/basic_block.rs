@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
 
-use crate::block::{AffineRelu, PlaneSums, add_into, conv0_with_stats, f32_slice, with_f32};
+use crate::block::{
+    AffineRelu, add_into, conv_norm_relu_backward, conv0_with_stats, f32_slice, with_f32,
+};
 use crate::conv::{self, Dims, Plain};
 use crate::norm::{self, BatchStats};
 
@@ -326,23 +328,9 @@ fn block_backward(
     // with the first pass of bn1's backward taken from each image while it is in cache.
     let map1 = AffineRelu(norm::coefficients(p.bn1(), &stats.bn1, eps));
     let dw2 = conv::weight_grad_same3x3(&d2, z1, &d_z2, &map1);
-    let sums = PlaneSums::new(z1, &map1.0, &stats.bn1, (c, p2));
-    let take_sums = |image: usize, g: &[f32]| sums.take(image, g);
-    let d_y1 = conv::input_grad_same3x3(&d2, &d_z2, p.w2(), &take_sums);
+    let (d_z1, dg1, db1) =
+        conv_norm_relu_backward(&d2, &d_z2, p.w2(), (z1, p.bn1(), &stats.bn1, eps));
     drop(d_z2);
-    let sums = sums.into_sums();
-    let bn1_backward = norm::Backward {
-        dims: (n, c, p2),
-        affine: p.bn1(),
-        stats: &stats.bn1,
-        eps,
-        relu: true,
-        precomputed: Some(&sums),
-        residual: None,
-        map_grad: None,
-    };
-    let (d_z1, dg1, db1) = norm::train_backward(z1, &d_y1, &bn1_backward);
-    drop(d_y1);
 
     // conv1.
     let dw1 = conv::weight_grad(&d1, x, &d_z1);

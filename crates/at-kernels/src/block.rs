@@ -212,6 +212,35 @@ impl<'a> PlaneSums<'a> {
     }
 }
 
+/// Back through a "same" 3x3 convolution `w` and the batch norm + ReLU before it, whose input was
+/// `z`: from the convolution's output gradient `g`, the gradients of `z` and of the batch
+/// norm's weight and bias, its first backward pass taken from each image's planes in the
+/// convolution's input-gradient epilogue, while they are in cache.
+pub(crate) fn conv_norm_relu_backward(
+    d: &Dims,
+    g: &[f32],
+    w: &[f32],
+    (z, affine, stats, eps): (&[f32], (&[f32], &[f32]), &BatchStats, f64),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (c, p) = (d.c, d.p());
+    let coefficients = norm::coefficients(affine, stats, eps);
+    let sums = PlaneSums::new(z, &coefficients, stats, (c, p));
+    let take_sums = |image: usize, dy: &[f32]| sums.take(image, dy);
+    let dy = conv::input_grad_same3x3(d, g, w, &take_sums);
+    let sums = sums.into_sums();
+    let backward = norm::Backward {
+        dims: (d.n, c, p),
+        affine,
+        stats,
+        eps,
+        relu: true,
+        precomputed: Some(&sums),
+        residual: None,
+        map_grad: None,
+    };
+    norm::train_backward(z, &dy, &backward)
+}
+
 /// `dst += src`, in parallel.
 pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
     const CHUNK: usize = 1 << 14;
@@ -353,22 +382,8 @@ fn block_backward(
 
     // conv1's input gradient, with the first pass of bn1's backward taken from each
     // image's planes while they are in cache.
-    let bn1_sums = PlaneSums::new(y0, &bn1.0, &stats[1], (o.c_out, d0.p()));
-    let take_sums = |image: usize, d_o2: &[f32]| bn1_sums.take(image, d_o2);
-    let d_o2 = conv::input_grad_same3x3(&d1, g, &p[o.w1..o.wd], &take_sums);
-    let bn1_sums = bn1_sums.into_sums();
-    let bn1_backward = norm::Backward {
-        dims: (n, o.c_out, d0.p()),
-        affine: o.bn1(p),
-        stats: &stats[1],
-        eps,
-        relu: true,
-        precomputed: Some(&bn1_sums),
-        residual: None,
-        map_grad: None,
-    };
-    let (d_y0, dg1, db1) = norm::train_backward(y0, &d_o2, &bn1_backward);
-    drop(d_o2);
+    let (d_y0, dg1, db1) =
+        conv_norm_relu_backward(&d1, g, &p[o.w1..o.wd], (y0, o.bn1(p), &stats[1], eps));
     dp[o.g1..o.g1 + o.c_out].copy_from_slice(&dg1);
     dp[o.g1 + o.c_out..o.w1].copy_from_slice(&db1);
     let dw0 = match o1 {
