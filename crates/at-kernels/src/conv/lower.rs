@@ -714,7 +714,8 @@ pub(super) fn pixel_weight_grad(d: &Dims) -> bool {
 /// each image's GEMM is short and the accumulator (`kh x o x kw c`, megabytes at 512 channels)
 /// is read and written once per image. Measured at 224 px, batch 8 (`conv_bench resnet`):
 /// ResNet's 7x7 layers (49 pixels) 21 -> 15.5 ms this way, its 14x14 ones (196) 10.5 -> 11.5,
-/// so only the former.
+/// so only the former; and only from `pixels::PIXEL_MAJOR_CHANNELS` output channels (WRN's
+/// 8x8 layers of 128 channels at batch 128: 13.5 -> 14.3 ms this way).
 const ROWS_OVER_BATCH_PIXELS: usize = 100;
 
 /// The weight gradient on the gather GEMM (f32 on AVX-512), per kernel row `ki`:
@@ -754,7 +755,8 @@ pub(super) fn weight_grad_pixels<T: Element>(
         })
         .collect();
     // acc[o][ki][(kj, c)] (by rows over the batch) or acc[ki][o][(kj, c)] (by images).
-    let (acc, row_major) = if p < ROWS_OVER_BATCH_PIXELS {
+    let by_rows = p < ROWS_OVER_BATCH_PIXELS && d.o >= pixels::PIXEL_MAJOR_CHANNELS;
+    let (acc, row_major) = if by_rows {
         let grids = grid.build(d.n, x, map);
         // Image `n`'s runs are its grid's, `n` grids further.
         let rows: Vec<Vec<usize>> = rows

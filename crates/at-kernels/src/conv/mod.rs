@@ -283,8 +283,10 @@ mod tests {
     /// convolutions and the im2col path (stride 2, 1x1 projections); then ResNet's at 224 px
     /// with fewer channels: the 7x7/2 stem, a 14x14 layer (weight gradient image by image), 7x7
     /// outputs (weight gradient by bands of output channels over the batch, 13 channels in
-    /// bands of 6, 6 and 1) and a 1x1/2 projection.
-    const GEOMETRIES: [Geometry; 13] = [
+    /// bands of 6, 6 and 1) and a 1x1/2 projection; then layers wide enough for the
+    /// pixel-major paths (`pixels.rs`, from 256 channels): 7x7 with a ragged output width, a
+    /// strided 14 -> 7, and a 10x12 image (input gradient pixel-major, forward not).
+    const GEOMETRIES: [Geometry; 16] = [
         ((3, 5, 9, 7), (7, 5, 3, 3), 1, 1),
         ((2, 16, 8, 8), (32, 16, 3, 3), 1, 1),
         ((2, 32, 4, 16), (16, 32, 3, 3), 1, 1),
@@ -298,6 +300,9 @@ mod tests {
         ((3, 24, 7, 7), (13, 24, 3, 3), 1, 1),
         ((5, 32, 14, 14), (64, 32, 3, 3), 2, 1),
         ((3, 16, 28, 28), (32, 16, 1, 1), 2, 0),
+        ((2, 256, 7, 7), (264, 256, 3, 3), 1, 1),
+        ((3, 256, 14, 14), (256, 256, 3, 3), 2, 1),
+        ((2, 256, 10, 12), (256, 256, 3, 3), 1, 1),
     ];
 
     type Geometry = ((usize, usize, usize, usize), (usize, usize, usize, usize), usize, usize);

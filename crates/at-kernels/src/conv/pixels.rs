@@ -23,6 +23,12 @@ pub(super) const PIXEL_MAJOR_FORWARD: usize = 100;
 /// (11.4-12.7 -> 9.7-11.6 ms over three alternating runs).
 pub(super) const PIXEL_MAJOR_INPUT_GRAD: usize = 200;
 
+/// Channels (in and out) from which the pixel-major paths pay: they win where the weights are
+/// large (256 and 512 channels, megabytes read per image channel-major), and lose on WRN's 8x8
+/// layers of 128 channels at batch 128 (forward 11.9 -> 12.8 ms, input gradient 12.5 -> 13-17,
+/// three alternating runs).
+pub(super) const PIXEL_MAJOR_CHANNELS: usize = 256;
+
 /// An image of `c` channels, `h x w`, stored pixel by pixel (`c` values each) on a grid of
 /// `w + 1` columns with a zero row above and below and one zero pixel first: image pixel
 /// `(y, x)` is grid pixel `1 + (y + 1) (w + 1) + x`. The last column is zero, so the pixel left
@@ -88,18 +94,25 @@ impl Grid {
 }
 
 /// Whether a 3x3 convolution with padding 1 runs its forward pass pixel-major (any stride): f32
-/// on the gather GEMM, outputs of fewer than [`PIXEL_MAJOR_FORWARD`] pixels.
+/// on the gather GEMM, outputs of fewer than [`PIXEL_MAJOR_FORWARD`] pixels, at least
+/// [`PIXEL_MAJOR_CHANNELS`] channels.
 pub(super) fn takes_forward<T: Element>(d: &Dims) -> bool {
     (d.kh, d.kw, d.pad) == (3, 3, 1)
         && d.gather
         && d.p() < PIXEL_MAJOR_FORWARD
+        && d.c.min(d.o) >= PIXEL_MAJOR_CHANNELS
         && T::as_f32(&[]).is_some()
 }
 
 /// Whether a "same" 3x3 convolution runs its input gradient pixel-major: f32 on the gather
-/// GEMM, images of fewer than [`PIXEL_MAJOR_INPUT_GRAD`] pixels.
+/// GEMM, images of fewer than [`PIXEL_MAJOR_INPUT_GRAD`] pixels, at least
+/// [`PIXEL_MAJOR_CHANNELS`] channels.
 pub(super) fn takes_input_grad<T: Element>(d: &Dims) -> bool {
-    d.same3x3() && d.gather && d.p() < PIXEL_MAJOR_INPUT_GRAD && T::as_f32(&[]).is_some()
+    d.same3x3()
+        && d.gather
+        && d.p() < PIXEL_MAJOR_INPUT_GRAD
+        && d.c.min(d.o) >= PIXEL_MAJOR_CHANNELS
+        && T::as_f32(&[]).is_some()
 }
 
 /// `out[n][col][j] = sum over ki, t < 3, ch < C of
