@@ -8,15 +8,10 @@
 use at_kernels::{
     BasicBlock, BasicBlockStats, ParamGrads, basic_blocks_train, batch_norm_train, conv2d,
 };
-use candle_core::{Device, Result, Tensor, Var};
+mod common;
 
-fn values(shape: &[usize], seed: f64, scale: f64) -> Var {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| (((i as f64 + 1.0) * (seed + 0.618)).sin() * scale + 0.1 * scale) as f32)
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-}
+use candle_core::{Result, Tensor, Var};
+use common::{max_rel, values};
 
 /// One block from separate ops: `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)`.
 fn composite(x: &Tensor, b: &BasicBlock) -> Result<(Tensor, BasicBlockStats)> {
@@ -33,12 +28,6 @@ fn composite(x: &Tensor, b: &BasicBlock) -> Result<(Tensor, BasicBlockStats)> {
         None => (x.clone(), None),
     };
     Ok(((y2 + shortcut)?.relu()?, BasicBlockStats { bn1, bn2, downsample }))
-}
-
-fn max_rel(what: &str, a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30)
 }
 
 /// A layer of `count` blocks from `c_in` to `c_out` channels, the first with `stride` (and a

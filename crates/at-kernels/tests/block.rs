@@ -7,15 +7,10 @@ use at_kernels::{
     BatchStats, PreactBlock, batch_norm_eval, batch_norm_train, conv2d, preact_block_eval,
     preact_block_train, preact_blocks_train,
 };
-use candle_core::{Device, Result, Tensor, Var};
+mod common;
 
-fn values(shape: &[usize], seed: f64, scale: f64) -> Var {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| (((i as f64 + 1.0) * (seed + 0.618)).sin() * scale + 0.1 * scale) as f32)
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-}
+use candle_core::{Result, Tensor};
+use common::{max_rel, values};
 
 fn composite(x: &Tensor, b: &PreactBlock) -> Result<(Tensor, [BatchStats; 2])> {
     let (o1, s0) = batch_norm_train(x, b.bn0.0, b.bn0.1, b.eps, true)?.expect("kernel");
@@ -27,12 +22,6 @@ fn composite(x: &Tensor, b: &PreactBlock) -> Result<(Tensor, [BatchStats; 2])> {
         None => (y1 + x)?,
     };
     Ok((out, [s0, s1]))
-}
-
-fn max_rel(what: &str, a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30)
 }
 
 fn check(c_in: usize, c_out: usize, stride: usize) {
