@@ -9,7 +9,8 @@
 //! packs both operands on every call, which is a few percent of a training step at CIFAR's image
 //! sizes.
 //!
-//! The kernel is written for AVX-512 ([`available`]); elsewhere the callers keep `gemm`.
+//! The tile kernel is written for AVX-512 (`MR x 64` tiles) and for AVX2 with FMA (`MR x 16`),
+//! chosen at run time ([`isa`]); elsewhere the callers keep `gemm`.
 
 use std::mem::MaybeUninit;
 
@@ -17,12 +18,8 @@ use rayon::prelude::*;
 
 /// The most output rows per tile: each is one broadcast weight per inner step.
 const MR: usize = 6;
-/// 16-lane vectors per tile row: a full tile is `MR x 64` accumulators, 24 of the 32 registers.
-const NV: usize = 4;
-/// Output columns per tile.
-const NR: usize = 16 * NV;
 /// Inner steps per pass over the output, so that a tile's `KC x NR` slice of the right operand
-/// (64 KiB) stays near the core while every row block uses it (measured against 64, 128 and
+/// (64 KiB with AVX-512's 64 columns, 16 KiB with AVX2's 16) stays near the core while every row block uses it (measured against 64, 128 and
 /// the whole inner dimension at WRN's sizes).
 const KC: usize = 256;
 
@@ -70,30 +67,80 @@ fn row_blocks(m: usize) -> Vec<(usize, usize)> {
     (0..count).map(|b| (b * m / count, (b + 1) * m / count - b * m / count)).collect()
 }
 
-/// Whether [`gather_gemm`] runs here: x86-64 with AVX-512F, unless the process was started
-/// with `AT_KERNELS_PORTABLE=1`, which makes the kernels take the path of a CPU without
-/// AVX-512 (`gemm`'s), so that a machine with it can test that path whole (`.ci/run` runs the
-/// kernels' and the models' tests so once more). Read once; the one environment variable the
-/// kernels read, and it stands for the CPU, not for a choice of ops.
+/// The instruction set the kernels run on. The gather GEMM and its transposes have an AVX-512
+/// and an AVX2 (with FMA) version; [`Isa::Portable`] leaves the GEMMs to the `gemm` crate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// No gather kernel: `gemm`'s GEMMs (any CPU).
+    Portable,
+    /// 256-bit vectors with FMA: x86-64 CPUs without AVX-512 (Haswell on, Zen 1-3).
+    Avx2,
+    /// 512-bit vectors: AVX-512F.
+    Avx512,
+}
+
+impl Isa {
+    /// The name `AT_KERNELS_ISA` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The path the kernels take in this process: the widest this CPU has, or a narrower one where
+/// the process was started with `AT_KERNELS_ISA` set to `avx2` or `portable`, so that a machine
+/// with AVX-512 can test (and time) the paths of older CPUs whole (`.ci/run` runs the kernels'
+/// and the models' tests on each). Read once; the one environment variable the kernels read,
+/// and it stands for the CPU, not for a choice of ops.
+///
+/// # Panics
+///
+/// On a value of `AT_KERNELS_ISA` other than `avx512`, `avx2` or `portable`.
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let cpu = cpu_isa();
+        match std::env::var("AT_KERNELS_ISA").as_deref() {
+            Err(_) | Ok("") => cpu,
+            Ok(asked) => {
+                let asked = [Isa::Avx512, Isa::Avx2, Isa::Portable]
+                    .into_iter()
+                    .find(|isa| isa.name() == asked)
+                    .unwrap_or_else(|| {
+                        panic!("AT_KERNELS_ISA={asked}: it takes avx512, avx2 or portable")
+                    });
+                asked.min(cpu)
+            }
+        }
+    })
+}
+
+/// Whether [`gather_gemm`] runs here (see [`isa`]).
 pub(crate) fn available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| !portable_forced() && cpu_has_avx512f())
+    isa() != Isa::Portable
 }
 
-/// Whether `AT_KERNELS_PORTABLE=1` asks for the path of a CPU without AVX-512.
-pub(crate) fn portable_forced() -> bool {
-    std::env::var_os("AT_KERNELS_PORTABLE").is_some_and(|v| v == "1")
-}
-
-fn cpu_has_avx512f() -> bool {
+fn cpu_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Isa::Portable
 }
 
 /// `c[i][j] = sum_kk a[i][kk] * b[rows[kk] + j]` for `i < m`, `j < n`, into `c` (row-major, row
@@ -188,21 +235,38 @@ fn run(
         }
         return;
     }
-    assert!(available(), "gather_gemm needs AVX-512F");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is available (asserted); the asserts above keep every row of `b` read
-    // (`rows[kk] + j`, `j < n`), every element of `c` written (`i * ldc + j`, `i < m`,
-    // `j < n`) in range, and the callers keep the left operand's rows and inner indices in
-    // range (`a.k == k` values per packed row, or `starts[i] + k` for each row's run).
-    unsafe {
-        avx512::gemm(a, (b.as_ptr(), rows), n, (c.as_mut_ptr().cast::<f32>(), ldc), accumulate)
+    {
+        let kernel = match isa() {
+            Isa::Avx512 => avx512::tile as TileKernel,
+            Isa::Avx2 => avx2::tile as TileKernel,
+            Isa::Portable => panic!("gather_gemm needs AVX2 and FMA, or AVX-512F"),
+        };
+        let nr = if isa() == Isa::Avx512 { avx512::NR } else { avx2::NR };
+        // SAFETY: the kernel's instructions are available (`isa`); the asserts above keep every
+        // row of `b` read (`rows[kk] + j`, `j < n`), every element of `c` written (`i * ldc +
+        // j`, `i < m`, `j < n`) in range, and the callers keep the left operand's rows and inner
+        // indices in range (`a.k == k` values per packed row, or `starts[i] + k` for each row's
+        // run).
+        unsafe {
+            tiles(
+                a,
+                (b.as_ptr(), rows),
+                n,
+                (c.as_mut_ptr().cast::<f32>(), ldc),
+                accumulate,
+                (nr, kernel),
+            )
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    panic!("gather_gemm needs x86-64 with AVX2 and FMA, or AVX-512F")
 }
 
 /// Writes `planes` (`c` planes of `h x w`) pixel by pixel into `out`: pixel `(y, x)`'s `c` values
 /// at `out[(first + y * stride + x) * c..]`, the rest of `out` untouched (the weight gradient's
-/// right operand, see `conv::weight_grad_pixels`). Sixteen channels by sixteen pixels at a time
-/// in registers where AVX-512 runs and the sizes allow it.
+/// right operand, see `conv::weight_grad_pixels`). Sixteen (AVX-512) or eight (AVX2) channels
+/// by as many pixels at a time in registers where the sizes allow it.
 pub(crate) fn to_pixels(
     planes: &[f32],
     (c, h, w): (usize, usize, usize),
@@ -212,11 +276,24 @@ pub(crate) fn to_pixels(
     assert!(planes.len() >= c * h * w && stride >= w);
     assert!(h == 0 || w == 0 || (first + (h - 1) * stride + w) * c <= out.len());
     #[cfg(target_arch = "x86_64")]
-    if available() && c % 16 == 0 && (h * w) % 16 == 0 {
-        // SAFETY: AVX-512F is available; the asserts above keep every read (`ch * h * w + y * w
-        // + x`) and write (`(first + y * stride + x) * c + ch`) in range.
-        unsafe { avx512::to_pixels(planes, (c, h, w), (first, stride), out) };
-        return;
+    {
+        let square = match isa() {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+            Isa::Portable => 0,
+        };
+        if square > 0 && c % square == 0 && (h * w) % square == 0 {
+            // SAFETY: the instructions are available (`isa`); the asserts above keep every read
+            // (`ch * h * w + y * w + x`) and write (`(first + y * stride + x) * c + ch`) in range.
+            unsafe {
+                if square == 16 {
+                    avx512::to_pixels(planes, (c, h, w), (first, stride), out)
+                } else {
+                    avx2::to_pixels(planes, (c, h, w), (first, stride), out)
+                }
+            };
+            return;
+        }
     }
     let hw = h * w;
     for c0 in (0..c).step_by(16) {
@@ -232,76 +309,188 @@ pub(crate) fn to_pixels(
     }
 }
 
+/// One `live x cols` block of the output over one slice of the inner dimension, for an
+/// instruction set's tile kernel ([`TileKernel`]; `live <= MR`, `cols` at most its tile width).
+#[cfg(target_arch = "x86_64")]
+struct Tile<'a> {
+    /// The left block at this slice, packed: row `r` at inner step `kk` is `a[kk * live + r]`.
+    a: *const f32,
+    /// Otherwise row `r` at inner step `kk` is `runs[r][kk]`.
+    runs: [*const f32; MR],
+    packed: bool,
+    /// The right operand at the tile's first column (rows at `rows[kk]` from here).
+    b: *const f32,
+    rows: &'a [usize],
+    /// The output at the tile's first row and column.
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    /// Add to the output (written by the previous slice) instead of overwriting it.
+    accumulate: bool,
+}
+
+/// Computes one [`Tile`] of `live` rows.
+///
+/// # Safety
+///
+/// Its instructions available, and the tile's pointers valid as [`tiles`] makes them.
+#[cfg(target_arch = "x86_64")]
+type TileKernel = unsafe fn(&Tile, usize);
+
+/// `c (+)= a * b` tile by tile: slices of the inner dimension of equal length (at most `KC`:
+/// 288 = 144 + 144, not 256 + 32), column tiles of `nr`, then the left operand's row blocks,
+/// so that a tile's slice of the right operand stays near the core while every row block uses
+/// it.
+///
+/// # Safety
+///
+/// As [`run`] asserts and promises: operands in range, `kernel`'s instructions available.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tiles(
+    a: Left,
+    (b, rows): (*const f32, &[usize]),
+    n: usize,
+    (c, ldc): (*mut f32, usize),
+    accumulate: bool,
+    (nr, kernel): (usize, TileKernel),
+) {
+    // SAFETY: the caller's promise; each tile stays inside the block, slice and columns it is
+    // given.
+    unsafe {
+        let k = rows.len();
+        let blocks = match a {
+            Left::Packed(lhs) => &lhs.blocks[..],
+            Left::Runs { blocks, .. } => blocks,
+        };
+        let kc_even = k.div_ceil(k.div_ceil(KC));
+        for k0 in (0..k).step_by(kc_even) {
+            let kc = kc_even.min(k - k0);
+            let rows = &rows[k0..k0 + kc];
+            for j0 in (0..n).step_by(nr) {
+                let cols = nr.min(n - j0);
+                for &(first, live) in blocks {
+                    let mut runs = [std::ptr::null(); MR];
+                    let (a, packed) = match a {
+                        Left::Packed(lhs) => {
+                            (lhs.data.as_ptr().add(first * lhs.k + k0 * live), true)
+                        }
+                        Left::Runs { a, starts, .. } => {
+                            for (run, &start) in runs.iter_mut().zip(&starts[first..first + live]) {
+                                *run = a.as_ptr().add(start + k0);
+                            }
+                            (a.as_ptr(), false)
+                        }
+                    };
+                    let t = Tile {
+                        a,
+                        runs,
+                        packed,
+                        b: b.add(j0),
+                        rows,
+                        c: c.add(first * ldc + j0),
+                        ldc,
+                        cols,
+                        accumulate: accumulate || k0 > 0,
+                    };
+                    kernel(&t, live);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{KC, Left, MR, NR};
+    use super::Tile;
+
+    /// 16-lane vectors per tile row: a full tile is `MR x 64` accumulators, 24 of the 32
+    /// registers.
+    const NV: usize = 4;
+    /// Output columns per tile.
+    pub(super) const NR: usize = 16 * NV;
+
+    /// [`super::TileKernel`] for AVX-512F.
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F, and the tile's pointers valid as [`super::tiles`] makes them.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile(t: &Tile, live: usize) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            match live {
+                6 => rows::<6>(t),
+                5 => rows::<5>(t),
+                4 => rows::<4>(t),
+                3 => rows::<3>(t),
+                2 => rows::<2>(t),
+                _ => rows::<1>(t),
+            }
+        }
+    }
 
     /// # Safety
     ///
-    /// See [`super::gather_gemm`]: AVX-512F, and operands in range.
+    /// As [`tile`].
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gemm(
-        a: Left,
-        (b, rows): (*const f32, &[usize]),
-        n: usize,
-        (c, ldc): (*mut f32, usize),
-        accumulate: bool,
-    ) {
-        // SAFETY: the caller's promise; each tile stays inside the block, slice and columns it
-        // is given.
+    unsafe fn rows<const R: usize>(t: &Tile) {
+        // SAFETY: the caller's promise.
         unsafe {
-            let k = rows.len();
-            let blocks = match a {
-                Left::Packed(lhs) => &lhs.blocks[..],
-                Left::Runs { blocks, .. } => blocks,
-            };
-            // Slices of equal length (288 = 144 + 144, not 256 + 32).
-            let kc_even = k.div_ceil(k.div_ceil(KC));
-            for k0 in (0..k).step_by(kc_even) {
-                let kc = kc_even.min(k - k0);
-                let rows = &rows[k0..k0 + kc];
-                for j0 in (0..n).step_by(NR) {
-                    let cols = NR.min(n - j0);
-                    // The lanes of the tile's last vector that are inside the output.
-                    let tail = cols - (cols - 1) / 16 * 16;
-                    let mask: __mmask16 = if tail == 16 { 0xffff } else { (1 << tail) - 1 };
-                    for &(first, live) in blocks {
-                        let mut runs = [std::ptr::null(); MR];
-                        let (a, packed) = match a {
-                            Left::Packed(lhs) => {
-                                (lhs.data.as_ptr().add(first * lhs.k + k0 * live), true)
-                            }
-                            Left::Runs { a, starts, .. } => {
-                                for (run, &start) in
-                                    runs.iter_mut().zip(&starts[first..first + live])
-                                {
-                                    *run = a.as_ptr().add(start + k0);
-                                }
-                                (a.as_ptr(), false)
-                            }
-                        };
-                        let t = Tile {
-                            a,
-                            runs,
-                            packed,
-                            b: b.add(j0),
-                            rows,
-                            c: c.add(first * ldc + j0),
-                            ldc,
-                            mask,
-                            accumulate: accumulate || k0 > 0,
-                        };
-                        match live {
-                            6 => t.run_rows::<6>(cols),
-                            5 => t.run_rows::<5>(cols),
-                            4 => t.run_rows::<4>(cols),
-                            3 => t.run_rows::<3>(cols),
-                            2 => t.run_rows::<2>(cols),
-                            _ => t.run_rows::<1>(cols),
-                        }
+            match (t.cols.div_ceil(16), t.packed) {
+                (4, true) => run::<R, 4, true>(t),
+                (3, true) => run::<R, 3, true>(t),
+                (2, true) => run::<R, 2, true>(t),
+                (1, true) => run::<R, 1, true>(t),
+                (4, false) => run::<R, 4, false>(t),
+                (3, false) => run::<R, 3, false>(t),
+                (2, false) => run::<R, 2, false>(t),
+                _ => run::<R, 1, false>(t),
+            }
+        }
+    }
+
+    /// One `R x 16V` tile (its last vector masked to the output's columns).
+    ///
+    /// # Safety
+    ///
+    /// As [`tile`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const R: usize, const V: usize, const PACKED: bool>(t: &Tile) {
+        // SAFETY: the caller's promise (AVX-512F; `a` holds `R` values per row of `rows`, `b` a
+        // row at each offset with the tile's lanes, `c` the live rows' lanes).
+        unsafe {
+            // The lanes of the tile's last vector that are inside the output.
+            let tail = t.cols - (t.cols - 1) / 16 * 16;
+            let mask: __mmask16 = if tail == 16 { 0xffff } else { (1 << tail) - 1 };
+            let lanes = |v: usize| if v + 1 == V { mask } else { 0xffff };
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            for (kk, &row) in t.rows.iter().enumerate() {
+                let b = t.b.add(row);
+                let mut bv = [_mm512_setzero_ps(); V];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = _mm512_maskz_loadu_ps(lanes(v), b.add(16 * v));
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // Packed: `R` values per step; runs: one value per step in each.
+                    let a = if PACKED { t.a.add(kk * R + r) } else { t.runs[r].add(kk) };
+                    let av = _mm512_set1_ps(*a);
+                    for (acc, bv) in acc.iter_mut().zip(&bv) {
+                        *acc = _mm512_fmadd_ps(av, *bv, *acc);
                     }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let c = t.c.add(r * t.ldc);
+                for (v, acc) in acc.iter().enumerate() {
+                    let (c, lanes) = (c.add(16 * v), lanes(v));
+                    let value = if t.accumulate {
+                        _mm512_add_ps(*acc, _mm512_maskz_loadu_ps(lanes, c))
+                    } else {
+                        *acc
+                    };
+                    _mm512_mask_storeu_ps(c, lanes, value);
                 }
             }
         }
@@ -381,88 +570,182 @@ mod avx512 {
         }
         out
     }
+}
 
-    /// One `R x 16V` block of the output over one slice of the inner dimension.
-    struct Tile<'a> {
-        /// The left block at this slice, packed: row `r` at inner step `kk` is `a[kk * R + r]`.
-        a: *const f32,
-        /// Otherwise row `r` at inner step `kk` is `runs[r][kk]`.
-        runs: [*const f32; MR],
-        packed: bool,
-        /// The right operand at the tile's first column (rows at `rows[kk]` from here).
-        b: *const f32,
-        rows: &'a [usize],
-        /// The output at the tile's first row and column.
-        c: *mut f32,
-        ldc: usize,
-        /// The lanes of the last vector inside the output.
-        mask: __mmask16,
-        /// Add to the output (written by the previous slice) instead of overwriting it.
-        accumulate: bool,
-    }
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
 
-    impl Tile<'_> {
-        /// [`Tile::run`] for `cols` (at most `NR`) columns.
-        ///
-        /// # Safety
-        ///
-        /// As [`Tile::run`].
-        #[target_feature(enable = "avx512f")]
-        unsafe fn run_rows<const R: usize>(&self, cols: usize) {
-            // SAFETY: the caller's promise.
-            unsafe {
-                match cols.div_ceil(16) {
-                    4 if self.packed => self.run::<R, 4, true>(),
-                    3 if self.packed => self.run::<R, 3, true>(),
-                    2 if self.packed => self.run::<R, 2, true>(),
-                    1 if self.packed => self.run::<R, 1, true>(),
-                    4 => self.run::<R, 4, false>(),
-                    3 => self.run::<R, 3, false>(),
-                    2 => self.run::<R, 2, false>(),
-                    _ => self.run::<R, 1, false>(),
-                }
+    use super::Tile;
+
+    /// Output columns per tile: two 8-lane vectors, so that a full tile (`MR x 16`) is 12
+    /// accumulators of the 16 registers, with two for the right operand's row and one for the
+    /// broadcast weight.
+    pub(super) const NR: usize = 16;
+
+    /// [`super::TileKernel`] for AVX2 with FMA.
+    ///
+    /// # Safety
+    ///
+    /// AVX2 and FMA, and the tile's pointers valid as [`super::tiles`] makes them.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(t: &Tile, live: usize) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            match live {
+                6 => rows::<6>(t),
+                5 => rows::<5>(t),
+                4 => rows::<4>(t),
+                3 => rows::<3>(t),
+                2 => rows::<2>(t),
+                _ => rows::<1>(t),
             }
         }
+    }
 
-        /// # Safety
-        ///
-        /// AVX-512F, and the pointers valid for the tile as [`gemm`] makes it.
-        #[target_feature(enable = "avx512f")]
-        unsafe fn run<const R: usize, const V: usize, const PACKED: bool>(&self) {
-            // SAFETY: the caller's promise (AVX-512F; `a` holds `R` values per row of `rows`,
-            // `b` a row at each offset with the tile's lanes, `c` the live rows' lanes).
-            unsafe {
-                let lanes = |v: usize| if v + 1 == V { self.mask } else { 0xffff };
-                let mut acc = [[_mm512_setzero_ps(); V]; R];
-                for (kk, &row) in self.rows.iter().enumerate() {
-                    let b = self.b.add(row);
-                    let mut bv = [_mm512_setzero_ps(); V];
-                    for (v, bv) in bv.iter_mut().enumerate() {
-                        *bv = _mm512_maskz_loadu_ps(lanes(v), b.add(16 * v));
-                    }
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        // Packed: `R` values per step; runs: one value per step in each.
-                        let a = if PACKED { self.a.add(kk * R + r) } else { self.runs[r].add(kk) };
-                        let av = _mm512_set1_ps(*a);
-                        for (acc, bv) in acc.iter_mut().zip(&bv) {
-                            *acc = _mm512_fmadd_ps(av, *bv, *acc);
-                        }
+    /// # Safety
+    ///
+    /// As [`tile`].
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows<const R: usize>(t: &Tile) {
+        let masked = t.cols % 8 != 0;
+        // SAFETY: the caller's promise.
+        unsafe {
+            match (t.cols.div_ceil(8), t.packed, masked) {
+                (2, true, false) => run::<R, 2, true, false>(t),
+                (2, true, true) => run::<R, 2, true, true>(t),
+                (1, true, false) => run::<R, 1, true, false>(t),
+                (1, true, true) => run::<R, 1, true, true>(t),
+                (2, false, false) => run::<R, 2, false, false>(t),
+                (2, false, true) => run::<R, 2, false, true>(t),
+                (1, false, false) => run::<R, 1, false, false>(t),
+                _ => run::<R, 1, false, true>(t),
+            }
+        }
+    }
+
+    /// One `R x 8V` tile; where `MASKED`, its last vector is masked to the output's columns.
+    ///
+    /// # Safety
+    ///
+    /// As [`tile`].
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run<const R: usize, const V: usize, const PACKED: bool, const MASKED: bool>(
+        t: &Tile,
+    ) {
+        // SAFETY: the caller's promise (AVX2 and FMA; `a` holds `R` values per row of `rows`,
+        // `b` a row at each offset with the tile's lanes, `c` the live rows' lanes; masked
+        // lanes are neither read nor written).
+        unsafe {
+            // Lane `l` of the last vector is inside the output where `l < tail`.
+            let tail = (t.cols - (t.cols - 1) / 8 * 8) as i32;
+            let mask = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(tail),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            let mut acc = [[_mm256_setzero_ps(); V]; R];
+            for (kk, &row) in t.rows.iter().enumerate() {
+                let b = t.b.add(row);
+                let mut bv = [_mm256_setzero_ps(); V];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = if MASKED && v + 1 == V {
+                        _mm256_maskload_ps(b.add(8 * v), mask)
+                    } else {
+                        _mm256_loadu_ps(b.add(8 * v))
+                    };
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // Packed: `R` values per step; runs: one value per step in each.
+                    let a = if PACKED { t.a.add(kk * R + r) } else { t.runs[r].add(kk) };
+                    let av = _mm256_broadcast_ss(&*a);
+                    for (acc, bv) in acc.iter_mut().zip(&bv) {
+                        *acc = _mm256_fmadd_ps(av, *bv, *acc);
                     }
                 }
-                for (r, acc) in acc.iter().enumerate() {
-                    let c = self.c.add(r * self.ldc);
-                    for (v, acc) in acc.iter().enumerate() {
-                        let (c, lanes) = (c.add(16 * v), lanes(v));
-                        let value = if self.accumulate {
-                            _mm512_add_ps(*acc, _mm512_maskz_loadu_ps(lanes, c))
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let c = t.c.add(r * t.ldc);
+                for (v, acc) in acc.iter().enumerate() {
+                    let c = c.add(8 * v);
+                    if MASKED && v + 1 == V {
+                        let value = if t.accumulate {
+                            _mm256_add_ps(*acc, _mm256_maskload_ps(c, mask))
                         } else {
                             *acc
                         };
-                        _mm512_mask_storeu_ps(c, lanes, value);
+                        _mm256_maskstore_ps(c, mask, value);
+                    } else {
+                        let value = if t.accumulate {
+                            _mm256_add_ps(*acc, _mm256_loadu_ps(c))
+                        } else {
+                            *acc
+                        };
+                        _mm256_storeu_ps(c, value);
                     }
                 }
             }
         }
+    }
+
+    /// See [`super::to_pixels`]; `c` and `h * w` multiples of 8.
+    ///
+    /// # Safety
+    ///
+    /// AVX2, and the operands in range as `super::to_pixels` asserts.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn to_pixels(
+        planes: &[f32],
+        (c, h, w): (usize, usize, usize),
+        (first, stride): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let hw = h * w;
+        // SAFETY: the caller's promise.
+        unsafe {
+            let (src, dst) = (planes.as_ptr(), out.as_mut_ptr());
+            for c0 in (0..c).step_by(8) {
+                for q0 in (0..hw).step_by(8) {
+                    let mut r = [_mm256_setzero_ps(); 8];
+                    for (i, r) in r.iter_mut().enumerate() {
+                        *r = _mm256_loadu_ps(src.add((c0 + i) * hw + q0));
+                    }
+                    let r = transpose8(r);
+                    for (j, r) in r.iter().enumerate() {
+                        let (y, x) = ((q0 + j) / w, (q0 + j) % w);
+                        _mm256_storeu_ps(dst.add((first + y * stride + x) * c + c0), *r);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 8 x 8 transpose: lane `j` of row `i` to lane `i` of row `j`.
+    #[target_feature(enable = "avx2,fma")]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // Per 128-bit half H: t[2i] = (r2i[4H], r2i+1[4H], r2i[4H+1], r2i+1[4H+1]), t[2i+1] the
+        // same at 4H+2 and 4H+3.
+        let mut t = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4g + e], half H: rows 4g..4g+4 at column 4H + e.
+        let mut u = [_mm256_setzero_ps(); 8];
+        for g in 0..2 {
+            let (lo, hi) = (t[4 * g], t[4 * g + 1]);
+            let (lo2, hi2) = (t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = _mm256_shuffle_ps::<0x44>(lo, lo2);
+            u[4 * g + 1] = _mm256_shuffle_ps::<0xee>(lo, lo2);
+            u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(hi, hi2);
+            u[4 * g + 3] = _mm256_shuffle_ps::<0xee>(hi, hi2);
+        }
+        // Column e: the low halves of u[e] and u[4 + e]; column 4 + e: their high halves.
+        let mut out = [_mm256_setzero_ps(); 8];
+        for e in 0..4 {
+            out[e] = _mm256_permute2f128_ps::<0x20>(u[e], u[4 + e]);
+            out[4 + e] = _mm256_permute2f128_ps::<0x31>(u[e], u[4 + e]);
+        }
+        out
     }
 }
 
@@ -470,22 +753,25 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// CI on a machine meant to test the AVX-512 path sets `AT_REQUIRE_AVX512=1`: there the
-    /// gather tests must run, not be ignored.
+    /// CI names the path a run of the tests must take (`AT_REQUIRE_ISA`, beside the
+    /// `AT_KERNELS_ISA` it sets): the kernels take that one there, and its tests are not ignored.
     #[test]
-    fn avx512_path_is_tested_where_ci_requires_it() {
-        if std::env::var_os("AT_REQUIRE_AVX512").is_some_and(|v| v == "1") {
-            assert!(crate::avx512_tests_run(), "AT_KERNELS_PORTABLE=1 and AT_REQUIRE_AVX512=1");
-            assert!(!cfg!(at_no_avx512), "the gather tests were built to be ignored");
+    fn the_path_ci_requires_is_the_one_that_runs() {
+        if let Ok(want) = std::env::var("AT_REQUIRE_ISA") {
+            assert_eq!(isa().name(), want, "this CPU or AT_KERNELS_ISA gives another path");
+            if want != "portable" {
+                assert!(crate::gather_tests_run());
+                assert!(!cfg!(at_no_gather), "the gather tests were built to be ignored");
+            }
         }
     }
 
     /// `gather_gemm` against the plain triple loop, on sizes with partial row blocks, partial
     /// column tiles, several inner slices and rows read out of order.
     #[test]
-    #[cfg_attr(at_no_avx512, ignore = "no AVX-512F on this CPU: the gather kernel cannot run")]
+    #[cfg_attr(at_no_gather, ignore = "neither AVX-512F nor AVX2 and FMA here: no gather kernel")]
     fn gather_gemm_matches_the_triple_loop_on_ragged_sizes() {
-        if !crate::avx512_tests_run() {
+        if !crate::gather_tests_run() {
             return;
         }
         for &(m, n, k) in &[(1, 1, 1), (6, 64, 128), (7, 65, 129), (13, 200, 300), (32, 17, 5)] {
@@ -520,13 +806,20 @@ mod tests {
         }
     }
 
-    /// `to_pixels` (the AVX-512 transpose where it runs, 16 channels x 16 pixels) against the
-    /// definition, on sizes that take the vector path and sizes that do not.
+    /// `to_pixels` (the AVX-512 or AVX2 transpose where it runs, 16 or 8 channels by as many
+    /// pixels) against the definition, on sizes that take the vector path and sizes that do not.
     #[test]
     fn to_pixels_writes_each_pixels_channels_contiguously() {
-        for &(c, h, w) in
-            &[(16, 2, 16), (32, 3, 32), (48, 1, 16), (5, 3, 7), (16, 2, 8), (16, 3, 8)]
-        {
+        for &(c, h, w) in &[
+            (16, 2, 16),
+            (32, 3, 32),
+            (48, 1, 16),
+            (5, 3, 7),
+            (16, 2, 8),
+            (16, 3, 8),
+            (8, 1, 8),
+            (24, 3, 8),
+        ] {
             let planes: Vec<f32> = (0..c * h * w).map(|i| i as f32).collect();
             let (first, stride) = (3, w + 1);
             let len = (first + h * stride + 2) * c;
@@ -547,9 +840,9 @@ mod tests {
     /// `gather_gemm_add` (the left operand read in place as strided rows) adds the product to
     /// what the output holds, on ragged sizes.
     #[test]
-    #[cfg_attr(at_no_avx512, ignore = "no AVX-512F on this CPU: the gather kernel cannot run")]
+    #[cfg_attr(at_no_gather, ignore = "neither AVX-512F nor AVX2 and FMA here: no gather kernel")]
     fn gather_gemm_add_accumulates_from_a_strided_left_operand() {
-        if !crate::avx512_tests_run() {
+        if !crate::gather_tests_run() {
             return;
         }
         for &(m, n, k) in &[(1, 1, 1), (16, 48, 64), (7, 33, 300), (13, 96, 5)] {

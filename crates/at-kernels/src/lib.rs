@@ -47,6 +47,7 @@ pub use block::{
     preact_blocks_train_with,
 };
 pub use conv::{conv2d, conv2d_device, conv2d_input_grad, conv2d_weight_grad};
+pub use gather::{Isa, isa};
 pub use norm::{BatchStats, batch_norm_eval, batch_norm_train, batch_norm_train_with};
 pub use pool::max_pool2d;
 pub use sgd::{SgdStep, sgd_step_in_place};
@@ -179,20 +180,20 @@ pub fn tune_allocator() -> bool {
     }
 }
 
-/// For the tests of the AVX-512 path, which are ignored (`cfg(at_no_avx512)`, set by the build
-/// script) where the build machine lacks it: whether they run (not where `AT_KERNELS_PORTABLE=1`
-/// forces the portable path: they say so and return), failing loudly if they would run on a
-/// CPU without AVX-512.
+/// For the tests of the gather kernel, which are ignored (`cfg(at_no_gather)`, set by the build
+/// script) where the build machine has neither AVX-512F nor AVX2 with FMA: whether they run
+/// (not where `AT_KERNELS_ISA=portable` forces the portable path: they say so and return),
+/// failing loudly if they would run on a CPU without the kernel's instructions.
 #[cfg(test)]
-pub(crate) fn avx512_tests_run() -> bool {
-    if gather::portable_forced() {
-        eprintln!("AT_KERNELS_PORTABLE=1: this test of the AVX-512 path does not run");
+pub(crate) fn gather_tests_run() -> bool {
+    if std::env::var("AT_KERNELS_ISA").as_deref() == Ok("portable") {
+        eprintln!("AT_KERNELS_ISA=portable: this test of the gather kernel does not run");
         return false;
     }
     assert!(
         gather::available(),
-        "this test needs AVX-512F, which this CPU lacks (the build ran on another machine?): \
-         rebuild here, and the AVX-512 tests are reported as ignored"
+        "this test needs AVX2 and FMA or AVX-512F, which this CPU lacks (the build ran on \
+         another machine?): rebuild here, and the gather tests are reported as ignored"
     );
     true
 }
