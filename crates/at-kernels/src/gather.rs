@@ -608,7 +608,7 @@ mod avx2 {
     /// As [`tile`].
     #[target_feature(enable = "avx2,fma")]
     unsafe fn rows<const R: usize>(t: &Tile) {
-        let masked = t.cols % 8 != 0;
+        let masked = !t.cols.is_multiple_of(8);
         // SAFETY: the caller's promise.
         unsafe {
             match (t.cols.div_ceil(8), t.packed, masked) {
