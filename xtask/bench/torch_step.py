@@ -151,6 +151,8 @@ def main():
         "batch": batch, "device": str(device), "ms": [round(t, 1) for t in times],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # The vector code ATen's kernels dispatch to (ATEN_CPU_CAPABILITY caps it).
+        "isa": torch.backends.cpu.get_cpu_capability(),
         # The process's peak resident size in KiB (Linux's ru_maxrss unit).
         "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }))

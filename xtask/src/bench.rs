@@ -11,7 +11,10 @@
 //!
 //! Options: `--rounds N` (default 2), `--steps N` (5), `--warmup N` (2), `--quick` (WRN-16-1
 //! only), `--resnet` (the 224-pixel ResNet rows only), `--no-resnet` (without them), `--threads
-//! N` (PyTorch's threads; default: every core, as rayon uses).
+//! N` (PyTorch's threads; default: every core, as rayon uses), `--avx2` (the 224-pixel rows only,
+//! both sides on their AVX2 code on this CPU: `AT_KERNELS_ISA=avx2` for ours,
+//! `ATEN_CPU_CAPABILITY=avx2` and `ONEDNN_MAX_CPU_ISA=AVX2` for PyTorch, so that a machine with
+//! AVX-512 measures what a CPU without it runs; their own table).
 
 use std::env;
 use std::path::PathBuf;
@@ -50,6 +53,8 @@ const START: &str = "<!-- xtask bench: start -->";
 const END: &str = "<!-- xtask bench: end -->";
 const RESNET_START: &str = "<!-- xtask bench 224: start -->";
 const RESNET_END: &str = "<!-- xtask bench 224: end -->";
+const RESNET_AVX2_START: &str = "<!-- xtask bench 224 avx2: start -->";
+const RESNET_AVX2_END: &str = "<!-- xtask bench 224 avx2: end -->";
 
 struct Options {
     rounds: usize,
@@ -59,6 +64,8 @@ struct Options {
     /// Which tables: (the CIFAR-sized one, the 224-pixel ResNets).
     tables: (bool, bool),
     threads: usize,
+    /// Both sides on their AVX2 code.
+    avx2: bool,
 }
 
 fn options(args: &[String]) -> Result<Options> {
@@ -70,6 +77,7 @@ fn options(args: &[String]) -> Result<Options> {
         quick: false,
         tables: (true, true),
         threads: cores,
+        avx2: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -87,9 +95,10 @@ fn options(args: &[String]) -> Result<Options> {
             "--quick" => (o.quick, o.tables.1) = (true, false),
             "--resnet" => o.tables = (false, true),
             "--no-resnet" => o.tables.1 = false,
+            "--avx2" => (o.avx2, o.tables) = (true, (false, true)),
             other => bail!(
                 "unknown option `{other}`: --rounds N, --steps N, --warmup N, --threads N, \
-                 --quick, --resnet, --no-resnet"
+                 --quick, --resnet, --no-resnet, --avx2"
             ),
         }
     }
@@ -221,9 +230,22 @@ fn resnet_rounds(
 ) -> Result<()> {
     let (mut measured, torch_version) =
         alternate(RESNET_CONFIGS, RESNET_SIDE, (ours_bin, python, script), o)?;
+    let (start, end, title, isa_note) = if o.avx2 {
+        (
+            RESNET_AVX2_START,
+            RESNET_AVX2_END,
+            "on the AVX2 paths (`cargo xtask bench --avx2`)",
+            " Both sides on their AVX2 code, forced on this CPU (`AT_KERNELS_ISA=avx2`; \
+             `ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`): what a CPU without AVX-512 \
+             runs; the C library and the `gemm` crate (the classifier, under 2% of our step) \
+             still choose their AVX-512 code.",
+        )
+    } else {
+        (RESNET_START, RESNET_END, "(`cargo xtask bench`)", "")
+    };
     let mut table = format!(
-        "{RESNET_START}\n## Training step at 224x224: the ResNets of Tables 4 and 5 (`cargo xtask bench`)\n\n\
-         Machine: {}. Date: {}. PyTorch {torch_version} (eager, {} threads; torchvision's ResNets, \
+        "{start}\n## Training step at 224x224: the ResNets of Tables 4 and 5 {title}\n\n\
+         Machine: {}. Date: {}.{isa_note} PyTorch {torch_version} (eager, {} threads; torchvision's ResNets, \
          10 classes) against our release build, random 224x224 input, SGD with momentum and \
          weight decay; AT on the first three groups, beta 1e3. Median over {} rounds of {} timed \
          steps each (after {} untimed), alternating. `speedup` = torch / ours: above 1 we are \
@@ -249,8 +271,8 @@ fn resnet_rounds(
             m.peaks.1 / 1024
         ));
     }
-    table.push_str(RESNET_END);
-    let path = replace_section(&table, (RESNET_START, RESNET_END))?;
+    table.push_str(end);
+    let path = replace_section(&table, (start, end))?;
     println!("written: {}", path.display());
     Ok(())
 }
@@ -281,12 +303,19 @@ fn alternate(
             let teacher_arg = if teacher.is_empty() { "none" } else { teacher };
             let batch = batch.to_string();
             let common = [model, step, teacher_arg, &batch, &warmup, &steps];
-            let (line, peak) = output_with_peak(Command::new(ours_bin).args(common).arg(&side))?;
+            let mut ours = Command::new(ours_bin);
+            let mut torch = Command::new(python);
+            if o.avx2 {
+                ours.env("AT_KERNELS_ISA", "avx2");
+                torch.env("ATEN_CPU_CAPABILITY", "avx2").env("ONEDNN_MAX_CPU_ISA", "AVX2");
+            }
+            let (line, peak) = output_with_peak(ours.args(common).arg(&side))?;
+            check_isa(&line, o, "avx2")?;
             m.ours.extend(times(&line).context("ours")?);
             m.peaks.0 = m.peaks.0.max(peak);
             let torch_args = [o.threads.to_string(), "cpu".into(), side.clone()];
-            let (line, peak) =
-                output_with_peak(Command::new(python).arg(script).args(common).args(torch_args))?;
+            let (line, peak) = output_with_peak(torch.arg(script).args(common).args(torch_args))?;
+            check_isa(&line, o, "AVX2")?;
             m.torch.extend(times(&line).context("torch")?);
             m.peaks.1 = m.peaks.1.max(peak);
             if let Some(v) = field(&line, "torch") {
@@ -300,6 +329,18 @@ fn alternate(
         }
     }
     Ok((measured, torch_version))
+}
+
+/// Under `--avx2`, that a side's line says it ran its AVX2 code (`isa`), so that a table never
+/// says AVX2 of a run that was not.
+fn check_isa(line: &Value, o: &Options, want: &str) -> Result<()> {
+    match field(line, "isa") {
+        Some(isa) if o.avx2 && isa != want => {
+            bail!("asked for the AVX2 paths, but `{line}` ran {isa}")
+        }
+        None if o.avx2 => bail!("`{line}` does not say which instruction set it ran"),
+        _ => Ok(()),
+    }
 }
 
 /// Puts `table` (which holds its markers) in docs/benchmarks.md in place of what lies between

@@ -240,6 +240,8 @@ pub fn json_line(
         "batch": batch,
         "device": device,
         "ms": ms,
+        // The path at-kernels takes on this CPU (`AT_KERNELS_ISA` caps it).
+        "isa": at_kernels::isa().name(),
     });
     if let Some(peak) = peak_resident_kib() {
         line["peak_kib"] = peak.into();
