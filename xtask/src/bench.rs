@@ -237,7 +237,7 @@ fn resnet_rounds(
             "on the AVX2 paths (`cargo xtask bench --avx2`)",
             " Both sides on their AVX2 code, forced on this CPU (`AT_KERNELS_ISA=avx2`; \
              `ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`): what a CPU without AVX-512 \
-             runs; the C library and the `gemm` crate (the classifier, under 2% of our step) \
+             runs; the C library and the `gemm` crate (the 7x7 stem's weight gradient, about 1% of our step) \
              still choose their AVX-512 code.",
         )
     } else {
