@@ -164,9 +164,18 @@ fn conv3x3<T: Element>(
         let yt = unsafe { crate::assume_init_mut(&mut yt[..count * p * cols]) };
         for (i, out) in out.chunks_exact_mut(cols * p).enumerate() {
             let yt = &yt[i * p * cols..(i + 1) * p * cols];
-            // out[col][j] = yt[j][col]
-            crate::write_each(T::as_f32_uninit(out).expect("f32"), |e| yt[(e % p) * cols + e / p]);
-            // SAFETY: `write_each` initialised every element.
+            // out[col][j] = yt[j][col], 16 columns at a time (one line of `yt` read whole, 16
+            // rows of `out` written along).
+            let dst = T::as_f32_uninit(out).expect("f32");
+            for c0 in (0..cols).step_by(16) {
+                let c1 = (c0 + 16).min(cols);
+                for (j, src) in yt.chunks_exact(cols).enumerate() {
+                    for (col, &v) in (c0..c1).zip(&src[c0..c1]) {
+                        dst[col * p + j].write(v);
+                    }
+                }
+            }
+            // SAFETY: every element was written (`cols` columns by `p` pixels).
             epilogue(first + i, unsafe { crate::assume_init_mut(out) });
         }
     };
@@ -177,25 +186,36 @@ fn conv3x3<T: Element>(
 /// Rows of the result per task of [`transpose`] (measured: 16, 64 and 256 at 512 x 4608).
 const TRANSPOSE_ROWS: usize = 64;
 
-/// `a` (`m x k`, row-major) transposed (`k x m`), on rayon's threads, [`TRANSPOSE_ROWS`] rows
-/// of the result per task.
-fn transpose(a: &[f32], (m, k): (usize, usize)) -> Vec<f32> {
+/// The row stride of the weights as the pixel-major GEMMs read them (`width` values a row):
+/// `width` and one cache line more. Rows of 256 or 512 weights 1 or 2 KiB apart fall into a few
+/// sets of the L1 cache (2 KiB: 8 of 64 for a tile's four lines per row), so that every row
+/// block of the GEMM fetched them again from L2; a line more spreads them over all the sets.
+fn padded(width: usize) -> usize {
+    width + 16
+}
+
+/// `a` (`m x k`, row-major) transposed (`k` rows of `m` values, `ld` apart, zero between), on
+/// rayon's threads, [`TRANSPOSE_ROWS`] rows of the result per task.
+fn transpose(a: &[f32], (m, k): (usize, usize), ld: usize) -> Vec<f32> {
     let rows = |_: &mut (), t: usize, out: &mut [MaybeUninit<f32>]| {
-        let (r0, count) = (t * TRANSPOSE_ROWS, out.len() / m);
+        let (r0, count) = (t * TRANSPOSE_ROWS, out.len() / ld);
+        for r in 0..count {
+            out[r * ld + m..(r + 1) * ld].fill(MaybeUninit::new(0.0));
+        }
         // 16 rows of `a` at a time: their runs stay in L1 while each output row takes its 16
         // values from them (one cache line written whole).
         for i0 in (0..m).step_by(16) {
             let i1 = (i0 + 16).min(m);
             for r in 0..count {
-                let dst = &mut out[r * m + i0..r * m + i1];
+                let dst = &mut out[r * ld + i0..r * ld + i1];
                 for (d, i) in dst.iter_mut().zip(i0..i1) {
                     d.write(a[i * k + r0 + r]);
                 }
             }
         }
     };
-    // SAFETY: each task writes every element of its `count x m` rows.
-    unsafe { crate::par_chunks_uninit(k * m, TRANSPOSE_ROWS * m, || (), rows) }
+    // SAFETY: each task writes every element of its `count` rows of `ld`.
+    unsafe { crate::par_chunks_uninit(k * ld, TRANSPOSE_ROWS * ld, || (), rows) }
 }
 
 /// The forward pass of a 3x3 convolution (padding 1, any stride) of `map(x)` pixel-major (see
@@ -208,9 +228,10 @@ pub(super) fn forward3x3<T: Element>(
     epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
 ) -> Vec<T> {
     let (o, c) = (d.o, d.c);
-    // wt[(ch, ki, kj)][o] = w[o][ch][ki][kj]
-    let wt = transpose(T::as_f32(w).expect("f32"), (o, 9 * c));
-    let rows = |ki: usize, kj: usize, ch: usize| (ch * 9 + ki * 3 + kj) * o;
+    // wt[(ch, ki, kj)][o] = w[o][ch][ki][kj], rows `ld` apart.
+    let ld = padded(o);
+    let wt = transpose(T::as_f32(w).expect("f32"), (o, 9 * c), ld);
+    let rows = |ki: usize, kj: usize, ch: usize| (ch * 9 + ki * 3 + kj) * ld;
     let out = (d.ho, d.wo, d.stride);
     conv3x3((d.n, c, d.h, d.w), out, x, map, (&wt, rows), o, false, epilogue)
 }
@@ -224,15 +245,20 @@ pub(super) fn input_grad_same3x3<T: Element>(
 ) -> Vec<T> {
     let (o, c) = (d.o, d.c);
     let w = T::as_f32(w).expect("f32");
-    // wt[o][(ki, kj)][ch] = w[o][ch][ki][kj]: each output channel's `c x 9` transposed.
+    // wt[o][(ki, kj)][ch] = w[o][ch][ki][kj]: each output channel's `c x 9` transposed, rows
+    // `ld` apart.
+    let ld = padded(c);
     let per_channel = |_: &mut (), oo: usize, out: &mut [MaybeUninit<f32>]| {
         let src = &w[oo * 9 * c..(oo + 1) * 9 * c];
-        crate::write_each(out, |e| src[(e % c) * 9 + e / c]);
+        for (tap, row) in out.chunks_exact_mut(ld).enumerate() {
+            crate::write_each(&mut row[..c], |ch| src[ch * 9 + tap]);
+            row[c..].fill(MaybeUninit::new(0.0));
+        }
     };
-    // SAFETY: `write_each` initialises every element of each chunk.
-    let wt = unsafe { crate::par_chunks_uninit(o * 9 * c, 9 * c, || (), per_channel) };
+    // SAFETY: every element of each chunk is written (`write_each`, then the padding).
+    let wt = unsafe { crate::par_chunks_uninit(o * 9 * ld, 9 * ld, || (), per_channel) };
     // Run pixel t of kernel row ki is kernel column 2 - t.
-    let rows = |ki: usize, t: usize, oo: usize| (oo * 9 + ki * 3 + 2 - t) * c;
+    let rows = |ki: usize, t: usize, oo: usize| (oo * 9 + ki * 3 + 2 - t) * ld;
     let plain = super::lower::Plain;
     let epilogue = |i: usize, dx: &mut [T]| epilogue(i, dx);
     let out = (d.h, d.w, 1);
