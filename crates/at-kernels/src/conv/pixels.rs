@@ -144,34 +144,59 @@ fn conv3x3<T: Element>(
     let b_rows: Vec<Vec<usize>> = (0..3)
         .map(|ki| (0..k).map(|kk| b_rows(ki, kk / channels, kk % channels)).collect())
         .collect();
+    // The output rows `lo..hi` whose kernel row `ki` reads inside the image: grid row
+    // `y stride + row(ki)` from 1 to `h`, not the zero row above or below it. The middle kernel
+    // row reads inside for every output row.
+    let inside = |ki: usize| {
+        let row = if flip { 2 - ki } else { ki };
+        let lo = (0..ho).find(|&y| y * stride + row >= 1).unwrap_or(ho);
+        let hi = (0..ho).rev().find(|&y| y * stride + row <= h).map_or(0, |y| y + 1);
+        (lo, hi.max(lo))
+    };
+    debug_assert_eq!(inside(1), (0, ho));
     let threads = rayon::current_num_threads().max(1);
     let group = n.div_ceil(threads).max(1);
+    // A task's GEMM rows are its output pixels in the order (y, image, x), so that the rows a
+    // kernel row reads inside the images are one range: the GEMM runs on those alone (a 3x3
+    // kernel on a 7x7 output skips 2 of its 21 kernel-row passes, 14x14 2 of 42), the middle
+    // kernel row first to write every row.
     let task = |scratch: &mut (Vec<usize>, Vec<MaybeUninit<f32>>),
                 t: usize,
                 out: &mut [MaybeUninit<T>]| {
         let (first, count) = (t * group, out.len() / (cols * p));
         let (starts_task, yt) = scratch;
         yt.resize(count * p * cols, MaybeUninit::new(0.0));
-        for (ki, starts) in starts.iter().enumerate() {
-            starts_task.clear();
-            for i in first..first + count {
-                starts_task.extend(starts.iter().map(|s| i * grid.len() + s));
+        for (pass, ki) in [1, 0, 2].into_iter().enumerate() {
+            let (lo, hi) = inside(ki);
+            if lo == hi {
+                continue;
             }
+            starts_task.clear();
+            for y in lo..hi {
+                for i in first..first + count {
+                    let starts = &starts[ki][y * wo..(y + 1) * wo];
+                    starts_task.extend(starts.iter().map(|s| i * grid.len() + s));
+                }
+            }
+            let rows = lo * count * wo..hi * count * wo;
+            let yt = &mut yt[rows.start * cols..rows.end * cols];
             let b = (b, &b_rows[ki][..]);
-            gather::gather_gemm_runs((&grids, starts_task), b, cols, (yt, cols), ki > 0);
+            gather::gather_gemm_runs((&grids, starts_task), b, cols, (yt, cols), pass > 0);
         }
         // SAFETY: the first GEMM wrote every element of `yt` (`count p x cols`).
         let yt = unsafe { crate::assume_init_mut(&mut yt[..count * p * cols]) };
         for (i, out) in out.chunks_exact_mut(cols * p).enumerate() {
-            let yt = &yt[i * p * cols..(i + 1) * p * cols];
-            // out[col][j] = yt[j][col], 16 columns at a time (one line of `yt` read whole, 16
-            // rows of `out` written along).
+            // out[col][(y, x)] = yt[(y, i, x)][col], 16 columns at a time (one line of `yt`
+            // read whole, 16 rows of `out` written along).
             let dst = T::as_f32_uninit(out).expect("f32");
             for c0 in (0..cols).step_by(16) {
                 let c1 = (c0 + 16).min(cols);
-                for (j, src) in yt.chunks_exact(cols).enumerate() {
-                    for (col, &v) in (c0..c1).zip(&src[c0..c1]) {
-                        dst[col * p + j].write(v);
+                for y in 0..ho {
+                    for x in 0..wo {
+                        let src = &yt[((y * count + i) * wo + x) * cols..][c0..c1];
+                        for (col, &v) in (c0..c1).zip(src) {
+                            dst[col * p + y * wo + x].write(v);
+                        }
                     }
                 }
             }
