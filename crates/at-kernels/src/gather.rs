@@ -107,21 +107,20 @@ impl std::fmt::Display for Isa {
 /// On a value of `AT_KERNELS_ISA` other than `avx512`, `avx2` or `portable`.
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        let cpu = cpu_isa();
-        match std::env::var("AT_KERNELS_ISA").as_deref() {
-            Err(_) | Ok("") => cpu,
-            Ok(asked) => {
-                let asked = [Isa::Avx512, Isa::Avx2, Isa::Portable]
-                    .into_iter()
-                    .find(|isa| isa.name() == asked)
-                    .unwrap_or_else(|| {
-                        panic!("AT_KERNELS_ISA={asked}: it takes avx512, avx2 or portable")
-                    });
-                asked.min(cpu)
-            }
-        }
-    })
+    *ISA.get_or_init(|| chosen_isa(std::env::var("AT_KERNELS_ISA").ok().as_deref(), cpu_isa()))
+}
+
+/// The path for a CPU whose widest is `cpu` where `AT_KERNELS_ISA` is `asked`: that one, or
+/// the CPU's where it asks for more than the CPU has (a cap, as oneDNN's `ONEDNN_MAX_CPU_ISA`).
+fn chosen_isa(asked: Option<&str>, cpu: Isa) -> Isa {
+    match asked {
+        None | Some("") => cpu,
+        Some(asked) => [Isa::Avx512, Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .find(|isa| isa.name() == asked)
+            .unwrap_or_else(|| panic!("AT_KERNELS_ISA={asked}: it takes avx512, avx2 or portable"))
+            .min(cpu),
+    }
 }
 
 /// Whether [`gather_gemm`] runs here (see [`isa`]).
@@ -837,6 +836,61 @@ mod tests {
                 assert!(crate::gather_tests_run());
                 if cfg!(at_no_gather) {
                     panic!("the gather tests were built to be ignored");
+                }
+            }
+        }
+    }
+
+    /// `AT_KERNELS_ISA` caps the path at what it names, never above the CPU's, and a value it
+    /// does not take stops with the values it does.
+    #[test]
+    fn at_kernels_isa_caps_the_path_and_refuses_unknown_names() {
+        assert_eq!(chosen_isa(None, Isa::Avx512), Isa::Avx512);
+        assert_eq!(chosen_isa(Some(""), Isa::Avx2), Isa::Avx2);
+        assert_eq!(chosen_isa(Some("avx2"), Isa::Avx512), Isa::Avx2);
+        assert_eq!(chosen_isa(Some("portable"), Isa::Avx512), Isa::Portable);
+        assert_eq!(chosen_isa(Some("avx512"), Isa::Avx2), Isa::Avx2);
+        let refused = std::panic::catch_unwind(|| chosen_isa(Some("avx3"), Isa::Avx512));
+        let message = *refused.expect_err("an unknown name").downcast::<String>().unwrap();
+        assert_eq!(message, "AT_KERNELS_ISA=avx3: it takes avx512, avx2 or portable");
+    }
+
+    /// The AVX2 and AVX-512 tile kernels compute each output as the same sequence of fused
+    /// multiply-adds (inner index by inner index, in the same slices), so that a run gives the
+    /// same numbers to the bit on either path (the README's Table 1 quick numbers, checked with
+    /// `AT_KERNELS_ISA=avx2`). Runs where the CPU has AVX-512 (both kernels), with packed and
+    /// in-place left operands, ragged sizes and several inner slices.
+    #[test]
+    #[cfg_attr(at_no_gather, ignore = "neither AVX-512F nor AVX2 and FMA here: no gather kernel")]
+    fn avx2_and_avx512_kernels_agree_to_the_bit() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if cpu_isa() != Isa::Avx512 {
+                eprintln!("this CPU has no AVX-512: one kernel only, nothing to compare");
+                return;
+            }
+            for &(m, n, k) in &[(7, 65, 300), (32, 17, 5), (13, 200, 600), (6, 64, 256)] {
+                let value = |i: usize| ((i * 7919 % 1000) as f32 - 500.0) / 250.0;
+                let a: Vec<f32> = (0..m * k).map(value).collect();
+                let stride = n + 5;
+                let b: Vec<f32> = (0..k * stride).map(|i| value(i + 31)).collect();
+                let rows: Vec<usize> = (0..k).map(|kk| (k - 1 - kk) * stride + kk % 5).collect();
+                let lhs = Lhs::new(m, k, |i, kk| a[i * k + kk]);
+                let starts: Vec<usize> = (0..m).map(|i| i * k).collect();
+                let blocks = row_blocks(m);
+                for left in
+                    [Left::Packed(&lhs), Left::Runs { a: &a, starts: &starts, blocks: &blocks }]
+                {
+                    let mut out = [vec![0f32; m * n], vec![0f32; m * n]];
+                    for (kernel, c) in [avx512::KERNEL, avx2::KERNEL].into_iter().zip(&mut out) {
+                        // SAFETY: the CPU has AVX-512F (and so AVX2 and FMA); `b`'s rows hold
+                        // `n` values from each offset, `c` is `m x n`, the left operand `m x k`.
+                        unsafe {
+                            tiles(left, (b.as_ptr(), &rows), n, (c.as_mut_ptr(), n), false, kernel)
+                        };
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&out[0]), bits(&out[1]), "({m}, {n}, {k})");
                 }
             }
         }
