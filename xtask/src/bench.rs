@@ -249,10 +249,12 @@ fn resnet_rounds(
          10 classes) against our release build, random 224x224 input, SGD with momentum and \
          weight decay; AT on the first three groups, beta 1e3. Median over {} rounds of {} timed \
          steps each (after {} untimed), alternating. `speedup` = torch / ours: above 1 we are \
-         faster. Peak memory: each process's largest resident size (`VmHWM`, `ru_maxrss`), the \
+         faster. `rounds` gives each round's median, ours / PyTorch: where one side's rounds \
+         straddle the other's, the difference is within this machine's noise (`~` after the \
+         speedup says so). Peak memory: each process's largest resident size (`VmHWM`, `ru_maxrss`), the \
          largest over the rounds.\n\n\
-         | student | step | teacher | batch | ours (ms) | PyTorch (ms) | speedup | ours peak (MB) | PyTorch peak (MB) |\n\
-         |---|---|---|---:|---:|---:|---:|---:|---:|\n",
+         | student | step | teacher | batch | ours (ms) | PyTorch (ms) | speedup | rounds (ms) | ours peak (MB) | PyTorch peak (MB) |\n\
+         |---|---|---|---:|---:|---:|---:|---|---:|---:|\n",
         machine(),
         today(),
         o.threads,
@@ -263,10 +265,14 @@ fn resnet_rounds(
     for (i, &(model, step, teacher, batch)) in RESNET_CONFIGS.iter().enumerate() {
         let m = &mut measured[i];
         let (a, b) = (median(&mut m.ours), median(&mut m.torch));
+        let list = |v: &[f64]| v.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>().join(", ");
         table.push_str(&format!(
-            "| {model} | {step} | {} | {batch} | {a:.0} | {b:.0} | {:.2} | {} | {} |\n",
+            "| {model} | {step} | {} | {batch} | {a:.0} | {b:.0} | {:.2}{} | {} / {} | {} | {} |\n",
             if teacher.is_empty() { "-" } else { teacher },
             b / a,
+            if within_noise(&m.rounds) { " ~" } else { "" },
+            list(&m.rounds.0),
+            list(&m.rounds.1),
             m.peaks.0 / 1024,
             m.peaks.1 / 1024
         ));
@@ -277,12 +283,23 @@ fn resnet_rounds(
     Ok(())
 }
 
+/// Whether the two sides' round medians interleave: some round of one side is at or below
+/// some round of the other and some is at or above it, so that which side is faster changed
+/// between rounds.
+fn within_noise((ours, torch): &(Vec<f64>, Vec<f64>)) -> bool {
+    let max = |v: &[f64]| v.iter().copied().fold(f64::MIN, f64::max);
+    let min = |v: &[f64]| v.iter().copied().fold(f64::MAX, f64::min);
+    !ours.is_empty() && !torch.is_empty() && min(ours) <= max(torch) && min(torch) <= max(ours)
+}
+
 /// One configuration's measurements over the rounds: each side's step times (ms) and largest
 /// peak resident size (KiB).
 #[derive(Clone, Default)]
 struct Measured {
     ours: Vec<f64>,
     torch: Vec<f64>,
+    /// Each round's median, per side.
+    rounds: (Vec<f64>, Vec<f64>),
     peaks: (u64, u64),
 }
 
@@ -311,12 +328,16 @@ fn alternate(
             }
             let (line, peak) = output_with_peak(ours.args(common).arg(&side))?;
             check_isa(&line, o, "avx2")?;
-            m.ours.extend(times(&line).context("ours")?);
+            let ours_times = times(&line).context("ours")?;
+            m.rounds.0.push(median(&mut ours_times.clone()));
+            m.ours.extend(ours_times);
             m.peaks.0 = m.peaks.0.max(peak);
             let torch_args = [o.threads.to_string(), "cpu".into(), side.clone()];
             let (line, peak) = output_with_peak(torch.arg(script).args(common).args(torch_args))?;
             check_isa(&line, o, "AVX2")?;
-            m.torch.extend(times(&line).context("torch")?);
+            let torch_times = times(&line).context("torch")?;
+            m.rounds.1.push(median(&mut torch_times.clone()));
+            m.torch.extend(torch_times);
             m.peaks.1 = m.peaks.1.max(peak);
             if let Some(v) = field(&line, "torch") {
                 torch_version = v.to_owned();
@@ -493,4 +514,20 @@ fn write(rows: &[Row], convs: &[ConvRow], o: &Options, torch_version: &str) -> R
     let path = replace_section(&table, (START, END))?;
     println!("wrote {} and docs/benchmarks.json", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::within_noise;
+
+    /// A table marks a row `~` only where the two sides' rounds overlap.
+    #[test]
+    fn rounds_that_overlap_are_within_noise_and_separated_ones_are_not() {
+        let rounds = |a: &[f64], b: &[f64]| (a.to_vec(), b.to_vec());
+        assert!(within_noise(&rounds(&[977.0, 1045.0], &[1033.0, 921.0])));
+        assert!(within_noise(&rounds(&[500.0], &[500.0])));
+        assert!(!within_noise(&rounds(&[515.0, 520.0], &[609.0, 547.0])));
+        assert!(!within_noise(&rounds(&[610.0, 640.0], &[515.0, 520.0])));
+        assert!(!within_noise(&rounds(&[], &[1.0])));
+    }
 }
