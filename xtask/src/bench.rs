@@ -204,7 +204,7 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
         .filter(|c| !o.quick || c.0 == "wrn-16-1")
         .map(|&(model, step, teacher)| (model, step, teacher, BATCH))
         .collect();
-    let (mut measured, torch_version) = alternate(&configs, 32, (&ours_bin, &python, &script), &o)?;
+    let (measured, torch_version) = alternate(&configs, 32, (&ours_bin, &python, &script), &o)?;
     let convs = conv_rounds(&python, &o)?;
     let rows: Vec<Row> = configs
         .iter()
@@ -213,8 +213,8 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
             model,
             step,
             teacher,
-            ours: median(&mut measured[i].ours),
-            torch: median(&mut measured[i].torch),
+            ours: measured[i].ours.median(),
+            torch: measured[i].torch.median(),
         })
         .collect();
     write(&rows, &convs, &o, &torch_version)
@@ -228,7 +228,7 @@ fn resnet_rounds(
     script: &PathBuf,
     o: &Options,
 ) -> Result<()> {
-    let (mut measured, torch_version) =
+    let (measured, torch_version) =
         alternate(RESNET_CONFIGS, RESNET_SIDE, (ours_bin, python, script), o)?;
     let (start, end, title, isa_note) = if o.avx2 {
         (
@@ -237,21 +237,21 @@ fn resnet_rounds(
             "on the AVX2 paths (`cargo xtask bench --avx2`)",
             " Both sides on their AVX2 code, forced on this CPU (`AT_KERNELS_ISA=avx2`; \
              `ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`): what a CPU without AVX-512 \
-             runs; the C library and the `gemm` crate (the 7x7 stem's weight gradient, about 1% of our step) \
-             still choose their AVX-512 code.",
+             runs; the C library and the `gemm` crate (the 7x7 stem's weight gradient, about 1% \
+             of our step) still choose their AVX-512 code.",
         )
     } else {
         (RESNET_START, RESNET_END, "(`cargo xtask bench`)", "")
     };
     let mut table = format!(
         "{start}\n## Training step at 224x224: the ResNets of Tables 4 and 5 {title}\n\n\
-         Machine: {}. Date: {}.{isa_note} PyTorch {torch_version} (eager, {} threads; torchvision's ResNets, \
-         10 classes) against our release build, random 224x224 input, SGD with momentum and \
-         weight decay; AT on the first three groups, beta 1e3. Median over {} rounds of {} timed \
+         Machine: {}. Date: {}.{isa_note} PyTorch {torch_version} (eager, {} threads; \
+         torchvision's ResNets, 10 classes) against our release build, random 224x224 input, \
+         SGD with momentum and weight decay; AT on the first three groups, beta 1e3. Median over {} rounds of {} timed \
          steps each (after {} untimed), alternating. `speedup` = torch / ours: above 1 we are \
-         faster. `rounds` gives each round's median, ours / PyTorch: where one side's rounds \
-         straddle the other's, the difference is within this machine's noise (`~` after the \
-         speedup says so). Peak memory: each process's largest resident size (`VmHWM`, `ru_maxrss`), the \
+         faster. `rounds` gives each round's median, ours / PyTorch: where the two sides' rounds \
+         overlap, the difference is within this machine's noise (`~` after the speedup says \
+         so). Peak memory: each process's largest resident size (`VmHWM`, `ru_maxrss`), the \
          largest over the rounds.\n\n\
          | student | step | teacher | batch | ours (ms) | PyTorch (ms) | speedup | rounds (ms) | ours peak (MB) | PyTorch peak (MB) |\n\
          |---|---|---|---:|---:|---:|---:|---|---:|---:|\n",
@@ -263,18 +263,19 @@ fn resnet_rounds(
         o.warmup
     );
     for (i, &(model, step, teacher, batch)) in RESNET_CONFIGS.iter().enumerate() {
-        let m = &mut measured[i];
-        let (a, b) = (median(&mut m.ours), median(&mut m.torch));
+        let m = &measured[i];
+        let (a, b) = (m.ours.median(), m.torch.median());
+        let (ours, torch) = (m.ours.round_medians(), m.torch.round_medians());
         let list = |v: &[f64]| v.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>().join(", ");
         table.push_str(&format!(
             "| {model} | {step} | {} | {batch} | {a:.0} | {b:.0} | {:.2}{} | {} / {} | {} | {} |\n",
             if teacher.is_empty() { "-" } else { teacher },
             b / a,
-            if within_noise(&m.rounds) { " ~" } else { "" },
-            list(&m.rounds.0),
-            list(&m.rounds.1),
-            m.peaks.0 / 1024,
-            m.peaks.1 / 1024
+            if within_noise(&ours, &torch) { " ~" } else { "" },
+            list(&ours),
+            list(&torch),
+            m.ours.peak / 1024,
+            m.torch.peak / 1024
         ));
     }
     table.push_str(end);
@@ -283,24 +284,44 @@ fn resnet_rounds(
     Ok(())
 }
 
-/// Whether the two sides' round medians interleave: some round of one side is at or below
-/// some round of the other and some is at or above it, so that which side is faster changed
-/// between rounds.
-fn within_noise((ours, torch): &(Vec<f64>, Vec<f64>)) -> bool {
+/// Whether the two sides' round medians overlap (the lowest of each at or below the highest of
+/// the other), so that which side is faster could change from one round to the next.
+fn within_noise(ours: &[f64], torch: &[f64]) -> bool {
     let max = |v: &[f64]| v.iter().copied().fold(f64::MIN, f64::max);
     let min = |v: &[f64]| v.iter().copied().fold(f64::MAX, f64::min);
     !ours.is_empty() && !torch.is_empty() && min(ours) <= max(torch) && min(torch) <= max(ours)
 }
 
-/// One configuration's measurements over the rounds: each side's step times (ms) and largest
-/// peak resident size (KiB).
+/// One configuration's measurements over the rounds, per side.
 #[derive(Clone, Default)]
 struct Measured {
-    ours: Vec<f64>,
-    torch: Vec<f64>,
-    /// Each round's median, per side.
-    rounds: (Vec<f64>, Vec<f64>),
-    peaks: (u64, u64),
+    ours: Side,
+    torch: Side,
+}
+
+/// One side's step times (ms), round by round, and its largest peak resident size (KiB).
+#[derive(Clone, Default)]
+struct Side {
+    rounds: Vec<Vec<f64>>,
+    peak: u64,
+}
+
+impl Side {
+    /// Adds one round: the times and peak of the JSON line the side printed.
+    fn add(&mut self, (line, peak): &(Value, u64), what: &str) -> Result<()> {
+        self.rounds.push(times(line).context(what.to_owned())?);
+        self.peak = self.peak.max(*peak);
+        Ok(())
+    }
+
+    /// The median of every timed step of every round so far.
+    fn median(&self) -> f64 {
+        median(&mut self.rounds.concat())
+    }
+
+    fn round_medians(&self) -> Vec<f64> {
+        self.rounds.iter().map(|r| median(&mut r.clone())).collect()
+    }
 }
 
 /// Runs every `(student, step, teacher, batch)` on `side`-pixel images on both sides, one fresh
@@ -326,23 +347,17 @@ fn alternate(
                 ours.env("AT_KERNELS_ISA", "avx2");
                 torch.env("ATEN_CPU_CAPABILITY", "avx2").env("ONEDNN_MAX_CPU_ISA", "AVX2");
             }
-            let (line, peak) = output_with_peak(ours.args(common).arg(&side))?;
-            check_isa(&line, o, "avx2")?;
-            let ours_times = times(&line).context("ours")?;
-            m.rounds.0.push(median(&mut ours_times.clone()));
-            m.ours.extend(ours_times);
-            m.peaks.0 = m.peaks.0.max(peak);
+            let line = output_with_peak(ours.args(common).arg(&side))?;
+            check_isa(&line.0, o, "avx2")?;
+            m.ours.add(&line, "ours")?;
             let torch_args = [o.threads.to_string(), "cpu".into(), side.clone()];
-            let (line, peak) = output_with_peak(torch.arg(script).args(common).args(torch_args))?;
-            check_isa(&line, o, "AVX2")?;
-            let torch_times = times(&line).context("torch")?;
-            m.rounds.1.push(median(&mut torch_times.clone()));
-            m.torch.extend(torch_times);
-            m.peaks.1 = m.peaks.1.max(peak);
-            if let Some(v) = field(&line, "torch") {
+            let line = output_with_peak(torch.arg(script).args(common).args(torch_args))?;
+            check_isa(&line.0, o, "AVX2")?;
+            m.torch.add(&line, "torch")?;
+            if let Some(v) = field(&line.0, "torch") {
                 torch_version = v.to_owned();
             }
-            let (a, b) = (median(&mut m.ours.clone()), median(&mut m.torch.clone()));
+            let (a, b) = (m.ours.median(), m.torch.median());
             println!(
                 "round {round}/{}: {model} {step} {teacher} batch {batch} at {side}px: ours {a:.0} ms, torch {b:.0} ms",
                 o.rounds
@@ -523,11 +538,10 @@ mod tests {
     /// A table marks a row `~` only where the two sides' rounds overlap.
     #[test]
     fn rounds_that_overlap_are_within_noise_and_separated_ones_are_not() {
-        let rounds = |a: &[f64], b: &[f64]| (a.to_vec(), b.to_vec());
-        assert!(within_noise(&rounds(&[977.0, 1045.0], &[1033.0, 921.0])));
-        assert!(within_noise(&rounds(&[500.0], &[500.0])));
-        assert!(!within_noise(&rounds(&[515.0, 520.0], &[609.0, 547.0])));
-        assert!(!within_noise(&rounds(&[610.0, 640.0], &[515.0, 520.0])));
-        assert!(!within_noise(&rounds(&[], &[1.0])));
+        assert!(within_noise(&[977.0, 1045.0], &[1033.0, 921.0]));
+        assert!(within_noise(&[500.0], &[500.0]));
+        assert!(!within_noise(&[515.0, 520.0], &[609.0, 547.0]));
+        assert!(!within_noise(&[610.0, 640.0], &[515.0, 520.0]));
+        assert!(!within_noise(&[], &[1.0]));
     }
 }

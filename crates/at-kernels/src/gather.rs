@@ -19,8 +19,8 @@ use rayon::prelude::*;
 /// The most output rows per tile: each is one broadcast weight per inner step.
 const MR: usize = 6;
 /// Inner steps per pass over the output, so that a tile's `KC x NR` slice of the right operand
-/// (64 KiB with AVX-512's 64 columns, 16 KiB with AVX2's 16) stays near the core while every row block uses it (measured against 64, 128 and
-/// the whole inner dimension at WRN's sizes).
+/// (64 KiB with AVX-512's 64 columns, 16 KiB with AVX2's 16) stays near the core while every
+/// row block uses it (measured against 64, 128 and the whole inner dimension at WRN's sizes).
 const KC: usize = 256;
 
 /// The left operand (`m x k`) packed for [`gather_gemm`]: `ceil(m / MR)` blocks of rows as even
@@ -268,21 +268,32 @@ pub(crate) fn to_pixels(
     assert!(h == 0 || w == 0 || (first + (h - 1) * stride + w) * c <= out.len());
     #[cfg(target_arch = "x86_64")]
     {
-        let square = match isa() {
-            Isa::Avx512 => 16,
-            Isa::Avx2 => 8,
-            Isa::Portable => 0,
+        let (square, block): (usize, Option<TransposeBlock>) = match isa() {
+            Isa::Avx512 => (16, Some(avx512::transpose_block)),
+            Isa::Avx2 => (8, Some(avx2::transpose_block)),
+            Isa::Portable => (0, None),
         };
-        if square > 0 && c % square == 0 && (h * w) % square == 0 {
-            // SAFETY: the instructions are available (`isa`); the asserts above keep every read
-            // (`ch * h * w + y * w + x`) and write (`(first + y * stride + x) * c + ch`) in range.
-            unsafe {
-                if square == 16 {
-                    avx512::to_pixels(planes, (c, h, w), (first, stride), out)
-                } else {
-                    avx2::to_pixels(planes, (c, h, w), (first, stride), out)
+        if let Some(block) = block
+            && c % square == 0
+            && (h * w) % square == 0
+        {
+            let (hw, src, dst) = (h * w, planes.as_ptr(), out.as_mut_ptr());
+            let mut pixels = [std::ptr::null_mut(); 16];
+            for c0 in (0..c).step_by(square) {
+                // `square` pixels in a row of the planes (of one image row or, for narrow
+                // images, of several).
+                for q0 in (0..hw).step_by(square) {
+                    for (j, pixel) in pixels[..square].iter_mut().enumerate() {
+                        let (y, x) = ((q0 + j) / w, (q0 + j) % w);
+                        // SAFETY: in range, as the asserts above keep every write.
+                        *pixel = unsafe { dst.add((first + y * stride + x) * c + c0) };
+                    }
+                    // SAFETY: the instructions are available (`isa`); the asserts above keep
+                    // every read (`ch * h * w + y * w + x`) and write (`(first + y * stride + x)
+                    // * c + ch`) in range.
+                    unsafe { block(src.add(c0 * hw + q0), hw, &pixels[..square]) };
                 }
-            };
+            }
             return;
         }
     }
@@ -341,6 +352,17 @@ struct Kernel {
     /// `rows.len() * nr`.
     pack: Option<PackFn>,
 }
+
+/// One square block of [`to_pixels`] in registers (16 x 16 with AVX-512, 8 x 8 with AVX2): the
+/// block's row `i` is the square's values at `src + i * ld`, and its column `j` is written to
+/// `dst[j]`.
+///
+/// # Safety
+///
+/// Its instructions available, every row readable and every `dst[j]` writable for the square's
+/// values.
+#[cfg(target_arch = "x86_64")]
+type TransposeBlock = unsafe fn(*const f32, usize, &[*mut f32]);
 
 /// See [`Kernel::pack`].
 #[cfg(target_arch = "x86_64")]
@@ -536,36 +558,21 @@ mod avx512 {
         }
     }
 
-    /// See [`super::to_pixels`]; `c` and `h * w` multiples of 16.
+    /// [`super::TransposeBlock`] for AVX-512F.
     ///
     /// # Safety
     ///
-    /// AVX-512F, and the operands in range as `super::to_pixels` asserts.
+    /// As there.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn to_pixels(
-        planes: &[f32],
-        (c, h, w): (usize, usize, usize),
-        (first, stride): (usize, usize),
-        out: &mut [f32],
-    ) {
-        let hw = h * w;
+    pub(super) unsafe fn transpose_block(src: *const f32, ld: usize, dst: &[*mut f32]) {
         // SAFETY: the caller's promise.
         unsafe {
-            let (src, dst) = (planes.as_ptr(), out.as_mut_ptr());
-            for c0 in (0..c).step_by(16) {
-                // Sixteen pixels in a row of the planes (of one image row or, for narrow images,
-                // of several).
-                for q0 in (0..hw).step_by(16) {
-                    let mut r = [_mm512_setzero_ps(); 16];
-                    for (i, r) in r.iter_mut().enumerate() {
-                        *r = _mm512_loadu_ps(src.add((c0 + i) * hw + q0));
-                    }
-                    let r = transpose16(r);
-                    for (j, r) in r.iter().enumerate() {
-                        let (y, x) = ((q0 + j) / w, (q0 + j) % w);
-                        _mm512_storeu_ps(dst.add((first + y * stride + x) * c + c0), *r);
-                    }
-                }
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, r) in r.iter_mut().enumerate() {
+                *r = _mm512_loadu_ps(src.add(i * ld));
+            }
+            for (r, &dst) in transpose16(r).iter().zip(dst) {
+                _mm512_storeu_ps(dst, *r);
             }
         }
     }
@@ -625,6 +632,13 @@ mod avx2 {
 
     pub(super) const KERNEL: super::Kernel = super::Kernel { nr: NR, tile, pack: Some(pack) };
 
+    /// The mask of an 8-lane vector's first `n` lanes (`n <= 8`), as `maskload` and `maskstore`
+    /// take it.
+    #[target_feature(enable = "avx2,fma")]
+    fn first_lanes(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
     /// [`super::Kernel::pack`] for AVX2.
     ///
     /// # Safety
@@ -645,11 +659,7 @@ mod avx2 {
             for (kk, &row) in rows.iter().enumerate() {
                 let (src, dst) = (b.add(row), dst.add(kk * NR));
                 for v in 0..cols.div_ceil(8) {
-                    let live = (cols - 8 * v).min(8) as i32;
-                    let mask = _mm256_cmpgt_epi32(
-                        _mm256_set1_epi32(live),
-                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                    );
+                    let mask = first_lanes((cols - 8 * v).min(8));
                     _mm256_storeu_ps(dst.add(8 * v), _mm256_maskload_ps(src.add(8 * v), mask));
                 }
             }
@@ -710,12 +720,8 @@ mod avx2 {
         // `b` a row at each offset with the tile's lanes, `c` the live rows' lanes; masked
         // lanes are neither read nor written).
         unsafe {
-            // Lane `l` of the last vector is inside the output where `l < tail`.
-            let tail = (t.cols - (t.cols - 1) / 8 * 8) as i32;
-            let mask = _mm256_cmpgt_epi32(
-                _mm256_set1_epi32(tail),
-                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-            );
+            // The lanes of the tile's last vector that are inside the output.
+            let mask = first_lanes(t.cols - (t.cols - 1) / 8 * 8);
             let mut acc = [[_mm256_setzero_ps(); V]; R];
             for (kk, &row) in t.rows.iter().enumerate() {
                 let b = t.b.add(row);
@@ -760,34 +766,21 @@ mod avx2 {
         }
     }
 
-    /// See [`super::to_pixels`]; `c` and `h * w` multiples of 8.
+    /// [`super::TransposeBlock`] for AVX2.
     ///
     /// # Safety
     ///
-    /// AVX2, and the operands in range as `super::to_pixels` asserts.
+    /// As there.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn to_pixels(
-        planes: &[f32],
-        (c, h, w): (usize, usize, usize),
-        (first, stride): (usize, usize),
-        out: &mut [f32],
-    ) {
-        let hw = h * w;
+    pub(super) unsafe fn transpose_block(src: *const f32, ld: usize, dst: &[*mut f32]) {
         // SAFETY: the caller's promise.
         unsafe {
-            let (src, dst) = (planes.as_ptr(), out.as_mut_ptr());
-            for c0 in (0..c).step_by(8) {
-                for q0 in (0..hw).step_by(8) {
-                    let mut r = [_mm256_setzero_ps(); 8];
-                    for (i, r) in r.iter_mut().enumerate() {
-                        *r = _mm256_loadu_ps(src.add((c0 + i) * hw + q0));
-                    }
-                    let r = transpose8(r);
-                    for (j, r) in r.iter().enumerate() {
-                        let (y, x) = ((q0 + j) / w, (q0 + j) % w);
-                        _mm256_storeu_ps(dst.add((first + y * stride + x) * c + c0), *r);
-                    }
-                }
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (i, r) in r.iter_mut().enumerate() {
+                *r = _mm256_loadu_ps(src.add(i * ld));
+            }
+            for (r, &dst) in transpose8(r).iter().zip(dst) {
+                _mm256_storeu_ps(dst, *r);
             }
         }
     }

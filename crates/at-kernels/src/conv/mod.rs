@@ -345,8 +345,8 @@ mod tests {
         }
     }
 
-    /// The gather GEMM (AVX-512 or AVX2, as this process runs) and the portable `gemm` path give the same forward pass and
-    /// gradients on every geometry.
+    /// The gather GEMM (AVX-512 or AVX2, as this process runs) and the portable `gemm` path give
+    /// the same forward pass and gradients on every geometry.
     #[test]
     #[cfg_attr(at_no_gather, ignore = "neither AVX-512F nor AVX2 and FMA here: no gather kernel")]
     fn gather_and_portable_paths_agree_on_forward_and_both_gradients() {

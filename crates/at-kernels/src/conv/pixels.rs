@@ -4,10 +4,10 @@
 //!
 //! The weight gradient of a 3x3 or 1x1 convolution reads its input this way (`weight_grad_pixels`
 //! in `lower.rs`). The forward pass and the input gradient of a "same" 3x3 convolution do too on
-//! small images ([`PIXEL_MAJOR_FORWARD`], [`PIXEL_MAJOR_INPUT_GRAD`]): there the channel-major GEMM's columns are the image's
-//! few pixels (49 at ResNet's 7x7 layers: a 64-column tile 77% full, and the 9 MiB of 512-channel
-//! weights read for every image), while pixel-major its rows are the pixels of several images
-//! and its columns the many channels, in full tiles.
+//! small images ([`PIXEL_MAJOR_FORWARD`], [`PIXEL_MAJOR_INPUT_GRAD`]): there the channel-major
+//! GEMM's columns are the image's few pixels (49 at ResNet's 7x7 layers: a 64-column tile 77%
+//! full, and the 9 MiB of 512-channel weights read for every image), while pixel-major its rows
+//! are the pixels of several images and its columns the many channels, in full tiles.
 
 use std::mem::MaybeUninit;
 
@@ -115,12 +115,12 @@ pub(super) fn takes_input_grad<T: Element>(d: &Dims) -> bool {
         && T::as_f32(&[]).is_some()
 }
 
-/// `out[n][col][j] = sum over ki, t < 3, ch < C of
-/// src_n[s j_y + row(ki) - 1, s j_x - 1 + t][ch] b[rows(ki, t, ch) + col]` for the `h x w` images of `src` (`C` channels, read through
-/// `map`) and the `ho x wo` outputs `j` (stride `s`), `row(ki)` = `ki` or, with `flip`,
-/// `2 - ki`: a 3x3 convolution's forward pass with padding 1 (`b` the weights transposed) or a
-/// "same" one's input gradient (`flip`, the kernel's columns reversed). `epilogue(n, out_n)`
-/// runs on each image's output.
+/// `out[n][col][j] = sum over ki, t < 3, ch < C of src_n[s j_y + row(ki) - 1, s j_x - 1 + t][ch]
+/// b[rows(ki, t, ch) + col]` for the `h x w` images of `src` (`C` channels, read through `map`)
+/// and the `ho x wo` outputs `j` (stride `s`), `row(ki)` = `ki` or, with `flip`, `2 - ki`: a
+/// 3x3 convolution's forward pass with padding 1 (`b` the weights transposed) or a "same" one's
+/// input gradient (`flip`, the kernel's columns reversed). `epilogue(n, out_n)` runs on each
+/// image's output.
 #[allow(clippy::too_many_arguments)]
 fn conv3x3<T: Element>(
     (n, channels, h, w): (usize, usize, usize, usize),
@@ -134,11 +134,10 @@ fn conv3x3<T: Element>(
 ) -> Vec<T> {
     let (grid, p) = (Grid::new(channels, h, w), ho * wo);
     let grids = grid.build(n, src, map);
-    // The output rows `lo..hi` whose kernel row `ki` reads inside the image: grid row
+    // The output rows `lo..hi` whose kernel row `row(ki)` reads inside the image: grid row
     // `y stride + row(ki)` from 1 to `h`, not the zero row above or below it. The middle kernel
     // row reads inside for every output row.
-    let inside = |ki: usize| {
-        let row = if flip { 2 - ki } else { ki };
+    let inside = |row: usize| {
         let lo = (0..ho).find(|&y| y * stride + row >= 1).unwrap_or(ho);
         let hi = (0..ho).rev().find(|&y| y * stride + row <= h).map_or(0, |y| y + 1);
         (lo, hi.max(lo))
@@ -186,12 +185,12 @@ fn conv3x3<T: Element>(
             next += count * ho * (x1 - x0);
         }
         for (pass, ki) in [1, 0, 2].into_iter().enumerate() {
-            let (lo, hi) = inside(ki);
             let row = if flip { 2 - ki } else { ki };
+            let (lo, hi) = inside(row);
+            if lo == hi {
+                continue;
+            }
             for (g, &(x0, x1, (t0, _))) in groups.iter().enumerate() {
-                if lo == hi {
-                    continue;
-                }
                 starts_task.clear();
                 for y in lo..hi {
                     for i in first..first + count {
