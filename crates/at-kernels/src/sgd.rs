@@ -87,6 +87,15 @@ impl SgdStep {
     fn decayed<T: Float>(&self, g: T, p: T) -> T {
         if self.weight_decay != 0.0 { g + p.scale(self.weight_decay) } else { g }
     }
+
+    /// `p -= lr * (g + wd * p)`, without momentum, on rayon's threads.
+    fn plain<T: Float>(&self, p: &mut [T], g: &[T]) {
+        p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(p, g)| {
+            for (p, &g) in p.iter_mut().zip(g) {
+                *p = *p - self.decayed(g, *p).scale(self.lr);
+            }
+        });
+    }
 }
 
 fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
@@ -98,17 +107,6 @@ fn slice_mut<'a, T>(data: &'a mut [T], layout: &Layout, what: &str) -> Result<&'
         Some((start, end)) => Ok(&mut data[start..end]),
         None => bail!("sgd: {what} must be contiguous"),
     }
-}
-
-/// `out[i] = f(out[i], a[i], b[i])` on rayon's threads.
-fn zip3<T: Float>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T, T) -> T + Sync) {
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(
-        |((out, a), b)| {
-            for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
-                *o = f(*o, a, b);
-            }
-        },
-    );
 }
 
 /// The step with momentum, in place on the buffer (with the gradient): it hands the buffer and
@@ -166,8 +164,9 @@ impl Update<'_> {
             p.par_chunks_mut(CHUNK).zip(buf.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK));
         chunks.for_each(|((p, buf), g)| {
             for ((p, b), &g) in p.iter_mut().zip(buf.iter_mut()).zip(g) {
-                *b = b.scale(s.momentum) + s.decayed(g, *p);
-                let d = if s.nesterov { s.decayed(g, *p) + b.scale(s.momentum) } else { *b };
+                let decayed = s.decayed(g, *p);
+                *b = b.scale(s.momentum) + decayed;
+                let d = if s.nesterov { decayed + b.scale(s.momentum) } else { *b };
                 *p = *p - d.scale(s.lr);
             }
         });
@@ -204,18 +203,12 @@ impl InplaceOp2 for Plain {
 
     fn cpu_fwd(&self, p: &mut CpuStorage, lp: &Layout, g: &CpuStorage, lg: &Layout) -> Result<()> {
         let s = self.0;
-        let step = |p: &mut [f32], g: &[f32]| {
-            zip3(p, g, g, |p, g, _| p - s.decayed(g, p).scale(s.lr));
-        };
-        let step64 = |p: &mut [f64], g: &[f64]| {
-            zip3(p, g, g, |p, g, _| p - s.decayed(g, p).scale(s.lr));
-        };
         match (p, g) {
             (CpuStorage::F32(p), CpuStorage::F32(g)) => {
-                step(slice_mut(p, lp, "the parameter")?, slice(g, lg, "the gradient")?)
+                s.plain(slice_mut(p, lp, "the parameter")?, slice(g, lg, "the gradient")?)
             }
             (CpuStorage::F64(p), CpuStorage::F64(g)) => {
-                step64(slice_mut(p, lp, "the parameter")?, slice(g, lg, "the gradient")?)
+                s.plain(slice_mut(p, lp, "the parameter")?, slice(g, lg, "the gradient")?)
             }
             _ => bail!("sgd: the parameter and its gradient must both be f32 or both f64"),
         }
