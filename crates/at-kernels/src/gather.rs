@@ -311,6 +311,55 @@ pub(crate) fn to_pixels(
     }
 }
 
+/// `out[r * ld + i] = a[i * lda + r]` for `i < m`, `r < cols`: `cols` columns of a matrix of
+/// `m` rows `lda` apart, transposed into rows `ld` apart (the rest of `out` untouched). Square
+/// blocks of sixteen (AVX-512) or eight (AVX2) in registers, the columns past the last full
+/// square in a block of that many; the rows past the last full square one value at a time.
+pub(crate) fn transpose(
+    a: &[f32],
+    (m, cols, lda): (usize, usize, usize),
+    (out, ld): (&mut [MaybeUninit<f32>], usize),
+) {
+    if m == 0 || cols == 0 {
+        return;
+    }
+    assert!(lda >= cols && ld >= m, "rows overlap");
+    assert!(a.len() >= (m - 1) * lda + cols && out.len() >= (cols - 1) * ld + m, "out of range");
+    let mut blocked = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (square, block): (usize, Option<TransposeBlock>) = match isa() {
+            Isa::Avx512 => (16, Some(avx512::transpose_block)),
+            Isa::Avx2 => (8, Some(avx2::transpose_block)),
+            Isa::Portable => (0, None),
+        };
+        if let Some(block) = block {
+            blocked = m / square * square;
+            let base = out.as_mut_ptr().cast::<f32>();
+            let mut dst = [std::ptr::null_mut(); 16];
+            for i0 in (0..blocked).step_by(square) {
+                for r0 in (0..cols).step_by(square) {
+                    let width = square.min(cols - r0);
+                    for (j, dst) in dst[..width].iter_mut().enumerate() {
+                        // SAFETY: inside `out`, as asserted.
+                        *dst = unsafe { base.add((r0 + j) * ld + i0) };
+                    }
+                    // SAFETY: the instructions are available (`isa`); the block reads rows
+                    // `i0 + i` (`i < square <= m`) for `width` values from column `r0`, and
+                    // writes `square` values to each of rows `r0 + j` (`j < width`) from column
+                    // `i0`, all inside the asserted ranges.
+                    unsafe { block(a.as_ptr().add(i0 * lda + r0), lda, &dst[..width]) };
+                }
+            }
+        }
+    }
+    for r in 0..cols {
+        for i in blocked..m {
+            out[r * ld + i].write(a[i * lda + r]);
+        }
+    }
+}
+
 /// One `live x cols` block of the output over one slice of the inner dimension, for an
 /// instruction set's tile kernel ([`Kernel`]; `live <= MR`, `cols` at most its tile width).
 #[cfg(target_arch = "x86_64")]
@@ -353,14 +402,15 @@ struct Kernel {
     pack: Option<PackFn>,
 }
 
-/// One square block of [`to_pixels`] in registers (16 x 16 with AVX-512, 8 x 8 with AVX2): the
-/// block's row `i` is the square's values at `src + i * ld`, and its column `j` is written to
-/// `dst[j]`.
+/// One square block of [`to_pixels`] and [`transpose`] in registers (16 x 16 with AVX-512, 8 x 8
+/// with AVX2), or its first `dst.len()` columns: the block's row `i` (`i` below the square's
+/// side) is the `dst.len()` values at `src + i * ld`, and its column `j` is written to `dst[j]`
+/// (the square's side of values).
 ///
 /// # Safety
 ///
-/// Its instructions available, every row readable and every `dst[j]` writable for the square's
-/// values.
+/// Its instructions available, `dst` no longer than the square's side, every row readable for
+/// `dst.len()` values and every `dst[j]` writable for the square's side of values.
 #[cfg(target_arch = "x86_64")]
 type TransposeBlock = unsafe fn(*const f32, usize, &[*mut f32]);
 
@@ -567,9 +617,10 @@ mod avx512 {
     pub(super) unsafe fn transpose_block(src: *const f32, ld: usize, dst: &[*mut f32]) {
         // SAFETY: the caller's promise.
         unsafe {
+            let lanes = ((1u32 << dst.len()) - 1) as __mmask16;
             let mut r = [_mm512_setzero_ps(); 16];
             for (i, r) in r.iter_mut().enumerate() {
-                *r = _mm512_loadu_ps(src.add(i * ld));
+                *r = _mm512_maskz_loadu_ps(lanes, src.add(i * ld));
             }
             for (r, &dst) in transpose16(r).iter().zip(dst) {
                 _mm512_storeu_ps(dst, *r);
@@ -775,9 +826,10 @@ mod avx2 {
     pub(super) unsafe fn transpose_block(src: *const f32, ld: usize, dst: &[*mut f32]) {
         // SAFETY: the caller's promise.
         unsafe {
+            let lanes = first_lanes(dst.len());
             let mut r = [_mm256_setzero_ps(); 8];
             for (i, r) in r.iter_mut().enumerate() {
-                *r = _mm256_loadu_ps(src.add(i * ld));
+                *r = _mm256_maskload_ps(src.add(i * ld), lanes);
             }
             for (r, &dst) in transpose8(r).iter().zip(dst) {
                 _mm256_storeu_ps(dst, *r);
@@ -957,6 +1009,35 @@ mod tests {
                 }
             }
             assert_eq!(out, want, "c {c}, h {h}, w {w}");
+        }
+    }
+
+    /// `transpose` (square blocks in registers where the instruction set has them, a partial
+    /// block for the last columns, the last rows one by one) against the definition: every
+    /// value in place, and nothing written between the rows or past them.
+    #[test]
+    fn transpose_moves_every_value_and_leaves_the_gaps_alone() {
+        for &(m, cols, lda, ld) in &[
+            (16, 16, 16, 16),
+            (32, 48, 50, 40),
+            (37, 21, 25, 45),
+            (512, 9, 9, 528),
+            (8, 3, 9, 8),
+            (5, 7, 7, 5),
+            (24, 17, 17, 30),
+        ] {
+            let a: Vec<f32> = (0..(m - 1) * lda + cols).map(|i| i as f32).collect();
+            let mut out = vec![MaybeUninit::new(-1f32); (cols - 1) * ld + m + 3];
+            transpose(&a, (m, cols, lda), (&mut out, ld));
+            // SAFETY: every element was initialised to -1 and written with values since.
+            let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+            let mut want = vec![-1f32; out.len()];
+            for r in 0..cols {
+                for i in 0..m {
+                    want[r * ld + i] = a[i * lda + r];
+                }
+            }
+            assert_eq!(out, want, "m {m}, cols {cols}, lda {lda}, ld {ld}");
         }
     }
 

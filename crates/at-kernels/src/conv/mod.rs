@@ -285,7 +285,7 @@ mod tests {
     /// outputs (weight gradient by bands of output channels over the batch, 13 channels in
     /// bands of 6, 6 and 1) and a 1x1/2 projection; then layers wide enough for the
     /// pixel-major paths (`pixels.rs`, from 256 channels): 7x7 with a ragged output width, a
-    /// strided 14 -> 7, and a 10x12 image (input gradient pixel-major, forward not).
+    /// strided 14 -> 7, and a 10x12 image (120 pixels: both pixel-major, in column groups).
     const GEOMETRIES: [Geometry; 16] = [
         ((3, 5, 9, 7), (7, 5, 3, 3), 1, 1),
         ((2, 16, 8, 8), (32, 16, 3, 3), 1, 1),

@@ -14,10 +14,12 @@ use std::mem::MaybeUninit;
 use super::lower::{Dims, Element, InputMap};
 use crate::gather;
 
-/// Output pixels per image below which a "same" 3x3 convolution's forward pass runs pixel-major
+/// Output pixels per image below which a 3x3 convolution's forward pass runs pixel-major
 /// (with the gather GEMM). Measured at 224 px, batch 8 (`conv_bench resnet`): ResNet-18's 7x7
-/// layers (49 pixels) go this way (13.2 -> 11.6 ms); its 14x14 ones (196) gain nothing.
-pub(super) const PIXEL_MAJOR_FORWARD: usize = 100;
+/// layers (49 pixels) go this way (13.2 -> 11.6 ms); its 14x14 ones (196) since the weights
+/// are transposed by blocks in registers and the padding is skipped (9.4-10.3 -> 8.5-9.7 ms,
+/// six alternating pairs; ResNet-34's forward pass at batch 8 about 315 -> 305 ms).
+pub(super) const PIXEL_MAJOR_FORWARD: usize = 200;
 
 /// The same for the input gradient: the 7x7 layers (17.7 -> 11.5 ms) and the 14x14 ones
 /// (11.4-12.7 -> 9.7-11.6 ms over three alternating runs).
@@ -253,17 +255,7 @@ fn transpose(a: &[f32], (m, k): (usize, usize), ld: usize) -> Vec<f32> {
         for r in 0..count {
             out[r * ld + m..(r + 1) * ld].fill(MaybeUninit::new(0.0));
         }
-        // 16 rows of `a` at a time: their runs stay in L1 while each output row takes its 16
-        // values from them (one cache line written whole).
-        for i0 in (0..m).step_by(16) {
-            let i1 = (i0 + 16).min(m);
-            for r in 0..count {
-                let dst = &mut out[r * ld + i0..r * ld + i1];
-                for (d, i) in dst.iter_mut().zip(i0..i1) {
-                    d.write(a[i * k + r0 + r]);
-                }
-            }
-        }
+        gather::transpose(&a[r0..], (m, count, k), (out, ld));
     };
     // SAFETY: each task writes every element of its `count` rows of `ld`.
     unsafe { crate::par_chunks_uninit(k * ld, TRANSPOSE_ROWS * ld, || (), rows) }
@@ -300,13 +292,12 @@ pub(super) fn input_grad_same3x3<T: Element>(
     // `ld` apart.
     let ld = padded(c);
     let per_channel = |_: &mut (), oo: usize, out: &mut [MaybeUninit<f32>]| {
-        let src = &w[oo * 9 * c..(oo + 1) * 9 * c];
-        for (tap, row) in out.chunks_exact_mut(ld).enumerate() {
-            crate::write_each(&mut row[..c], |ch| src[ch * 9 + tap]);
+        gather::transpose(&w[oo * 9 * c..(oo + 1) * 9 * c], (c, 9, 9), (out, ld));
+        for row in out.chunks_exact_mut(ld) {
             row[c..].fill(MaybeUninit::new(0.0));
         }
     };
-    // SAFETY: every element of each chunk is written (`write_each`, then the padding).
+    // SAFETY: every element of each chunk is written (the transpose, then the padding).
     let wt = unsafe { crate::par_chunks_uninit(o * 9 * ld, 9 * ld, || (), per_channel) };
     // Run pixel t of kernel row ki is kernel column 2 - t.
     let rows = |ki: usize, t: usize, oo: usize| (oo * 9 + ki * 3 + 2 - t) * ld;
