@@ -285,8 +285,10 @@ mod tests {
     /// outputs (weight gradient by bands of output channels over the batch, 13 channels in
     /// bands of 6, 6 and 1) and a 1x1/2 projection; then layers wide enough for the
     /// pixel-major paths (`pixels.rs`, from 256 channels): 7x7 with a ragged output width, a
-    /// strided 14 -> 7, and a 10x12 image (120 pixels: both pixel-major, in column groups).
-    const GEOMETRIES: [Geometry; 16] = [
+    /// strided 14 -> 7, and a 10x12 image (120 pixels: both pixel-major, in column groups);
+    /// last, 512 channels (9 MiB of weights: the pixel-major work split between threads by
+    /// output columns, not images), "same" and strided.
+    const GEOMETRIES: [Geometry; 18] = [
         ((3, 5, 9, 7), (7, 5, 3, 3), 1, 1),
         ((2, 16, 8, 8), (32, 16, 3, 3), 1, 1),
         ((2, 32, 4, 16), (16, 32, 3, 3), 1, 1),
@@ -303,6 +305,8 @@ mod tests {
         ((2, 256, 7, 7), (264, 256, 3, 3), 1, 1),
         ((3, 256, 14, 14), (256, 256, 3, 3), 2, 1),
         ((2, 256, 10, 12), (256, 256, 3, 3), 1, 1),
+        ((1, 512, 5, 4), (512, 512, 3, 3), 1, 1),
+        ((2, 512, 6, 6), (512, 512, 3, 3), 2, 1),
     ];
 
     type Geometry = ((usize, usize, usize, usize), (usize, usize, usize, usize), usize, usize);
