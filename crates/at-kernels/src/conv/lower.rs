@@ -516,39 +516,54 @@ pub(crate) fn forward<T: Element>(d: &Dims, x: &[T], w: &[T]) -> Vec<T> {
     unsafe { crate::par_chunks_uninit(d.n * d.o * p, d.o * p, init, image_conv) }
 }
 
-/// For [`dense_gemm`]: `a` (`m x k` row-major, or the transpose of a `k x m` one) packed for
-/// the gather GEMM, and the offsets of the `k` rows of a dense `k x n` right operand, where the
-/// gather GEMM runs (f32 on AVX-512).
+/// How [`dense_gemm`]'s gather GEMM reads its left operand: a row-major `a` where it is (each
+/// row one contiguous run: no copy), the transpose of one packed (`gather::Lhs`).
+pub(super) enum DenseLeft {
+    /// The offset of each row's run.
+    Runs(Vec<usize>),
+    Packed(gather::Lhs),
+}
+
+/// For [`dense_gemm`]: how to read `a` (`m x k` row-major, or the transpose of a `k x m` one),
+/// and the offsets of the `k` rows of a dense `k x n` right operand, where the gather GEMM runs
+/// (f32 on AVX-512 or AVX2).
 pub(super) fn dense_gather<T: Element>(
     on: bool,
     a: &[T],
     (m, k, n): (usize, usize, usize),
     transposed: bool,
-) -> Option<(gather::Lhs, Vec<usize>)> {
+) -> Option<(DenseLeft, Vec<usize>)> {
     let a = T::as_f32(a).filter(|_| on)?;
-    let lhs = if transposed {
-        gather::Lhs::new(m, k, |i, kk| a[kk * m + i])
+    let left = if transposed {
+        let cols: Vec<usize> = (0..k).map(|kk| kk * m).collect();
+        DenseLeft::Packed(gather::Lhs::new(a, &(0..m).collect::<Vec<_>>(), &cols))
     } else {
-        gather::Lhs::new(m, k, |i, kk| a[i * k + kk])
+        DenseLeft::Runs((0..m).map(|i| i * k).collect())
     };
-    Some((lhs, (0..k).map(|kk| kk * n).collect()))
+    Some((left, (0..k).map(|kk| kk * n).collect()))
 }
 
-/// `dst = a * b` (`m x n`, row stride `dst_rs`) for a dense `b` (`k x n`): the gather GEMM with
-/// the packing of `a` made by [`dense_gather`] where there is one, `gemm` on `a` (given by its
-/// strides) otherwise.
+/// `dst = a * b` (`m x n`, row stride `dst_rs`) for a dense `b` (`k x n`): the gather GEMM
+/// reading `a` as [`dense_gather`] says where it runs, `gemm` on `a` (given by its strides)
+/// otherwise.
 pub(super) fn dense_gemm<T: Element>(
-    gather: &Option<(gather::Lhs, Vec<usize>)>,
+    gather: &Option<(DenseLeft, Vec<usize>)>,
     (m, n, k): (usize, usize, usize),
     dst: (&mut [MaybeUninit<T>], usize),
     (a, a_strides): (&[T], (usize, usize)),
     b: &[T],
 ) {
     match gather {
-        Some((lhs, rows)) => {
+        Some((left, rows)) => {
             let (dst, dst_rs) = dst;
             let (b, dst) = (T::as_f32(b).expect("f32"), T::as_f32_uninit(dst).expect("f32"));
-            gather::gather_gemm(lhs, (b, rows), n, (dst, dst_rs));
+            match left {
+                DenseLeft::Packed(lhs) => gather::gather_gemm(lhs, (b, rows), n, (dst, dst_rs)),
+                DenseLeft::Runs(starts) => {
+                    let a = T::as_f32(a).expect("f32");
+                    gather::gather_gemm_runs((a, starts), (b, rows), n, (dst, dst_rs), false)
+                }
+            }
         }
         None => matmul_uninit((m, n, k), dst, a, a_strides, b, (n, 1)),
     }
@@ -569,20 +584,22 @@ pub(crate) fn forward_same3x3<T: Element>(
         return pixels::forward3x3(d, x, w, map, epilogue);
     }
     let (p, k3, plane, image) = (d.p(), 3 * d.c, d.padded_plane(), d.c * d.h * d.w);
-    // With the gather GEMM: the weights as they are (`o x 9c`), and row `(c, ki, kj)` of the
-    // im2col matrix read from the shifted copy `(c, kj)` at kernel row `ki`.
+    // With the gather GEMM: the weights read where they are (`o x 9c`, each output channel's
+    // row one run: packing them cost more than it saved, 128x28 forward 8.7 -> 8.4 ms), and row
+    // `(c, ki, kj)` of the im2col matrix read from the shifted copy `(c, kj)` at kernel row
+    // `ki`.
     let gather = T::as_f32(w).filter(|_| d.gather).map(|w| {
-        let lhs = gather::Lhs::new(d.o, 9 * d.c, |o, kk| w[o * 9 * d.c + kk]);
+        let by_row: Vec<usize> = (0..d.o).map(|o| o * 9 * d.c).collect();
         let rows: Vec<usize> =
             (0..9 * d.c).map(|kk| (kk / 9 * 3 + kk % 3) * plane + kk / 3 % 3 * d.w).collect();
-        (lhs, rows)
+        (w, by_row, rows)
     });
     let rows = if gather.is_some() { vec![] } else { kernel_rows(d, w) };
     let image_conv = |buf: &mut Vec<T>, n: usize, y: &mut [MaybeUninit<T>]| {
         shift3(d, &x[n * image..(n + 1) * image], buf, map);
-        if let Some((lhs, offsets)) = &gather {
+        if let Some((w, by_row, offsets)) = &gather {
             let (buf, y) = (T::as_f32(buf).expect("f32"), T::as_f32_uninit(y).expect("f32"));
-            gather::gather_gemm(lhs, (buf, offsets), p, (y, p));
+            gather::gather_gemm_runs((w, by_row), (buf, offsets), p, (y, p), false);
         } else {
             let (w0, shifted0) = (&rows[..d.o * k3], &buf[..]);
             matmul_uninit((d.o, p, k3), (&mut *y, p), w0, (k3, 1), shifted0, (plane, 1));
@@ -627,10 +644,10 @@ pub(crate) fn input_grad_same3x3<T: Element>(
     // inside it.
     let padded = p + 2 * d.w;
     let gather = T::as_f32(w).filter(|_| d.gather).map(|w| {
-        let lhs = gather::Lhs::new(k3, 3 * d.o, |r, kk| {
-            let (c, kj, ki, o) = (r / 3, r % 3, kk / d.o, kk % d.o);
-            w[((o * d.c + c) * 3 + ki) * 3 + kj]
-        });
+        // Row `(c, kj)` and inner index `(ki, o)` of `w[o][c][ki][kj]`.
+        let by_row: Vec<usize> = (0..k3).map(|r| r / 3 * 9 + r % 3).collect();
+        let by_col: Vec<usize> = (0..3 * d.o).map(|kk| kk % d.o * 9 * d.c + kk / d.o * 3).collect();
+        let lhs = gather::Lhs::new(w, &by_row, &by_col);
         let rows: Vec<usize> =
             (0..3 * d.o).map(|kk| kk % d.o * padded + (2 - kk / d.o) * d.w).collect();
         (lhs, rows)
