@@ -357,9 +357,12 @@ fn alternate(
             if let Some(v) = field(&line.0, "torch") {
                 torch_version = v.to_owned();
             }
-            let (a, b) = (m.ours.median(), m.torch.median());
+            // This round's medians, and the medians of every step so far (the table's).
+            let last = |s: &Side| s.round_medians().last().copied().unwrap_or(f64::NAN);
+            let (a, b) = (last(&m.ours), last(&m.torch));
+            let (all_a, all_b) = (m.ours.median(), m.torch.median());
             println!(
-                "round {round}/{}: {model} {step} {teacher} batch {batch} at {side}px: ours {a:.0} ms, torch {b:.0} ms",
+                "round {round}/{}: {model} {step} {teacher} batch {batch} at {side}px: ours {a:.0} ms, torch {b:.0} ms (so far {all_a:.0} / {all_b:.0})",
                 o.rounds
             );
         }
