@@ -819,11 +819,55 @@ pub(super) fn weight_grad_pixels<T: Element>(
         );
         (acc, false)
     };
-    // total[o][c][ki][kj] from acc
-    per_output_channel(d.o, (d.c, kh, kw), |oo, cc, ki, kj| {
+    // total[o][c][ki][kj]: run (ki, kj) of output channel o is acc's row (o, ki) or (ki, o)
+    // from column kj c.
+    interleave_runs(acc, d.o, (d.c, kh * kw), |oo, t| {
+        let (ki, kj) = (t / kw, t % kw);
         let row = if row_major { oo * kh + ki } else { ki * d.o + oo };
-        acc[row * c3 + kj * d.c + cc]
+        row * c3 + kj * d.c
     })
+}
+
+/// A weight gradient (`o x c x taps`, `taps` = `kh kw`) from an accumulator that holds each
+/// output channel `oo`'s values of kernel position `t` for the `c` input channels as one run
+/// from `start(oo, t)`: per output channel (a chunk on rayon's threads), its `taps` runs
+/// interleaved. Nine runs (3x3) by a loop of constant length, one run (1x1) a copy: the
+/// per-element closure of [`per_output_channel`] took 2.3-3.5 ms per ResNet 512x7 layer at
+/// batch 8, about 22 ms of ResNet-34's step.
+fn interleave_runs<T: Element>(
+    acc: Vec<T>,
+    o: usize,
+    (c, taps): (usize, usize),
+    start: impl Fn(usize, usize) -> usize + Sync,
+) -> Vec<T> {
+    let channel = |_: &mut (), oo: usize, out: &mut [MaybeUninit<T>]| {
+        let run = |t: usize| &acc[start(oo, t)..][..c];
+        match taps {
+            1 => {
+                for (d, &v) in out.iter_mut().zip(run(0)) {
+                    d.write(v);
+                }
+            }
+            9 => {
+                let runs: [&[T]; 9] = std::array::from_fn(run);
+                for (cc, d) in out.chunks_exact_mut(9).enumerate() {
+                    for (d, run) in d.iter_mut().zip(&runs) {
+                        d.write(run[cc]);
+                    }
+                }
+            }
+            _ => {
+                let runs: Vec<&[T]> = (0..taps).map(run).collect();
+                for (cc, d) in out.chunks_exact_mut(taps).enumerate() {
+                    for (d, run) in d.iter_mut().zip(&runs) {
+                        d.write(run[cc]);
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: each chunk's `c taps` elements are written above.
+    unsafe { crate::par_chunks_uninit(o * c * taps, c * taps, || (), channel) }
 }
 
 /// A weight gradient (`o x c x kh x kw`) from an accumulator in another order: `value(o, c, ki,
