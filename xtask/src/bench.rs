@@ -358,7 +358,7 @@ fn alternate(
                 torch_version = v.to_owned();
             }
             // This round's medians, and the medians of every step so far (the table's).
-            let last = |s: &Side| s.round_medians().last().copied().unwrap_or(f64::NAN);
+            let last = |s: &Side| s.rounds.last().map_or(f64::NAN, |r| median(&mut r.clone()));
             let (a, b) = (last(&m.ours), last(&m.torch));
             let (all_a, all_b) = (m.ours.median(), m.torch.median());
             println!(

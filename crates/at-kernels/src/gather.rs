@@ -277,12 +277,7 @@ pub(crate) fn to_pixels(
     assert!(h == 0 || w == 0 || (first + (h - 1) * stride + w) * c <= out.len());
     #[cfg(target_arch = "x86_64")]
     {
-        let (square, block): (usize, Option<TransposeBlock>) = match isa() {
-            Isa::Avx512 => (16, Some(avx512::transpose_block)),
-            Isa::Avx2 => (8, Some(avx2::transpose_block)),
-            Isa::Portable => (0, None),
-        };
-        if let Some(block) = block
+        if let Some((square, block)) = transpose_block()
             && c % square == 0
             && (h * w) % square == 0
         {
@@ -337,12 +332,7 @@ pub(crate) fn transpose(
     let mut blocked = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        let (square, block): (usize, Option<TransposeBlock>) = match isa() {
-            Isa::Avx512 => (16, Some(avx512::transpose_block)),
-            Isa::Avx2 => (8, Some(avx2::transpose_block)),
-            Isa::Portable => (0, None),
-        };
-        if let Some(block) = block {
+        if let Some((square, block)) = transpose_block() {
             blocked = m / square * square;
             let base = out.as_mut_ptr().cast::<f32>();
             let mut dst = [std::ptr::null_mut(); 16];
@@ -422,6 +412,16 @@ struct Kernel {
 /// `dst.len()` values and every `dst[j]` writable for the square's side of values.
 #[cfg(target_arch = "x86_64")]
 type TransposeBlock = unsafe fn(*const f32, usize, &[*mut f32]);
+
+/// This process's [`TransposeBlock`] and its square's side, where its instruction set has one.
+#[cfg(target_arch = "x86_64")]
+fn transpose_block() -> Option<(usize, TransposeBlock)> {
+    match isa() {
+        Isa::Avx512 => Some((16, avx512::transpose_block)),
+        Isa::Avx2 => Some((8, avx2::transpose_block)),
+        Isa::Portable => None,
+    }
+}
 
 /// See [`Kernel::pack`].
 #[cfg(target_arch = "x86_64")]
@@ -932,10 +932,9 @@ mod tests {
                 let (by_row, by_col): (Vec<usize>, Vec<usize>) =
                     ((0..m).map(|i| i * k).collect(), (0..k).collect());
                 let lhs = Lhs::new(&a, &by_row, &by_col);
-                let starts: Vec<usize> = (0..m).map(|i| i * k).collect();
                 let blocks = row_blocks(m);
                 for left in
-                    [Left::Packed(&lhs), Left::Runs { a: &a, starts: &starts, blocks: &blocks }]
+                    [Left::Packed(&lhs), Left::Runs { a: &a, starts: &by_row, blocks: &blocks }]
                 {
                     let mut out = [vec![0f32; m * n], vec![0f32; m * n]];
                     for (kernel, c) in [avx512::KERNEL, avx2::KERNEL].into_iter().zip(&mut out) {
