@@ -23,6 +23,10 @@ const MR: usize = 6;
 /// row block uses it (measured against 64, 128 and the whole inner dimension at WRN's sizes).
 const KC: usize = 256;
 
+/// Columns per panel of a right operand stored by panels ([`gather_gemm_panels`]): the widest
+/// tile, so that no tile straddles two panels.
+pub(crate) const PANEL: usize = 64;
+
 /// The left operand (`m x k`) packed for [`gather_gemm`]: `ceil(m / MR)` blocks of rows as even
 /// as possible (32 rows are blocks of 6, 6, 5, 5, 5 and 5: no tile computes padding), each block
 /// stored by inner index (its `rows` values per `kk`).
@@ -164,7 +168,7 @@ pub(crate) fn gather_gemm(
     (c, ldc): (&mut [MaybeUninit<f32>], usize),
 ) {
     assert_eq!(rows.len(), a.k, "one row offset per inner index");
-    run(Left::Packed(a), a.m, (b, rows), n, (c, ldc), false);
+    run(Left::Packed(a), a.m, (b, rows, PANEL), n, (c, ldc), false);
 }
 
 /// `c[i][j] += sum_kk a[i * lda + kk] * b[rows[kk] + j]` for `i < m`, `kk < rows.len()`: the
@@ -206,7 +210,31 @@ pub(crate) fn gather_gemm_runs(
         "a run of the left operand is out of range"
     );
     let blocks = row_blocks(m);
-    run(Left::Runs { a, starts, blocks: &blocks }, m, (b, rows), n, (c, ldc), accumulate);
+    run(Left::Runs { a, starts, blocks: &blocks }, m, (b, rows, PANEL), n, (c, ldc), accumulate);
+}
+
+/// [`gather_gemm_runs`] with the right operand stored by panels of [`PANEL`] columns, `panel`
+/// values apart: row `kk`'s column `j` is `b[j / PANEL * panel + rows[kk] + j % PANEL]`. A
+/// convolution's weights, which every tile reads again, are stored so (`conv::pixels`): a
+/// tile's slice of them is then one contiguous block.
+///
+/// # Panics
+///
+/// As [`gather_gemm_runs`], or where `panel` is less than [`PANEL`].
+pub(crate) fn gather_gemm_panels(
+    (a, starts): (&[f32], &[usize]),
+    (b, rows, panel): (&[f32], &[usize], usize),
+    n: usize,
+    (c, ldc): (&mut [MaybeUninit<f32>], usize),
+    accumulate: bool,
+) {
+    let (m, k) = (starts.len(), rows.len());
+    assert!(
+        k == 0 || starts.iter().all(|&s| s + k <= a.len()),
+        "a run of the left operand is out of range"
+    );
+    let blocks = row_blocks(m);
+    run(Left::Runs { a, starts, blocks: &blocks }, m, (b, rows, panel), n, (c, ldc), accumulate);
 }
 
 /// Where [`run`] finds the left operand.
@@ -223,7 +251,7 @@ enum Left<'a> {
 fn run(
     a: Left,
     m: usize,
-    (b, rows): (&[f32], &[usize]),
+    (b, rows, panel): (&[f32], &[usize], usize),
     n: usize,
     (c, ldc): (&mut [MaybeUninit<f32>], usize),
     accumulate: bool,
@@ -234,7 +262,10 @@ fn run(
         return;
     }
     assert!(c.len() >= (m - 1) * ldc + n, "the output is too short");
-    assert!(rows.iter().all(|&r| r + n <= b.len()), "a row of the right operand is out of range");
+    // Panels `panel >= PANEL` apart: the last one's last column is the farthest.
+    assert!(panel >= PANEL, "the right operand's panels overlap");
+    let end = (n - 1) / PANEL * panel + (n - 1) % PANEL + 1;
+    assert!(rows.iter().all(|&r| r + end <= b.len()), "a row of the right operand is out of range");
     if k == 0 {
         if !accumulate {
             for row in c.chunks_mut(ldc).take(m) {
@@ -256,7 +287,8 @@ fn run(
         // indices in range (`a.k == k` values per packed row, or `starts[i] + k` for each row's
         // run).
         unsafe {
-            tiles(a, (b.as_ptr(), rows), n, (c.as_mut_ptr().cast::<f32>(), ldc), accumulate, kernel)
+            let (b, c) = ((b.as_ptr(), rows, panel), (c.as_mut_ptr().cast::<f32>(), ldc));
+            tiles(a, b, n, c, accumulate, kernel)
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -315,20 +347,27 @@ pub(crate) fn to_pixels(
     }
 }
 
-/// `out[r * ld + i] = a[i * lda + r]` for `i < m`, `r < cols`: `cols` columns of a matrix of
-/// `m` rows `lda` apart, transposed into rows `ld` apart (the rest of `out` untouched). Square
-/// blocks of sixteen (AVX-512) or eight (AVX2) in registers, the columns past the last full
-/// square in a block of that many; the rows past the last full square one value at a time.
+/// `out[row(r) + i] = a[i * lda + r]` for `i < m`, `r < cols`: `cols` columns of a matrix of
+/// `m` rows `lda` apart, transposed into rows that start where `row` says (`r * ld` for rows
+/// `ld` apart, or any order: the pixel-major convolutions' weight panels), the rest of `out`
+/// untouched. Square blocks of sixteen (AVX-512) or eight (AVX2) in registers, the columns
+/// past the last full square in a block of that many; the rows past the last full square one
+/// value at a time.
+///
+/// # Panics
+///
+/// Where a read or a written row is out of range.
 pub(crate) fn transpose(
     a: &[f32],
     (m, cols, lda): (usize, usize, usize),
-    (out, ld): (&mut [MaybeUninit<f32>], usize),
+    (out, row): (&mut [MaybeUninit<f32>], impl Fn(usize) -> usize),
 ) {
     if m == 0 || cols == 0 {
         return;
     }
-    assert!(lda >= cols && ld >= m, "rows overlap");
-    assert!(a.len() >= (m - 1) * lda + cols && out.len() >= (cols - 1) * ld + m, "out of range");
+    assert!(lda >= cols, "rows overlap");
+    assert!(a.len() >= (m - 1) * lda + cols, "a row of the source is out of range");
+    assert!((0..cols).all(|r| row(r) + m <= out.len()), "a written row is out of range");
     let mut blocked = 0;
     #[cfg(target_arch = "x86_64")]
     {
@@ -341,7 +380,7 @@ pub(crate) fn transpose(
                     let width = square.min(cols - r0);
                     for (j, dst) in dst[..width].iter_mut().enumerate() {
                         // SAFETY: inside `out`, as asserted.
-                        *dst = unsafe { base.add((r0 + j) * ld + i0) };
+                        *dst = unsafe { base.add(row(r0 + j) + i0) };
                     }
                     // SAFETY: the instructions are available (`isa`); the block reads rows
                     // `i0 + i` (`i < square <= m`) for `width` values from column `r0`, and
@@ -353,8 +392,9 @@ pub(crate) fn transpose(
         }
     }
     for r in 0..cols {
+        let at = row(r);
         for i in blocked..m {
-            out[r * ld + i].write(a[i * lda + r]);
+            out[at + i].write(a[i * lda + r]);
         }
     }
 }
@@ -450,7 +490,7 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 unsafe fn tiles(
     a: Left,
-    (b, rows): (*const f32, &[usize]),
+    (b, rows, panel): (*const f32, &[usize], usize),
     n: usize,
     (c, ldc): (*mut f32, usize),
     accumulate: bool,
@@ -478,11 +518,12 @@ unsafe fn tiles(
                 let rows = &rows[k0..k0 + kc];
                 for j0 in (0..n).step_by(nr) {
                     let cols = nr.min(n - j0);
+                    let b = b.add(j0 / PANEL * panel + j0 % PANEL);
                     let (b, rows) = if let Some(pack) = pack {
-                        pack(b.add(j0), rows, cols, buf.as_mut_ptr());
+                        pack(b, rows, cols, buf.as_mut_ptr());
                         (buf.as_ptr(), &packed_rows[..kc])
                     } else {
-                        (b.add(j0), rows)
+                        (b, rows)
                     };
                     for &(first, live) in blocks {
                         let mut runs = [std::ptr::null(); MR];
@@ -941,7 +982,8 @@ mod tests {
                         // SAFETY: the CPU has AVX-512F (and so AVX2 and FMA); `b`'s rows hold
                         // `n` values from each offset, `c` is `m x n`, the left operand `m x k`.
                         unsafe {
-                            tiles(left, (b.as_ptr(), &rows), n, (c.as_mut_ptr(), n), false, kernel)
+                            let b = (b.as_ptr(), &rows[..], PANEL);
+                            tiles(left, b, n, (c.as_mut_ptr(), n), false, kernel)
                         };
                     }
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -1040,7 +1082,7 @@ mod tests {
         ] {
             let a: Vec<f32> = (0..(m - 1) * lda + cols).map(|i| i as f32).collect();
             let mut out = vec![MaybeUninit::new(-1f32); (cols - 1) * ld + m + 3];
-            transpose(&a, (m, cols, lda), (&mut out, ld));
+            transpose(&a, (m, cols, lda), (&mut out, |r| r * ld));
             // SAFETY: every element was initialised to -1 and written with values since.
             let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
             let mut want = vec![-1f32; out.len()];

@@ -14,7 +14,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::lower::{Dims, Element, InputMap};
-use crate::gather;
+use crate::gather::{self, PANEL};
 
 /// Output pixels per image below which a 3x3 convolution's forward pass runs pixel-major
 /// (with the gather GEMM). Measured at 224 px, batch 8 (`conv_bench resnet`): ResNet-18's 7x7
@@ -120,9 +120,9 @@ pub(super) fn takes_input_grad<T: Element>(d: &Dims) -> bool {
 }
 
 /// `out[n][col][j] = sum over ki, t < 3, ch < C of src_n[s j_y + row(ki) - 1, s j_x - 1 + t][ch]
-/// b[rows(ki, t, ch) + col]` for the `h x w` images of `src` (`C` channels, read through `map`)
-/// and the `ho x wo` outputs `j` (stride `s`), `row(ki)` = `ki` or, with `flip`, `2 - ki`: a
-/// 3x3 convolution's forward pass with padding 1 (`b` the weights transposed) or a "same" one's
+/// b[(ki, t, ch)][col]` for the `h x w` images of `src` (`C` channels, read through `map`) and
+/// the `ho x wo` outputs `j` (stride `s`), `row(ki)` = `ki` or, with `flip`, `2 - ki`: a 3x3
+/// convolution's forward pass with padding 1 (`b` the weights transposed) or a "same" one's
 /// input gradient (`flip`, the kernel's columns reversed). `epilogue(n, out_n)` runs on each
 /// image's output.
 #[allow(clippy::too_many_arguments)]
@@ -131,12 +131,12 @@ fn conv3x3<T: Element>(
     (ho, wo, stride): (usize, usize, usize),
     src: &[T],
     map: &impl InputMap<T>,
-    (b, b_rows): (&[f32], impl Fn(usize, usize, usize) -> usize),
-    cols: usize,
+    b: &Panels,
     flip: bool,
     epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
 ) -> Vec<T> {
-    let (grid, p) = (Grid::new(channels, h, w), ho * wo);
+    let (grid, p, cols) = (Grid::new(channels, h, w), ho * wo, b.cols);
+    assert_eq!(b.k, 9 * channels, "the weights' rows are the kernel's taps by channels");
     let grids = grid.build(n, src, map);
     // The output rows `lo..hi` whose kernel row `row(ki)` reads inside the image: grid row
     // `y stride + row(ki)` from 1 to `h`, not the zero row above or below it. The middle kernel
@@ -158,28 +158,26 @@ fn conv3x3<T: Element>(
             _ => groups.push((x, x + 1, across(x))),
         }
     }
-    // Each group's kernel rows read the weights of its inside kernel columns only.
+    // Each group's kernel rows read the weights of its inside kernel columns only: one block
+    // of consecutive rows of each panel.
     let b_rows: Vec<Vec<Vec<usize>>> = (0..3)
         .map(|ki| {
             let rows = |&(_, _, (t0, t1)): &(usize, usize, (usize, usize))| {
-                let k = (t1 - t0) * channels;
-                (0..k).map(|kk| b_rows(ki, t0 + kk / channels, kk % channels)).collect()
+                let first = (ki * 3 + t0) * channels;
+                (first..first + (t1 - t0) * channels).map(|r| r * PANEL).collect()
             };
             groups.iter().map(rows).collect()
         })
         .collect();
     // Jobs of a range of images by a range of output columns, on rayon's threads: by images (a
     // range per thread, every column) or, where the weights are large, by columns (a range of
-    // whole tiles per thread, every image), so that each thread streams only its part of the
+    // whole panels per thread, every image), so that each thread streams only its part of the
     // weights from memory (ResNet's 512x7 layers, 9 MiB of weights: forward 10.3 -> 9.6 ms,
     // input gradient 10.1 -> 9.6; at 256 channels, 2.3 MiB, no gain).
     let threads = rayon::current_num_threads().max(1);
     let weights = 9 * channels * cols * size_of::<f32>();
-    let parts = if weights >= SPLIT_WEIGHTS && cols.is_multiple_of(TILE_COLUMNS * threads) {
-        threads
-    } else {
-        1
-    };
+    let parts =
+        if weights >= SPLIT_WEIGHTS && cols.is_multiple_of(PANEL * threads) { threads } else { 1 };
     let (group, part) = (if parts > 1 { n } else { n.div_ceil(threads).max(1) }, cols / parts);
     let jobs: Vec<(usize, usize)> =
         (0..n.div_ceil(group)).flat_map(|t| (0..parts).map(move |c| (t, c))).collect();
@@ -221,8 +219,8 @@ fn conv3x3<T: Element>(
                 let width = x1 - x0;
                 let rows = start[g] + lo * count * width..start[g] + hi * count * width;
                 let yt = &mut yt[rows.start * part..rows.end * part];
-                let b = (&b[c * part..], &b_rows[ki][g][..]);
-                gather::gather_gemm_runs((&grids, &runs), b, part, (yt, part), pass > 0);
+                let b = (b.from(c * part), &b_rows[ki][g][..], b.k * PANEL);
+                gather::gather_gemm_panels((&grids, &runs), b, part, (yt, part), pass > 0);
             }
         }
         let mut yt = std::mem::ManuallyDrop::new(yt);
@@ -265,32 +263,47 @@ fn conv3x3<T: Element>(
 /// output columns instead of by images (see `conv3x3`).
 const SPLIT_WEIGHTS: usize = 4 << 20;
 
-/// The gather GEMM's widest tile: a split by columns gives each thread whole tiles.
-const TILE_COLUMNS: usize = 64;
-
-/// Rows of the result per task of [`transpose`] (measured: 16, 64 and 256 at 512 x 4608).
-const TRANSPOSE_ROWS: usize = 64;
-
-/// The row stride of the weights as the pixel-major GEMMs read them (`width` values a row):
-/// `width` and one cache line more. Rows of 256 or 512 weights 1 or 2 KiB apart fall into a few
-/// sets of the L1 cache (2 KiB: 8 of 64 for a tile's four lines per row), so that every row
-/// block of the GEMM fetched them again from L2; a line more spreads them over all the sets.
-fn padded(width: usize) -> usize {
-    width + 16
+/// A 3x3 convolution's weights as the pixel-major GEMMs read them: the `k x cols` right
+/// operand (row `(ki, t, ch)`: kernel row, run pixel, source channel) in panels of [`PANEL`]
+/// columns, each panel's rows one after the other (`PANEL` values each, zeros past the last
+/// column). A GEMM's rows are consecutive rows of each panel, so that a tile streams one
+/// contiguous block of the weights: read from the transposed matrix, with rows of a few
+/// kilobytes and the taps of one channel next to each other, each inner step of a tile jumped
+/// 9 rows (19 KiB at 512 channels) and its slice of the operand spread over hundreds of pages.
+struct Panels {
+    data: Vec<f32>,
+    k: usize,
+    cols: usize,
 }
 
-/// `a` (`m x k`, row-major) transposed (`k` rows of `m` values, `ld` apart, zero between), on
-/// rayon's threads, [`TRANSPOSE_ROWS`] rows of the result per task.
-fn transpose(a: &[f32], (m, k): (usize, usize), ld: usize) -> Vec<f32> {
-    let rows = |_: &mut (), t: usize, out: &mut [MaybeUninit<f32>]| {
-        let (r0, count) = (t * TRANSPOSE_ROWS, out.len() / ld);
-        for r in 0..count {
-            out[r * ld + m..(r + 1) * ld].fill(MaybeUninit::new(0.0));
-        }
-        gather::transpose(&a[r0..], (m, count, k), (out, ld));
-    };
-    // SAFETY: each task writes every element of its `count` rows of `ld`.
-    unsafe { crate::par_chunks_uninit(k * ld, TRANSPOSE_ROWS * ld, || (), rows) }
+impl Panels {
+    /// `fill(p, width, panel)` writes panel `p`'s first `width` columns (all `k` rows), on
+    /// rayon's threads; the columns past the last are zeroed here.
+    fn build(
+        (k, cols): (usize, usize),
+        fill: impl Fn(usize, usize, &mut [MaybeUninit<f32>]) + Sync,
+    ) -> Self {
+        let panel = |_: &mut (), p: usize, out: &mut [MaybeUninit<f32>]| {
+            let width = PANEL.min(cols - p * PANEL);
+            fill(p, width, out);
+            if width < PANEL {
+                for row in out.chunks_exact_mut(PANEL) {
+                    row[width..].fill(MaybeUninit::new(0.0));
+                }
+            }
+        };
+        let len = cols.div_ceil(PANEL) * k * PANEL;
+        // SAFETY: `fill` writes the first `width` values of each of the panel's `k` rows (its
+        // promise), and the rest of each row is zeroed above.
+        let data = unsafe { crate::par_chunks_uninit(len, k * PANEL, || (), panel) };
+        Self { data, k, cols }
+    }
+
+    /// The panels from column `j` on (a panel's first).
+    fn from(&self, j: usize) -> &[f32] {
+        debug_assert!(j.is_multiple_of(PANEL));
+        &self.data[j / PANEL * self.k * PANEL..]
+    }
 }
 
 /// The forward pass of a 3x3 convolution (padding 1, any stride) of `map(x)` pixel-major (see
@@ -303,12 +316,16 @@ pub(super) fn forward3x3<T: Element>(
     epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
 ) -> Vec<T> {
     let (o, c) = (d.o, d.c);
-    // wt[(ch, ki, kj)][o] = w[o][ch][ki][kj], rows `ld` apart.
-    let ld = padded(o);
-    let wt = transpose(T::as_f32(w).expect("f32"), (o, 9 * c), ld);
-    let rows = |ki: usize, kj: usize, ch: usize| (ch * 9 + ki * 3 + kj) * ld;
+    let w = T::as_f32(w).expect("f32");
+    // Row (ki, kj, ch) of column oo is w[oo][ch][ki][kj]: each panel is its output channels'
+    // rows of `9 c` weights transposed, column q = ch 9 + ki 3 + kj to row (ki 3 + kj) c + ch.
+    let fill = |p: usize, width: usize, out: &mut [MaybeUninit<f32>]| {
+        let row = |q: usize| ((q % 9) * c + q / 9) * PANEL;
+        gather::transpose(&w[p * PANEL * 9 * c..], (width, 9 * c, 9 * c), (out, row));
+    };
+    let wt = Panels::build((9 * c, o), fill);
     let out = (d.ho, d.wo, d.stride);
-    conv3x3((d.n, c, d.h, d.w), out, x, map, (&wt, rows), o, false, epilogue)
+    conv3x3((d.n, c, d.h, d.w), out, x, map, &wt, false, epilogue)
 }
 
 /// The input gradient of a "same" 3x3 convolution pixel-major (see [`takes_input_grad`]).
@@ -320,21 +337,19 @@ pub(super) fn input_grad_same3x3<T: Element>(
 ) -> Vec<T> {
     let (o, c) = (d.o, d.c);
     let w = T::as_f32(w).expect("f32");
-    // wt[o][(ki, kj)][ch] = w[o][ch][ki][kj]: each output channel's `c x 9` transposed, rows
-    // `ld` apart.
-    let ld = padded(c);
-    let per_channel = |_: &mut (), oo: usize, out: &mut [MaybeUninit<f32>]| {
-        gather::transpose(&w[oo * 9 * c..(oo + 1) * 9 * c], (c, 9, 9), (out, ld));
-        for row in out.chunks_exact_mut(ld) {
-            row[c..].fill(MaybeUninit::new(0.0));
+    // Row (ki, t, oo) of column ch is w[oo][ch][ki][2 - t] (run pixel t of kernel row ki is
+    // kernel column 2 - t): for each output channel, the panel's channels' 9 weights
+    // transposed, tap (ki, kj) to row (ki 3 + 2 - kj) o + oo.
+    let fill = |p: usize, width: usize, out: &mut [MaybeUninit<f32>]| {
+        for oo in 0..o {
+            let row = |s: usize| ((s / 3 * 3 + 2 - s % 3) * o + oo) * PANEL;
+            let first = (oo * c + p * PANEL) * 9;
+            gather::transpose(&w[first..], (width, 9, 9), (&mut *out, row));
         }
     };
-    // SAFETY: every element of each chunk is written (the transpose, then the padding).
-    let wt = unsafe { crate::par_chunks_uninit(o * 9 * ld, 9 * ld, || (), per_channel) };
-    // Run pixel t of kernel row ki is kernel column 2 - t.
-    let rows = |ki: usize, t: usize, oo: usize| (oo * 9 + ki * 3 + 2 - t) * ld;
+    let wt = Panels::build((9 * o, c), fill);
     let plain = super::lower::Plain;
     let epilogue = |i: usize, dx: &mut [T]| epilogue(i, dx);
     let out = (d.h, d.w, 1);
-    conv3x3((d.n, o, d.h, d.w), out, dy, &plain, (&wt, rows), c, true, &epilogue)
+    conv3x3((d.n, o, d.h, d.w), out, dy, &plain, &wt, true, &epilogue)
 }
