@@ -895,6 +895,9 @@ pub(crate) fn input_grad<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
     if d.same3x3() {
         return input_grad_same3x3(d, dy, w, &|_, _| {});
     }
+    if pixels::takes_input_grad_strided::<T>(d) {
+        return pixels::input_grad_strided3x3(d, dy, w);
+    }
     let (k, p) = (d.k(), d.p());
     let image = d.c * d.h * d.w;
     let gather = dense_gather(d.gather, w, (k, d.o, p), true);

@@ -286,9 +286,10 @@ mod tests {
     /// bands of 6, 6 and 1) and a 1x1/2 projection; then layers wide enough for the
     /// pixel-major paths (`pixels.rs`, from 256 channels): 7x7 with a ragged output width, a
     /// strided 14 -> 7, and a 10x12 image (120 pixels: both pixel-major, in column groups);
-    /// last, 512 channels (9 MiB of weights: the pixel-major work split between threads by
-    /// output columns, not images), "same" and strided.
-    const GEOMETRIES: [Geometry; 18] = [
+    /// 512 channels (9 MiB of weights: the pixel-major work split between threads by output
+    /// columns, not images), "same" and strided; last, a strided input gradient pixel-major
+    /// (from 128 channels) on an odd image of 7x9, with 136 input channels (a ragged panel).
+    const GEOMETRIES: [Geometry; 19] = [
         ((3, 5, 9, 7), (7, 5, 3, 3), 1, 1),
         ((2, 16, 8, 8), (32, 16, 3, 3), 1, 1),
         ((2, 32, 4, 16), (16, 32, 3, 3), 1, 1),
@@ -307,6 +308,7 @@ mod tests {
         ((2, 256, 10, 12), (256, 256, 3, 3), 1, 1),
         ((1, 512, 5, 4), (512, 512, 3, 3), 1, 1),
         ((2, 512, 6, 6), (512, 512, 3, 3), 2, 1),
+        ((2, 136, 7, 9), (128, 136, 3, 3), 2, 1),
     ];
 
     type Geometry = ((usize, usize, usize, usize), (usize, usize, usize, usize), usize, usize);

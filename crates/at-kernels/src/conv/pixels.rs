@@ -33,6 +33,12 @@ pub(super) const PIXEL_MAJOR_INPUT_GRAD: usize = 200;
 /// three alternating runs).
 pub(super) const PIXEL_MAJOR_CHANNELS: usize = 256;
 
+/// Channels (in and out) from which the input gradient of a 3x3 convolution of stride 2 runs
+/// pixel-major ([`input_grad_strided3x3`]). At 224 px, batch 8, ten alternating runs: ResNet's
+/// 256 -> 512 layer (14 -> 7 pixels) 7.2 -> 5.2 ms, its 128 -> 256 one (28 -> 14) 6.1 -> 5.7;
+/// its 64 -> 128 one (56 -> 28) lost (7.1 -> 8.5).
+pub(super) const PIXEL_MAJOR_STRIDED_CHANNELS: usize = 128;
+
 /// An image of `c` channels, `h x w`, stored pixel by pixel (`c` values each) on a grid of
 /// `w + 1` columns with a zero row above and below and one zero pixel first: image pixel
 /// `(y, x)` is grid pixel `1 + (y + 1) (w + 1) + x`. The last column is zero, so the pixel left
@@ -135,7 +141,7 @@ fn conv3x3<T: Element>(
     flip: bool,
     epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
 ) -> Vec<T> {
-    let (grid, p, cols) = (Grid::new(channels, h, w), ho * wo, b.cols);
+    let (grid, p) = (Grid::new(channels, h, w), ho * wo);
     assert_eq!(b.k, 9 * channels, "the weights' rows are the kernel's taps by channels");
     let grids = grid.build(n, src, map);
     // The output rows `lo..hi` whose kernel row `row(ki)` reads inside the image: grid row
@@ -169,18 +175,7 @@ fn conv3x3<T: Element>(
             groups.iter().map(rows).collect()
         })
         .collect();
-    // Jobs of a range of images by a range of output columns, on rayon's threads: by images (a
-    // range per thread, every column) or, where the weights are large, by columns (a range of
-    // whole panels per thread, every image), so that each thread streams only its part of the
-    // weights from memory (ResNet's 512x7 layers, 9 MiB of weights: forward 10.3 -> 9.6 ms,
-    // input gradient 10.1 -> 9.6; at 256 channels, 2.3 MiB, no gain).
-    let threads = rayon::current_num_threads().max(1);
-    let weights = 9 * channels * cols * size_of::<f32>();
-    let parts =
-        if weights >= SPLIT_WEIGHTS && cols.is_multiple_of(PANEL * threads) { threads } else { 1 };
-    let (group, part) = (if parts > 1 { n } else { n.div_ceil(threads).max(1) }, cols / parts);
-    let jobs: Vec<(usize, usize)> =
-        (0..n.div_ceil(group)).flat_map(|t| (0..parts).map(move |c| (t, c))).collect();
+    let Jobs { group, parts, part, jobs } = Jobs::new(n, b);
     // A job's GEMM rows are its output pixels in the order (column group, y, image, x), so
     // that the rows a kernel row reads inside the images are one range per group and each
     // group's runs are as long as its inside kernel columns: the GEMMs skip the padding the
@@ -229,30 +224,84 @@ fn conv3x3<T: Element>(
         unsafe { Vec::from_raw_parts(yt.as_mut_ptr().cast::<f32>(), yt.len(), yt.capacity()) }
     };
     let yts: Vec<Vec<f32>> = jobs.par_iter().map(job).collect();
-    // Then image by image: out[col][(y, x)] = yt[row (g, y, i, x)][col], 16 columns at a time
-    // (one line of `yt` read whole, 16 rows of `out` written along), and the epilogue.
+    // Output pixel `(y, x)` of image `local` of a job of `count` images is row `(g, y, local,
+    // x)`.
+    let order = |count: usize, local: usize| {
+        let start = starts(count);
+        let mut order = Vec::with_capacity(p);
+        for (g, &(x0, x1, _)) in groups.iter().enumerate() {
+            for y in 0..ho {
+                let row = start[g] + (y * count + local) * (x1 - x0);
+                order.extend((x0..x1).map(|x| (y * wo + x, row + x - x0)));
+            }
+        }
+        order
+    };
+    from_pixels(&yts, (n, b.cols, p), (group, parts), order, epilogue)
+}
+
+/// How [`conv3x3`] and [`input_grad_strided3x3`] share their GEMMs between rayon's threads:
+/// jobs of a range of images by a range of output columns, by images (a range per thread,
+/// every column) or, where the weights are large, by columns (a range of whole panels per
+/// thread, every image), so that each thread streams only its part of the weights from memory
+/// (ResNet's 512x7 layers, 9 MiB of weights: forward 10.3 -> 9.6 ms, input gradient 10.1 ->
+/// 9.6; at 256 channels, 2.3 MiB, no gain).
+struct Jobs {
+    /// Images per job.
+    group: usize,
+    /// Column ranges per job's images.
+    parts: usize,
+    /// Columns per range.
+    part: usize,
+    /// `(t, c)`: images `t group..`, columns `c part..`.
+    jobs: Vec<(usize, usize)>,
+}
+
+impl Jobs {
+    fn new(n: usize, b: &Panels) -> Self {
+        let threads = rayon::current_num_threads().max(1);
+        let weights = b.k * b.cols * size_of::<f32>();
+        let parts = if weights >= SPLIT_WEIGHTS && b.cols.is_multiple_of(PANEL * threads) {
+            threads
+        } else {
+            1
+        };
+        let group = if parts > 1 { n } else { n.div_ceil(threads).max(1) };
+        let jobs = (0..n.div_ceil(group)).flat_map(|t| (0..parts).map(move |c| (t, c))).collect();
+        Self { group, parts, part: b.cols / parts, jobs }
+    }
+}
+
+/// The output of the jobs' GEMMs (`yts`, by [`Jobs`]: rows of pixels, `part` columns each)
+/// image by image in channel-major order, and `epilogue` on each: `out[col][pixel] =
+/// yt[row][col]` for the `(pixel, row)` pairs of `order(count, local)` (image `local` of a job
+/// of `count`), 16 columns at a time (one line of `yt` read whole, 16 rows of `out` written
+/// along).
+fn from_pixels<T: Element>(
+    yts: &[Vec<f32>],
+    (n, cols, p): (usize, usize, usize),
+    (group, parts): (usize, usize),
+    order: impl Fn(usize, usize) -> Vec<(usize, usize)> + Sync,
+    epilogue: &(dyn Fn(usize, &mut [T]) + Sync),
+) -> Vec<T> {
+    let part = cols / parts;
     let image = |_: &mut (), i: usize, out: &mut [MaybeUninit<T>]| {
         let (t, local) = (i / group, i % group);
-        let count = group.min(n - t * group);
-        let start = starts(count);
+        let order = order(group.min(n - t * group), local);
+        debug_assert_eq!(order.len(), p);
         let dst = T::as_f32_uninit(out).expect("f32");
         for (c, yt) in yts[t * parts..(t + 1) * parts].iter().enumerate() {
             for k0 in (0..part).step_by(16) {
                 let k1 = (k0 + 16).min(part);
-                for (g, &(x0, x1, _)) in groups.iter().enumerate() {
-                    for y in 0..ho {
-                        for x in x0..x1 {
-                            let r = start[g] + (y * count + local) * (x1 - x0) + x - x0;
-                            let src = &yt[r * part..][k0..k1];
-                            for (col, &v) in (c * part + k0..c * part + k1).zip(src) {
-                                dst[col * p + y * wo + x].write(v);
-                            }
-                        }
+                for &(pixel, r) in &order {
+                    let src = &yt[r * part..][k0..k1];
+                    for (col, &v) in (c * part + k0..c * part + k1).zip(src) {
+                        dst[col * p + pixel].write(v);
                     }
                 }
             }
         }
-        // SAFETY: every element was written (`cols` columns by `p` pixels).
+        // SAFETY: every element was written (`cols` columns by the `p` pixels of `order`).
         epilogue(i, unsafe { crate::assume_init_mut(out) });
     };
     // SAFETY: each task writes its whole chunk.
@@ -352,4 +401,108 @@ pub(super) fn input_grad_same3x3<T: Element>(
     let epilogue = |i: usize, dx: &mut [T]| epilogue(i, dx);
     let out = (d.h, d.w, 1);
     conv3x3((d.n, o, d.h, d.w), out, dy, &plain, &wt, true, &epilogue)
+}
+
+/// Whether a 3x3 convolution of stride 2 and padding 1 runs its input gradient pixel-major:
+/// f32 on the gather GEMM, at least [`PIXEL_MAJOR_STRIDED_CHANNELS`] channels.
+pub(super) fn takes_input_grad_strided<T: Element>(d: &Dims) -> bool {
+    (d.kh, d.kw, d.pad, d.stride) == (3, 3, 1, 2)
+        && d.gather
+        && d.c.min(d.o) >= PIXEL_MAJOR_STRIDED_CHANNELS
+        && T::as_f32(&[]).is_some()
+}
+
+/// The input gradient of a 3x3 convolution of stride 2 and padding 1, pixel-major (see
+/// [`takes_input_grad_strided`]): `dx[y][x][ch] = sum dy[yo][xo][oo] w[oo][ch][ki][kj]` over
+/// the taps with `2 yo + ki = y + 1` and `2 xo + kj = x + 1`. By the parity of `y`, an input
+/// row takes kernel row 1 (`y` even, `yo = y / 2`) or kernel rows 0 and 2 (`y` odd, `yo = (y
+/// + 1) / 2` and `(y - 1) / 2`); by the parity of `x`, an input pixel takes kernel column 1
+/// from output pixel `x / 2`, or columns 2 and 0 from the two output pixels from `(x - 1) /
+/// 2`: a run of one or two pixels of the output gradient stored pixel-major on a [`Grid`],
+/// whose zero border stands for the output pixels past the last. So the input pixels of each
+/// of the four parities are one GEMM per kernel row on runs, as [`conv3x3`]'s, with the
+/// weights' columns ordered 2, 0, 1 so that each run's weights are consecutive rows of the
+/// panels; the channel-major GEMM and `col2im` it replaces read all the weights for each
+/// image's few output pixels (49 at ResNet's 14 -> 7 layer) and scattered the result back.
+pub(super) fn input_grad_strided3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
+    let (n, o, c, h, wd, ho, wo) = (d.n, d.o, d.c, d.h, d.w, d.ho, d.wo);
+    let w = T::as_f32(w).expect("f32");
+    // The position of kernel column kj among a kernel row's weights: 2, 0, 1.
+    let position = |kj: usize| [1, 2, 0][kj];
+    // Row (ki, position(kj), oo) of column ch is w[oo][ch][ki][kj].
+    let fill = |p: usize, width: usize, out: &mut [MaybeUninit<f32>]| {
+        for oo in 0..o {
+            let row = |s: usize| ((s / 3 * 3 + position(s % 3)) * o + oo) * PANEL;
+            let first = (oo * c + p * PANEL) * 9;
+            gather::transpose(&w[first..], (width, 9, 9), (&mut *out, row));
+        }
+    };
+    let b = Panels::build((9 * o, c), fill);
+    let grid = Grid::new(o, ho, wo);
+    let grids = grid.build(n, dy, &super::lower::Plain);
+    // The four parities (py, px) of the input pixels, with their rows and columns.
+    let classes: Vec<(usize, usize, usize, usize)> = [(0, 0), (0, 1), (1, 0), (1, 1)]
+        .into_iter()
+        .map(|(py, px)| (py, px, (h - py).div_ceil(2), (wd - px).div_ceil(2)))
+        .filter(|&(_, _, hc, wc)| hc * wc > 0)
+        .collect();
+    let Jobs { group, parts, part, jobs } = Jobs::new(n, &b);
+    // A job's GEMM rows are its input pixels in the order (parity, image, y, x): row `(k, i, yc,
+    // xc)` of a job of `count` images is `starts(count)[k] + (i hc + yc) wc + xc`.
+    let starts = |count: usize| {
+        let mut next = 0;
+        let at = |&(_, _, hc, wc): &(usize, usize, usize, usize)| {
+            let start = next;
+            next += count * hc * wc;
+            start
+        };
+        classes.iter().map(at).collect::<Vec<usize>>()
+    };
+    let job = |&(t, cc): &(usize, usize)| {
+        let (first, count) = (t * group, group.min(n - t * group));
+        let start = starts(count);
+        let mut yt = vec![MaybeUninit::<f32>::uninit(); count * h * wd * part];
+        let mut runs = vec![];
+        for (k, &(py, px, hc, wc)) in classes.iter().enumerate() {
+            // One run pixel (kernel column 1) or two (columns 2, 0).
+            let (p0, p1) = if px == 0 { (2, 3) } else { (0, 2) };
+            let kis: &[usize] = if py == 0 { &[1] } else { &[0, 2] };
+            let rows = start[k]..start[k] + count * hc * wc;
+            for (pass, &ki) in kis.iter().enumerate() {
+                runs.clear();
+                for i in first..first + count {
+                    for yc in 0..hc {
+                        // Output row (y + 1 - ki) / 2, grid row one more.
+                        let y1 = (py + 2 * yc + 1 - ki) / 2 + 1;
+                        // The run's first output pixel: x / 2 or (x - 1) / 2, grid column one
+                        // more.
+                        runs.extend((0..wc).map(|xc| i * grid.len() + grid.at(y1, xc + 1)));
+                    }
+                }
+                let first_row = (ki * 3 + p0) * o;
+                let b_rows: Vec<usize> =
+                    (first_row..first_row + (p1 - p0) * o).map(|r| r * PANEL).collect();
+                let yt = &mut yt[rows.start * part..rows.end * part];
+                let b = (b.from(cc * part), &b_rows[..], b.k * PANEL);
+                gather::gather_gemm_panels((&grids, &runs), b, part, (yt, part), pass > 0);
+            }
+        }
+        let mut yt = std::mem::ManuallyDrop::new(yt);
+        // SAFETY: each parity's first kernel row wrote its rows (`count h w x part` in all),
+        // and `MaybeUninit<f32>` has the layout of `f32`: the same allocation as a `Vec<f32>`.
+        unsafe { Vec::from_raw_parts(yt.as_mut_ptr().cast::<f32>(), yt.len(), yt.capacity()) }
+    };
+    let yts: Vec<Vec<f32>> = jobs.par_iter().map(job).collect();
+    let order = |count: usize, local: usize| {
+        let start = starts(count);
+        let mut order = Vec::with_capacity(h * wd);
+        for (k, &(py, px, hc, wc)) in classes.iter().enumerate() {
+            for yc in 0..hc {
+                let row = start[k] + (local * hc + yc) * wc;
+                order.extend((0..wc).map(|xc| ((py + 2 * yc) * wd + px + 2 * xc, row + xc)));
+            }
+        }
+        order
+    };
+    from_pixels(&yts, (n, c, h * wd), (group, parts), order, &|_, _| {})
 }
