@@ -33,10 +33,12 @@ pub(super) const PIXEL_MAJOR_INPUT_GRAD: usize = 200;
 /// three alternating runs).
 pub(super) const PIXEL_MAJOR_CHANNELS: usize = 256;
 
-/// Channels (in and out) from which the input gradient of a 3x3 convolution of stride 2 runs
-/// pixel-major ([`input_grad_strided3x3`]). At 224 px, batch 8, ten alternating runs: ResNet's
-/// 256 -> 512 layer (14 -> 7 pixels) 7.2 -> 5.2 ms, its 128 -> 256 one (28 -> 14) 6.1 -> 5.7;
-/// its 64 -> 128 one (56 -> 28) lost (7.1 -> 8.5).
+/// Channels (in and out) from which a 3x3 convolution of stride 2 runs its input gradient
+/// pixel-major ([`input_grad_strided3x3`]), and its forward pass where the output is small
+/// ([`takes_forward`]). At 224 px, batch 8, ten alternating runs: the input gradient of
+/// ResNet's 256 -> 512 layer (14 -> 7 pixels) 7.2 -> 5.2 ms, of its 128 -> 256 one (28 -> 14)
+/// 6.1 -> 5.7, of its 64 -> 128 one (56 -> 28) lost (7.1 -> 8.5); the forward pass of the 128
+/// -> 256 layer 5.2 -> 5.0 (AVX2 5.1 -> 5.0).
 pub(super) const PIXEL_MAJOR_STRIDED_CHANNELS: usize = 128;
 
 /// An image of `c` channels, `h x w`, stored pixel by pixel (`c` values each) on a grid of
@@ -105,12 +107,13 @@ impl Grid {
 
 /// Whether a 3x3 convolution with padding 1 runs its forward pass pixel-major (any stride): f32
 /// on the gather GEMM, outputs of fewer than [`PIXEL_MAJOR_FORWARD`] pixels, at least
-/// [`PIXEL_MAJOR_CHANNELS`] channels.
+/// [`PIXEL_MAJOR_CHANNELS`] channels ([`PIXEL_MAJOR_STRIDED_CHANNELS`] with a stride).
 pub(super) fn takes_forward<T: Element>(d: &Dims) -> bool {
+    let channels = if d.stride > 1 { PIXEL_MAJOR_STRIDED_CHANNELS } else { PIXEL_MAJOR_CHANNELS };
     (d.kh, d.kw, d.pad) == (3, 3, 1)
         && d.gather
         && d.p() < PIXEL_MAJOR_FORWARD
-        && d.c.min(d.o) >= PIXEL_MAJOR_CHANNELS
+        && d.c.min(d.o) >= channels
         && T::as_f32(&[]).is_some()
 }
 
