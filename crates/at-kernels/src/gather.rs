@@ -23,10 +23,6 @@ const MR: usize = 6;
 /// row block uses it (measured against 64, 128 and the whole inner dimension at WRN's sizes).
 const KC: usize = 256;
 
-/// Columns per panel of a right operand stored by panels ([`gather_gemm_panels`]): the widest
-/// tile, so that no tile straddles two panels.
-pub(crate) const PANEL: usize = 64;
-
 /// The left operand (`m x k`) packed for [`gather_gemm`]: `ceil(m / MR)` blocks of rows as even
 /// as possible (32 rows are blocks of 6, 6, 5, 5, 5 and 5: no tile computes padding), each block
 /// stored by inner index (its `rows` values per `kk`).
@@ -168,7 +164,7 @@ pub(crate) fn gather_gemm(
     (c, ldc): (&mut [MaybeUninit<f32>], usize),
 ) {
     assert_eq!(rows.len(), a.k, "one row offset per inner index");
-    run(Left::Packed(a), a.m, (b, rows, PANEL), n, (c, ldc), false);
+    run(Left::Packed(a), a.m, (b, rows), None, n, (c, ldc), false);
 }
 
 /// `c[i][j] += sum_kk a[i * lda + kk] * b[rows[kk] + j]` for `i < m`, `kk < rows.len()`: the
@@ -210,20 +206,32 @@ pub(crate) fn gather_gemm_runs(
         "a run of the left operand is out of range"
     );
     let blocks = row_blocks(m);
-    run(Left::Runs { a, starts, blocks: &blocks }, m, (b, rows, PANEL), n, (c, ldc), accumulate);
+    run(Left::Runs { a, starts, blocks: &blocks }, m, (b, rows), None, n, (c, ldc), accumulate);
 }
 
-/// [`gather_gemm_runs`] with the right operand stored by panels of [`PANEL`] columns, `panel`
-/// values apart: row `kk`'s column `j` is `b[j / PANEL * panel + rows[kk] + j % PANEL]`. A
-/// convolution's weights, which every tile reads again, are stored so (`conv::pixels`): a
-/// tile's slice of them is then one contiguous block.
+/// The width of the panels of [`gather_gemm_panels`]' right operand: the tile kernel's (64
+/// columns with AVX-512, 16 with AVX2), so that a tile's slice of the operand is one
+/// contiguous block.
+pub(crate) fn panel_width() -> usize {
+    match isa() {
+        Isa::Avx2 => 16,
+        Isa::Avx512 | Isa::Portable => 64,
+    }
+}
+
+/// [`gather_gemm_runs`] with the right operand stored by panels of `width` columns (a multiple
+/// of [`panel_width`]), `stride` values apart: row `kk`'s column `j` is `b[j / width * stride +
+/// rows[kk] + j % width]`. A convolution's weights, which every tile reads again, are stored so
+/// (`conv::pixels`): with rows `width` apart, a tile's slice of them is then one contiguous
+/// block, which AVX2's tiles read in place instead of copying it first.
 ///
 /// # Panics
 ///
-/// As [`gather_gemm_runs`], or where `panel` is less than [`PANEL`].
+/// As [`gather_gemm_runs`], or where the panels overlap or `width` is not a multiple of
+/// [`panel_width`].
 pub(crate) fn gather_gemm_panels(
     (a, starts): (&[f32], &[usize]),
-    (b, rows, panel): (&[f32], &[usize], usize),
+    (b, rows, panels): (&[f32], &[usize], (usize, usize)),
     n: usize,
     (c, ldc): (&mut [MaybeUninit<f32>], usize),
     accumulate: bool,
@@ -233,8 +241,10 @@ pub(crate) fn gather_gemm_panels(
         k == 0 || starts.iter().all(|&s| s + k <= a.len()),
         "a run of the left operand is out of range"
     );
+    assert!(panels.0.is_multiple_of(panel_width()), "a tile would straddle two panels");
     let blocks = row_blocks(m);
-    run(Left::Runs { a, starts, blocks: &blocks }, m, (b, rows, panel), n, (c, ldc), accumulate);
+    let a = Left::Runs { a, starts, blocks: &blocks };
+    run(a, m, (b, rows), Some(panels), n, (c, ldc), accumulate);
 }
 
 /// Where [`run`] finds the left operand.
@@ -248,10 +258,13 @@ enum Left<'a> {
 
 /// `c (+)= a * b` over the inner indices `rows` covers; `c` must be initialised where
 /// `accumulate`, and `a` in range (its callers check).
+/// `panels`: where the right operand is stored by panels, their width and stride (see
+/// [`gather_gemm_panels`]), a multiple of the tile's width.
 fn run(
     a: Left,
     m: usize,
-    (b, rows, panel): (&[f32], &[usize], usize),
+    (b, rows): (&[f32], &[usize]),
+    panels: Option<(usize, usize)>,
     n: usize,
     (c, ldc): (&mut [MaybeUninit<f32>], usize),
     accumulate: bool,
@@ -262,9 +275,14 @@ fn run(
         return;
     }
     assert!(c.len() >= (m - 1) * ldc + n, "the output is too short");
-    // Panels `panel >= PANEL` apart: the last one's last column is the farthest.
-    assert!(panel >= PANEL, "the right operand's panels overlap");
-    let end = (n - 1) / PANEL * panel + (n - 1) % PANEL + 1;
+    // With panels at least their width apart, the last one's last column is the farthest.
+    let end = match panels {
+        None => n,
+        Some((width, stride)) => {
+            assert!(width > 0 && stride >= width, "the right operand's panels overlap");
+            (n - 1) / width * stride + (n - 1) % width + 1
+        }
+    };
     assert!(rows.iter().all(|&r| r + end <= b.len()), "a row of the right operand is out of range");
     if k == 0 {
         if !accumulate {
@@ -287,7 +305,7 @@ fn run(
         // indices in range (`a.k == k` values per packed row, or `starts[i] + k` for each row's
         // run).
         unsafe {
-            let (b, c) = ((b.as_ptr(), rows, panel), (c.as_mut_ptr().cast::<f32>(), ldc));
+            let (b, c) = ((b.as_ptr(), rows, panels), (c.as_mut_ptr().cast::<f32>(), ldc));
             tiles(a, b, n, c, accumulate, kernel)
         }
     }
@@ -490,7 +508,7 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 unsafe fn tiles(
     a: Left,
-    (b, rows, panel): (*const f32, &[usize], usize),
+    (b, rows, panels): (*const f32, &[usize], Option<(usize, usize)>),
     n: usize,
     (c, ldc): (*mut f32, usize),
     accumulate: bool,
@@ -503,7 +521,8 @@ unsafe fn tiles(
     };
     let kc_even = k.div_ceil(k.div_ceil(KC));
     let nr = kernel.nr;
-    let pack = kernel.pack.filter(|_| blocks.len() > 1);
+    // Panels of the tile's width are read in place: their rows are consecutive.
+    let pack = kernel.pack.filter(|_| blocks.len() > 1 && panels.is_none_or(|(w, _)| w != nr));
     let packed_rows: Vec<usize> =
         if pack.is_some() { (0..kc_even).map(|kk| kk * nr).collect() } else { vec![] };
     PACKED_B.with_borrow_mut(|buf| {
@@ -518,7 +537,10 @@ unsafe fn tiles(
                 let rows = &rows[k0..k0 + kc];
                 for j0 in (0..n).step_by(nr) {
                     let cols = nr.min(n - j0);
-                    let b = b.add(j0 / PANEL * panel + j0 % PANEL);
+                    let b = match panels {
+                        None => b.add(j0),
+                        Some((width, stride)) => b.add(j0 / width * stride + j0 % width),
+                    };
                     let (b, rows) = if let Some(pack) = pack {
                         pack(b, rows, cols, buf.as_mut_ptr());
                         (buf.as_ptr(), &packed_rows[..kc])
@@ -982,7 +1004,7 @@ mod tests {
                         // SAFETY: the CPU has AVX-512F (and so AVX2 and FMA); `b`'s rows hold
                         // `n` values from each offset, `c` is `m x n`, the left operand `m x k`.
                         unsafe {
-                            let b = (b.as_ptr(), &rows[..], PANEL);
+                            let b = (b.as_ptr(), &rows[..], None);
                             tiles(left, b, n, (c.as_mut_ptr(), n), false, kernel)
                         };
                     }

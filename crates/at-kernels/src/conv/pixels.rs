@@ -14,7 +14,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::lower::{Dims, Element, InputMap};
-use crate::gather::{self, PANEL};
+use crate::gather;
 
 /// Output pixels per image below which a 3x3 convolution's forward pass runs pixel-major
 /// (with the gather GEMM). Measured at 224 px, batch 8 (`conv_bench resnet`): ResNet-18's 7x7
@@ -173,7 +173,7 @@ fn conv3x3<T: Element>(
         .map(|ki| {
             let rows = |&(_, _, (t0, t1)): &(usize, usize, (usize, usize))| {
                 let first = (ki * 3 + t0) * channels;
-                (first..first + (t1 - t0) * channels).map(|r| r * PANEL).collect()
+                (first..first + (t1 - t0) * channels).map(|r| r * b.width).collect()
             };
             groups.iter().map(rows).collect()
         })
@@ -217,7 +217,7 @@ fn conv3x3<T: Element>(
                 let width = x1 - x0;
                 let rows = start[g] + lo * count * width..start[g] + hi * count * width;
                 let yt = &mut yt[rows.start * part..rows.end * part];
-                let b = (b.from(c * part), &b_rows[ki][g][..], b.k * PANEL);
+                let b = (b.from(c * part), &b_rows[ki][g][..], (b.width, b.k * b.width));
                 gather::gather_gemm_panels((&grids, &runs), b, part, (yt, part), pass > 0);
             }
         }
@@ -264,7 +264,7 @@ impl Jobs {
     fn new(n: usize, b: &Panels) -> Self {
         let threads = rayon::current_num_threads().max(1);
         let weights = b.k * b.cols * size_of::<f32>();
-        let parts = if weights >= SPLIT_WEIGHTS && b.cols.is_multiple_of(PANEL * threads) {
+        let parts = if weights >= SPLIT_WEIGHTS && b.cols.is_multiple_of(b.width * threads) {
             threads
         } else {
             1
@@ -316,45 +316,49 @@ fn from_pixels<T: Element>(
 const SPLIT_WEIGHTS: usize = 4 << 20;
 
 /// A 3x3 convolution's weights as the pixel-major GEMMs read them: the `k x cols` right
-/// operand (row `(ki, t, ch)`: kernel row, run pixel, source channel) in panels of [`PANEL`]
-/// columns, each panel's rows one after the other (`PANEL` values each, zeros past the last
-/// column). A GEMM's rows are consecutive rows of each panel, so that a tile streams one
-/// contiguous block of the weights: read from the transposed matrix, with rows of a few
-/// kilobytes and the taps of one channel next to each other, each inner step of a tile jumped
-/// 9 rows (19 KiB at 512 channels) and its slice of the operand spread over hundreds of pages.
+/// operand (row `(ki, t, ch)`: kernel row, run pixel, source channel) in panels of the tile
+/// kernel's width (`gather::panel_width`: 64 columns with AVX-512, 16 with AVX2), each panel's
+/// rows one after the other (`width` values each, zeros past the last column). A GEMM's rows
+/// are consecutive rows of each panel, so that a tile streams one contiguous block of the
+/// weights: read from the transposed matrix, with rows of a few kilobytes and the taps of one
+/// channel next to each other, each inner step of a tile jumped 9 rows (19 KiB at 512
+/// channels) and its slice of the operand spread over hundreds of pages; and AVX2's tiles,
+/// which copied their slice first (rows a power-of-two stride apart), read it in place.
 struct Panels {
     data: Vec<f32>,
     k: usize,
     cols: usize,
+    /// Columns per panel.
+    width: usize,
 }
 
 impl Panels {
-    /// `fill(p, width, panel)` writes panel `p`'s first `width` columns (all `k` rows), on
-    /// rayon's threads; the columns past the last are zeroed here.
+    /// `fill(p, live, panel)` writes panel `p`'s first `live` columns (all `k` rows, `width`
+    /// apart), on rayon's threads; the columns past the last are zeroed here.
     fn build(
-        (k, cols): (usize, usize),
+        (k, cols, width): (usize, usize, usize),
         fill: impl Fn(usize, usize, &mut [MaybeUninit<f32>]) + Sync,
     ) -> Self {
         let panel = |_: &mut (), p: usize, out: &mut [MaybeUninit<f32>]| {
-            let width = PANEL.min(cols - p * PANEL);
-            fill(p, width, out);
-            if width < PANEL {
-                for row in out.chunks_exact_mut(PANEL) {
-                    row[width..].fill(MaybeUninit::new(0.0));
+            let live = width.min(cols - p * width);
+            fill(p, live, out);
+            if live < width {
+                for row in out.chunks_exact_mut(width) {
+                    row[live..].fill(MaybeUninit::new(0.0));
                 }
             }
         };
-        let len = cols.div_ceil(PANEL) * k * PANEL;
-        // SAFETY: `fill` writes the first `width` values of each of the panel's `k` rows (its
+        let len = cols.div_ceil(width) * k * width;
+        // SAFETY: `fill` writes the first `live` values of each of the panel's `k` rows (its
         // promise), and the rest of each row is zeroed above.
-        let data = unsafe { crate::par_chunks_uninit(len, k * PANEL, || (), panel) };
-        Self { data, k, cols }
+        let data = unsafe { crate::par_chunks_uninit(len, k * width, || (), panel) };
+        Self { data, k, cols, width }
     }
 
     /// The panels from column `j` on (a panel's first).
     fn from(&self, j: usize) -> &[f32] {
-        debug_assert!(j.is_multiple_of(PANEL));
-        &self.data[j / PANEL * self.k * PANEL..]
+        debug_assert!(j.is_multiple_of(self.width));
+        &self.data[j / self.width * self.k * self.width..]
     }
 }
 
@@ -371,11 +375,12 @@ pub(super) fn forward3x3<T: Element>(
     let w = T::as_f32(w).expect("f32");
     // Row (ki, kj, ch) of column oo is w[oo][ch][ki][kj]: each panel is its output channels'
     // rows of `9 c` weights transposed, column q = ch 9 + ki 3 + kj to row (ki 3 + kj) c + ch.
-    let fill = |p: usize, width: usize, out: &mut [MaybeUninit<f32>]| {
-        let row = |q: usize| ((q % 9) * c + q / 9) * PANEL;
-        gather::transpose(&w[p * PANEL * 9 * c..], (width, 9 * c, 9 * c), (out, row));
+    let pw = gather::panel_width();
+    let fill = |p: usize, live: usize, out: &mut [MaybeUninit<f32>]| {
+        let row = |q: usize| ((q % 9) * c + q / 9) * pw;
+        gather::transpose(&w[p * pw * 9 * c..], (live, 9 * c, 9 * c), (out, row));
     };
-    let wt = Panels::build((9 * c, o), fill);
+    let wt = Panels::build((9 * c, o, pw), fill);
     let out = (d.ho, d.wo, d.stride);
     conv3x3((d.n, c, d.h, d.w), out, x, map, &wt, false, epilogue)
 }
@@ -392,14 +397,15 @@ pub(super) fn input_grad_same3x3<T: Element>(
     // Row (ki, t, oo) of column ch is w[oo][ch][ki][2 - t] (run pixel t of kernel row ki is
     // kernel column 2 - t): for each output channel, the panel's channels' 9 weights
     // transposed, tap (ki, kj) to row (ki 3 + 2 - kj) o + oo.
-    let fill = |p: usize, width: usize, out: &mut [MaybeUninit<f32>]| {
+    let pw = gather::panel_width();
+    let fill = |p: usize, live: usize, out: &mut [MaybeUninit<f32>]| {
         for oo in 0..o {
-            let row = |s: usize| ((s / 3 * 3 + 2 - s % 3) * o + oo) * PANEL;
-            let first = (oo * c + p * PANEL) * 9;
-            gather::transpose(&w[first..], (width, 9, 9), (&mut *out, row));
+            let row = |s: usize| ((s / 3 * 3 + 2 - s % 3) * o + oo) * pw;
+            let first = (oo * c + p * pw) * 9;
+            gather::transpose(&w[first..], (live, 9, 9), (&mut *out, row));
         }
     };
-    let wt = Panels::build((9 * o, c), fill);
+    let wt = Panels::build((9 * o, c, pw), fill);
     let plain = super::lower::Plain;
     let epilogue = |i: usize, dx: &mut [T]| epilogue(i, dx);
     let out = (d.h, d.w, 1);
@@ -433,14 +439,15 @@ pub(super) fn input_grad_strided3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> 
     // The position of kernel column kj among a kernel row's weights: 2, 0, 1.
     let position = |kj: usize| [1, 2, 0][kj];
     // Row (ki, position(kj), oo) of column ch is w[oo][ch][ki][kj].
-    let fill = |p: usize, width: usize, out: &mut [MaybeUninit<f32>]| {
+    let pw = gather::panel_width();
+    let fill = |p: usize, live: usize, out: &mut [MaybeUninit<f32>]| {
         for oo in 0..o {
-            let row = |s: usize| ((s / 3 * 3 + position(s % 3)) * o + oo) * PANEL;
-            let first = (oo * c + p * PANEL) * 9;
-            gather::transpose(&w[first..], (width, 9, 9), (&mut *out, row));
+            let row = |s: usize| ((s / 3 * 3 + position(s % 3)) * o + oo) * pw;
+            let first = (oo * c + p * pw) * 9;
+            gather::transpose(&w[first..], (live, 9, 9), (&mut *out, row));
         }
     };
-    let b = Panels::build((9 * o, c), fill);
+    let b = Panels::build((9 * o, c, pw), fill);
     let grid = Grid::new(o, ho, wo);
     let grids = grid.build(n, dy, &super::lower::Plain);
     // The four parities (py, px) of the input pixels, with their rows and columns.
@@ -484,9 +491,9 @@ pub(super) fn input_grad_strided3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> 
                 }
                 let first_row = (ki * 3 + p0) * o;
                 let b_rows: Vec<usize> =
-                    (first_row..first_row + (p1 - p0) * o).map(|r| r * PANEL).collect();
+                    (first_row..first_row + (p1 - p0) * o).map(|r| r * b.width).collect();
                 let yt = &mut yt[rows.start * part..rows.end * part];
-                let b = (b.from(cc * part), &b_rows[..], b.k * PANEL);
+                let b = (b.from(cc * part), &b_rows[..], (b.width, b.k * b.width));
                 gather::gather_gemm_panels((&grids, &runs), b, part, (yt, part), pass > 0);
             }
         }
