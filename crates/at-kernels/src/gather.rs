@@ -898,6 +898,12 @@ mod avx2 {
     pub(super) unsafe fn transpose_block(src: *const f32, ld: usize, dst: &[*mut f32]) {
         // SAFETY: the caller's promise.
         unsafe {
+            if let [dst] = dst {
+                // One column (the ninth of a 3x3 kernel's taps): eight loads, not a transpose.
+                let column: [f32; 8] = std::array::from_fn(|i| *src.add(i * ld));
+                _mm256_storeu_ps(*dst, _mm256_loadu_ps(column.as_ptr()));
+                return;
+            }
             let lanes = first_lanes(dst.len());
             let mut r = [_mm256_setzero_ps(); 8];
             for (i, r) in r.iter_mut().enumerate() {
