@@ -45,6 +45,7 @@ const RESNET_CONFIGS: &[(&str, &str, &str, usize)] = &[
     ("resnet34", "student", "", 8),
     ("resnet18", "student", "", 32),
     ("resnet18", "at", "resnet34", 32),
+    ("resnet34", "student", "", 32),
 ];
 const RESNET_SIDE: usize = 224;
 
