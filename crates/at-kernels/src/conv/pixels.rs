@@ -244,11 +244,11 @@ fn conv3x3<T: Element>(
 }
 
 /// How [`conv3x3`] and [`input_grad_strided3x3`] share their GEMMs between rayon's threads:
-/// jobs of a range of images by a range of output columns, by images (a range per thread,
-/// every column) or, where the weights are large, by columns (a range of whole panels per
-/// thread, every image), so that each thread streams only its part of the weights from memory
-/// (ResNet's 512x7 layers, 9 MiB of weights: forward 10.3 -> 9.6 ms, input gradient 10.1 ->
-/// 9.6; at 256 channels, 2.3 MiB, no gain).
+/// jobs of a range of images by a range of output columns, by images (a range per thread, at
+/// most [`JOB_IMAGES`], every column) or, where the weights are large, by columns (a range of
+/// whole panels per thread, at most [`JOB_IMAGES_BY_COLUMNS`] images), so that each thread
+/// streams only its part of the weights from memory (ResNet's 512x7 layers, 9 MiB of weights:
+/// forward 10.3 -> 9.6 ms, input gradient 10.1 -> 9.6; at 256 channels, 2.3 MiB, no gain).
 struct Jobs {
     /// Images per job.
     group: usize,
@@ -269,7 +269,11 @@ impl Jobs {
         } else {
             1
         };
-        let group = if parts > 1 { n } else { n.div_ceil(threads).max(1) };
+        let group = if parts > 1 {
+            n.min(JOB_IMAGES_BY_COLUMNS)
+        } else {
+            n.div_ceil(threads).clamp(1, JOB_IMAGES)
+        };
         let jobs = (0..n.div_ceil(group)).flat_map(|t| (0..parts).map(move |c| (t, c))).collect();
         Self { group, parts, part: b.cols / parts, jobs }
     }
@@ -314,6 +318,18 @@ fn from_pixels<T: Element>(
 /// Bytes of weights from which a pixel-major convolution splits its work between threads by
 /// output columns instead of by images (see `conv3x3`).
 const SPLIT_WEIGHTS: usize = 4 << 20;
+
+/// The most images per job of a pixel-major convolution split by images ([`Jobs`]): at batch 32
+/// on two threads, 16 images per job read their runs from further away than 4 do (ResNet's
+/// 256x14 forward 37.2 -> 35.2 ms, input gradient 36.5 -> 36.4; 128 -> 256 k3/2 forward 21.4 ->
+/// 19.5, input gradient 23.6 -> 22.6; medians of five alternating runs), and the smaller jobs
+/// share out better between threads. Batch 8 on two threads is 4 already.
+const JOB_IMAGES: usize = 4;
+
+/// The same for a split by columns, where each job streams its part of the weights once: 8
+/// (ResNet's 512x7 forward at batch 32 30.4 -> 29.9 ms, input gradient 30.5 -> 30.0; four
+/// alternating runs).
+const JOB_IMAGES_BY_COLUMNS: usize = 8;
 
 /// A 3x3 convolution's weights as the pixel-major GEMMs read them: the `k x cols` right
 /// operand (row `(ki, t, ch)`: kernel row, run pixel, source channel) in panels of the tile
