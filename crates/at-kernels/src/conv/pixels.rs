@@ -439,16 +439,18 @@ pub(super) fn takes_input_grad_strided<T: Element>(d: &Dims) -> bool {
 
 /// The input gradient of a 3x3 convolution of stride 2 and padding 1, pixel-major (see
 /// [`takes_input_grad_strided`]): `dx[y][x][ch] = sum dy[yo][xo][oo] w[oo][ch][ki][kj]` over
-/// the taps with `2 yo + ki = y + 1` and `2 xo + kj = x + 1`. By the parity of `y`, an input
-/// row takes kernel row 1 (`y` even, `yo = y / 2`) or kernel rows 0 and 2 (`y` odd, `yo = (y
-/// + 1) / 2` and `(y - 1) / 2`); by the parity of `x`, an input pixel takes kernel column 1
-/// from output pixel `x / 2`, or columns 2 and 0 from the two output pixels from `(x - 1) /
-/// 2`: a run of one or two pixels of the output gradient stored pixel-major on a [`Grid`],
-/// whose zero border stands for the output pixels past the last. So the input pixels of each
-/// of the four parities are one GEMM per kernel row on runs, as [`conv3x3`]'s, with the
-/// weights' columns ordered 2, 0, 1 so that each run's weights are consecutive rows of the
-/// panels; the channel-major GEMM and `col2im` it replaces read all the weights for each
-/// image's few output pixels (49 at ResNet's 14 -> 7 layer) and scattered the result back.
+/// the taps with `2 yo + ki = y + 1` and `2 xo + kj = x + 1`.
+///
+/// By the parity of `y`, an input row takes kernel row 1 (`y` even, `yo = y / 2`) or kernel
+/// rows 0 and 2 (`y` odd, `yo = (y + 1) / 2` and `yo = (y - 1) / 2`); by the parity of `x`, an
+/// input pixel takes kernel column 1 from output pixel `x / 2`, or columns 2 and 0 from the
+/// two output pixels from `(x - 1) / 2` on: a run of one or two pixels of the output gradient
+/// stored pixel-major on a [`Grid`], whose zero border stands for the output pixels past the
+/// last. So the input pixels of each of the four parities are one GEMM per kernel row on runs,
+/// as [`conv3x3`]'s, with the weights' columns ordered 2, 0, 1 so that each run's weights are
+/// consecutive rows of the panels. The channel-major GEMM and `col2im` it replaces read all
+/// the weights for each image's few output pixels (49 at ResNet's 14 -> 7 layer) and
+/// scattered the result back.
 pub(super) fn input_grad_strided3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> Vec<T> {
     let (n, o, c, h, wd, ho, wo) = (d.n, d.o, d.c, d.h, d.w, d.ho, d.wo);
     let w = T::as_f32(w).expect("f32");
