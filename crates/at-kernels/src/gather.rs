@@ -200,13 +200,7 @@ pub(crate) fn gather_gemm_runs(
     (c, ldc): (&mut [MaybeUninit<f32>], usize),
     accumulate: bool,
 ) {
-    let (m, k) = (starts.len(), rows.len());
-    assert!(
-        k == 0 || starts.iter().all(|&s| s + k <= a.len()),
-        "a run of the left operand is out of range"
-    );
-    let blocks = row_blocks(m);
-    run(Left::Runs { a, starts, blocks: &blocks }, m, (b, rows), None, n, (c, ldc), accumulate);
+    gemm_on_runs((a, starts), (b, rows, None), n, (c, ldc), accumulate);
 }
 
 /// The width of the panels of [`gather_gemm_panels`]' right operand: the tile kernel's (64
@@ -236,15 +230,25 @@ pub(crate) fn gather_gemm_panels(
     (c, ldc): (&mut [MaybeUninit<f32>], usize),
     accumulate: bool,
 ) {
+    assert!(panels.0.is_multiple_of(panel_width()), "a tile would straddle two panels");
+    gemm_on_runs((a, starts), (b, rows, Some(panels)), n, (c, ldc), accumulate);
+}
+
+/// [`gather_gemm_runs`] and [`gather_gemm_panels`]: checks the runs, then [`run`].
+fn gemm_on_runs(
+    (a, starts): (&[f32], &[usize]),
+    (b, rows, panels): (&[f32], &[usize], Option<(usize, usize)>),
+    n: usize,
+    (c, ldc): (&mut [MaybeUninit<f32>], usize),
+    accumulate: bool,
+) {
     let (m, k) = (starts.len(), rows.len());
     assert!(
         k == 0 || starts.iter().all(|&s| s + k <= a.len()),
         "a run of the left operand is out of range"
     );
-    assert!(panels.0.is_multiple_of(panel_width()), "a tile would straddle two panels");
     let blocks = row_blocks(m);
-    let a = Left::Runs { a, starts, blocks: &blocks };
-    run(a, m, (b, rows), Some(panels), n, (c, ldc), accumulate);
+    run(Left::Runs { a, starts, blocks: &blocks }, m, (b, rows), panels, n, (c, ldc), accumulate);
 }
 
 /// Where [`run`] finds the left operand.

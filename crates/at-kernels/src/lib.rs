@@ -109,6 +109,18 @@ where
     v
 }
 
+/// `v` as initialised values, in the same allocation.
+///
+/// # Safety
+///
+/// Every element of `v` must have been initialised.
+pub(crate) unsafe fn assume_init_vec<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<T>` has the layout of `T`, so the allocation is that of a `Vec<T>`
+    // of the same length and capacity, and the caller promises initialised elements.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
+}
+
 /// `out` as initialised values.
 ///
 /// # Safety

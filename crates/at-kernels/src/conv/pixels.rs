@@ -221,10 +221,8 @@ fn conv3x3<T: Element>(
                 gather::gather_gemm_panels((&grids, &runs), b, part, (yt, part), pass > 0);
             }
         }
-        let mut yt = std::mem::ManuallyDrop::new(yt);
-        // SAFETY: the middle kernel row's GEMMs wrote every element (`count p x part`), and
-        // `MaybeUninit<f32>` has the layout of `f32`: the same allocation as a `Vec<f32>`.
-        unsafe { Vec::from_raw_parts(yt.as_mut_ptr().cast::<f32>(), yt.len(), yt.capacity()) }
+        // SAFETY: the middle kernel row's GEMMs wrote every element (`count p x part`).
+        unsafe { crate::assume_init_vec(yt) }
     };
     let yts: Vec<Vec<f32>> = jobs.par_iter().map(job).collect();
     // Output pixel `(y, x)` of image `local` of a job of `count` images is row `(g, y, local,
@@ -515,10 +513,8 @@ pub(super) fn input_grad_strided3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> 
                 gather::gather_gemm_panels((&grids, &runs), b, part, (yt, part), pass > 0);
             }
         }
-        let mut yt = std::mem::ManuallyDrop::new(yt);
-        // SAFETY: each parity's first kernel row wrote its rows (`count h w x part` in all),
-        // and `MaybeUninit<f32>` has the layout of `f32`: the same allocation as a `Vec<f32>`.
-        unsafe { Vec::from_raw_parts(yt.as_mut_ptr().cast::<f32>(), yt.len(), yt.capacity()) }
+        // SAFETY: each parity's first kernel row wrote its rows (`count h w x part` in all).
+        unsafe { crate::assume_init_vec(yt) }
     };
     let yts: Vec<Vec<f32>> = jobs.par_iter().map(job).collect();
     let order = |count: usize, local: usize| {
