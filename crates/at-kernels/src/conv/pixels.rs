@@ -369,6 +369,21 @@ impl Panels {
         Self { data, k, cols, width }
     }
 
+    /// The weights `w` (`o x c x 3 x 3`) of an input gradient: row `(ki, at(kj), oo)` of column
+    /// `ch` is `w[oo][ch][ki][kj]`, each output channel's `c x 9` weights transposed into the
+    /// panels.
+    fn input_grad(w: &[f32], (o, c): (usize, usize), at: impl Fn(usize) -> usize + Sync) -> Self {
+        let pw = gather::panel_width();
+        let fill = |p: usize, live: usize, out: &mut [MaybeUninit<f32>]| {
+            for oo in 0..o {
+                let row = |s: usize| ((s / 3 * 3 + at(s % 3)) * o + oo) * pw;
+                let first = (oo * c + p * pw) * 9;
+                gather::transpose(&w[first..], (live, 9, 9), (&mut *out, row));
+            }
+        };
+        Self::build((9 * o, c, pw), fill)
+    }
+
     /// The panels from column `j` on (a panel's first).
     fn from(&self, j: usize) -> &[f32] {
         debug_assert!(j.is_multiple_of(self.width));
@@ -408,18 +423,9 @@ pub(super) fn input_grad_same3x3<T: Element>(
 ) -> Vec<T> {
     let (o, c) = (d.o, d.c);
     let w = T::as_f32(w).expect("f32");
-    // Row (ki, t, oo) of column ch is w[oo][ch][ki][2 - t] (run pixel t of kernel row ki is
-    // kernel column 2 - t): for each output channel, the panel's channels' 9 weights
-    // transposed, tap (ki, kj) to row (ki 3 + 2 - kj) o + oo.
-    let pw = gather::panel_width();
-    let fill = |p: usize, live: usize, out: &mut [MaybeUninit<f32>]| {
-        for oo in 0..o {
-            let row = |s: usize| ((s / 3 * 3 + 2 - s % 3) * o + oo) * pw;
-            let first = (oo * c + p * pw) * 9;
-            gather::transpose(&w[first..], (live, 9, 9), (&mut *out, row));
-        }
-    };
-    let wt = Panels::build((9 * o, c, pw), fill);
+    // Row (ki, t, oo) of column ch is w[oo][ch][ki][2 - t]: run pixel t of kernel row ki is
+    // kernel column 2 - t.
+    let wt = Panels::input_grad(w, (o, c), |kj| 2 - kj);
     let plain = super::lower::Plain;
     let epilogue = |i: usize, dx: &mut [T]| epilogue(i, dx);
     let out = (d.h, d.w, 1);
@@ -453,17 +459,7 @@ pub(super) fn input_grad_strided3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> 
     let (n, o, c, h, wd, ho, wo) = (d.n, d.o, d.c, d.h, d.w, d.ho, d.wo);
     let w = T::as_f32(w).expect("f32");
     // The position of kernel column kj among a kernel row's weights: 2, 0, 1.
-    let position = |kj: usize| [1, 2, 0][kj];
-    // Row (ki, position(kj), oo) of column ch is w[oo][ch][ki][kj].
-    let pw = gather::panel_width();
-    let fill = |p: usize, live: usize, out: &mut [MaybeUninit<f32>]| {
-        for oo in 0..o {
-            let row = |s: usize| ((s / 3 * 3 + position(s % 3)) * o + oo) * pw;
-            let first = (oo * c + p * pw) * 9;
-            gather::transpose(&w[first..], (live, 9, 9), (&mut *out, row));
-        }
-    };
-    let b = Panels::build((9 * o, c, pw), fill);
+    let b = Panels::input_grad(w, (o, c), |kj| [1, 2, 0][kj]);
     let grid = Grid::new(o, ho, wo);
     let grids = grid.build(n, dy, &super::lower::Plain);
     // The four parities (py, px) of the input pixels, with their rows and columns.
