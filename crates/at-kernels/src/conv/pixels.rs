@@ -185,15 +185,7 @@ fn conv3x3<T: Element>(
     // kernel would read (at 7x7 with a 3x3 kernel 18% of the products, at 14x14 9%), the
     // middle kernel row first to write every row. Row `(g, y, i, x)` of a job of `count`
     // images is `starts(count)[g] + (y count + i) width(g) + x - x0(g)`.
-    let starts = |count: usize| {
-        let mut next = 0;
-        let at = |&(x0, x1, _): &(usize, usize, (usize, usize))| {
-            let start = next;
-            next += count * ho * (x1 - x0);
-            start
-        };
-        groups.iter().map(at).collect::<Vec<usize>>()
-    };
+    let starts = |count: usize| starts_of(groups.iter().map(|&(x0, x1, _)| count * ho * (x1 - x0)));
     let job = |&(t, c): &(usize, usize)| {
         let (first, count) = (t * group, group.min(n - t * group));
         let start = starts(count);
@@ -239,6 +231,18 @@ fn conv3x3<T: Element>(
         order
     };
     from_pixels(&yts, (n, b.cols, p), (group, parts), order, epilogue)
+}
+
+/// Where each of consecutive blocks of these `sizes` starts (the sums of the sizes before it):
+/// the first GEMM row of each column group or parity of a job.
+fn starts_of(sizes: impl Iterator<Item = usize>) -> Vec<usize> {
+    sizes
+        .scan(0, |next, size| {
+            let start = *next;
+            *next += size;
+            Some(start)
+        })
+        .collect()
 }
 
 /// How [`conv3x3`] and [`input_grad_strided3x3`] share their GEMMs between rayon's threads:
@@ -471,15 +475,7 @@ pub(super) fn input_grad_strided3x3<T: Element>(d: &Dims, dy: &[T], w: &[T]) -> 
     let Jobs { group, parts, part, jobs } = Jobs::new(n, &b);
     // A job's GEMM rows are its input pixels in the order (parity, image, y, x): row `(k, i, yc,
     // xc)` of a job of `count` images is `starts(count)[k] + (i hc + yc) wc + xc`.
-    let starts = |count: usize| {
-        let mut next = 0;
-        let at = |&(_, _, hc, wc): &(usize, usize, usize, usize)| {
-            let start = next;
-            next += count * hc * wc;
-            start
-        };
-        classes.iter().map(at).collect::<Vec<usize>>()
-    };
+    let starts = |count: usize| starts_of(classes.iter().map(|&(_, _, hc, wc)| count * hc * wc));
     let job = |&(t, cc): &(usize, usize)| {
         let (first, count) = (t * group, group.min(n - t * group));
         let start = starts(count);
