@@ -80,7 +80,7 @@ impl ParamGrads {
         Self::default()
     }
 
-    fn push(&self, param: &Tensor, grad: Tensor) {
+    pub(crate) fn push(&self, param: &Tensor, grad: Tensor) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push((param.clone(), grad));
     }
 

@@ -30,6 +30,7 @@ pub mod norm;
 pub mod pool;
 pub mod second_order;
 pub mod sgd;
+pub mod stem;
 
 use std::mem::MaybeUninit;
 
@@ -51,6 +52,7 @@ pub use gather::{Isa, isa};
 pub use norm::{BatchStats, batch_norm_eval, batch_norm_train, batch_norm_train_with};
 pub use pool::max_pool2d;
 pub use sgd::{SgdStep, sgd_step_in_place};
+pub use stem::{Stem, stem_train};
 
 /// The elements of a contiguous operand; `what` names it in the error otherwise.
 pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {

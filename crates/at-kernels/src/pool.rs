@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 
 /// The geometry of a pooling: kernel, stride, padding, and the input's and output's sides.
 #[derive(Clone, Copy, Debug)]
-struct Window {
+pub(crate) struct Window {
     kernel: usize,
     stride: usize,
     padding: usize,
@@ -51,7 +51,7 @@ pub fn pool_output(
 }
 
 impl Window {
-    fn new(
+    pub(crate) fn new(
         (h, w): (usize, usize),
         (kernel, stride, padding): (usize, usize, usize),
     ) -> Result<Self> {
@@ -172,6 +172,52 @@ impl Window {
     }
 }
 
+impl Window {
+    /// The output's `(height, width)`.
+    pub(crate) fn output(&self) -> (usize, usize) {
+        (self.oh, self.ow)
+    }
+
+    /// The max pool of the `h x w` planes of `x` (contiguous): as many `oh x ow` planes, each
+    /// plane one task on rayon's threads.
+    pub(crate) fn forward(&self, x: &[f32], planes: usize) -> Vec<f32> {
+        let Window { h, w, oh, ow, .. } = *self;
+        crate::par_chunks_zeroed(
+            planes * oh * ow,
+            oh * ow,
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(row_max, cols, phases), n, out: &mut [f32]| {
+                self.row_maxima(&x[n * h * w..(n + 1) * h * w], (row_max, cols), phases);
+                for (i, out) in out.chunks_exact_mut(ow).enumerate() {
+                    self.output_row(i, (row_max, &[]), out, None);
+                }
+            },
+        )
+    }
+
+    /// The input gradient of [`Window::forward`] from its input `x` and the output's gradient
+    /// `g`: each output's gradient added at its window's maximum, found again from `x`.
+    pub(crate) fn backward(&self, x: &[f32], g: &[f32]) -> Vec<f32> {
+        let Window { h, w, oh, ow, .. } = *self;
+        // Zeroed chunks, one plane each: the gradients are added into them.
+        crate::par_chunks_zeroed(
+            x.len(),
+            h * w,
+            || (Vec::new(), Vec::new(), Vec::new(), vec![0f32; ow], vec![0u32; ow]),
+            |(row_max, cols, phases, maxima, at), n, dplane: &mut [f32]| {
+                self.row_maxima(&x[n * h * w..(n + 1) * h * w], (row_max, cols), phases);
+                let gplane = &g[n * oh * ow..(n + 1) * oh * ow];
+                for (i, g) in gplane.chunks_exact(ow).enumerate() {
+                    self.output_row(i, (row_max, cols), maxima, Some(at));
+                    for (&at, &g) in at.iter().zip(g) {
+                        dplane[at as usize] += g;
+                    }
+                }
+            },
+        )
+    }
+}
+
 /// The first maximum of `values` and its column (`first` is the column of `values[0]`).
 #[inline]
 fn first_max(values: &[f32], first: usize) -> (f32, u32) {
@@ -215,19 +261,8 @@ impl CustomOp1 for MaxPool {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = values(storage, layout, "the max pool's input")?;
         let (b, c, _, _) = layout.shape().dims4()?;
-        let Window { h, w, oh, ow, .. } = self.0;
-        let y = crate::par_chunks_zeroed(
-            b * c * oh * ow,
-            oh * ow,
-            || (Vec::new(), Vec::new(), Vec::new()),
-            |(row_max, cols, phases), n, out: &mut [f32]| {
-                self.0.row_maxima(&x[n * h * w..(n + 1) * h * w], (row_max, cols), phases);
-                for (i, out) in out.chunks_exact_mut(ow).enumerate() {
-                    self.0.output_row(i, (row_max, &[]), out, None);
-                }
-            },
-        );
-        Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
+        let y = self.0.forward(x, b * c);
+        Ok((CpuStorage::F32(y), Shape::from((b, c, self.0.oh, self.0.ow))))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -256,23 +291,7 @@ impl CustomOp2 for MaxPoolGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let x = values(s1, l1, "the max pool's input")?;
         let g = values(s2, l2, "the max pool's output gradient")?;
-        let Window { h, w, oh, ow, .. } = self.0;
-        // Zeroed chunks, one plane each: the gradients are added into them.
-        let dx = crate::par_chunks_zeroed(
-            x.len(),
-            h * w,
-            || (Vec::new(), Vec::new(), Vec::new(), vec![0f32; ow], vec![0u32; ow]),
-            |(row_max, cols, phases, maxima, at), n, dplane: &mut [f32]| {
-                self.0.row_maxima(&x[n * h * w..(n + 1) * h * w], (row_max, cols), phases);
-                let gplane = &g[n * oh * ow..(n + 1) * oh * ow];
-                for (i, g) in gplane.chunks_exact(ow).enumerate() {
-                    self.0.output_row(i, (row_max, cols), maxima, Some(at));
-                    for (&at, &g) in at.iter().zip(g) {
-                        dplane[at as usize] += g;
-                    }
-                }
-            },
-        );
+        let dx = self.0.backward(x, g);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

@@ -304,8 +304,17 @@ impl ResNet {
     ) -> Result<Output> {
         // The frozen first group runs as in evaluation and is cut from the graph after layer1.
         let first_train = train && !self.freeze_first_group;
-        let o = self.bn1.forward_relu_t(&self.conv1.forward(x)?, first_train)?;
-        let mut o = max_pool2d_on(&o, (3, 2, 1), self.backend)?;
+        let stem = match deferred {
+            Some(grads) if first_train => self.fused_stem(x, grads)?,
+            _ => None,
+        };
+        let mut o = match stem {
+            Some(o) => o,
+            None => {
+                let o = self.bn1.forward_relu_t(&self.conv1.forward(x)?, first_train)?;
+                max_pool2d_on(&o, (3, 2, 1), self.backend)?
+            }
+        };
         let mut groups = Vec::with_capacity(4);
         for (l, blocks) in self.layers.iter().enumerate() {
             if l == 0 && self.freeze_first_group {
@@ -327,6 +336,29 @@ impl ResNet {
         }
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
         Ok(Output::new(logits, groups))
+    }
+}
+
+impl ResNet {
+    /// The stem (conv1, bn1, its ReLU and the max pool) in training mode as at-kernels' fused
+    /// op, its parameters' gradients handed to `grads`; `None` where it does not apply (a frozen
+    /// bn1, candle's ops, images that track a gradient, see `at_kernels::stem_train`).
+    fn fused_stem(&self, x: &Tensor, grads: &ParamGrads) -> Result<Option<Tensor>> {
+        let (Some(conv), Some(bn)) = (self.conv1.plain_weight(3), self.bn1.batch_affine(true))
+        else {
+            return Ok(None);
+        };
+        let stem = at_kernels::Stem {
+            conv,
+            stride: self.conv1.stride(),
+            padding: 3,
+            bn,
+            eps: BN_EPS,
+            pool: (3, 2, 1),
+        };
+        let Some((y, stats)) = at_kernels::stem_train(x, &stem, grads)? else { return Ok(None) };
+        self.bn1.update_running_from(&stats)?;
+        Ok(Some(y))
     }
 }
 
