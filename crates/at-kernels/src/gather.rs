@@ -325,7 +325,7 @@ pub(crate) fn to_pixels(
     planes: &[f32],
     (c, h, w): (usize, usize, usize),
     (first, stride): (usize, usize),
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     assert!(planes.len() >= c * h * w && stride >= w);
     assert!(h == 0 || w == 0 || (first + (h - 1) * stride + w) * c <= out.len());
@@ -335,7 +335,7 @@ pub(crate) fn to_pixels(
             && c % square == 0
             && (h * w) % square == 0
         {
-            let (hw, src, dst) = (h * w, planes.as_ptr(), out.as_mut_ptr());
+            let (hw, src, dst) = (h * w, planes.as_ptr(), out.as_mut_ptr().cast::<f32>());
             let mut pixels = [std::ptr::null_mut(); 16];
             for c0 in (0..c).step_by(square) {
                 // `square` pixels in a row of the planes (of one image row or, for narrow
@@ -362,7 +362,7 @@ pub(crate) fn to_pixels(
             for x in 0..w {
                 let dst = &mut out[(first + y * stride + x) * c..][c0..c1];
                 for (ch, v) in (c0..c1).zip(dst) {
-                    *v = planes[ch * hw + y * w + x];
+                    v.write(planes[ch * hw + y * w + x]);
                 }
             }
         }
@@ -1084,8 +1084,10 @@ mod tests {
             let planes: Vec<f32> = (0..c * h * w).map(|i| i as f32).collect();
             let (first, stride) = (3, w + 1);
             let len = (first + h * stride + 2) * c;
-            let mut out = vec![-1f32; len];
+            let mut out = vec![MaybeUninit::new(-1f32); len];
             to_pixels(&planes, (c, h, w), (first, stride), &mut out);
+            // SAFETY: every element was initialised (-1, or written by `to_pixels`).
+            let out: Vec<f32> = out.into_iter().map(|v| unsafe { v.assume_init() }).collect();
             let mut want = vec![-1f32; len];
             for ch in 0..c {
                 for y in 0..h {

@@ -783,24 +783,31 @@ pub(super) fn weight_grad_pixels<T: Element>(
             })
             .collect();
         let band = d.o.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(6).min(d.o);
-        let acc = crate::par_chunks_zeroed(
-            d.o * kh * c3,
-            band * kh * c3,
-            Vec::new,
-            |left: &mut Vec<f32>, b, acc: &mut [T]| {
-                let (o0, m) = (b * band, acc.len() / (kh * c3));
-                let acc = T::as_f32_mut(acc).expect("f32");
-                // This band's rows of the output gradient, image after image: `m x n p`.
-                left.clear();
-                for o in o0..o0 + m {
-                    left.extend((0..d.n).flat_map(|n| &dy[(n * d.o + o) * p..][..p]));
-                }
-                for (ki, rows) in rows.iter().enumerate() {
-                    let acc = &mut acc[ki * c3..];
-                    gather::gather_gemm_add((left, d.n * p, m), (&grids, rows), c3, (acc, kh * c3));
-                }
-            },
-        );
+        let band_rows = |left: &mut Vec<f32>, b: usize, acc: &mut [MaybeUninit<T>]| {
+            let (o0, m) = (b * band, acc.len() / (kh * c3));
+            let acc = T::as_f32_uninit(acc).expect("f32");
+            // This band's rows of the output gradient, image after image: `m x n p`.
+            left.clear();
+            for o in o0..o0 + m {
+                left.extend((0..d.n).flat_map(|n| &dy[(n * d.o + o) * p..][..p]));
+            }
+            let starts: Vec<usize> = (0..m).map(|i| i * d.n * p).collect();
+            // Kernel row `ki` writes columns `ki c3..(ki + 1) c3` of every row: the GEMMs
+            // overwrite the chunk whole, with no zero fill before them.
+            for (ki, rows) in rows.iter().enumerate() {
+                let acc = &mut acc[ki * c3..];
+                gather::gather_gemm_runs(
+                    (left, &starts),
+                    (&grids, rows),
+                    c3,
+                    (acc, kh * c3),
+                    false,
+                );
+            }
+        };
+        // SAFETY: `band_rows` writes every element of its chunk (see above).
+        let acc =
+            unsafe { crate::par_chunks_uninit(d.o * kh * c3, band * kh * c3, Vec::new, band_rows) };
         (acc, true)
     } else {
         let acc = sum_over_images(
@@ -808,7 +815,11 @@ pub(super) fn weight_grad_pixels<T: Element>(
             kh * d.o * c3,
             || (Vec::new(), vec![0f32; grid.len()]),
             |(mapped, x_pix), acc, n| {
-                grid.write(&x[n * image..(n + 1) * image], map, mapped, x_pix);
+                // SAFETY: `write` stores only initialised values into the (zeroed) buffer.
+                let pixels = unsafe {
+                    &mut *(x_pix.as_mut_slice() as *mut [f32] as *mut [MaybeUninit<f32>])
+                };
+                grid.write(&x[n * image..(n + 1) * image], map, mapped, pixels);
                 let dy = &dy[n * d.o * p..(n + 1) * d.o * p];
                 let acc = T::as_f32_mut(acc).expect("f32");
                 for (ki, rows) in rows.iter().enumerate() {

@@ -77,7 +77,7 @@ impl Grid {
         planes: &[T],
         map: &impl InputMap<T>,
         mapped: &mut Vec<T>,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
         let hw = self.h * self.w;
         let planes = if map.is_identity() {
@@ -99,9 +99,21 @@ impl Grid {
     /// The grids of every image of `x` (`n` images), built on rayon's threads.
     pub(super) fn build<T: Element>(&self, n: usize, x: &[T], map: &impl InputMap<T>) -> Vec<f32> {
         let image = self.c * self.h * self.w;
-        crate::par_chunks_zeroed(n * self.len(), self.len(), Vec::new, |mapped, i, out| {
+        let (c, stride) = (self.c, self.w + 1);
+        let grid = |mapped: &mut Vec<T>, i: usize, out: &mut [MaybeUninit<f32>]| {
+            // The zeros first (the first pixel and the row above, each row's last column, the
+            // row below and the last pixel), then the image's pixels over the rest.
+            let zero = MaybeUninit::new(0.0);
+            out[..(1 + stride) * c].fill(zero);
+            for y1 in 1..=self.h {
+                out[(1 + y1 * stride + self.w) * c..][..c].fill(zero);
+            }
+            out[(1 + (self.h + 1) * stride) * c..].fill(zero);
             self.write(&x[i * image..(i + 1) * image], map, mapped, out)
-        })
+        };
+        // SAFETY: `grid` zeroes every pixel outside the image and `write` writes every one
+        // inside it (`gather::to_pixels`), so each chunk is initialised whole.
+        unsafe { crate::par_chunks_uninit(n * self.len(), self.len(), Vec::new, grid) }
     }
 }
 
