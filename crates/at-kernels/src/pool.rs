@@ -170,9 +170,7 @@ impl Window {
             }
         }
     }
-}
 
-impl Window {
     /// The output's `(height, width)`.
     pub(crate) fn output(&self) -> (usize, usize) {
         (self.oh, self.ow)

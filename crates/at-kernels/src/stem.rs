@@ -82,10 +82,9 @@ impl CustomOp2 for Op {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "the stem's input")?;
         let [w, gamma, beta] = &self.params;
-        let (n, _, _, _) = l1.shape().dims4()?;
         let conv = Dims::new(l1.shape().dims4()?, w.dims4()?, self.stride, self.padding)?;
         let window = Window::new((conv.ho, conv.wo), self.pool)?;
-        let (c, hw) = (conv.o, conv.p());
+        let (n, c, hw) = (conv.n, conv.o, conv.p());
         let what = ["the stem's weight", "the stem's batch-norm weight", "its bias"];
         let (y, saved) = with_f32(&[w, gamma, beta], &what, |p| {
             let &[w, gamma, beta] = p else { unreachable!("three parameters") };
@@ -116,8 +115,7 @@ impl CustomOp2 for Op {
             bail!("the stem's backward ran before its forward")
         };
         let [w, gamma, beta] = &self.params;
-        let what = ["the stem's input", "the stem's output gradient", "its batch-norm weight"];
-        let what = [what[0], what[1], what[2], "its batch-norm bias"];
+        let what = ["the stem's input", "its output gradient", "its batch-norm weight", "its bias"];
         let (dw, dgamma, dbeta) = with_f32(&[x, &g, gamma, beta], &what, |operands| {
             let &[x, g, gamma, beta] = operands else { unreachable!("four operands") };
             let da = window.backward(a, g);
