@@ -251,6 +251,9 @@ fn fused_layer(
     Ok(Some(y))
 }
 
+/// The stem's max pool: kernel, stride, padding (torchvision's), fused or not.
+const STEM_POOL: (usize, usize, usize) = (3, 2, 1);
+
 /// A ResNet with basic blocks; see the module documentation.
 #[derive(Clone, Debug)]
 pub struct ResNet {
@@ -312,7 +315,7 @@ impl ResNet {
             Some(o) => o,
             None => {
                 let o = self.bn1.forward_relu_t(&self.conv1.forward(x)?, first_train)?;
-                max_pool2d_on(&o, (3, 2, 1), self.backend)?
+                max_pool2d_on(&o, STEM_POOL, self.backend)?
             }
         };
         let mut groups = Vec::with_capacity(4);
@@ -337,9 +340,7 @@ impl ResNet {
         let logits = self.fc.forward(&global_avg_pool(&o)?)?;
         Ok(Output::new(logits, groups))
     }
-}
 
-impl ResNet {
     /// The stem (conv1, bn1, its ReLU and the max pool) in training mode as at-kernels' fused
     /// op, its parameters' gradients handed to `grads`; `None` where it does not apply (a frozen
     /// bn1, candle's ops, images that track a gradient, see `at_kernels::stem_train`).
@@ -354,7 +355,7 @@ impl ResNet {
             padding: 3,
             bn,
             eps: BN_EPS,
-            pool: (3, 2, 1),
+            pool: STEM_POOL,
         };
         let Some((y, stats)) = at_kernels::stem_train(x, &stem, grads)? else { return Ok(None) };
         self.bn1.update_running_from(&stats)?;
