@@ -91,9 +91,15 @@ impl Collective for Solo {
 
 /// Whether `flag` is set on any rank.
 pub fn any(world: &dyn Collective, flag: bool) -> Result<bool> {
-    let mut v = [flag as u8 as f64];
+    Ok(any_each(world, [flag])?[0])
+}
+
+/// For each of `flags`, whether it is set on any rank: several decisions agreed in one
+/// collective.
+pub fn any_each<const N: usize>(world: &dyn Collective, flags: [bool; N]) -> Result<[bool; N]> {
+    let mut v = flags.map(|f| f as u8 as f64);
     world.sum_f64(&mut v)?;
-    Ok(v[0] > 0.0)
+    Ok(v.map(|s| s > 0.0))
 }
 
 /// The part of `len` items that rank `part` of `parts` takes: contiguous, in order, the sizes

@@ -73,6 +73,14 @@ fn step_parser() -> impl TypedValueParser<Value = Step> {
         .map(|name| Step::parse(&name).expect("a listed step"))
 }
 
+/// A positive, finite number of minutes.
+fn positive_minutes(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(m) if m > 0.0 && m.is_finite() => Ok(m),
+        _ => Err(format!("`{s}` is not a positive number of minutes (e.g. 5 or 0.5)")),
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "at-train",
@@ -115,6 +123,10 @@ enum Command {
         /// Ctrl-C would (continue with --resume): a short smoke run on a new machine or cluster.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         stop_after_batches: Option<u64>,
+        /// Checkpoint inside an epoch this often, so that a crash or `kill -9` (which no
+        /// handler sees) loses at most this much training [default: 10].
+        #[arg(long, value_name = "MINUTES", value_parser = positive_minutes)]
+        checkpoint_minutes: Option<f64>,
     },
     /// Evaluate a finished run's model (or its last checkpoint) on its test set.
     Eval {
@@ -440,6 +452,7 @@ fn run(
             device,
             stop_after_epochs,
             stop_after_batches,
+            checkpoint_minutes,
         } => {
             let stop_after_epochs = stop_after_epochs.map(|n| n as usize);
             let stop_after_batches = stop_after_batches.map(|n| n as usize);
@@ -448,6 +461,8 @@ fn run(
                 device,
                 stop_after_epochs,
                 stop_after_batches,
+                checkpoint_every: checkpoint_minutes
+                    .map(|m| std::time::Duration::from_secs_f64(m * 60.0)),
                 ..run_options(&second_order, parallel)?
             };
             let result = match (resume, run_dir) {

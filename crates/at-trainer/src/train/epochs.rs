@@ -62,7 +62,9 @@ impl Run {
                 observer.batch_done(epoch + 1, position.batch, n_batches, loss, rate);
                 let stop_here = options.stop_after_batches == Some(batches_this_call)
                     && position.batch < n_batches;
-                if self.stop_requested(options)? || stop_here {
+                let due = checkpointed.elapsed() >= every && position.batch < n_batches;
+                let (stop, due) = self.after_batch(options, due)?;
+                if stop || stop_here {
                     read_sums(&on_device, &mut sums)?;
                     sums.seconds += started.elapsed().as_secs_f64();
                     position.sums = sums;
@@ -71,7 +73,7 @@ impl Run {
                     observer.stopped(epoch + 1, position.batch, &self.dir);
                     return self.result(last.as_ref(), total_seconds, true);
                 }
-                if checkpointed.elapsed() >= every && position.batch < n_batches {
+                if due {
                     read_sums(&on_device, &mut sums)?;
                     let mut sums = sums.clone();
                     sums.seconds += started.elapsed().as_secs_f64();
@@ -139,11 +141,20 @@ impl Run {
     /// Whether the run is to stop after this batch: an [`Interrupt`] here, or on any rank of
     /// a data-parallel run (agreed on, so that every rank stops after the same batch).
     fn stop_requested(&self, options: &RunOptions) -> Result<bool> {
-        let here = options.interrupt.is_requested();
-        match &self.parallel {
-            None => Ok(here),
-            Some(parallel) => Ok(at_dist::any(parallel.world.as_ref(), here)?),
-        }
+        Ok(self.after_batch(options, false)?.0)
+    }
+
+    /// After a batch: whether to stop ([`Self::stop_requested`]) and whether to checkpoint,
+    /// `due` being this rank's clock. A data-parallel run agrees on both in one collective:
+    /// a checkpoint is collective too (rank 0's batch-norm statistics go to every rank), and
+    /// the ranks' clocks pass the interval after different batches.
+    fn after_batch(&self, options: &RunOptions, due: bool) -> Result<(bool, bool)> {
+        let here = [options.interrupt.is_requested(), due];
+        let [stop, due] = match &self.parallel {
+            None => here,
+            Some(parallel) => at_dist::any_each(parallel.world.as_ref(), here)?,
+        };
+        Ok((stop, due))
     }
 }
 

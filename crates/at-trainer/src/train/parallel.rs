@@ -10,10 +10,12 @@
 //! Rules every rank keeps, so that no rank ever waits alone in a collective:
 //! - the collectives run in the same order on every rank: the start (the config's hash, then
 //!   the parameters and momentum broadcast from rank 0), each step (the flat gradients, the
-//!   step's metric sums, the stop flag), before each evaluation and checkpoint (rank 0's
-//!   batch-norm statistics), each evaluation (its counts);
+//!   step's metric sums, then the stop and checkpoint flags), before each evaluation and
+//!   checkpoint (rank 0's batch-norm statistics), each evaluation (its counts);
 //! - what decides control flow is global: the metric sums (a NaN loss stops every rank at the
-//!   same read), the stop flag (Ctrl-C on one rank stops all after the same batch);
+//!   same read), the stop flag (Ctrl-C on one rank stops all after the same batch), the timed
+//!   checkpoint inside an epoch (any rank's clock past the interval checkpoints all after the
+//!   same batch); no rank's clock alone decides anything;
 //! - rank 0 alone writes (config, checkpoints, metrics, the final weights and result); every
 //!   rank resumes from the same checkpoint, which must be on a filesystem all ranks see;
 //! - an error on one rank alone (a missing file) is the caller's to end the job with
