@@ -146,6 +146,13 @@ impl Collective for Mpi {
     }
 
     fn abort(&self, code: i32) -> ! {
+        // Open MPI's launcher tears the job down at the first MPI_Abort and may not forward
+        // what a rank wrote just before (its message of why, the one line the user needs).
+        // A moment's wait lets the launcher read it first.
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        std::thread::sleep(std::time::Duration::from_millis(500));
         self.world.abort(code)
     }
 
