@@ -94,6 +94,12 @@ pub fn any(world: &dyn Collective, flag: bool) -> Result<bool> {
     Ok(any_each(world, [flag])?[0])
 }
 
+/// Every rank waits here until every rank has come (a one-value sum: an empty one may return at
+/// once).
+pub fn barrier(world: &dyn Collective) -> Result<()> {
+    any(world, false).map(drop)
+}
+
 /// For each of `flags`, whether it is set on any rank: several decisions agreed in one
 /// collective.
 pub fn any_each<const N: usize>(world: &dyn Collective, flags: [bool; N]) -> Result<[bool; N]> {

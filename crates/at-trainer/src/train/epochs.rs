@@ -8,7 +8,20 @@ use super::metrics::{DeviceSums, Sums};
 use super::*;
 
 impl Run {
-    pub(super) fn go(mut self, mut position: Position, options: &RunOptions) -> Result<RunResult> {
+    /// Trains from `position` to the end of the run or to a stop. In a data-parallel run every
+    /// rank returns only once rank 0 has written what it writes on the way out (the last
+    /// checkpoint, the weights, `result.json`): the next run of a `repro` job may read them
+    /// (a student its teacher's weights), on any rank.
+    pub(super) fn go(self, position: Position, options: &RunOptions) -> Result<RunResult> {
+        let parallel = self.parallel.clone();
+        let result = self.epochs(position, options)?;
+        if let Some(parallel) = parallel {
+            at_dist::barrier(parallel.world.as_ref())?;
+        }
+        Ok(result)
+    }
+
+    fn epochs(mut self, mut position: Position, options: &RunOptions) -> Result<RunResult> {
         self.second_order = options.second_order.clone();
         if self.gradient.is_some() && self.second_order.is_none() {
             bail!(

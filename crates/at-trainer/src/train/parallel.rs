@@ -17,7 +17,9 @@
 //!   checkpoint inside an epoch (any rank's clock past the interval checkpoints all after the
 //!   same batch); no rank's clock alone decides anything;
 //! - rank 0 alone writes (config, checkpoints, metrics, the final weights and result); every
-//!   rank resumes from the same checkpoint, which must be on a filesystem all ranks see;
+//!   rank resumes from the same checkpoint, which must be on a filesystem all ranks see; every
+//!   rank returns from a run only once rank 0 has written them (a barrier: the next run of a
+//!   `repro` job may be a student that reads the teacher's weights);
 //! - an error on one rank alone (a missing file) is the caller's to end the job with
 //!   `Collective::abort`, which the `at-train` binary does.
 
