@@ -783,7 +783,8 @@ fn repro(
         )),
         false => None,
     };
-    let provenance = Provenance::here();
+    let ranks = parallel.as_ref().map_or(1, |p| p.world.size());
+    let provenance = Provenance { machine: at_trainer::job_machine(ranks), ..Provenance::here() };
     for table in tables {
         let plan = at_repro::plan::plan(table, &options)?;
         if let Some(timer) = &mut timer {

@@ -33,3 +33,12 @@ pub fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     format!("{cpu}, {cores} cores")
 }
+
+/// The machine of a job of `ranks` processes in words: [`machine`] (each rank's), times the
+/// ranks when there are several.
+pub fn job_machine(ranks: usize) -> String {
+    match ranks {
+        0 | 1 => machine(),
+        n => format!("{} per rank x {n} ranks", machine()),
+    }
+}

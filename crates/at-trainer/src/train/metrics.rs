@@ -220,15 +220,11 @@ impl Run {
             test_error: 100.0 - top1,
             seconds,
             interrupted,
-            machine: match &self.parallel {
-                Some(p) if p.world.size() > 1 => format!(
-                    "{} per rank x {} ranks ({})",
-                    crate::machine(),
-                    p.world.size(),
-                    self.config.device
-                ),
-                _ => format!("{} ({})", crate::machine(), self.config.device),
-            },
+            machine: format!(
+                "{} ({})",
+                crate::job_machine(self.parallel.as_ref().map_or(1, |p| p.world.size())),
+                self.config.device
+            ),
         })
     }
 }
