@@ -371,3 +371,59 @@ fn killed_mid_epoch_and_resumed_with_another_number_of_ranks_ends_as_uninterrupt
     let d = difference(&root.path().join("straight"), &dir);
     assert!(d < TOLERANCE, "{d}");
 }
+
+/// Ctrl-C that reaches one rank alone (a signal to rank 1's process, not through mpirun): the
+/// ranks agree on it after each batch, so every rank stops after the same one (none is left
+/// waiting in a collective) and rank 0 writes the checkpoint, which resumes to the end.
+#[test]
+fn an_interrupt_on_one_rank_alone_stops_every_rank_with_a_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let sets = sets("nin-thin-nobn", 2, 24);
+    let dir = root.path().join("r");
+    let log = root.path().join("stderr.txt");
+    let mut child = mpirun_command(&ranks_of(2, train_args(&sets, &dir, &[])))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !dir.join("config.toml").exists() && started.elapsed().as_secs() < 60 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let rank_1 = rank_process(&child, 1);
+    let kill = Command::new("kill").args(["-INT", &rank_1.to_string()]).status().unwrap();
+    assert!(kill.success());
+    let limit = Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            kill_ranks(&child);
+            panic!("a rank is still running: {}", std::fs::read_to_string(&log).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(!dir.join("model.safetensors").exists(), "stopped before the end: {stderr}");
+    assert!(dir.join("checkpoints/latest").exists(), "{stderr}");
+    resume(2, &dir);
+    assert!(dir.join("model.safetensors").exists());
+}
+
+/// The process id of rank `rank` among `mpirun`'s children (Open MPI gives each its rank in
+/// `OMPI_COMM_WORLD_RANK`).
+fn rank_process(mpirun: &std::process::Child, rank: usize) -> u32 {
+    let children = Command::new("pgrep").args(["-P", &mpirun.id().to_string()]).output().unwrap();
+    let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+    String::from_utf8_lossy(&children.stdout)
+        .split_whitespace()
+        .filter_map(|pid| pid.parse::<u32>().ok())
+        .find(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            environ.split(|&b| b == 0).any(|var| var == wanted.as_bytes())
+        })
+        .unwrap_or_else(|| panic!("no rank {rank} among mpirun {}'s children", mpirun.id()))
+}
