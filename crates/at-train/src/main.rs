@@ -73,6 +73,11 @@ fn step_parser() -> impl TypedValueParser<Value = Step> {
         .map(|name| Step::parse(&name).expect("a listed step"))
 }
 
+/// `m` minutes.
+fn minutes(m: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(m * 60.0)
+}
+
 /// A positive, finite number of minutes.
 fn positive_minutes(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -179,10 +184,14 @@ enum Command {
         /// time (from step times measured here), and train nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Checkpoint inside an epoch this often (each run), so that a crash or `kill -9` loses
+        /// at most this much training [default: 10].
+        #[arg(long, value_name = "MINUTES", value_parser = positive_minutes)]
+        checkpoint_minutes: Option<f64>,
     },
     /// The README's main job, `repro table1 --profile quick` by another name: Table 1's
-    /// WRN-16-1 <- WRN-16-2 pair on the embedded Fashion-MNIST subset, 3 seeds, 7.8 minutes on
-    /// a 2-core AMD EPYC, reported in <out>/table1-quick.md.
+    /// WRN-16-1 <- WRN-16-2 pair on the embedded Fashion-MNIST subset, 3 seeds, 3.5 to 4.2
+    /// minutes on a 2-core AMD EPYC, reported in <out>/table1-quick.md.
     Quick {
         /// Where the runs and the report go; finished runs are reused, interrupted ones resumed.
         #[arg(long, default_value = "runs/repro/quick")]
@@ -461,8 +470,7 @@ fn run(
                 device,
                 stop_after_epochs,
                 stop_after_batches,
-                checkpoint_every: checkpoint_minutes
-                    .map(|m| std::time::Duration::from_secs_f64(m * 60.0)),
+                checkpoint_every: checkpoint_minutes.map(minutes),
                 ..run_options(&second_order, parallel)?
             };
             let result = match (resume, run_dir) {
@@ -492,6 +500,7 @@ fn run(
             table,
             report_dir,
             dry_run,
+            checkpoint_minutes,
         } => {
             let defaults = at_repro::Options::new(profile);
             let options = at_repro::Options {
@@ -504,14 +513,15 @@ fn run(
                 ..defaults
             };
             let report_dir = report_dir.unwrap_or_else(|| options.out.clone());
-            let how = How { dry_run, second_order, parallel };
+            let checkpoint_every = checkpoint_minutes.map(minutes);
+            let how = How { dry_run, second_order, parallel, checkpoint_every };
             repro(what, table, options, &report_dir, how)?
         }
         Command::Quick { out, report_dir, device } => {
             let profile = Profile::named("quick")?;
             let report_dir = report_dir.unwrap_or_else(|| out.clone());
             let options = at_repro::Options { out, device, ..at_repro::Options::new(profile) };
-            let how = How { dry_run: false, second_order, parallel };
+            let how = How { dry_run: false, second_order, parallel, checkpoint_every: None };
             repro(What::Table(Table::Table1), None, options, &report_dir, how)?
         }
         Command::Maps { run_dir, data, images, test_items, out, device } => {
@@ -739,11 +749,13 @@ fn publish(
     Ok(())
 }
 
-/// How `repro` runs: a dry run or not, the second-order thread, the data-parallel job.
+/// How `repro` runs: a dry run or not, the second-order thread, the data-parallel job, the
+/// interval of checkpoints inside an epoch (`None`: the trainer's).
 struct How {
     dry_run: bool,
     second_order: SecondOrder,
     parallel: Option<train::Parallel>,
+    checkpoint_every: Option<std::time::Duration>,
 }
 
 /// `at-train repro`: plans, trains and reports the tables `what` names; the reports go into
@@ -753,7 +765,7 @@ fn repro(
     table: Option<Table>,
     mut options: at_repro::Options,
     report_dir: &Path,
-    How { dry_run, second_order, parallel }: How,
+    How { dry_run, second_order, parallel, checkpoint_every }: How,
 ) -> anyhow::Result<()> {
     use at_repro::report::{self, Provenance};
     let profile = options.profile;
@@ -772,7 +784,9 @@ fn repro(
     };
     let trains = !dry_run && matches!(what, What::Table(_) | What::All);
     let run_options = match trains {
-        true => Some(run_options(&second_order, parallel.clone())?),
+        true => {
+            Some(RunOptions { checkpoint_every, ..run_options(&second_order, parallel.clone())? })
+        }
         false => None,
     };
     // One timer for every table of a dry run, so that each step is measured once.
@@ -870,6 +884,17 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_minutes_parse_into_a_duration() {
+        let Command::Repro { checkpoint_minutes, .. } =
+            parse(&["repro", "table1", "--checkpoint-minutes", "2.5"]).unwrap().command
+        else {
+            panic!("a repro command")
+        };
+        let every = checkpoint_minutes.map(minutes);
+        assert_eq!(every, Some(std::time::Duration::from_secs(150)));
+    }
+
+    #[test]
     fn arguments_that_cannot_mean_anything_are_refused() {
         for (args, want) in [
             (&["repro", "table1", "--seeds", "0"][..], "0 is not in 1.."),
@@ -881,6 +906,8 @@ mod tests {
             (&["bench-step", "wrn-16-1", "student", "--steps", "0"], "0 is not in 1.."),
             (&["train", "--resume", "r", "--set", "epochs=2"], "cannot be used with"),
             (&["train", "--run-dir", "r", "--device", "gpu"], "unknown device `gpu`"),
+            (&["train", "--run-dir", "r", "--checkpoint-minutes", "0"], "not a positive number"),
+            (&["repro", "table1", "--checkpoint-minutes", "inf"], "not a positive number"),
         ] {
             let err = parse(args).err().unwrap_or_else(|| panic!("{args:?} was accepted"));
             assert!(err.contains(want), "{args:?}: `{want}` in `{err}`");
