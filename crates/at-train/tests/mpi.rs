@@ -253,12 +253,7 @@ fn interrupted_through_mpirun_and_resumed_ends_exactly_as_uninterrupted() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Once the run has begun (its config is written), and well before its end.
-    let started = Instant::now();
-    while !dir.join("config.toml").exists() && started.elapsed().as_secs() < 60 {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(1500));
+    once_begun(&dir);
     let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let out = child.wait_with_output().unwrap();
@@ -297,12 +292,19 @@ fn kill_ranks(mpirun: &std::process::Child) {
     assert!(killed.success(), "no rank of mpirun {pid} to kill");
 }
 
-/// `command` run to its end within `limit`, its stderr kept in `log`; past the limit its ranks
-/// are killed and the test fails (mismatched collectives hang rather than fail).
-fn run_within(mut command: Command, limit: Duration, log: &Path) -> (ExitStatus, String) {
+/// `command` started, its stderr going to `log`.
+fn spawn_logged(mut command: Command, log: &Path) -> std::process::Child {
     let file = std::fs::File::create(log).unwrap();
-    let mut child = command.stdout(Stdio::null()).stderr(file).spawn().unwrap();
-    let started = Instant::now();
+    command.stdout(Stdio::null()).stderr(file).spawn().unwrap()
+}
+
+/// `child` waited for within `limit` of `started`, with its stderr from `log`; past the limit
+/// its ranks are killed and the test fails (mismatched collectives hang rather than fail).
+fn wait_within(
+    mut child: std::process::Child,
+    (started, limit): (Instant, Duration),
+    log: &Path,
+) -> (ExitStatus, String) {
     let read = || std::fs::read_to_string(log).unwrap_or_default();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -315,6 +317,22 @@ fn run_within(mut command: Command, limit: Duration, log: &Path) -> (ExitStatus,
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `command` run to its end within `limit` (see [`wait_within`]).
+fn run_within(command: Command, limit: Duration, log: &Path) -> (ExitStatus, String) {
+    let started = Instant::now();
+    wait_within(spawn_logged(command, log), (started, limit), log)
+}
+
+/// Waits until the run in `dir` has begun (its config is written), and 1.5 s more: well into
+/// its first epoch, which lasts seconds.
+fn once_begun(dir: &Path) {
+    let started = Instant::now();
+    while !dir.join("config.toml").exists() && started.elapsed().as_secs() < 60 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
 }
 
 /// A checkpoint inside an epoch is collective (rank 0's batch-norm statistics go to every
@@ -381,31 +399,13 @@ fn an_interrupt_on_one_rank_alone_stops_every_rank_with_a_checkpoint() {
     let sets = sets("nin-thin-nobn", 2, 24);
     let dir = root.path().join("r");
     let log = root.path().join("stderr.txt");
-    let mut child = mpirun_command(&ranks_of(2, train_args(&sets, &dir, &[])))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
     let started = Instant::now();
-    while !dir.join("config.toml").exists() && started.elapsed().as_secs() < 60 {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(1500));
+    let child = spawn_logged(mpirun_command(&ranks_of(2, train_args(&sets, &dir, &[]))), &log);
+    once_begun(&dir);
     let rank_1 = rank_process(&child, 1);
     let kill = Command::new("kill").args(["-INT", &rank_1.to_string()]).status().unwrap();
     assert!(kill.success());
-    let limit = Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > limit {
-            kill_ranks(&child);
-            panic!("a rank is still running: {}", std::fs::read_to_string(&log).unwrap());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stderr = std::fs::read_to_string(&log).unwrap();
+    let (status, stderr) = wait_within(child, (started, Duration::from_secs(120)), &log);
     assert!(status.success(), "{stderr}");
     assert!(!dir.join("model.safetensors").exists(), "stopped before the end: {stderr}");
     assert!(dir.join("checkpoints/latest").exists(), "{stderr}");
